@@ -1,0 +1,169 @@
+// CPU kernels of the GSPN scan, forward and backward.
+//
+// Parallel (at::parallel_for, OpenMP) over (batch x channel) lines x chunks; within one line of the
+// scan a plain loop over the contiguous line axis that the compiler vectorises.  The previous line
+// is kept in a zero-padded accumulator buffer, so the boundary taps need no branches and 16-bit
+// inputs carry their state in float32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../gspn_layout.h"
+#include "../gspn_step.h"
+
+namespace gspn {
+namespace {
+
+template <typename scalar_t>
+void forward_cpu_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
+                        const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
+                        const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, int64_t N, int64_t L,
+                        int64_t M, int64_t k, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = num_groups(L, k);
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    // Two padded lines: index 0 and M + 1 stay 0 and stand for the taps outside the line.
+    std::vector<acc_t> buf(2 * (M + 2), acc_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / G, g = task % G;
+      const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L);
+      acc_t* prev = buf.data() + 1;
+      acc_t* cur = buf.data() + (M + 2) + 1;
+      for (int64_t step = 0; step < s1 - s0; ++step) {
+        const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
+        const scalar_t* xs = x + off;
+        const scalar_t* ls = lam + off;
+        scalar_t* hs = h + off;
+        if (step == 0) {
+          for (int64_t j = 0; j < M; ++j) {
+            const acc_t v = forward_first<acc_t>(xs[j], ls[j]);
+            cur[j] = v;
+            hs[j] = static_cast<scalar_t>(v);
+          }
+        } else {
+          const scalar_t* ns = wn + off;
+          const scalar_t* ms = wm + off;
+          const scalar_t* ps = wp + off;
+          for (int64_t j = 0; j < M; ++j) {
+            const acc_t v = forward_step<acc_t>(xs[j], ls[j], ns[j], ms[j], ps[j], prev[j - 1], prev[j],
+                                                prev[j + 1]);
+            cur[j] = v;
+            hs[j] = static_cast<scalar_t>(v);
+          }
+        }
+        std::swap(prev, cur);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
+                         const scalar_t* __restrict__ lam, const scalar_t* __restrict__ wn,
+                         const scalar_t* __restrict__ wm, const scalar_t* __restrict__ wp,
+                         const scalar_t* __restrict__ h, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
+                         scalar_t* __restrict__ dwn, scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp,
+                         int64_t N, int64_t L, int64_t M, int64_t k, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = num_groups(L, k);
+  const int64_t P = M + 2;
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    // Zero-padded lines (index 0 and M + 1 stay 0): the adjoint and the three gates of the next
+    // line in scan order (read), the same for this line (written; the halves swap every step), and
+    // the previous line's output.
+    std::vector<acc_t> buf(9 * P, acc_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / G, g = task % G;
+      const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      acc_t* nxt = buf.data() + 1;          // a, wn, wm, wp of the next line at nxt + {0,1,2,3} * P
+      acc_t* cur = buf.data() + 4 * P + 1;  // the same for this line
+      acc_t* __restrict__ h_p = buf.data() + 8 * P + 1;
+      // Walk the group against scan order: `step` is the line's position in scan order.
+      for (int64_t step = len - 1; step >= 0; --step) {
+        const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
+        if (step > 0) {
+          const scalar_t* hp = h + (n * L + line_at(step - 1, s0, s1, reverse)) * M;
+          for (int64_t j = 0; j < M; ++j) h_p[j] = hp[j];
+        } else {
+          std::fill(h_p, h_p + M, acc_t(0));
+        }
+        const acc_t* __restrict__ a_n = nxt;
+        const acc_t* __restrict__ wn_n = nxt + P;
+        const acc_t* __restrict__ wm_n = nxt + 2 * P;
+        const acc_t* __restrict__ wp_n = nxt + 3 * P;
+        acc_t* __restrict__ a_c = cur;
+        acc_t* __restrict__ wn_c = cur + P;
+        acc_t* __restrict__ wm_c = cur + 2 * P;
+        acc_t* __restrict__ wp_c = cur + 3 * P;
+        const scalar_t* gs = gh + off;
+        const scalar_t* xs = x + off;
+        const scalar_t* ls = lam + off;
+        const scalar_t* ns = wn + off;
+        const scalar_t* ms = wm + off;
+        const scalar_t* ps = wp + off;
+        for (int64_t j = 0; j < M; ++j) {
+          const acc_t a =
+              adjoint_step<acc_t>(gs[j], wn_n[j + 1], a_n[j + 1], wm_n[j], a_n[j], wp_n[j - 1], a_n[j - 1]);
+          const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[j], ls[j], h_p[j - 1], h_p[j], h_p[j + 1]);
+          dx[off + j] = static_cast<scalar_t>(d.dx);
+          dlam[off + j] = static_cast<scalar_t>(d.dlam);
+          dwn[off + j] = static_cast<scalar_t>(d.dwn);
+          dwm[off + j] = static_cast<scalar_t>(d.dwm);
+          dwp[off + j] = static_cast<scalar_t>(d.dwp);
+          // This line becomes the "next line" of the one before it in scan order.
+          a_c[j] = a;
+          wn_c[j] = ns[j];
+          wm_c[j] = ms[j];
+          wp_c[j] = ps[j];
+        }
+        std::swap(nxt, cur);
+      }
+    }
+  });
+}
+
+at::Tensor scan_fwd_cpu(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
+                        const at::Tensor& w_mid, const at::Tensor& w_pos, c10::string_view direction,
+                        int64_t chunk_size) {
+  return scan_forward(x, lam, w_neg, w_mid, w_pos, direction, chunk_size, [](const ScanArgs& a, at::Tensor& h) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
+      forward_cpu_kernel<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
+                                   a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(),
+                                   a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), a.N, a.L,
+                                   a.M, a.k, a.reverse);
+    });
+  });
+}
+
+Grads scan_bwd_cpu(const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
+                   const at::Tensor& w_mid, const at::Tensor& w_pos, const at::Tensor& h,
+                   c10::string_view direction, int64_t chunk_size) {
+  return scan_backward(
+      grad_h, x, lam, w_neg, w_mid, w_pos, h, direction, chunk_size,
+      [](const ScanArgs& a, const at::Tensor& g, const at::Tensor& hc, at::Tensor& dx, at::Tensor& dlam,
+         at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_bwd_cpu", [&] {
+          backward_cpu_kernel<scalar_t>(
+              g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
+              a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(),
+              hc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
+              dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(), dwp.mutable_data_ptr<scalar_t>(),
+              a.N, a.L, a.M, a.k, a.reverse);
+        });
+      });
+}
+
+}  // namespace
+}  // namespace gspn
+
+TORCH_LIBRARY_IMPL(gspn_lightning, CPU, m) {
+  m.impl("scan_fwd", &gspn::scan_fwd_cpu);
+  m.impl("scan_bwd", &gspn::scan_bwd_cpu);
+}

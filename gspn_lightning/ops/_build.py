@@ -1,0 +1,219 @@
+"""JIT build and loading of the compiled GSPN scan kernels.
+
+The C++ (CPU) and C++/CUDA extensions are built with ``torch.utils.cpp_extension.load`` into a cache
+folder, ``$GSPN_EXTENSIONS_DIR`` or ``~/.cache/gspn_lightning``.  Each build lives in a folder named
+after a hash of its sources, flags and the torch/CUDA/Python versions, so a changed source or a new
+torch never loads a stale library.  The first use builds (about a minute for the CPU kernels, a few
+for CUDA); later processes find the finished library and load it directly, without running ninja.
+
+Several processes starting together (the ranks of one DDP job) serialise on an ``fcntl`` lock next to
+the build folder, so only one compiles and the others load its result.  A library is marked done only
+after it loaded once, so a build killed half-way is simply redone.
+
+The CPU extension defines the operator schemas and must load first; the CUDA extension only adds the
+CUDA kernels.  The CUDA one is built only when CUDA is usable, or when ``GSPN_BUILD_CUDA=1`` (CI
+compiles and links it on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+_CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp"]
+_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu"]
+_HEADERS = ["gspn_step.h", "gspn_layout.h", "cuda/gspn_cuda.h"]
+_CPU_CFLAGS = ["-O3", "-fopenmp"]
+_CPU_LDFLAGS = ["-fopenmp"]
+_CUDA_CFLAGS = ["-O3"]
+_CUDA_NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cpu: bool | None = None  # None: not tried yet
+    cuda: bool | None = None
+    errors: dict = field(default_factory=dict)
+
+
+_STATE = _State()
+
+
+def cache_dir() -> Path:
+    """Where built extensions live: ``$GSPN_EXTENSIONS_DIR`` or ``~/.cache/gspn_lightning``."""
+    root = os.environ.get("GSPN_EXTENSIONS_DIR")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gspn_lightning"
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root: ``$CUDA_HOME``/``$CUDA_PATH``, else a ``/usr/local/cuda*`` holding nvcc.
+
+    torch guesses the root from ``which nvcc``, which is wrong where nvcc on PATH is a wrapper script
+    (``/usr/local/bin/nvcc`` gives ``/usr/local``), so a real toolkit folder is looked for first.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and Path(root, "bin", "nvcc").exists():
+            return root
+    for root in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if Path(root, "bin", "nvcc").exists():
+            return str(Path(root).resolve())
+    return None
+
+
+def _torch_cuda_include() -> list[str]:
+    """torch's bundled CUDA headers (``nvidia/cu*/include``), for toolkits that lack some (cusparse.h)."""
+    paths = []
+    for sp in {sysconfig.get_paths()["purelib"], str(Path(torch.__file__).parents[1])}:
+        paths += sorted(glob.glob(os.path.join(sp, "nvidia", "cu*", "include")))
+    return list(dict.fromkeys(paths))
+
+
+def _fingerprint(name: str, sources: list[str], flags: list) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(set(sources + _HEADERS)):
+        h.update(rel.encode())
+        h.update((CSRC / rel).read_bytes())
+    meta = [name, torch.__version__, str(torch.version.cuda), sys.version.split()[0], sys.platform, flags]
+    h.update(repr(meta).encode())
+    return h.hexdigest()[:16]
+
+
+def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
+    """Build (if needed, under a file lock) and load one extension into ``torch.ops``."""
+    extra_include = [str(CSRC)]
+    cuda_home = find_cuda_home()
+    if cuda:
+        if cuda_home is None:
+            raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the folder holding bin/nvcc")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # load() cannot detect an architecture without a GPU; this build only has to compile.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        extra_include += _torch_cuda_include()
+    flags = [_CPU_CFLAGS, _CPU_LDFLAGS, _CUDA_CFLAGS, _CUDA_NVCC_FLAGS, os.environ.get("TORCH_CUDA_ARCH_LIST")]
+    tag = _fingerprint(name, sources, flags if cuda else flags[:2])
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    build_dir = root / f"{name}-{tag}"
+    build_dir.mkdir(exist_ok=True)
+    library = build_dir / f"{name}.so"
+    done = build_dir / "DONE"
+    if done.exists() and library.exists():
+        torch.ops.load_library(str(library))
+        return
+    with open(root / f"{name}-{tag}.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:
+            if not (done.exists() and library.exists()):
+                # A 'lock' baton left by a killed torch build would block load() forever; no other
+                # process can be building here while this one holds the flock.
+                (build_dir / "lock").unlink(missing_ok=True)
+                if cuda_home is not None:
+                    # cpp_extension reads CUDA_HOME once, on import; its own guess can be wrong.
+                    os.environ.setdefault("CUDA_HOME", cuda_home)
+                from torch.utils import cpp_extension
+
+                if cuda:
+                    cpp_extension.CUDA_HOME = cuda_home
+                if verbose or os.environ.get("GSPN_VERBOSE_BUILD"):
+                    print(f"gspn_lightning: building {name} in {build_dir} (first use only)", file=sys.stderr)
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(CSRC / s) for s in sources],
+                    extra_cflags=_CUDA_CFLAGS if cuda else _CPU_CFLAGS,
+                    extra_cuda_cflags=_CUDA_NVCC_FLAGS,
+                    extra_ldflags=[] if cuda else _CPU_LDFLAGS,
+                    extra_include_paths=extra_include,
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    with_cuda=cuda,
+                    verbose=bool(os.environ.get("GSPN_VERBOSE_BUILD")),
+                )
+                done.write_text(tag + "\n")
+            else:
+                torch.ops.load_library(str(library))
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def load_cpu(verbose: bool = False) -> bool:
+    """Load (building on first use) the CPU kernels and register the op; False if that failed."""
+    if _STATE.cpu is not None:
+        return _STATE.cpu
+    with _STATE.lock:
+        if _STATE.cpu is None:
+            try:
+                _load("gspn_lightning_cpu", _CPU_SOURCES, cuda=False, verbose=verbose)
+                from . import _registry
+
+                _registry.register()
+                _STATE.cpu = True
+            except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"
+                _STATE.errors["cpu"] = f"{type(exc).__name__}: {exc}"
+                _STATE.cpu = False
+    return _STATE.cpu
+
+
+def cuda_wanted() -> bool:
+    return torch.cuda.is_available() or os.environ.get("GSPN_BUILD_CUDA", "") not in ("", "0")
+
+
+def load_cuda(verbose: bool = False, force: bool = False) -> bool:
+    """Load (building on first use) the CUDA kernels; needs the CPU extension (the schemas)."""
+    if _STATE.cuda is not None:
+        return _STATE.cuda
+    if not (force or cuda_wanted()):
+        return False
+    if not load_cpu(verbose):
+        _STATE.errors["cuda"] = "the CPU extension, which defines the op, is unavailable"
+        _STATE.cuda = False
+        return False
+    with _STATE.lock:
+        if _STATE.cuda is None:
+            try:
+                _load("gspn_lightning_cuda", _CUDA_SOURCES, cuda=True, verbose=verbose)
+                _STATE.cuda = True
+            except Exception as exc:  # noqa: BLE001
+                _STATE.errors["cuda"] = f"{type(exc).__name__}: {exc}"
+                _STATE.cuda = False
+    return _STATE.cuda
+
+
+def build_error(kind: str) -> str | None:
+    """Why the ``"cpu"`` or ``"cuda"`` extension is unavailable (None if it loaded or was not tried)."""
+    return _STATE.errors.get(kind)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gspn_lightning.ops._build [--cuda]``: build (and load) the extensions now."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cuda", action="store_true", help="also build the CUDA extension (no GPU needed)")
+    args = parser.parse_args(argv)
+    ok = load_cpu(verbose=True)
+    print(f"cpu extension: {'ok' if ok else 'FAILED: ' + str(build_error('cpu'))}")
+    if args.cuda:
+        ok_cuda = load_cuda(verbose=True, force=True)
+        print(f"cuda extension: {'ok' if ok_cuda else 'FAILED: ' + str(build_error('cuda'))}")
+        ok = ok and ok_cuda
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
