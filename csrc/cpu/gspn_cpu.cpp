@@ -20,6 +20,54 @@
 namespace gspn {
 namespace {
 
+// One line of the forward.  Separate functions with __restrict__ pointers (a lambda's captures lose
+// the qualifier) so that the compiler vectorises the loops over the line.
+template <typename scalar_t, typename acc_t>
+void forward_line(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ ls,
+                  const scalar_t* __restrict__ ns, const scalar_t* __restrict__ ms,
+                  const scalar_t* __restrict__ ps, const acc_t* __restrict__ prev, acc_t* __restrict__ cur,
+                  scalar_t* __restrict__ hs, int64_t M, bool first) {
+  if (first) {
+    for (int64_t j = 0; j < M; ++j) {
+      const acc_t v = forward_first<acc_t>(xs[j], ls[j]);
+      cur[j] = v;
+      hs[j] = static_cast<scalar_t>(v);
+    }
+  } else {
+    for (int64_t j = 0; j < M; ++j) {
+      const acc_t v = forward_step<acc_t>(xs[j], ls[j], ns[j], ms[j], ps[j], prev[j - 1], prev[j], prev[j + 1]);
+      cur[j] = v;
+      hs[j] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+// One line of the backward: the adjoint from the next line's (a_n, w*_n), the five gradients, and
+// this line's adjoint and gates stored for the line before it.
+template <typename scalar_t, typename acc_t>
+void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ xs,
+                   const scalar_t* __restrict__ ls, const scalar_t* __restrict__ ns,
+                   const scalar_t* __restrict__ ms, const scalar_t* __restrict__ ps,
+                   const acc_t* __restrict__ a_n, const acc_t* __restrict__ wn_n, const acc_t* __restrict__ wm_n,
+                   const acc_t* __restrict__ wp_n, const acc_t* __restrict__ h_p, acc_t* __restrict__ a_c,
+                   acc_t* __restrict__ wn_c, acc_t* __restrict__ wm_c, acc_t* __restrict__ wp_c,
+                   scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam, scalar_t* __restrict__ dwn,
+                   scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp, int64_t M) {
+  for (int64_t j = 0; j < M; ++j) {
+    const acc_t a = adjoint_step<acc_t>(gs[j], wn_n[j + 1], a_n[j + 1], wm_n[j], a_n[j], wp_n[j - 1], a_n[j - 1]);
+    const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[j], ls[j], h_p[j - 1], h_p[j], h_p[j + 1]);
+    dx[j] = static_cast<scalar_t>(d.dx);
+    dlam[j] = static_cast<scalar_t>(d.dlam);
+    dwn[j] = static_cast<scalar_t>(d.dwn);
+    dwm[j] = static_cast<scalar_t>(d.dwm);
+    dwp[j] = static_cast<scalar_t>(d.dwp);
+    a_c[j] = a;
+    wn_c[j] = ns[j];
+    wm_c[j] = ms[j];
+    wp_c[j] = ps[j];
+  }
+}
+
 template <typename scalar_t>
 void forward_cpu_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
                         const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
@@ -37,26 +85,8 @@ void forward_cpu_kernel(const scalar_t* __restrict__ x, const scalar_t* __restri
       acc_t* cur = buf.data() + (M + 2) + 1;
       for (int64_t step = 0; step < s1 - s0; ++step) {
         const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
-        const scalar_t* xs = x + off;
-        const scalar_t* ls = lam + off;
-        scalar_t* hs = h + off;
-        if (step == 0) {
-          for (int64_t j = 0; j < M; ++j) {
-            const acc_t v = forward_first<acc_t>(xs[j], ls[j]);
-            cur[j] = v;
-            hs[j] = static_cast<scalar_t>(v);
-          }
-        } else {
-          const scalar_t* ns = wn + off;
-          const scalar_t* ms = wm + off;
-          const scalar_t* ps = wp + off;
-          for (int64_t j = 0; j < M; ++j) {
-            const acc_t v = forward_step<acc_t>(xs[j], ls[j], ns[j], ms[j], ps[j], prev[j - 1], prev[j],
-                                                prev[j + 1]);
-            cur[j] = v;
-            hs[j] = static_cast<scalar_t>(v);
-          }
-        }
+        forward_line<scalar_t, acc_t>(x + off, lam + off, wn + off, wm + off, wp + off, prev, cur, h + off, M,
+                                      step == 0);
         std::swap(prev, cur);
       }
     }
@@ -84,7 +114,7 @@ void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __rest
       std::fill(buf.begin(), buf.end(), acc_t(0));
       acc_t* nxt = buf.data() + 1;          // a, wn, wm, wp of the next line at nxt + {0,1,2,3} * P
       acc_t* cur = buf.data() + 4 * P + 1;  // the same for this line
-      acc_t* __restrict__ h_p = buf.data() + 8 * P + 1;
+      acc_t* h_p = buf.data() + 8 * P + 1;
       // Walk the group against scan order: `step` is the line's position in scan order.
       for (int64_t step = len - 1; step >= 0; --step) {
         const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
@@ -94,35 +124,9 @@ void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __rest
         } else {
           std::fill(h_p, h_p + M, acc_t(0));
         }
-        const acc_t* __restrict__ a_n = nxt;
-        const acc_t* __restrict__ wn_n = nxt + P;
-        const acc_t* __restrict__ wm_n = nxt + 2 * P;
-        const acc_t* __restrict__ wp_n = nxt + 3 * P;
-        acc_t* __restrict__ a_c = cur;
-        acc_t* __restrict__ wn_c = cur + P;
-        acc_t* __restrict__ wm_c = cur + 2 * P;
-        acc_t* __restrict__ wp_c = cur + 3 * P;
-        const scalar_t* gs = gh + off;
-        const scalar_t* xs = x + off;
-        const scalar_t* ls = lam + off;
-        const scalar_t* ns = wn + off;
-        const scalar_t* ms = wm + off;
-        const scalar_t* ps = wp + off;
-        for (int64_t j = 0; j < M; ++j) {
-          const acc_t a =
-              adjoint_step<acc_t>(gs[j], wn_n[j + 1], a_n[j + 1], wm_n[j], a_n[j], wp_n[j - 1], a_n[j - 1]);
-          const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[j], ls[j], h_p[j - 1], h_p[j], h_p[j + 1]);
-          dx[off + j] = static_cast<scalar_t>(d.dx);
-          dlam[off + j] = static_cast<scalar_t>(d.dlam);
-          dwn[off + j] = static_cast<scalar_t>(d.dwn);
-          dwm[off + j] = static_cast<scalar_t>(d.dwm);
-          dwp[off + j] = static_cast<scalar_t>(d.dwp);
-          // This line becomes the "next line" of the one before it in scan order.
-          a_c[j] = a;
-          wn_c[j] = ns[j];
-          wm_c[j] = ms[j];
-          wp_c[j] = ps[j];
-        }
+        backward_line<scalar_t, acc_t>(gh + off, x + off, lam + off, wn + off, wm + off, wp + off, nxt, nxt + P,
+                                       nxt + 2 * P, nxt + 3 * P, h_p, cur, cur + P, cur + 2 * P, cur + 3 * P,
+                                       dx + off, dlam + off, dwn + off, dwm + off, dwp + off, M);
         std::swap(nxt, cur);
       }
     }

@@ -51,12 +51,16 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}"
+            )
     if ref.dim() != 4:
         raise ValueError(f"{names[0]} must be 4-D (B, C, H, W), got shape {tuple(ref.shape)}")
     for name, t in zip(names[1:], tensors[1:]):
         if t.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {names[0]} has {tuple(ref.shape)}; all must match")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {names[0]} has {tuple(ref.shape)}; all must match"
+            )
         if t.dtype != ref.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has {ref.dtype}; all must match")
         if t.device != ref.device:
@@ -72,7 +76,9 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get("GSPN_BACKEND", "auto") or "auto"
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} (or None to read $GSPN_BACKEND), got {backend!r}")
+        raise ValueError(
+            f"backend must be one of {_BACKENDS} (or None to read $GSPN_BACKEND), got {backend!r}"
+        )
     if backend == "reference":
         return "reference"
     if kernel_available(device):

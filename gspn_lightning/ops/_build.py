@@ -24,7 +24,6 @@ import os
 import sys
 import sysconfig
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +104,13 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
             # load() cannot detect an architecture without a GPU; this build only has to compile.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         extra_include += _torch_cuda_include()
-    flags = [_CPU_CFLAGS, _CPU_LDFLAGS, _CUDA_CFLAGS, _CUDA_NVCC_FLAGS, os.environ.get("TORCH_CUDA_ARCH_LIST")]
+    flags = [
+        _CPU_CFLAGS,
+        _CPU_LDFLAGS,
+        _CUDA_CFLAGS,
+        _CUDA_NVCC_FLAGS,
+        os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    ]
     tag = _fingerprint(name, sources, flags if cuda else flags[:2])
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)

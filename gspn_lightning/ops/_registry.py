@@ -29,7 +29,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_h):
     x, lam, w_neg, w_mid, w_pos, h = ctx.saved_tensors
-    grads = torch.ops.gspn_lightning.scan_bwd(grad_h, x, lam, w_neg, w_mid, w_pos, h, ctx.direction, ctx.chunk_size)
+    grads = torch.ops.gspn_lightning.scan_bwd(
+        grad_h, x, lam, w_neg, w_mid, w_pos, h, ctx.direction, ctx.chunk_size
+    )
     return (*grads, None, None)
 
 

@@ -42,7 +42,12 @@ def scan_reference(x, lam, w_neg, w_mid, w_pos, direction: str = "t2b", chunk_si
     for s in range(length - 1, -1, -1) if reverse else range(length):
         h = ls[s] * xs[s]
         if not starts_group(s, length, k, reverse):
-            h = h + ns[s] * F.pad(prev[..., :-1], (1, 0)) + ms[s] * prev + ps[s] * F.pad(prev[..., 1:], (0, 1))
+            h = (
+                h
+                + ns[s] * F.pad(prev[..., :-1], (1, 0))
+                + ms[s] * prev
+                + ps[s] * F.pad(prev[..., 1:], (0, 1))
+            )
         lines[s] = prev = h
     out = torch.stack(lines, dim=-2)
     return out.transpose(-1, -2) if transpose else out
