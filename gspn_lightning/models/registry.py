@@ -1,0 +1,68 @@
+"""The one model registry: every model is registered by name with its default constructor arguments
+and built with :func:`create_model`.
+
+A model file registers its sizes at import time (``register_model("gspn_t", GSPNClassifier,
+task="classification", defaults={...})``); :mod:`gspn_lightning.models` imports every model file, so
+``create_model`` sees them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: ``builder(**defaults, **overrides)`` builds it; ``task`` groups models
+    (e.g. ``"classification"``, ``"diffusion"``)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    task: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    task: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> ModelEntry:
+    """Register ``builder`` under ``name`` with default keyword arguments; a name can be taken once."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    entry = ModelEntry(name, builder, dict(defaults or {}), task)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name`` (``KeyError`` listing the known names if unknown)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Registered names, sorted; only those of ``task`` if given."""
+    return sorted(n for n, e in _REGISTRY.items() if task is None or e.task == task)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the model registered as ``name``; ``overrides`` replace its default constructor arguments.
+
+    Build on the meta device (no memory, no init cost) with ``with torch.device("meta"): ...``.
+    """
+    entry = model_entry(name)
+    return entry.builder(**{**entry.defaults, **overrides})

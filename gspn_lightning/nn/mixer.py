@@ -1,0 +1,153 @@
+"""The GSPN mixer: four directional line scans with input-dependent gates, the drop-in replacement for
+attention (DESIGN.md, "The GSPN mixer").
+
+Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K = len(directions)``::
+
+    x  = SiLU(dwconv(in_proj(x)))                        (B, E, H, W)   in_proj 1x1, dwconv k x k
+    p  = proxy(x)                                        (B, S, H, W)   low-rank 1x1, E -> S
+    g  = gates(p)                                        (B, K*6*E, H, W)  one 1x1 conv, S -> 6 E per direction
+    for each direction k, split g into g_neg, g_mid, g_pos, lam, u, d  (each (B, E, H, W)):
+        h_k = gspn_scan(x, sigmoid(lam), *normalize_gates(g_neg, g_mid, g_pos, k), k, chunk_size)
+        y_k = sigmoid(u) * h_k + d * x
+    y  = sum_k softmax_k(merge)[k, c] * y_k              (B, E, H, W)   per-channel softmax over directions
+    out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
+
+Choices (the paper leaves them open):
+
+- ``lam = sigmoid(.)``: the input injection stays in (0, 1); with row-stochastic taps the scan is a
+  bounded-gain recurrence whose only growth is the accumulation of ``lam * x`` along a line, which the
+  LayerNorm after the merge absorbs.
+- ``u = sigmoid(.)``: an output gate in (0, 1), so a direction can be switched off per pixel/channel.
+- ``d`` is linear (no activation), its bias initialised to 1 (as Mamba's ``D``): the layer starts with
+  an identity skip of the depthwise-conv features next to the propagated ones.
+- Gate logits, ``lam`` and ``u`` start near 0 (weights ~ N(0, 0.02), biases 0): uniform taps (1/3),
+  ``lam = u = 0.5``.
+- Merge: a per-channel softmax over directions (``merge_logits`` of shape ``(K, E)``, zero-initialised,
+  i.e. the plain average at start).  It costs ``K * E`` parameters, against ``K * E * E`` for a 1x1
+  conv over the concatenation, and keeps the merge a convex combination.
+- Every direction scans in the image's own frame (the op scans rows or columns itself), so ``H != W``
+  works and the four outputs are aligned without transposes.
+
+``chunk_size=k`` makes the layer local: each scan restarts every ``k`` lines (of absolute position), so
+a pixel sees only its own group of lines along each scan axis; ``None`` is the global scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..ops import DIRECTIONS, gspn_scan, normalize_gates
+from .norm import GRN, LayerNorm2d
+
+__all__ = ["GSPNMixer", "GSPNTokenMixer"]
+
+#: per-direction outputs of the gate projection, in channel order
+GATE_FIELDS = ("g_neg", "g_mid", "g_pos", "lam", "u", "d")
+
+
+class GSPNMixer(nn.Module):
+    """Four-direction GSPN mixer, ``(B, dim, H, W) -> (B, dim, H, W)``.
+
+    Args:
+        dim: input/output channels.
+        d_inner: width of the propagated features (default ``int(1.5 * dim)``).
+        d_state: rank of the proxy from which all gates are projected.
+        chunk_size: ``None`` for global propagation, ``k`` for the local variant (restart every ``k`` lines).
+        dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise).
+        directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
+        backend: passed to :func:`gspn_lightning.ops.gspn_scan` (``None``: ``$GSPN_BACKEND`` / auto).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_inner: int | None = None,
+        d_state: int = 8,
+        chunk_size: int | None = None,
+        dw_kernel: int = 7,
+        directions: Sequence[str] = DIRECTIONS,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        directions = tuple(directions)
+        if (
+            not directions
+            or len(set(directions)) != len(directions)
+            or any(d not in DIRECTIONS for d in directions)
+        ):
+            raise ValueError(f"directions must be distinct members of {DIRECTIONS}, got {directions!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+        if dw_kernel < 1 or dw_kernel % 2 == 0:
+            raise ValueError(f"dw_kernel must be a positive odd integer, got {dw_kernel}")
+        self.dim = dim
+        self.d_inner = d_inner = int(d_inner if d_inner is not None else int(1.5 * dim))
+        self.d_state = d_state
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.directions = directions
+        self.backend = backend
+
+        self.in_proj = nn.Conv2d(dim, d_inner, 1)
+        self.dwconv = nn.Conv2d(d_inner, d_inner, dw_kernel, padding=dw_kernel // 2, groups=d_inner)
+        self.act = nn.SiLU()
+        self.proxy = nn.Conv2d(d_inner, d_state, 1)
+        self.gates = nn.Conv2d(d_state, len(directions) * len(GATE_FIELDS) * d_inner, 1)
+        self.merge_logits = nn.Parameter(torch.zeros(len(directions), d_inner))
+        self.norm = LayerNorm2d(d_inner)
+        self.grn = GRN(d_inner)
+        self.out_proj = nn.Conv2d(d_inner, dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights ~ truncated N(0, 0.02), biases 0, except the skip ``d`` whose bias is 1."""
+        for conv in (self.in_proj, self.dwconv, self.proxy, self.gates, self.out_proj):
+            nn.init.trunc_normal_(conv.weight, std=0.02)
+            nn.init.zeros_(conv.bias)
+        with torch.no_grad():
+            bias = self.gates.bias.view(len(self.directions), len(GATE_FIELDS), self.d_inner)
+            bias[:, GATE_FIELDS.index("d")] = 1.0
+        nn.init.zeros_(self.merge_logits)
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.grn.gamma)
+        nn.init.zeros_(self.grn.beta)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, directions={self.directions}"
+
+    def propagate(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the norm: ``(B, dim, H, W) -> (B, d_inner, H, W)``, the merged ``y``."""
+        B, _, H, W = x.shape
+        x = self.act(self.dwconv(self.in_proj(x)))
+        g = self.gates(self.proxy(x)).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
+        weights = torch.softmax(self.merge_logits.float(), dim=0).to(x.dtype)
+        y = None
+        for k, direction in enumerate(self.directions):
+            g_neg, g_mid, g_pos, lam, u, d = g[:, k].unbind(1)
+            taps = normalize_gates(g_neg, g_mid, g_pos, direction)
+            h = gspn_scan(x, torch.sigmoid(lam), *taps, direction, self.chunk_size, backend=self.backend)
+            y_k = (torch.sigmoid(u) * h + d * x) * weights[k].view(1, -1, 1, 1)
+            y = y_k if y is None else y + y_k
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, dim, H, W) -> (B, dim, H, W)``."""
+        return self.out_proj(self.grn(self.norm(self.propagate(x))))
+
+
+class GSPNTokenMixer(GSPNMixer):
+    """:class:`GSPNMixer` on token sequences: ``(B, N, C)`` with ``N = H * W`` (row-major) ``-> (B, N, C)``.
+
+    Same constructor and parameters as :class:`GSPNMixer` (state dicts are interchangeable); ``forward``
+    takes the spatial size ``hw = (H, W)`` of the token grid.
+    """
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
+        B, N, C = x.shape
+        H, W = hw
+        if H * W != N:
+            raise ValueError(f"hw={tuple(hw)} gives {H * W} tokens but x has N={N}")
+        y = super().forward(x.transpose(1, 2).reshape(B, C, H, W))
+        return y.flatten(2).transpose(1, 2)
