@@ -1,0 +1,256 @@
+"""Image classification (ImageNet-style) as a LightningModule.
+
+The recipe of the paper (DeiT/Swin-style, 300 epochs): AdamW with weight decay 0.05 except on norms,
+biases and other 1-D parameters; lr = base_lr x global_batch / 512 with a per-step linear warm-up
+then cosine decay; label smoothing 0.1; MixUp 0.8 / CutMix 1.0 on the batch with a soft-target loss;
+an EMA of the weights evaluated alongside the raw model; top-1/top-5 accuracy from torchmetrics.
+Gradient clipping and bf16 mixed precision are Trainer settings (see the configs).
+
+Batches are ``(images, labels)``; a label of -1 marks a sample the data pipeline could not decode.
+Such rows are dropped and counted (``*/corrupt``), never fatal.  Validation and test count the
+samples they evaluate over all ranks (``val/samples``) and check the count against the datamodule's
+index: every sample exactly once, whatever the number of ranks and workers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from gspn_lightning.models import create_model
+
+from .ema import ModelEMA
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only: none on norms, biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float, end: float) -> float:
+    """Multiplier of the peak lr: linear from ``start`` to 1 over the warm-up, then cosine to ``end``."""
+    if step < warmup_steps:
+        return start + (1.0 - start) * step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ClassificationTask(L.LightningModule):
+    """Trains a classifier built by name from the model registry.
+
+    Args:
+        model: registered model name (``gspn_t``, ``gspn_s``, ``gspn_b``).
+        model_kwargs: overrides passed to ``create_model`` (e.g. a smaller ``embed_dim``).
+        num_classes: number of classes (also passed to the model).
+        in_chans: image channels (also passed to the model).
+        base_lr: peak learning rate for a global batch of ``base_batch_size``; scaled linearly.
+        base_batch_size: the reference global batch of ``base_lr`` (512 in the paper's recipe).
+        weight_decay: AdamW weight decay (not on 1-D parameters).
+        betas: AdamW betas.
+        warmup_epochs: epochs of per-step linear warm-up (may be fractional).
+        warmup_lr: lr at step 0, scaled like ``base_lr``.
+        min_lr: lr at the end of the cosine, scaled like ``base_lr``.
+        label_smoothing: smoothing of the (mixed) one-hot targets.
+        mixup_alpha: MixUp Beta parameter (0 disables MixUp).
+        cutmix_alpha: CutMix Beta parameter (0 disables CutMix); with both on, one is picked per batch.
+        mix_prob: probability that a training batch is mixed at all.
+        ema_decay: decay of the weight EMA; ``None`` disables it.
+        batch_size: per-device batch size, only needed when there is no datamodule to read it from.
+    """
+
+    def __init__(
+        self,
+        model: str = "gspn_t",
+        model_kwargs: dict | None = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        base_lr: float = 5e-4,
+        base_batch_size: int = 512,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 20.0,
+        warmup_lr: float = 5e-7,
+        min_lr: float = 5e-6,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
+        ema_decay: float | None = 0.9999,
+        batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        self.ema = ModelEMA(self.model, ema_decay) if ema_decay is not None else None
+        mixers = []
+        with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
+            if mixup_alpha > 0:
+                mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+            if cutmix_alpha > 0:
+                mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mixer = v2.RandomChoice(mixers) if mixers else None
+
+        def accuracy():
+            metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+            if num_classes >= 5:
+                metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            return MetricCollection(metrics)
+
+        self.train_acc = accuracy()
+        self.val_acc, self.val_ema_acc = accuracy(), accuracy()
+        self.test_acc, self.test_ema_acc = accuracy(), accuracy()
+        # samples evaluated / dropped as corrupt, summed over ranks at epoch end
+        self.counts = torch.nn.ModuleDict(
+            {k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")}
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _drop_corrupt(self, batch, stage: str):
+        images, labels = batch
+        ok = labels >= 0
+        n_bad = int((~ok).sum())
+        if stage == "train":
+            self.log(
+                "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
+            )
+        else:
+            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=labels.device))
+            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=labels.device))
+        if n_bad:
+            images, labels = images[ok], labels[ok]
+        return images, labels
+
+    def _soft_targets(self, images, labels):
+        k = self.hparams.num_classes
+        if self.mixer is not None and torch.rand(()) < self.hparams.mix_prob:
+            images, targets = self.mixer(images, labels)
+        else:
+            targets = F.one_hot(labels, k).to(images.dtype)
+        eps = self.hparams.label_smoothing
+        return images, targets * (1.0 - eps) + eps / k
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        images, labels = self._drop_corrupt(batch, "train")
+        if labels.numel() == 0:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
+        images, targets = self._soft_targets(images, labels)
+        logits = self.model(images)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        self.train_acc.update(logits.detach(), targets.argmax(-1))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in self.train_acc.items()}, on_step=False, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _eval_step(self, batch, stage: str, acc: MetricCollection, ema_acc: MetricCollection):
+        images, labels = self._drop_corrupt(batch, stage)
+        if labels.numel() == 0:
+            return
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.numel())
+        acc.update(logits, labels)
+        self.log_dict({f"{stage}/{k}": v for k, v in acc.items()}, on_epoch=True, prog_bar=True)
+        if self.ema is not None:
+            ema_acc.update(self.ema(images), labels)
+            self.log_dict({f"{stage}_ema/{k}": v for k, v in ema_acc.items()}, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc, self.val_ema_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc, self.test_ema_acc)
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        net = self.ema if self.ema is not None else self.model
+        probs = net(images).float().softmax(-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        return {"pred": top.indices[:, 0], "topk": top.indices, "topk_prob": top.values}
+
+    def _check_count(self, stage: str, expected_attr: str, limit) -> None:
+        """Log how many samples this evaluation saw over all ranks and compare with the index."""
+        ok_metric, bad_metric = self.counts[f"{stage}_ok"], self.counts[f"{stage}_bad"]
+        seen, corrupt = int(ok_metric.compute().item()), int(bad_metric.compute().item())
+        ok_metric.reset()
+        bad_metric.reset()
+        self.log(f"{stage}/samples", float(seen), sync_dist=False)
+        self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
+        dm = getattr(self.trainer, "datamodule", None)
+        expected = getattr(dm, expected_attr, None) if dm is not None else None
+        if self.trainer.sanity_checking or expected is None or limit not in (None, 1.0):
+            return
+        if seen + corrupt != expected:
+            rank_zero_warn(
+                f"{stage}: evaluated {seen} samples (+{corrupt} corrupt) but the shard index lists {expected}; "
+                "some samples were skipped or seen twice"
+            )
+
+    def on_validation_epoch_end(self):
+        self._check_count("val", "num_val_samples", self.trainer.limit_val_batches)
+
+    def on_test_epoch_end(self):
+        self._check_count("test", "num_test_samples", self.trainer.limit_test_batches)
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def _global_batch(self) -> int:
+        per_device = self.hparams.batch_size
+        dm = getattr(self.trainer, "datamodule", None)
+        if per_device is None and dm is not None:
+            per_device = getattr(dm, "batch_size", None)
+        if per_device is None:
+            raise ValueError("cannot scale the lr: set model.batch_size or use a datamodule with batch_size")
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _steps_per_epoch(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        epoch_samples = getattr(dm, "epoch_samples", None) if dm is not None else None
+        if epoch_samples:
+            return max(1, epoch_samples // self._global_batch())
+        total = self.trainer.estimated_stepping_batches
+        if math.isfinite(total) and self.trainer.max_epochs and self.trainer.max_epochs > 0:
+            return max(1, int(total) // self.trainer.max_epochs)
+        raise ValueError("cannot size the schedule: give the datamodule an epoch length (epoch_samples)")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        scale = self._global_batch() / hp.base_batch_size
+        lr = hp.base_lr * scale
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
+        steps_per_epoch = self._steps_per_epoch()
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps and self.trainer.max_steps > 0
+            else (steps_per_epoch * max_epochs)
+        )
+        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
+        start, end = hp.warmup_lr / hp.base_lr, hp.min_lr / hp.base_lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, start, end)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
