@@ -1,9 +1,11 @@
 // Host-side layout handling shared by the CPU and CUDA bindings.
 //
-// Every direction is mapped onto one canonical scan: tensors of shape (N, L, M), contiguous, the
-// scan running over L (forwards or backwards) and the line axis M contiguous in memory.
-//   t2b: (H, W) as is, forwards        b2t: as is, backwards
-//   l2r: transposed to (W, H), forwards r2l: transposed, backwards
+// Every direction is mapped onto one canonical scan over L lines of length M, forwards or backwards:
+//   t2b: lines are rows (L = H, M = W), forwards     b2t: the same, backwards
+//   l2r: lines are columns (L = W, M = H), forwards  r2l: the same, backwards
+// Tensors are made contiguous (B*C planes).  For column scans a backend either asks for a transposed
+// copy (`transpose_copy`: planes become (W, H), lines contiguous; the CUDA path) or keeps the
+// image layout and handles the strided lines itself (`ScanArgs::columns`; the CPU path tiles them).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,16 +32,17 @@ inline Direction parse_direction(c10::string_view d) {
               std::string(d.data(), d.size()), "'");
 }
 
-// (B, C, H, W) -> contiguous (N, L, M) for the scan.
-inline at::Tensor to_canonical(const at::Tensor& t, const Direction& dir) {
-  at::Tensor c = dir.transpose ? t.transpose(-1, -2) : t;
+// (B, C, H, W) -> contiguous (B*C, ., .) planes for the scan (transposed planes if asked).
+inline at::Tensor to_canonical(const at::Tensor& t, const Direction& dir, bool transpose_copy) {
+  at::Tensor c = dir.transpose && transpose_copy ? t.transpose(-1, -2) : t;
   c = c.contiguous();
   return c.view({c.size(0) * c.size(1), c.size(-2), c.size(-1)});
 }
 
-// Contiguous (N, L, M) -> contiguous (B, C, H, W) with the shape of `like`.
-inline at::Tensor from_canonical(const at::Tensor& c, const at::Tensor& like, const Direction& dir) {
-  if (!dir.transpose) return c.view(like.sizes());
+// Back to a contiguous (B, C, H, W) tensor with the shape of `like`.
+inline at::Tensor from_canonical(const at::Tensor& c, const at::Tensor& like, const Direction& dir,
+                                 bool transpose_copy) {
+  if (!(dir.transpose && transpose_copy)) return c.view(like.sizes());
   return c.view({like.size(0), like.size(1), like.size(3), like.size(2)}).transpose(-1, -2).contiguous();
 }
 
@@ -60,21 +63,22 @@ inline int64_t effective_chunk(int64_t chunk_size, int64_t L) {
   return (chunk_size <= 0 || chunk_size >= L) ? (L > 0 ? L : 1) : chunk_size;
 }
 
-// The five scan inputs in canonical layout, with the scan geometry.
+// The five scan inputs as contiguous planes, with the scan geometry.  With `columns`, line s of a
+// plane is its column s (element j at j * L + s); otherwise line s is contiguous at s * M.
 struct ScanArgs {
   at::Tensor x, lam, wn, wm, wp;
   int64_t N, L, M, k;
-  bool reverse;
+  bool reverse, columns;
 };
 
 inline ScanArgs canonical_args(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
                                const at::Tensor& w_mid, const at::Tensor& w_pos, const Direction& dir,
-                               int64_t chunk_size) {
-  ScanArgs a{to_canonical(x, dir), to_canonical(lam, dir), to_canonical(w_neg, dir), to_canonical(w_mid, dir),
-             to_canonical(w_pos, dir), 0, 0, 0, 0, dir.reverse};
-  a.N = a.x.size(0);
-  a.L = a.x.size(1);
-  a.M = a.x.size(2);
+                               int64_t chunk_size, bool transpose_copy) {
+  auto c = [&](const at::Tensor& t) { return to_canonical(t, dir, transpose_copy); };
+  ScanArgs a{c(x), c(lam), c(w_neg), c(w_mid), c(w_pos), 0, 0, 0, 0, dir.reverse, dir.transpose && !transpose_copy};
+  a.N = x.size(0) * x.size(1);
+  a.L = dir.transpose ? x.size(3) : x.size(2);
+  a.M = dir.transpose ? x.size(2) : x.size(3);
   a.k = effective_chunk(chunk_size, a.L);
   return a;
 }
@@ -85,29 +89,30 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 template <typename Kernel>
 at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
                         const at::Tensor& w_mid, const at::Tensor& w_pos, c10::string_view direction,
-                        int64_t chunk_size, Kernel&& kernel) {
+                        int64_t chunk_size, bool transpose_copy, Kernel&& kernel) {
   check_inputs({x, lam, w_neg, w_mid, w_pos}, "gspn scan_fwd");
   const Direction dir = parse_direction(direction);
-  const ScanArgs a = canonical_args(x, lam, w_neg, w_mid, w_pos, dir, chunk_size);
+  const ScanArgs a = canonical_args(x, lam, w_neg, w_mid, w_pos, dir, chunk_size, transpose_copy);
   at::Tensor h = at::empty_like(a.x);
   if (h.numel() > 0) kernel(a, h);
-  return from_canonical(h, x, dir);
+  return from_canonical(h, x, dir, transpose_copy);
 }
 
 // The same around a backward kernel `kernel(args, grad_h, h, dx, dlam, dwn, dwm, dwp)`.
 template <typename Kernel>
 Grads scan_backward(const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& lam,
                     const at::Tensor& w_neg, const at::Tensor& w_mid, const at::Tensor& w_pos,
-                    const at::Tensor& h, c10::string_view direction, int64_t chunk_size, Kernel&& kernel) {
+                    const at::Tensor& h, c10::string_view direction, int64_t chunk_size, bool transpose_copy,
+                    Kernel&& kernel) {
   check_inputs({x, lam, w_neg, w_mid, w_pos, h, grad_h}, "gspn scan_bwd");
   const Direction dir = parse_direction(direction);
-  const ScanArgs a = canonical_args(x, lam, w_neg, w_mid, w_pos, dir, chunk_size);
-  const at::Tensor gc = to_canonical(grad_h, dir), hc = to_canonical(h, dir);
+  const ScanArgs a = canonical_args(x, lam, w_neg, w_mid, w_pos, dir, chunk_size, transpose_copy);
+  const at::Tensor gc = to_canonical(grad_h, dir, transpose_copy), hc = to_canonical(h, dir, transpose_copy);
   at::Tensor dx = at::empty_like(a.x), dlam = at::empty_like(a.x), dwn = at::empty_like(a.x),
              dwm = at::empty_like(a.x), dwp = at::empty_like(a.x);
   if (dx.numel() > 0) kernel(a, gc, hc, dx, dlam, dwn, dwm, dwp);
-  return {from_canonical(dx, x, dir), from_canonical(dlam, x, dir), from_canonical(dwn, x, dir),
-          from_canonical(dwm, x, dir), from_canonical(dwp, x, dir)};
+  auto back = [&](const at::Tensor& t) { return from_canonical(t, x, dir, transpose_copy); };
+  return {back(dx), back(dlam), back(dwn), back(dwm), back(dwp)};
 }
 
 }  // namespace gspn

@@ -68,38 +68,82 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
   }
 }
 
+// Column scans (l2r / r2l) keep the image layout: line s of a plane is its column s, element j at
+// j * L + s.  They are processed in tiles of kTile lines, transpose-copied between the plane and a
+// small contiguous buffer (kTile consecutive elements of each row: whole cache lines), so the line
+// loops run on contiguous memory without a full-tensor transpose.
+constexpr int64_t kTile = 16;
+
+template <typename T>
+void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
+                    int64_t M) {
+  for (int64_t j = 0; j < M; ++j) {
+    const T* row = plane + j * L;
+    for (int64_t t = 0; t < tn; ++t) tile[t * M + j] = row[cols[t]];
+  }
+}
+
+template <typename T>
+void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
+                     int64_t M) {
+  for (int64_t j = 0; j < M; ++j) {
+    T* row = plane + j * L;
+    for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * M + j];
+  }
+}
+
 template <typename scalar_t>
-void forward_cpu_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
-                        const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
-                        const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, int64_t N, int64_t L,
-                        int64_t M, int64_t k, bool reverse) {
+void forward_cpu_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* wn, const scalar_t* wm,
+                        const scalar_t* wp, scalar_t* h, int64_t N, int64_t L, int64_t M, int64_t k, bool reverse,
+                        bool columns) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = num_groups(L, k);
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     // Two padded lines: index 0 and M + 1 stay 0 and stand for the taps outside the line.
     std::vector<acc_t> buf(2 * (M + 2), acc_t(0));
+    // Column scans: tiles of the five inputs and of the output.
+    std::vector<scalar_t> tile(columns ? 6 * kTile * M : 0);
+    const int64_t TM = kTile * M;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / G, g = task % G;
-      const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L);
+      const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
+      const int64_t plane = n * L * M;
+      const scalar_t* in[5] = {x + plane, lam + plane, wn + plane, wm + plane, wp + plane};
       acc_t* prev = buf.data() + 1;
       acc_t* cur = buf.data() + (M + 2) + 1;
-      for (int64_t step = 0; step < s1 - s0; ++step) {
-        const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
-        forward_line<scalar_t, acc_t>(x + off, lam + off, wn + off, wm + off, wp + off, prev, cur, h + off, M,
-                                      step == 0);
-        std::swap(prev, cur);
+      for (int64_t t0 = 0; t0 < len; t0 += columns ? kTile : len) {
+        const int64_t tn = columns ? std::min(kTile, len - t0) : len - t0;
+        int64_t cols[kTile];
+        if (columns) {
+          for (int64_t t = 0; t < tn; ++t) cols[t] = line_at(t0 + t, s0, s1, reverse);
+          for (int a = 0; a < 5; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M);
+        }
+        for (int64_t t = 0; t < tn; ++t) {
+          const int64_t step = t0 + t;
+          const scalar_t* p[5];
+          scalar_t* out;
+          if (columns) {
+            for (int a = 0; a < 5; ++a) p[a] = tile.data() + a * TM + t * M;
+            out = tile.data() + 5 * TM + t * M;
+          } else {
+            const int64_t off = line_at(step, s0, s1, reverse) * M;
+            for (int a = 0; a < 5; ++a) p[a] = in[a] + off;
+            out = h + plane + off;
+          }
+          forward_line<scalar_t, acc_t>(p[0], p[1], p[2], p[3], p[4], prev, cur, out, M, step == 0);
+          std::swap(prev, cur);
+        }
+        if (columns) scatter_columns(h + plane, tile.data() + 5 * TM, cols, tn, L, M);
       }
     }
   });
 }
 
 template <typename scalar_t>
-void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
-                         const scalar_t* __restrict__ lam, const scalar_t* __restrict__ wn,
-                         const scalar_t* __restrict__ wm, const scalar_t* __restrict__ wp,
-                         const scalar_t* __restrict__ h, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
-                         scalar_t* __restrict__ dwn, scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp,
-                         int64_t N, int64_t L, int64_t M, int64_t k, bool reverse) {
+void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* lam, const scalar_t* wn,
+                         const scalar_t* wm, const scalar_t* wp, const scalar_t* h, scalar_t* dx, scalar_t* dlam,
+                         scalar_t* dwn, scalar_t* dwm, scalar_t* dwp, int64_t N, int64_t L, int64_t M, int64_t k,
+                         bool reverse, bool columns) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = num_groups(L, k);
   const int64_t P = M + 2;
@@ -108,26 +152,61 @@ void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __rest
     // line in scan order (read), the same for this line (written; the halves swap every step), and
     // the previous line's output.
     std::vector<acc_t> buf(9 * P, acc_t(0));
+    // Column scans: tiles of the six inputs (grad, x, lam, w_neg, w_mid, w_pos), the five gradients,
+    // and the outputs of the previous lines.
+    std::vector<scalar_t> tile(columns ? 12 * kTile * M : 0);
+    const int64_t TM = kTile * M;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / G, g = task % G;
       const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
+      const int64_t plane = n * L * M;
+      const scalar_t* in[6] = {gh + plane, x + plane, lam + plane, wn + plane, wm + plane, wp + plane};
+      scalar_t* grad[5] = {dx + plane, dlam + plane, dwn + plane, dwm + plane, dwp + plane};
       std::fill(buf.begin(), buf.end(), acc_t(0));
       acc_t* nxt = buf.data() + 1;          // a, wn, wm, wp of the next line at nxt + {0,1,2,3} * P
       acc_t* cur = buf.data() + 4 * P + 1;  // the same for this line
       acc_t* h_p = buf.data() + 8 * P + 1;
-      // Walk the group against scan order: `step` is the line's position in scan order.
-      for (int64_t step = len - 1; step >= 0; --step) {
-        const int64_t off = (n * L + line_at(step, s0, s1, reverse)) * M;
-        if (step > 0) {
-          const scalar_t* hp = h + (n * L + line_at(step - 1, s0, s1, reverse)) * M;
-          for (int64_t j = 0; j < M; ++j) h_p[j] = hp[j];
-        } else {
-          std::fill(h_p, h_p + M, acc_t(0));
+      // Tiles [t_lo, t_hi) of scan steps, walked against scan order.
+      for (int64_t t_hi = len; t_hi > 0;) {
+        const int64_t t_lo = columns ? std::max<int64_t>(0, t_hi - kTile) : 0;
+        const int64_t tn = t_hi - t_lo;
+        const int64_t h_lo = std::max<int64_t>(0, t_lo - 1);  // previous lines: steps [h_lo, t_hi - 1)
+        int64_t cols[kTile], hcols[kTile];
+        if (columns) {
+          for (int64_t t = 0; t < tn; ++t) cols[t] = line_at(t_lo + t, s0, s1, reverse);
+          for (int64_t t = 0; t < t_hi - 1 - h_lo; ++t) hcols[t] = line_at(h_lo + t, s0, s1, reverse);
+          for (int a = 0; a < 6; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M);
+          gather_columns(h + plane, tile.data() + 11 * TM, hcols, t_hi - 1 - h_lo, L, M);
         }
-        backward_line<scalar_t, acc_t>(gh + off, x + off, lam + off, wn + off, wm + off, wp + off, nxt, nxt + P,
-                                       nxt + 2 * P, nxt + 3 * P, h_p, cur, cur + P, cur + 2 * P, cur + 3 * P,
-                                       dx + off, dlam + off, dwn + off, dwm + off, dwp + off, M);
-        std::swap(nxt, cur);
+        for (int64_t step = t_hi - 1; step >= t_lo; --step) {
+          const scalar_t* p[6];
+          scalar_t* d[5];
+          const scalar_t* hp = nullptr;
+          if (columns) {
+            const int64_t t = step - t_lo;
+            for (int a = 0; a < 6; ++a) p[a] = tile.data() + a * TM + t * M;
+            for (int a = 0; a < 5; ++a) d[a] = tile.data() + (6 + a) * TM + t * M;
+            if (step > 0) hp = tile.data() + 11 * TM + (step - 1 - h_lo) * M;
+          } else {
+            const int64_t off = line_at(step, s0, s1, reverse) * M;
+            for (int a = 0; a < 6; ++a) p[a] = in[a] + off;
+            for (int a = 0; a < 5; ++a) d[a] = grad[a] + off;
+            if (step > 0) hp = h + plane + line_at(step - 1, s0, s1, reverse) * M;
+          }
+          if (hp != nullptr) {
+            for (int64_t j = 0; j < M; ++j) h_p[j] = hp[j];
+          } else {
+            std::fill(h_p, h_p + M, acc_t(0));
+          }
+          backward_line<scalar_t, acc_t>(p[0], p[1], p[2], p[3], p[4], p[5], nxt, nxt + P, nxt + 2 * P, nxt + 3 * P,
+                                         h_p, cur, cur + P, cur + 2 * P, cur + 3 * P, d[0], d[1], d[2], d[3], d[4],
+                                         M);
+          std::swap(nxt, cur);
+        }
+        if (columns) {
+          for (int a = 0; a < 5; ++a) scatter_columns(grad[a], tile.data() + (6 + a) * TM, cols, tn, L, M);
+        }
+        t_hi = t_lo;
       }
     }
   });
@@ -136,12 +215,13 @@ void backward_cpu_kernel(const scalar_t* __restrict__ gh, const scalar_t* __rest
 at::Tensor scan_fwd_cpu(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
                         const at::Tensor& w_mid, const at::Tensor& w_pos, c10::string_view direction,
                         int64_t chunk_size) {
-  return scan_forward(x, lam, w_neg, w_mid, w_pos, direction, chunk_size, [](const ScanArgs& a, at::Tensor& h) {
+  return scan_forward(x, lam, w_neg, w_mid, w_pos, direction, chunk_size, /*transpose_copy=*/false,
+                      [](const ScanArgs& a, at::Tensor& h) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
       forward_cpu_kernel<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
                                    a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(),
                                    a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), a.N, a.L,
-                                   a.M, a.k, a.reverse);
+                                   a.M, a.k, a.reverse, a.columns);
     });
   });
 }
@@ -150,7 +230,7 @@ Grads scan_bwd_cpu(const at::Tensor& grad_h, const at::Tensor& x, const at::Tens
                    const at::Tensor& w_mid, const at::Tensor& w_pos, const at::Tensor& h,
                    c10::string_view direction, int64_t chunk_size) {
   return scan_backward(
-      grad_h, x, lam, w_neg, w_mid, w_pos, h, direction, chunk_size,
+      grad_h, x, lam, w_neg, w_mid, w_pos, h, direction, chunk_size, /*transpose_copy=*/false,
       [](const ScanArgs& a, const at::Tensor& g, const at::Tensor& hc, at::Tensor& dx, at::Tensor& dlam,
          at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_bwd_cpu", [&] {
@@ -159,7 +239,7 @@ Grads scan_bwd_cpu(const at::Tensor& grad_h, const at::Tensor& x, const at::Tens
               a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(),
               hc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
               dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(), dwp.mutable_data_ptr<scalar_t>(),
-              a.N, a.L, a.M, a.k, a.reverse);
+              a.N, a.L, a.M, a.k, a.reverse, a.columns);
         });
       });
 }
