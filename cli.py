@@ -6,19 +6,30 @@ A LightningCLI with the task and the datamodule chosen by ``class_path`` in the 
   — a fixed folder, so ``--ckpt_path last`` resumes model, optimiser, scheduler, EMA and step count
   from it in a later run (also on another node);
 - an ``OnExceptionCheckpoint`` in the same folder, so a crash or Ctrl-C loses nothing;
-- the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``).
+- the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``);
+- ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from gspn_lightning.tasks import PredictionWriter
+
+# The task's EMA copy of the model is always in eval mode, which Lightning would warn about each run.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
     return os.path.join(default_root_dir or os.getcwd(), "checkpoints")
+
+
+def prediction_dir(default_root_dir: str | None) -> str:
+    return os.path.join(default_root_dir or os.getcwd(), "predictions")
 
 
 class GSPNCLI(LightningCLI):
@@ -31,6 +42,10 @@ class GSPNCLI(LightningCLI):
         parser.add_lightning_class_args(OnExceptionCheckpoint, "exception_checkpoint")
         parser.link_arguments(
             "trainer.default_root_dir", "exception_checkpoint.dirpath", compute_fn=checkpoint_dir
+        )
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.link_arguments(
+            "trainer.default_root_dir", "prediction_writer.output_dir", compute_fn=prediction_dir
         )
 
 

@@ -116,6 +116,22 @@ def test_fit_resume_validate(mnist_shards, tmp_path):
     assert metrics["val/samples"] == 1000  # every validation sample exactly once
     assert "val_ema/top1" in metrics and "val/top5" in metrics
 
+    run_cli("test", *common, "--ckpt_path=last", cwd=tmp_path)
+    metrics = last_metrics(root)
+    assert metrics["test/samples"] == 1000 and 0.0 <= metrics["test/top1"] <= 1.0
+    run_cli(
+        "predict",
+        *common,
+        f"--data.init_args.predict_shards={mnist_shards / 'val'}",
+        "--ckpt_path=last",
+        cwd=tmp_path,
+    )
+    pred = torch.load(root / "predictions" / "predictions-rank0.pt")
+    assert pred["pred"].shape == (1000,) and pred["topk"].shape == (1000, 5)
+    # predict uses the EMA weights: its accuracy is the test's EMA top-1 on the same samples
+    acc = (pred["pred"] == pred["label"]).float().mean().item()
+    assert abs(acc - metrics["test_ema/top1"]) < 1e-6
+
 
 @pytest.mark.slow
 def test_ddp_two_processes(mnist_shards, tmp_path):

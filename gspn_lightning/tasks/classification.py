@@ -185,11 +185,15 @@ class ClassificationTask(L.LightningModule):
         self._eval_step(batch, "test", self.test_acc, self.test_ema_acc)
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """Top-5 classes and probabilities from the EMA weights (the raw ones without EMA)."""
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
         net = self.ema if self.ema is not None else self.model
         probs = net(images).float().softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        return {"pred": top.indices[:, 0], "topk": top.indices, "topk_prob": top.values}
+        out = {"pred": top.indices[:, 0], "topk": top.indices, "topk_prob": top.values}
+        if labels is not None:
+            out["label"] = labels  # -1 marks a sample that could not be decoded
+        return out
 
     def _check_count(self, stage: str, expected_attr: str, limit) -> None:
         """Log how many samples this evaluation saw over all ranks and compare with the index."""
