@@ -7,7 +7,12 @@ For each square size (B=2, C=64, float32 by default) it times the forward and th
 reports the kernel's speed-up and its effective bandwidth: the bytes the op must move (forward: five
 inputs read, one output written; backward: the incoming gradient, the five inputs and the saved
 output read, five gradients written) over the time, set against this machine's own copy bandwidth
-measured in the same run.  Results go to benchmarks/results/scan_<device>_<machine>.{json,md}.
+measured in the same run.  Results go to benchmarks/results/scan_<device>_<machine>[-thp].{json,md}.
+
+On the CPU the timings include the page faults of fresh outputs: PyTorch's CPU allocator returns
+large blocks to the OS, so every new 33 MB gradient is faulted in again, which at 512x512 costs as
+much as the scan itself.  ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page allocation)
+cuts that cost; run the benchmark with and without it (the file name records which).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--directions", nargs="+", default=["t2b", "l2r"])
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
             ins = [torch.randn(shape, generator=g).to(device).requires_grad_() for _ in range(5)]
             go = torch.randn(shape, generator=g).to(device)
             numel, elt = ins[0].numel(), ins[0].element_size()
-            reps = max(2, args.reps if size <= 256 else args.reps // 2)
+            reps = args.reps if size <= 256 else max(3, args.reps // 2)
             row = {
                 "size": size,
                 "direction": direction,
@@ -160,13 +166,14 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"scan_{device.type}_{info['name']}"
+    stem = f"scan_{device.type}_{info['name']}" + ("-thp" if info["THP_MEM_ALLOC_ENABLE"] == "1" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# gspn_scan: kernel vs reference on {info.get('gpu', info['cpu'])} ({info['torch_threads']} threads)",
         "",
         f"B={args.batch}, C={args.channels}, float32, chunk_size={args.chunk_size}; torch {info['torch']}; "
-        f"copy bandwidth {bw_copy / 1e9:.1f} GB/s; {result['date']}.",
+        f"copy bandwidth {bw_copy / 1e9:.1f} GB/s; THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE'] or 'unset'}; "
+        f"{result['date']}.",
         "",
         "| H=W | dir | fwd kernel ms | fwd ref ms | fwd speed-up | fwd+bwd kernel ms | fwd+bwd ref ms "
         "| fwd+bwd speed-up | kernel GB/s (fwd+bwd) | of copy bw |",

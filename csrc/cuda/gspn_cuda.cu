@@ -53,36 +53,56 @@ LaunchPlan plan_launch(const ScanArgs& a) {
   return p;
 }
 
-template <typename T>
-__device__ __forceinline__ T* block_buffer(T* smem, T* ws, int64_t buf_floats) {
-  return ws == nullptr ? smem : ws + static_cast<int64_t>(blockIdx.x) * buf_floats;
+// What both kernels are told about the scan and the launch.
+template <typename acc_t>
+struct Geometry {
+  int64_t N, L, M, k, groups, buf_floats;
+  int lines;
+  bool reverse;
+  acc_t* ws;  // global workspace for the line buffers, or nullptr for shared memory
+};
+
+// This block's share: lines [n0, n0 + lines) of the chunk [s0, s1), and its zeroed line buffer
+// (two halves of `lines` padded lines of M + 2).
+template <typename acc_t>
+struct BlockShare {
+  acc_t* buf;
+  int64_t n0, s0, s1, P;
+  int work;
+};
+
+template <typename acc_t>
+__device__ BlockShare<acc_t> block_share(const Geometry<acc_t>& geo, acc_t* smem) {
+  BlockShare<acc_t> b;
+  b.buf = geo.ws == nullptr ? smem : geo.ws + static_cast<int64_t>(blockIdx.x) * geo.buf_floats;
+  const int64_t g = blockIdx.x % geo.groups;
+  b.n0 = (blockIdx.x / geo.groups) * geo.lines;
+  b.s0 = group_begin(g, geo.k);
+  b.s1 = group_end(g, geo.k, geo.L);
+  b.P = geo.M + 2;
+  b.work = geo.lines * static_cast<int>(geo.M);
+  for (int64_t i = threadIdx.x; i < geo.buf_floats; i += blockDim.x) b.buf[i] = acc_t(0);
+  __syncthreads();
+  return b;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
                          const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
-                         const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, int64_t N, int64_t L,
-                         int64_t M, int64_t k, int64_t groups, int lines, bool reverse, acc_t* ws,
-                         int64_t buf_floats) {
+                         const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, const Geometry<acc_t> geo) {
   extern __shared__ unsigned char smem_raw[];
-  acc_t* buf = block_buffer(reinterpret_cast<acc_t*>(smem_raw), ws, buf_floats);
-  const int64_t g = blockIdx.x % groups;
-  const int64_t n0 = (blockIdx.x / groups) * lines;
-  const int64_t P = M + 2;
-  for (int64_t i = threadIdx.x; i < buf_floats; i += blockDim.x) buf[i] = acc_t(0);
-  __syncthreads();
-  acc_t* prev = buf + 1;
-  acc_t* cur = buf + lines * P + 1;
-  const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L);
-  const int work = lines * static_cast<int>(M);
-  for (int64_t step = 0; step < s1 - s0; ++step) {
-    const int64_t s = line_at(step, s0, s1, reverse);
-    for (int i = threadIdx.x; i < work; i += blockDim.x) {
+  const BlockShare<acc_t> b = block_share(geo, reinterpret_cast<acc_t*>(smem_raw));
+  const int64_t M = geo.M, L = geo.L, P = b.P;
+  acc_t* prev = b.buf + 1;
+  acc_t* cur = b.buf + geo.lines * P + 1;
+  for (int64_t step = 0; step < b.s1 - b.s0; ++step) {
+    const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
+    for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
       const int l = i / static_cast<int>(M);
       const int j = i - l * static_cast<int>(M);
-      const int64_t n = n0 + l;
-      if (n >= N) continue;
+      const int64_t n = b.n0 + l;
+      if (n >= geo.N) continue;
       const int64_t off = (n * L + s) * M + j;
       const acc_t* p = prev + l * P;
       acc_t v;
@@ -108,31 +128,24 @@ __global__ void __launch_bounds__(kMaxThreads)
                          const scalar_t* __restrict__ wm, const scalar_t* __restrict__ wp,
                          const scalar_t* __restrict__ h, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
                          scalar_t* __restrict__ dwn, scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp,
-                         int64_t N, int64_t L, int64_t M, int64_t k, int64_t groups, int lines, bool reverse,
-                         acc_t* ws, int64_t buf_floats) {
+                         const Geometry<acc_t> geo) {
   extern __shared__ unsigned char smem_raw[];
-  acc_t* buf = block_buffer(reinterpret_cast<acc_t*>(smem_raw), ws, buf_floats);
-  const int64_t g = blockIdx.x % groups;
-  const int64_t n0 = (blockIdx.x / groups) * lines;
-  const int64_t P = M + 2;
-  for (int64_t i = threadIdx.x; i < buf_floats; i += blockDim.x) buf[i] = acc_t(0);
-  __syncthreads();
+  const BlockShare<acc_t> b = block_share(geo, reinterpret_cast<acc_t*>(smem_raw));
+  const int64_t M = geo.M, L = geo.L, P = b.P, len = b.s1 - b.s0;
   // `nxt` holds the adjoint of the next line in scan order, `cur` receives this line's.
-  acc_t* nxt = buf + 1;
-  acc_t* cur = buf + lines * P + 1;
-  const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
-  const int work = lines * static_cast<int>(M);
+  acc_t* nxt = b.buf + 1;
+  acc_t* cur = b.buf + geo.lines * P + 1;
   const acc_t zero(0);
   for (int64_t t = 0; t < len; ++t) {
     const int64_t step = len - 1 - t;  // position of this line in scan order
-    const int64_t s = line_at(step, s0, s1, reverse);
-    const int64_t sn = t > 0 ? line_at(step + 1, s0, s1, reverse) : 0;
-    const int64_t sp = step > 0 ? line_at(step - 1, s0, s1, reverse) : 0;
-    for (int i = threadIdx.x; i < work; i += blockDim.x) {
+    const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
+    const int64_t sn = t > 0 ? line_at(step + 1, b.s0, b.s1, geo.reverse) : 0;
+    const int64_t sp = step > 0 ? line_at(step - 1, b.s0, b.s1, geo.reverse) : 0;
+    for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
       const int l = i / static_cast<int>(M);
       const int j = i - l * static_cast<int>(M);
-      const int64_t n = n0 + l;
-      if (n >= N) continue;
+      const int64_t n = b.n0 + l;
+      if (n >= geo.N) continue;
       const int64_t row = n * L;
       const int64_t off = (row + s) * M + j;
       const bool has_left = j > 0, has_right = j + 1 < M;
@@ -165,49 +178,52 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename acc_t>
-acc_t* workspace(const LaunchPlan& p, const at::Tensor& like, at::Tensor& holder) {
-  if (!p.global_ws) return nullptr;
-  holder = at::empty({p.blocks * p.buf_floats}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  return holder.mutable_data_ptr<acc_t>();
+// Plans the launch for `a` and calls `launch(grid, threads, shared_bytes, stream, geometry)` for the
+// dtype of the tensors, with a global workspace when the line buffers do not fit in shared memory.
+template <typename Launch>
+void launch_scan(const ScanArgs& a, Launch&& launch) {
+  TORCH_CHECK(!a.columns, "gspn scan: the CUDA kernels take transposed copies for column scans");
+  TORCH_CHECK(a.M <= (int64_t{1} << 30), "gspn scan: line length too large for the CUDA kernel");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LaunchPlan p = plan_launch<acc_t>(a);
+    at::Tensor ws;
+    if (p.global_ws) {
+      ws = at::empty({p.blocks * p.buf_floats}, a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    }
+    const Geometry<acc_t> geo{a.N, a.L, a.M, a.k, p.groups, p.buf_floats, p.lines, a.reverse,
+                              p.global_ws ? ws.mutable_data_ptr<acc_t>() : nullptr};
+    const size_t smem = p.global_ws ? 0 : static_cast<size_t>(p.buf_floats) * sizeof(acc_t);
+    launch(scalar_t(0), static_cast<unsigned int>(p.blocks), p.threads, smem, stream, geo);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
 
 void launch_scan_fwd_cuda(const ScanArgs& a, at::Tensor& h) {
-  TORCH_CHECK(a.M <= (int64_t{1} << 30), "gspn scan: line length too large for the CUDA kernel");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_fwd_cuda", [&] {
+  launch_scan(a, [&](auto zero, unsigned int grid, int threads, size_t smem,
+                                           cudaStream_t stream, const auto& geo) {
+    using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchPlan p = plan_launch<acc_t>(a);
-    at::Tensor ws_holder;
-    acc_t* ws = workspace<acc_t>(p, a.x, ws_holder);
-    const size_t smem = p.global_ws ? 0 : static_cast<size_t>(p.buf_floats) * sizeof(acc_t);
-    gspn_scan_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(p.blocks), p.threads, smem, stream>>>(
+    gspn_scan_fwd_kernel<scalar_t, acc_t><<<grid, threads, smem, stream>>>(
         a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(), a.wn.const_data_ptr<scalar_t>(),
-        a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), a.N,
-        a.L, a.M, a.k, p.groups, p.lines, a.reverse, ws, p.buf_floats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), geo);
   });
 }
 
 void launch_scan_bwd_cuda(const ScanArgs& a, const at::Tensor& grad_h, const at::Tensor& h, at::Tensor& dx,
                           at::Tensor& dlam, at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp) {
-  TORCH_CHECK(a.M <= (int64_t{1} << 30), "gspn scan: line length too large for the CUDA kernel");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_bwd_cuda", [&] {
+  launch_scan(a, [&](auto zero, unsigned int grid, int threads, size_t smem,
+                                           cudaStream_t stream, const auto& geo) {
+    using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchPlan p = plan_launch<acc_t>(a);
-    at::Tensor ws_holder;
-    acc_t* ws = workspace<acc_t>(p, a.x, ws_holder);
-    const size_t smem = p.global_ws ? 0 : static_cast<size_t>(p.buf_floats) * sizeof(acc_t);
-    gspn_scan_bwd_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(p.blocks), p.threads, smem, stream>>>(
+    gspn_scan_bwd_kernel<scalar_t, acc_t><<<grid, threads, smem, stream>>>(
         grad_h.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
         a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(),
         h.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
-        dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(), dwp.mutable_data_ptr<scalar_t>(), a.N,
-        a.L, a.M, a.k, p.groups, p.lines, a.reverse, ws, p.buf_floats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(), dwp.mutable_data_ptr<scalar_t>(), geo);
   });
 }
 
