@@ -116,3 +116,16 @@ def test_summary_table_on_meta():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert abs(float(cells[1]) - 31.5) / 31.5 < 0.03
     assert float(cells[2]) > 0 and cells[4] == "30"
+
+
+def test_bf16_autocast_forward_backward():
+    """The ImageNet configs train in bf16-mixed: the scan's five inputs must come out of the mixer in
+    one dtype under autocast, and gradients must reach the weights."""
+    torch.manual_seed(0)
+    model = create_model("gspn_t", embed_dim=16, depths=(1, 1, 1, 1), d_state=2, num_classes=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 24))
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 10)
+    logits.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
