@@ -26,13 +26,13 @@ class ModelEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_p = [p for p in self.module.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
-        float_pairs = [(e, s) for e, s in zip(ema_p, src_p) if e.is_floating_point()]
-        if float_pairs:
-            torch._foreach_lerp_(
-                [e for e, _ in float_pairs], [s.to(e.dtype) for e, s in float_pairs], 1.0 - self.decay
-            )
+        pairs = [
+            (e, p.detach())
+            for e, p in zip(self.module.parameters(), model.parameters())
+            if e.is_floating_point()
+        ]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.decay)
         for e, s in zip(self.module.buffers(), model.buffers()):
             e.copy_(s)
 
