@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check: on a bare GPU machine, in one command, build the CUDA extension for the visible GPU,
+# run every op/layer/model test (the CUDA-parametrised cases included), time the scan against the copy
+# roofline and against a per-line baseline, a GSPN mixer against flash attention, and a gspn_t
+# training step; write JSON + a markdown table into $OUT (or benchmarks/results/gpu_check/) and print
+# the short table last.  Each section runs in its own process under its own time limit, so a slow or
+# failing section cannot eat the others; a failure never stops the later sections.
+#
+#   bash scripts/gpu_check.sh                    # on a GPU machine (its own python3 is used)
+#   bash scripts/gpu_check.sh --cpu-rehearsal    # the same script on the CPU, tiny sizes (a test runs it)
+#
+# Environment: PYTHON (interpreter; default .venv/bin/python in a rehearsal, else python3),
+# OUT (results folder), GSPN_EXTENSIONS_DIR (build cache; default ./.gspn_cache on the GPU machine),
+# GPU_CHECK_SCALE (multiplies every time limit; default 1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+REHEARSAL=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-rehearsal) REHEARSAL=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (only --cpu-rehearsal)" >&2; exit 2 ;;
+  esac
+done
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ -n "${OUT:-}" ]; then
+  RESULTS="$OUT"
+elif [ "$REHEARSAL" = 1 ]; then
+  RESULTS="$(mktemp -d -t gspn_gpu_check_rehearsal.XXXXXX)"  # a rehearsal never replaces real results
+else
+  RESULTS="benchmarks/results/gpu_check"
+fi
+mkdir -p "$RESULTS"
+RESULTS="$(cd "$RESULTS" && pwd)"
+if [ "$REHEARSAL" = 0 ]; then
+  # in the working tree, so a warm device machine keeps the build between calls
+  export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$PWD/.gspn_cache}"
+fi
+export PYTHONDONTWRITEBYTECODE=1
+SCALE="${GPU_CHECK_SCALE:-1}"
+: > "$RESULTS/sections.tsv"
+
+if [ "$REHEARSAL" = 1 ]; then
+  FLAG=--rehearsal
+  B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40
+  TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
+  export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
+else
+  FLAG=
+  # at most ~520 s in all, inside one 600 s device call; a typical run is well under that
+  B_ENV=15; B_BUILD=150; B_TESTS=100; B_SCAN=60; B_BASE=30; B_MIXER=50; B_TRAIN=40
+  TEST_ARGS=(tests/test_ops.py tests/test_nn.py tests/test_models.py -m "not build")
+  # Build for the visible GPU only (fast), and let every later process (the tests) find the same
+  # cached build: the architecture list is part of the build cache's key.
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c \
+      "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null) || TORCH_CUDA_ARCH_LIST=
+    [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST || unset TORCH_CUDA_ARCH_LIST
+  fi
+fi
+echo "== gspn GPU check: python=$PYTHON out=$RESULTS rehearsal=$REHEARSAL cache=${GSPN_EXTENSIONS_DIR:-default}"
+
+# Section time limits in seconds: a Python section stops starting new cases when its budget is spent;
+# the outer kill comes 10 s later (start-up, the last case, the final write).
+run_section() {  # name budget command...
+  local name="$1" budget="$2"; shift 2
+  local limit t0 code
+  limit=$(awk -v b="$budget" -v s="$SCALE" 'BEGIN { printf "%d", b * s + 10 }')
+  echo "== [$name] (limit ${limit} s)"
+  t0=$(date +%s.%N)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" | tail -n 40
+  code=${PIPESTATUS[0]}
+  printf '%s\t%s\t%s\n' "$name" "$code" "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" \
+    >> "$RESULTS/sections.tsv"
+  echo "== [$name] exit $code"
+}
+
+py_section() {  # name budget
+  local budget
+  budget=$(awk -v b="$2" -v s="$SCALE" 'BEGIN { printf "%d", b * s }')
+  run_section "$1" "$2" "$PYTHON" benchmarks/gpu_check.py "$1" --out "$RESULTS" --budget "$budget" $FLAG
+}
+
+py_section env "$B_ENV"
+py_section build "$B_BUILD"
+run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+  "${TEST_ARGS[@]}"
+py_section scan "$B_SCAN"
+py_section baseline "$B_BASE"
+py_section mixer "$B_MIXER"
+py_section train "$B_TRAIN"
+
+echo "== report"
+"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" \
+  --test-files "${TEST_ARGS[*]}" > "$RESULTS/report.log" 2>&1
+code=$?
+cat "$RESULTS/report.log"
+echo "results in $RESULTS"
+exit $code
