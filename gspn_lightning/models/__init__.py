@@ -4,7 +4,7 @@ Model files never import Lightning.  Each registers its sizes in :mod:`.registry
 every model file is imported here.
 """
 
-from . import gspn  # noqa: F401  (registers gspn_t / gspn_s / gspn_b)
+from . import dit, gspn, gspn_dit  # noqa: F401  (register gspn_t/s/b, gspn_dit_*, dit_*)
 from .registry import create_model, list_models, model_entry, register_model
 
 __all__ = ["create_model", "list_models", "model_entry", "register_model"]

@@ -1,6 +1,7 @@
 """Parameter and MAC table of registered models.
 
     python -m gspn_lightning.models.summary [names...] [--img-size 224]
+    python -m gspn_lightning.models.summary --task diffusion [--latent-size 32]
 
 Prints a markdown table: parameters (millions, at ``num_classes=1000``) and GMACs of one
 ``(1, 3, S, S)`` image.  Models are built on the meta device, so nothing is allocated or computed:
@@ -8,7 +9,7 @@ convolutions and matmuls are counted by ``torch.utils.flop_counter.FlopCounterMo
 and the GSPN scan, a custom op the counter cannot see, is added by a forward hook on every
 :class:`~gspn_lightning.nn.GSPNMixer`: 4 MACs per element per direction (``lam * x`` and three taps).
 Elementwise work (activations, gate normalisation, norms) is not counted, as is usual.
-Only classification models have a MAC count (the others take other inputs).
+Diffusion models are counted on one ``(1, C, S, S)`` latent with a timestep and a label.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ __all__ = ["PAPER", "count_macs", "count_params", "main", "summary_table"]
 
 #: (params in M, GMACs at 224x224) reported in the paper
 PAPER = {"gspn_t": (30, 5.3), "gspn_s": (50, 9.0), "gspn_b": (89, 15.9)}
+#: (params in M, G(M)ACs of one 32x32x4 latent) reported by the GSPN and DiT papers ("-": not given).
+#: DiT's "Gflops" were counted with fvcore, which counts a multiply-add as one: MACs.
+PAPER_GENERATION = {
+    "gspn_dit_b_2": (137, "-"), "gspn_dit_l_2": (443, "-"), "gspn_dit_xl_2": (690, "-"),
+    "dit_s_2": (33, 6.06), "dit_b_2": (130, 23.01), "dit_l_2": (458, 80.71), "dit_xl_2": (675, 118.64),
+}  # fmt: skip
 
 SCAN_MACS_PER_ELEMENT = 4
 
@@ -34,8 +41,9 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: torch.nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
-    """``(total MACs, scan MACs)`` of one forward of a tensor of ``input_shape`` on the model's device."""
+def count_macs(model: torch.nn.Module, input_shape: Sequence[int], *extra: torch.Tensor) -> tuple[int, int]:
+    """``(total MACs, scan MACs)`` of one forward of a tensor of ``input_shape`` (and ``extra``
+    arguments, e.g. timesteps and labels) on the model's device."""
     scan_macs = 0
 
     def hook(mixer: GSPNMixer, args, _output) -> None:
@@ -47,7 +55,7 @@ def count_macs(model: torch.nn.Module, input_shape: Sequence[int]) -> tuple[int,
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GSPNMixer)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.empty(*input_shape, device=device))
+            model(torch.empty(*input_shape, device=device), *extra)
     finally:
         for h in handles:
             h.remove()
@@ -83,14 +91,53 @@ def summary_table(names: Sequence[str], img_size: int = 224) -> str:
     return "\n".join(rows)
 
 
+def generation_table(names: Sequence[str], latent_size: int = 32) -> str:
+    """Markdown table of diffusion models: params, GMACs of one ``(1, C, S, S)`` latent forward."""
+    rows = [
+        f"| model | params (M) | GMACs @{latent_size}x{latent_size} | of which scan | paper params (M) "
+        "| paper GMACs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        overrides = {"backend": "reference"} if name.startswith("gspn") else {}
+        with torch.device("meta"):
+            model = create_model(name, **overrides).eval()
+        params = count_params(model) / 1e6
+        t, y = torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")
+        total, scan_only = count_macs(model, (1, model.in_channels, latent_size, latent_size), t, y)
+        paper_p, paper_m = PAPER_GENERATION.get(name, ("-", "-"))
+        rows.append(
+            f"| {name} | {params:.2f} | {total / 1e9:.2f} | {scan_only / 1e9:.2f} | {paper_p} | {paper_m} |"
+        )
+    rows.append("")
+    rows.append(
+        "Parameters at 1,000 classes (plus the null class) with the learned variance (8 output "
+        "channels); MACs of one forward of a 4-channel latent with a timestep and a label: "
+        "convolutions/linears/attention from FlopCounterMode (FLOPs / 2) plus the GSPN scan at 4 MACs per "
+        "element per direction; elementwise ops are not counted."
+    )
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="registered model names (default: all of --task)")
     parser.add_argument(
-        "names", nargs="*", help="registered model names (default: all classification models)"
-    )
+        "--task", choices=["classification", "diffusion"], default="classification",
+        help="which family to list when no names are given (default classification)",
+    )  # fmt: skip
     parser.add_argument("--img-size", type=int, default=224, help="square input size for MACs (default 224)")
+    parser.add_argument(
+        "--latent-size", type=int, default=32, help="latent size of diffusion models (default 32)"
+    )
     args = parser.parse_args(argv)
-    print(summary_table(args.names or list_models("classification"), args.img_size))
+    names = args.names or list_models(args.task)
+    classification = [n for n in names if model_entry(n).task != "diffusion"]
+    diffusion = [n for n in names if model_entry(n).task == "diffusion"]
+    if classification:
+        print(summary_table(classification, args.img_size))
+    if diffusion:
+        print(generation_table(diffusion, args.latent_size))
 
 
 if __name__ == "__main__":
