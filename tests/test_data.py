@@ -155,6 +155,30 @@ def test_writer_image_folder_matches_torchvision(tmp_path):
     assert got == expected
 
 
+def test_writer_array_payloads(tmp_path):
+    """Array payloads (numpy.save bytes, e.g. VAE latents) go through the same writer."""
+    arrays = [np.full((2, 3, 3), i, dtype=np.float16) for i in range(5)]
+
+    def npy(a):
+        buffer = io.BytesIO()
+        np.save(buffer, a)
+        return buffer.getvalue()
+
+    samples = [{"__key__": f"z{i}", "npy": npy(a), "cls": i % 2} for i, a in enumerate(arrays)]
+    index = write_shards(samples, tmp_path / "out", maxcount=3, progress=False)
+    assert index["total"] == 5 and index["classes"] == ["0", "1"]
+    got = {}
+    for shard in index["shards"]:
+        for sample in wds.WebDataset(str(tmp_path / "out" / shard["name"]), shardshuffle=False):
+            got[sample["__key__"]] = (np.load(io.BytesIO(sample["npy"])), int(sample["cls"]))
+    assert sorted(got) == [f"z{i}" for i in range(5)]
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(got[f"z{i}"][0], a)
+        assert got[f"z{i}"][1] == i % 2
+    with pytest.raises(ValueError, match="exactly one payload"):
+        write_shards([{**samples[0], "png": b"x"}], tmp_path / "bad", progress=False)
+
+
 def test_writer_refuses_then_overwrites(tmp_path):
     out = tmp_path / "out"
     write_id_shards(out, n=6, maxcount=2)

@@ -63,6 +63,9 @@ INDEX_NAME = "index.json"
 KEPT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Every image extension a shard may hold (what the datamodule looks for in a sample).
 IMAGE_EXTENSIONS = KEPT_EXTENSIONS + ("bmp", "ppm", "pgm", "pbm", "tif", "tiff", "gif")
+#: array payloads (``numpy.save`` bytes), e.g. VAE latents of the diffusion task
+ARRAY_EXTENSIONS = ("npy",)
+PAYLOAD_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
 
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_MAXSIZE = 1_000_000_000
@@ -154,20 +157,23 @@ def folder_samples(samples: list[tuple[str, int]], shuffle_seed: int | None = 0)
 
 
 def _check_sample(sample: dict[str, Any]) -> tuple[str, str, bytes, int]:
-    """Validate one writer sample; return ``(key, ext, image_bytes, label)``."""
+    """Validate one writer sample; return ``(key, ext, payload_bytes, label)``."""
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or "." in key or "/" in key:
         raise ValueError(f"sample key must be a non-empty string without '.' or '/', got {key!r}")
-    images = [k for k in sample if k in IMAGE_EXTENSIONS]
-    if len(images) != 1:
-        raise ValueError(f"sample {key!r} must hold exactly one image entry {IMAGE_EXTENSIONS}, got {images}")
-    data = sample[images[0]]
+    payloads = [k for k in sample if k in PAYLOAD_EXTENSIONS]
+    if len(payloads) != 1:
+        raise ValueError(
+            f"sample {key!r} must hold exactly one payload entry (an image {IMAGE_EXTENSIONS} or an "
+            f"array {ARRAY_EXTENSIONS}), got {payloads}"
+        )
+    data = sample[payloads[0]]
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"sample {key!r}: image must be encoded bytes, got {type(data).__name__}")
+        raise ValueError(f"sample {key!r}: the payload must be encoded bytes, got {type(data).__name__}")
     label = sample.get("cls")
     if isinstance(label, bool) or not isinstance(label, int) or label < 0:
         raise ValueError(f"sample {key!r}: 'cls' must be a non-negative int, got {label!r}")
-    return key, images[0], bytes(data), label
+    return key, payloads[0], bytes(data), label
 
 
 def write_shards(
@@ -186,8 +192,9 @@ def write_shards(
 
     Args:
         source: an ImageFolder root folder, or an iterable of samples, each a dict
-            ``{"__key__": str, "<ext>": bytes, "cls": int}`` with exactly one encoded image entry
-            (``ext`` in :data:`IMAGE_EXTENSIONS`), a key without ``.``/``/`` that is unique, and a
+            ``{"__key__": str, "<ext>": bytes, "cls": int}`` with exactly one payload: an encoded
+            image (``ext`` in :data:`IMAGE_EXTENSIONS`) or an array saved by ``numpy.save``
+            (``"npy"``, e.g. a VAE latent), a key without ``.``/``/`` that is unique, and a
             non-negative class index.
         out_dir: output folder (created if missing).
         maxcount: at most this many samples per shard.
