@@ -8,17 +8,24 @@ Shards are what :mod:`gspn_lightning.data.write_shards` writes: samples ``<key>.
 
 **Corrupt samples.** A sample whose image cannot be decoded, or whose ``cls`` is missing, not an
 integer, negative or (when the index lists the classes) out of range, is not dropped in the worker and
-never raises: it comes through as a row with label ``-1`` and an all-zero image. The task drops the
+never raises (the task also counts labels ``>= num_classes`` of its model as corrupt): it comes through as a row with label ``-1`` and an all-zero image. The task drops the
 ``label == -1`` rows and counts them, which happens in the main process whatever ``num_workers`` is,
 so the count is exact. A shard that cannot be opened or read as a tar at all is skipped with a warning
 (its samples cannot be counted here); comparing the evaluated rows with ``num_val_samples`` /
 ``num_test_samples`` catches that.
 
+**A transform that fails on every sample is an error, not corrupt data**: when the transform
+raises on ``max_consecutive_failures`` decoded samples in a row, the worker raises with the last
+error and the sample and shard it happened on.
+
 **Training** reads shards *with replacement* (:class:`webdataset.ResampledShards`, a fresh random
 seed in every worker of every rank, so no node or worker splitting is needed), shuffles raw samples in
 a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches there. An epoch
 is exactly ``epoch_samples // world_size // batch_size`` batches on every rank (the train loader has
-that ``len``, so Lightning knows the number of steps), which keeps DDP ranks in step.
+that ``len``, so Lightning knows the number of steps), which keeps DDP ranks in step. A shard that
+cannot be read is skipped with a warning; after ``max_consecutive_failures`` shards in a row gave no
+sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming them,
+instead of resampling for ever.
 
 **Evaluation** (val/test/predict) reads every sample exactly once over all ranks and workers, without
 resampling or shuffling. The split is decided from the rank and world size seen when the dataloader is
@@ -43,6 +50,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +177,48 @@ def eval_split(
         # keep positions worker, worker + num_workers, ... of the rank's own sub-stream
         offset, stride = offset + stride * worker, stride * num_workers
     return shards, offset, stride
+
+
+class ShardReadError(RuntimeError):
+    """Too many training shards in a row could not be read."""
+
+
+def _record_error(errors: list[BaseException], exn: BaseException) -> bool:
+    errors.append(exn)
+    return True  # a webdataset handler: keep going with the next shard
+
+
+def robust_tar_samples(sources, max_consecutive_failures: int = 16) -> Iterator[dict[str, Any]]:
+    """Raw samples of the shards ``sources`` yields (``{"url": ...}`` dicts), skipping unreadable ones.
+
+    A shard that yields no sample (it cannot be opened, is not a tar, is truncated before its first
+    member) is skipped with a warning; ``max_consecutive_failures`` such shards in a row raise a
+    :class:`ShardReadError` naming them and their errors. A shard that fails part-way keeps the
+    samples read before the failure.
+    """
+    failed: dict[str, str] = {}  # the shards of the current run of failures, with their errors
+    in_a_row = 0
+    for source in sources:
+        url = source["url"]
+        errors: list[BaseException] = []
+        n = 0
+        for sample in wds.tarfile_samples([source], handler=partial(_record_error, errors)):
+            n += 1
+            yield sample
+        if n:
+            failed.clear()
+            in_a_row = 0
+            continue
+        why = repr(errors[-1]) if errors else "no samples"
+        failed[url] = why
+        in_a_row += 1
+        warnings.warn(f"skipping unreadable shard {url}: {why}", stacklevel=2)
+        if in_a_row >= max_consecutive_failures:
+            listed = "; ".join(f"{u} ({e})" for u, e in list(failed.items())[:8])
+            raise ShardReadError(
+                f"{in_a_row} training shards in a row gave no sample (max_consecutive_failures="
+                f"{max_consecutive_failures}); unreadable: {listed}"
+            )
 
 
 class EvalShardSamples(IterableDataset):
@@ -335,13 +385,22 @@ class DecodeSample:
         num_classes: labels ``>= num_classes`` count as corrupt (``None``: no upper check).
     """
 
-    def __init__(self, transform: Callable, in_chans: int, image_size: int, num_classes: int | None = None):
+    def __init__(
+        self,
+        transform: Callable,
+        in_chans: int,
+        image_size: int,
+        num_classes: int | None = None,
+        max_consecutive_failures: int = 64,
+    ):
         self.transform, self.in_chans, self.image_size, self.num_classes = (
             transform,
             in_chans,
             image_size,
             num_classes,
         )
+        self.max_consecutive_failures = max_consecutive_failures
+        self._failures_in_a_row = 0
 
     def _label(self, sample: dict[str, Any]) -> int:
         label = int(bytes(sample["cls"]).decode("ascii").strip())
@@ -352,20 +411,34 @@ class DecodeSample:
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
+        where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
         try:
             label = self._label(sample)
             ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
             with Image.open(io.BytesIO(sample[ext])) as img:
                 img = img.convert("RGB" if self.in_chans == 3 else "L")
-            image = self.transform(img).as_subclass(torch.Tensor)
-        except Exception as exc:  # any decoding problem: a counted row, never a crash
+        except Exception as exc:  # a broken sample: a counted row, never a crash
             if os.environ.get("GSPN_DATA_DEBUG"):
-                print(
-                    f"corrupt sample {sample.get('__key__')!r} in {sample.get('__url__')}: {exc!r}",
-                    file=sys.stderr,
-                )
-            return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
+                print(f"corrupt {where}: {exc!r}", file=sys.stderr)
+            return self._corrupt_row()
+        try:
+            image = self.transform(img).as_subclass(torch.Tensor)
+        except Exception as exc:  # decoded but not transformable: a row, unless it happens to every sample
+            if os.environ.get("GSPN_DATA_DEBUG"):
+                print(f"transform failed on {where}: {exc!r}", file=sys.stderr)
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.max_consecutive_failures:
+                raise RuntimeError(
+                    f"the transform failed on {self._failures_in_a_row} decoded samples in a row (the last: "
+                    f"{where}: {exc!r}); this is a configuration error, not corrupt data (check the "
+                    "datamodule's mean/std, crop and augmentation settings)"
+                ) from exc
+            return self._corrupt_row()
+        self._failures_in_a_row = 0
         return image, label
+
+    def _corrupt_row(self) -> tuple[torch.Tensor, int]:
+        return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
 
 
 def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,6 +466,40 @@ class FixedLengthLoader:
 # --------------------------------------------------------------------------------------------------
 # The DataModule
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_datamodule_args(**a: Any) -> None:
+    """Reject bad ``ImageWebDataModule`` arguments with the key in the message."""
+
+    def fail(key: str, need: str) -> None:
+        raise ValueError(f"data.init_args.{key} {need}, got {a[key]!r}")
+
+    if a["in_chans"] not in (1, 3):
+        fail("in_chans", "must be 1 (grayscale) or 3 (RGB)")
+    for key in ("mean", "std"):
+        if len(a[key]) != a["in_chans"]:
+            fail(key, f"needs {a['in_chans']} values for in_chans={a['in_chans']}")
+        if not all(math.isfinite(float(v)) for v in a[key]):
+            fail(key, "must be finite")
+    if not all(float(v) > 0 for v in a["std"]):
+        fail("std", "must be > 0 in every channel (it divides the pixels)")
+    for key in ("image_size", "batch_size", "shuffle_buffer", "max_shard_failures", "max_transform_failures"):
+        if isinstance(a[key], bool) or int(a[key]) < 1:
+            fail(key, "must be an integer >= 1")
+    if a["num_workers"] < 0:
+        fail("num_workers", "must be >= 0")
+    if a["epoch_samples"] is not None and a["epoch_samples"] < 1:
+        fail("epoch_samples", "must be >= 1 or null")
+    scale = tuple(a["crop_scale"])
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        fail("crop_scale", "must be (low, high) with 0 < low <= high <= 1")
+    for key in ("hflip", "random_erasing"):
+        if not 0 <= a[key] <= 1:
+            fail(key, "is a probability and must be in [0, 1]")
+    if a["color_jitter"] < 0:
+        fail("color_jitter", "must be >= 0")
+    if not 0 < a["eval_crop_pct"] <= 1:
+        fail("eval_crop_pct", "must be in (0, 1]")
 
 
 class ImageWebDataModule(L.LightningDataModule):
@@ -428,6 +535,12 @@ class ImageWebDataModule(L.LightningDataModule):
             the ``image_size`` center crop.
         interpolation: resize interpolation (``"bicubic"``, ``"bilinear"``, ...).
         pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        max_shard_failures: training fails (naming the shards) after this many shards in a row gave
+            no sample, instead of resampling unreadable shards for ever.
+        max_transform_failures: a transform raising on this many decoded samples in a row is an error
+            (a broken transform setting), not corrupt data.
+
+    Every argument is checked here, so a bad config fails before any work, naming the key.
     """
 
     def __init__(
@@ -452,20 +565,34 @@ class ImageWebDataModule(L.LightningDataModule):
         eval_crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         pin_memory: bool = True,
+        max_shard_failures: int = 16,
+        max_transform_failures: int = 64,
     ):
         super().__init__()
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-        if len(mean) != in_chans or len(std) != in_chans:
-            raise ValueError(
-                f"mean and std need {in_chans} values for in_chans={in_chans}, got {mean} and {std}"
-            )
-        if image_size < 1 or batch_size < 1 or num_workers < 0:
-            raise ValueError("image_size and batch_size must be >= 1 and num_workers >= 0")
-        if not 0 < eval_crop_pct <= 1:
-            raise ValueError(f"eval_crop_pct must be in (0, 1], got {eval_crop_pct}")
+        _check_datamodule_args(
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            epoch_samples=epoch_samples,
+            shuffle_buffer=shuffle_buffer,
+            crop_scale=crop_scale,
+            hflip=hflip,
+            random_erasing=random_erasing,
+            color_jitter=color_jitter,
+            eval_crop_pct=eval_crop_pct,
+            max_shard_failures=max_shard_failures,
+            max_transform_failures=max_transform_failures,
+        )
         if randaugment and randaugment.lower() != "none":
             parse_randaugment(randaugment)  # fail at construction, not in a worker
+        try:
+            InterpolationMode(interpolation.lower())
+        except ValueError:
+            names = [m.value for m in InterpolationMode]
+            raise ValueError(f"interpolation must be one of {names}, got {interpolation!r}") from None
         # No save_hyperparameters(): LightningCLI saves the whole config anyway, and Lightning refuses to
         # log hparams when a key (e.g. batch_size) is in both the module's and the datamodule's.
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -478,6 +605,7 @@ class ImageWebDataModule(L.LightningDataModule):
         self.crop_scale, self.hflip, self.eval_crop_pct = tuple(crop_scale), hflip, eval_crop_pct
         self.interpolation = InterpolationMode(interpolation.lower())
         self.pin_memory = pin_memory
+        self.max_shard_failures, self.max_transform_failures = max_shard_failures, max_transform_failures
         self._resolved: dict[str, tuple[list[str], int | None, list[str] | None]] = {}
 
     # -- shard bookkeeping -------------------------------------------------------------------------
@@ -543,7 +671,13 @@ class ImageWebDataModule(L.LightningDataModule):
 
     def _decoder(self, transform: Callable, split: str) -> DecodeSample:
         classes = self._resolve(split)[2]  # labels are checked against the split's own index
-        return DecodeSample(transform, self.in_chans, self.image_size, len(classes) if classes else None)
+        return DecodeSample(
+            transform,
+            self.in_chans,
+            self.image_size,
+            len(classes) if classes else None,
+            max_consecutive_failures=self.max_transform_failures,
+        )
 
     def train_batches_per_epoch(self, world_size: int | None = None) -> int:
         """``epoch_samples // world_size // batch_size`` (at least 1)."""
@@ -572,7 +706,7 @@ class ImageWebDataModule(L.LightningDataModule):
         )
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            partial(robust_tar_samples, max_consecutive_failures=self.max_shard_failures),
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 1000)),
             wds.map(self._decoder(transform, "train")),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
