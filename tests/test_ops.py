@@ -413,9 +413,7 @@ def test_double_backward_through_kernel_is_refused():
         torch.autograd.grad(sum(g.sum() for g in grads), ins)
     # the reference backend has true second derivatives
     ref_ins = [t.detach().clone().requires_grad_(True) for t in ins]
-    torch.autograd.gradgradcheck(
-        lambda *t: scan_reference(*t, "t2b", None), ref_ins, eps=1e-6, atol=1e-5
-    )
+    torch.autograd.gradgradcheck(lambda *t: scan_reference(*t, "t2b", None), ref_ins, eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
