@@ -493,3 +493,49 @@ def test_sigterm_through_cli_saves_and_exits_143(mnist_shards, tmp_path):
     assert proc.returncode == 143, out[-3000:]
     best = resolve_last(str(root / "checkpoints"))
     assert load(best)["global_step"] >= 3
+
+
+# ------------------------------------------------------------- resume is bit-identical to no interruption
+
+
+class StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path, num_workers=2):
+    """Kill-free version of the trial suite: 3 steps + resume to 7 equals 7 steps straight (the data
+    stream is seeded per epoch/rank/worker and fast-forwarded past the batches already trained on)."""
+    for i in range(3):
+        write_tar(tmp_path / f"train-{i}.tar", 24)
+
+    def run(root, stop_at=None, ckpt_path=None):
+        L.seed_everything(0)
+        dm = small_dm(
+            str(tmp_path / "train-{0..2}.tar"),
+            image_size=16,
+            epoch_samples=16,
+            batch_size=4,
+            num_workers=num_workers,
+            shuffle_buffer=10,
+            hflip=0.5,
+            random_erasing=0.5,
+            seed=5,
+        )
+        ckpt = ResumableCheckpoint(dirpath=root, save_last=True, every_n_train_steps=3)
+        stop = [StopAt(stop_at)] if stop_at else []
+        t = trainer(root, ckpt=ckpt, callbacks=stop, max_steps=7, max_epochs=10, limit_val_batches=0)
+        t.fit(tiny_task(), datamodule=dm, ckpt_path=ckpt_path)
+        return load(root / "last.ckpt")
+
+    straight = run(tmp_path / "a")
+    assert run(tmp_path / "b", stop_at=3)["global_step"] == 3  # 4 batches per epoch: mid-epoch
+    resumed = run(tmp_path / "b", ckpt_path="last")
+    assert straight["global_step"] == resumed["global_step"] == 7
+    assert straight["lr_schedulers"] == resumed["lr_schedulers"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key

@@ -18,14 +18,16 @@ so the count is exact. A shard that cannot be opened or read as a tar at all is 
 raises on ``max_consecutive_failures`` decoded samples in a row, the worker raises with the last
 error and the sample and shard it happened on.
 
-**Training** reads shards *with replacement* (:class:`webdataset.ResampledShards`, a fresh random
-seed in every worker of every rank, so no node or worker splitting is needed), shuffles raw samples in
-a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches there. An epoch
-is exactly ``epoch_samples // world_size // batch_size`` batches on every rank (the train loader has
-that ``len``, so Lightning knows the number of steps), which keeps DDP ranks in step. A shard that
-cannot be read is skipped with a warning; after ``max_consecutive_failures`` shards in a row gave no
-sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming them,
-instead of resampling for ever.
+**Training** reads shards *with replacement* (no node or worker splitting is needed), shuffles raw
+samples in a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches
+there (:class:`TrainShardStream`). An epoch is exactly ``epoch_samples // world_size // batch_size``
+batches on every rank (the train loader has that ``len``, so Lightning knows the number of steps),
+which keeps DDP ranks in step. The stream is seeded from ``(seed, epoch, rank, worker)`` (``seed``
+defaults to the run's ``seed_everything``) and the loader is resumable: a run resumed from a
+mid-epoch checkpoint continues with exactly the batches an uninterrupted run would have trained on.
+A shard that cannot be read is skipped with a warning; after ``max_shard_failures`` shards in a row
+gave no sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming
+them, instead of resampling for ever.
 
 **Evaluation** (val/test/predict) reads every sample exactly once over all ranks and workers, without
 resampling or shuffling. The split is decided from the rank and world size seen when the dataloader is
@@ -46,6 +48,7 @@ import io
 import itertools
 import math
 import os
+import random
 import re
 import sys
 import warnings
@@ -447,20 +450,129 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torc
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-class FixedLengthLoader:
-    """Iterate ``loader`` (infinite) for exactly ``num_batches`` batches per epoch; ``len`` is that number."""
+def _derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python runs, unlike ``hash``)."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
-    def __init__(self, loader: DataLoader, num_batches: int):
-        self.loader, self.num_batches = loader, num_batches
+
+def shuffle_buffer_samples(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer that fills to ``initial`` before the first sample leaves and
+    grows to ``bufsize`` (two in, one out) while the stream lasts; the order depends only on ``rng``."""
+    buffer: list = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) < bufsize:
+            buffer.append(next(samples, None))
+            if buffer[-1] is None:
+                buffer.pop()
+        if len(buffer) < initial:
+            continue
+        k = rng.randrange(len(buffer))
+        buffer[k], buffer[-1] = buffer[-1], buffer[k]
+        yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TrainShardStream(IterableDataset):
+    """The training stream of one rank: resampled shards, a shuffle buffer, decoded batches.
+
+    Everything random in it is derived from ``(seed, epoch, rank, DataLoader worker)``: which shards
+    are drawn, the shuffle order, and each sample's augmentation (its transform runs under a torch
+    seed derived from the sample's position in the worker's stream). With the same seed an epoch
+    therefore yields the same batches, and ``skip_batches`` (set before ``iter``) fast-forwards the
+    epoch to where a resumed run stopped: the skipped samples are read but not decoded, and the
+    batches after them are bit-identical to those of an uninterrupted run. ``seed=None`` draws a
+    fresh random seed at every ``iter`` (no reproducibility).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: Callable,
+        batch_size: int,
+        shuffle_buffer: int,
+        max_shard_failures: int,
+        rank: int,
+        seed: int | None,
+    ):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
+        self.shuffle_buffer, self.max_shard_failures = shuffle_buffer, max_shard_failures
+        self.rank, self.seed = rank, seed
+        self.epoch, self.skip_batches = 0, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0: batch i of
+        # the epoch is (logical) worker i % num_workers's. After skipping k batches the first batch
+        # taken (from worker 0) must be batch k, so worker w plays the part of worker (w + k) % n.
+        worker = (worker + self.skip_batches) % num_workers
+        seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
+        base = (seed, self.epoch, self.rank, worker)
+        rng = random.Random(_derive_seed(*base, "shards"))
+        shards = ({"url": rng.choice(self.urls)} for _ in itertools.count())
+        samples = robust_tar_samples(shards, self.max_shard_failures)
+        samples = shuffle_buffer_samples(samples, self.shuffle_buffer, min(self.shuffle_buffer, 1000), rng)
+        skip_samples = len(range(worker, self.skip_batches, num_workers)) * self.batch_size
+        rows = []
+        for index, sample in enumerate(samples):
+            if index < skip_samples:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_derive_seed(*base, index))
+                rows.append(self.decoder(sample))
+            if len(rows) == self.batch_size:
+                yield collate(rows)
+                rows = []
+
+
+class FixedLengthLoader:
+    """Iterate ``loader`` (infinite) for exactly ``num_batches`` batches per epoch; ``len`` is that number.
+
+    With a ``stream`` (:class:`TrainShardStream`) it is also resumable: it passes on the epoch
+    Lightning announces through ``sampler.set_epoch``, and its ``state_dict`` (which Lightning saves
+    in every checkpoint) records how many batches of that epoch were handed out; after
+    ``load_state_dict`` the resumed epoch is fast-forwarded past them, so training continues on the
+    batches an uninterrupted run would have seen next.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, stream: TrainShardStream | None = None):
+        self.loader, self.num_batches, self.stream = loader, num_batches, stream
+        self.epoch, self._taken = 0, 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self._taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+
+    @property
+    def sampler(self) -> FixedLengthLoader:
+        """Lightning calls ``dataloader.sampler.set_epoch(epoch)`` before each training epoch."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator:
         # A generator, so that the DataLoader iterator (and its worker processes) is released as
-        # soon as the epoch's last batch has been taken, not when the next epoch starts.
-        iterator = iter(self.loader)
-        yield from itertools.islice(iterator, self.num_batches)
+        # soon as the epoch's last batch has been taken, not when the next epoch starts. Its body
+        # runs at the first next(), after Lightning has set the epoch and restored the state.
+        skip, resume, self._resume = 0, self._resume, None
+        if resume is not None and self.stream is not None and resume["epoch"] == self.epoch:
+            skip = resume["batches_done"] if 0 < resume["batches_done"] < self.num_batches else 0
+        if self.stream is not None:
+            self.stream.epoch, self.stream.skip_batches = self.epoch, skip
+        self._taken = skip
+        for batch in itertools.islice(iter(self.loader), self.num_batches - skip):
+            self._taken += 1
+            yield batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,6 +651,9 @@ class ImageWebDataModule(L.LightningDataModule):
             no sample, instead of resampling unreadable shards for ever.
         max_transform_failures: a transform raising on this many decoded samples in a row is an error
             (a broken transform setting), not corrupt data.
+        seed: seed of the training stream (shard draws, shuffle, augmentation; see
+            :class:`TrainShardStream`); ``None``: the run's ``seed_everything`` seed
+            (``$PL_GLOBAL_SEED``), or a fresh random one when there is none.
 
     Every argument is checked here, so a bad config fails before any work, naming the key.
     """
@@ -567,6 +682,7 @@ class ImageWebDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         max_shard_failures: int = 16,
         max_transform_failures: int = 64,
+        seed: int | None = None,
     ):
         super().__init__()
         _check_datamodule_args(
@@ -606,6 +722,7 @@ class ImageWebDataModule(L.LightningDataModule):
         self.interpolation = InterpolationMode(interpolation.lower())
         self.pin_memory = pin_memory
         self.max_shard_failures, self.max_transform_failures = max_shard_failures, max_transform_failures
+        self.seed = seed
         self._resolved: dict[str, tuple[list[str], int | None, list[str] | None]] = {}
 
     # -- shard bookkeeping -------------------------------------------------------------------------
@@ -704,15 +821,23 @@ class ImageWebDataModule(L.LightningDataModule):
             self.random_erasing,
             self.interpolation,
         )
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls),
-            partial(robust_tar_samples, max_consecutive_failures=self.max_shard_failures),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 1000)),
-            wds.map(self._decoder(transform, "train")),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        stream = TrainShardStream(
+            urls,
+            self._decoder(transform, "train"),
+            self.batch_size,
+            self.shuffle_buffer,
+            self.max_shard_failures,
+            rank=distributed_rank_world()[0],
+            seed=self._train_seed(),
         )
-        loader = DataLoader(pipeline, **self._loader_kwargs())
-        return FixedLengthLoader(loader, self.train_batches_per_epoch())
+        loader = DataLoader(stream, **self._loader_kwargs())
+        return FixedLengthLoader(loader, self.train_batches_per_epoch(), stream)
+
+    def _train_seed(self) -> int | None:
+        if self.seed is not None:
+            return self.seed
+        env = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the config's seed_everything)
+        return int(env) if env not in (None, "") else None
 
     def _eval_dataloader(self, split: str) -> DataLoader | list:
         resolved = self._resolve(split)
