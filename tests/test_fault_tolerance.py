@@ -170,6 +170,9 @@ class RaiseAt(L.Callback):
 
 def test_exception_checkpoint_only_after_training_progress(tmp_path):
     folder = tmp_path / "ckpt"
+    # evaluating "last" with no checkpoint at all is an error, not a score of untrained weights
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer(tmp_path).validate(tiny_task(), loader(8), ckpt_path="last")
     # a crash before the first step writes nothing
     with pytest.raises(RuntimeError, match="boom"):
         trainer(tmp_path, callbacks=[RaiseAt(0)], max_steps=6).fit(tiny_task(), loader(), loader(8))

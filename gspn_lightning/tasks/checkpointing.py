@@ -9,7 +9,9 @@ Lightning's ``ModelCheckpoint``:
   checkpoint) and SLURM's ``hpc_ckpt_*.ckpt``, that loads and carries the full training state. A
   newer file that does not load is reported with a warning naming it and the file used instead.
   At equal steps ``last.ckpt`` wins over the others and the exception checkpoint loses to all.
-  When checkpoint files exist but none loads, resuming is an error (never a silent fresh start).
+  When checkpoint files exist but none loads, resuming is an error (never a silent fresh start);
+  ``validate``/``test``/``predict`` with ``last`` and no checkpoint at all is an error too (``fit``
+  starts fresh, so the same command line can start and resume a run).
 - **Atomic writes in the checkpoint's own folder**: each file is written under a temporary name in
   the same folder, flushed to disk (``fsync``), then renamed over the old one, so a kill at any
   moment leaves either the previous file or the new one, never a truncated one (also when the
@@ -219,7 +221,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         if not _is_local_file_protocol(folder):
             return super()._find_last_checkpoints(trainer)
         extra = (os.fspath(trainer.default_root_dir),) if trainer.default_root_dir else ()
-        best = resolve_last(folder, extra, full_state=trainer.state.fn == TrainerFn.FITTING)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        best = resolve_last(folder, extra, full_state=fitting)
+        if best is None and not fitting:
+            # fit may start fresh (set-and-forget resume); evaluating untrained weights may not
+            raise FileNotFoundError(
+                f"ckpt_path='last': there is no checkpoint in {folder} to {trainer.state.fn.value}"
+            )
         if best is not None:
             rank_zero_info(f"ckpt_path='last' resolved to {best}")
         return {best} if best is not None else set()
