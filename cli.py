@@ -2,10 +2,12 @@
 
 A LightningCLI with the task and the datamodule chosen by ``class_path`` in the config, plus:
 
-- a ``ModelCheckpoint`` (``checkpoint.*``) saving ``last.ckpt`` into ``<trainer.default_root_dir>/checkpoints``
+- a :class:`~gspn_lightning.tasks.checkpointing.ResumableCheckpoint` (``checkpoint.*``, Lightning's
+  ``ModelCheckpoint`` arguments) saving ``last.ckpt`` into ``<trainer.default_root_dir>/checkpoints``
   — a fixed folder, so ``--ckpt_path last`` resumes model, optimiser, scheduler, EMA and step count
-  from it in a later run (also on another node);
-- an ``OnExceptionCheckpoint`` in the same folder, so a crash or Ctrl-C loses nothing;
+  in a later run (also on another node). ``last`` means the checkpoint of that folder with the highest
+  completed step that loads; writes are atomic; a crash or SIGTERM during training saves
+  ``on_exception.ckpt`` (full state, never before the first step); see that module for the rules;
 - the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``);
 - ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
 """
@@ -15,13 +17,14 @@ from __future__ import annotations
 import os
 import warnings
 
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from gspn_lightning.tasks import PredictionWriter
+from gspn_lightning.tasks import PredictionWriter, ResumableCheckpoint
 
 # The task's EMA copy of the model is always in eval mode, which Lightning would warn about each run.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Evaluation metrics are torchmetrics objects already reduced over ranks when the task logs them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)(_ema)?/")
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -34,15 +37,9 @@ def prediction_dir(default_root_dir: str | None) -> str:
 
 class GSPNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}-step{step}"}
-        )
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch:03d}-{step}"})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
-        parser.add_lightning_class_args(OnExceptionCheckpoint, "exception_checkpoint")
-        parser.link_arguments(
-            "trainer.default_root_dir", "exception_checkpoint.dirpath", compute_fn=checkpoint_dir
-        )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.link_arguments(
             "trainer.default_root_dir", "prediction_writer.output_dir", compute_fn=prediction_dir

@@ -431,7 +431,7 @@ def test_constructor_needs_no_files_and_checks_channels():
     dm = ImageWebDataModule("/nowhere/train-{000000..000009}.tar", "/nowhere/val")  # nothing read yet
     with pytest.raises(FileNotFoundError):
         _ = dm.num_val_samples
-    with pytest.raises(ValueError, match="mean and std"):
+    with pytest.raises(ValueError, match=r"data\.init_args\.mean needs 1 values"):
         ImageWebDataModule(None, None, in_chans=1)
 
 

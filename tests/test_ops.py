@@ -358,3 +358,69 @@ def test_cuda_extension_builds_and_registers():
     assert _build.load_cuda(force=True), _build.build_error("cuda")
     for name in ("gspn_lightning::scan_fwd", "gspn_lightning::scan_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+
+
+# ---------------------------------------------------------------------------------- faults (issue 7)
+
+
+def test_normalize_gates_stable_for_very_negative_logits():
+    """All logits of a pixel below ~-89: the weights still sum to 1 (they were 0/0 = NaN)."""
+    shape = (1, 2, 4, 5)
+    for dtype, low in ((torch.float32, -120.0), (torch.float64, -800.0), (torch.bfloat16, -120.0)):
+        raw = [torch.full(shape, low, dtype=dtype) + torch.randn(shape).to(dtype) for _ in range(3)]
+        for direction in DIRECTIONS:
+            ws = normalize_gates(*raw, direction)
+            total = sum(w.double() for w in ws)
+            assert all(torch.isfinite(w).all() and (w >= 0).all() for w in ws), (dtype, direction)
+            torch.testing.assert_close(total, torch.ones(shape, dtype=torch.float64), rtol=0, atol=2e-2)
+    # the stable branch equals the limit sigmoid(g_k)/sum ~ softmax(g) of the valid taps
+    g = [torch.full((1, 1, 1, 3), v, dtype=torch.float64) for v in (-1000.0, -1001.0, -1002.0)]
+    wn, wm, wp = normalize_gates(*g, "t2b")
+    e = torch.e
+    expect_mid = torch.tensor([1 / (1 + 1 / e), 1 / (e + 1 + 1 / e), 1 / (e + 1)], dtype=torch.float64)
+    torch.testing.assert_close(wm[0, 0, 0], expect_mid)
+    # gradients through the stable branch are finite
+    raw = [torch.full(shape, -200.0, requires_grad=True) for _ in range(3)]
+    (normalize_gates(*raw, "l2r")[1] * torch.randn(shape)).sum().backward()
+    assert all(torch.isfinite(r.grad).all() for r in raw)
+
+
+def test_normalize_gates_unchanged_in_normal_range():
+    """Outside the underflow region the result is the plain ratio, bit for bit."""
+    shape = (2, 3, 6, 5)
+    raw = [torch.randn(shape) * 8 for _ in range(3)]
+    raw[0][0, 0, 0, 0] = -500.0  # one pixel in the stable branch must not change the others
+    raw[1][0, 0, 0, 0] = -500.0
+    raw[2][0, 0, 0, 0] = -500.0
+    ws = normalize_gates(*raw, "t2b")
+    has_neg = (torch.arange(5) > 0).float()
+    has_pos = (torch.arange(5) < 4).float()
+    s = [torch.sigmoid(raw[0]) * has_neg, torch.sigmoid(raw[1]), torch.sigmoid(raw[2]) * has_pos]
+    total = s[0] + s[1] + s[2]
+    for w, sk in zip(ws, s):
+        plain = sk / total
+        mask = torch.ones(shape, dtype=torch.bool)
+        mask[0, 0, 0, 0] = False
+        assert torch.equal(w[mask], plain[mask])
+    assert torch.isfinite(ws[1][0, 0, 0, 0]) and abs(sum(w[0, 0, 0, 0] for w in ws).item() - 1) < 1e-6
+
+
+def test_double_backward_through_kernel_is_refused():
+    assert _build.load_cpu(), _build.build_error("cpu")
+    ins = rand_inputs((1, 2, 5, 4), dtype=torch.float64, requires_grad=True)
+    h = gspn_scan(*ins, direction="t2b", backend="kernel")
+    grads = torch.autograd.grad((h**2).sum(), ins, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*reference"):
+        torch.autograd.grad(sum(g.sum() for g in grads), ins)
+    # the reference backend has true second derivatives
+    ref_ins = [t.detach().clone().requires_grad_(True) for t in ins]
+    torch.autograd.gradgradcheck(lambda *t: scan_reference(*t, "t2b", None), ref_ins, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_huge_chunk_size_is_the_global_scan(backend):
+    """k >= the scan length is the global variant, however large (k beyond int64 used to fail)."""
+    ins = rand_inputs((1, 2, 5, 4), dtype=torch.float32)
+    glob = gspn_scan(*ins, direction="l2r", backend=backend)
+    for k in (4, 2**63, 10**30):
+        torch.testing.assert_close(gspn_scan(*ins, direction="l2r", chunk_size=k, backend=backend), glob)

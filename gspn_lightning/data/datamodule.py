@@ -8,17 +8,26 @@ Shards are what :mod:`gspn_lightning.data.write_shards` writes: samples ``<key>.
 
 **Corrupt samples.** A sample whose image cannot be decoded, or whose ``cls`` is missing, not an
 integer, negative or (when the index lists the classes) out of range, is not dropped in the worker and
-never raises: it comes through as a row with label ``-1`` and an all-zero image. The task drops the
+never raises (the task also counts labels ``>= num_classes`` of its model as corrupt): it comes through as a row with label ``-1`` and an all-zero image. The task drops the
 ``label == -1`` rows and counts them, which happens in the main process whatever ``num_workers`` is,
 so the count is exact. A shard that cannot be opened or read as a tar at all is skipped with a warning
 (its samples cannot be counted here); comparing the evaluated rows with ``num_val_samples`` /
 ``num_test_samples`` catches that.
 
-**Training** reads shards *with replacement* (:class:`webdataset.ResampledShards`, a fresh random
-seed in every worker of every rank, so no node or worker splitting is needed), shuffles raw samples in
-a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches there. An epoch
-is exactly ``epoch_samples // world_size // batch_size`` batches on every rank (the train loader has
-that ``len``, so Lightning knows the number of steps), which keeps DDP ranks in step.
+**A transform that fails on every sample is an error, not corrupt data**: when the transform
+raises on ``max_consecutive_failures`` decoded samples in a row, the worker raises with the last
+error and the sample and shard it happened on.
+
+**Training** reads shards *with replacement* (no node or worker splitting is needed), shuffles raw
+samples in a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches
+there (:class:`TrainShardStream`). An epoch is exactly ``epoch_samples // world_size // batch_size``
+batches on every rank (the train loader has that ``len``, so Lightning knows the number of steps),
+which keeps DDP ranks in step. The stream is seeded from ``(seed, epoch, rank, worker)`` (``seed``
+defaults to the run's ``seed_everything``) and the loader is resumable: a run resumed from a
+mid-epoch checkpoint continues with exactly the batches an uninterrupted run would have trained on.
+A shard that cannot be read is skipped with a warning; after ``max_shard_failures`` shards in a row
+gave no sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming
+them, instead of resampling for ever.
 
 **Evaluation** (val/test/predict) reads every sample exactly once over all ranks and workers, without
 resampling or shuffling. The split is decided from the rank and world size seen when the dataloader is
@@ -39,10 +48,12 @@ import io
 import itertools
 import math
 import os
+import random
 import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +180,48 @@ def eval_split(
         # keep positions worker, worker + num_workers, ... of the rank's own sub-stream
         offset, stride = offset + stride * worker, stride * num_workers
     return shards, offset, stride
+
+
+class ShardReadError(RuntimeError):
+    """Too many training shards in a row could not be read."""
+
+
+def _record_error(errors: list[BaseException], exn: BaseException) -> bool:
+    errors.append(exn)
+    return True  # a webdataset handler: keep going with the next shard
+
+
+def robust_tar_samples(sources, max_consecutive_failures: int = 16) -> Iterator[dict[str, Any]]:
+    """Raw samples of the shards ``sources`` yields (``{"url": ...}`` dicts), skipping unreadable ones.
+
+    A shard that yields no sample (it cannot be opened, is not a tar, is truncated before its first
+    member) is skipped with a warning; ``max_consecutive_failures`` such shards in a row raise a
+    :class:`ShardReadError` naming them and their errors. A shard that fails part-way keeps the
+    samples read before the failure.
+    """
+    failed: dict[str, str] = {}  # the shards of the current run of failures, with their errors
+    in_a_row = 0
+    for source in sources:
+        url = source["url"]
+        errors: list[BaseException] = []
+        n = 0
+        for sample in wds.tarfile_samples([source], handler=partial(_record_error, errors)):
+            n += 1
+            yield sample
+        if n:
+            failed.clear()
+            in_a_row = 0
+            continue
+        why = repr(errors[-1]) if errors else "no samples"
+        failed[url] = why
+        in_a_row += 1
+        warnings.warn(f"skipping unreadable shard {url}: {why}", stacklevel=2)
+        if in_a_row >= max_consecutive_failures:
+            listed = "; ".join(f"{u} ({e})" for u, e in list(failed.items())[:8])
+            raise ShardReadError(
+                f"{in_a_row} training shards in a row gave no sample (max_consecutive_failures="
+                f"{max_consecutive_failures}); unreadable: {listed}"
+            )
 
 
 class EvalShardSamples(IterableDataset):
@@ -335,13 +388,22 @@ class DecodeSample:
         num_classes: labels ``>= num_classes`` count as corrupt (``None``: no upper check).
     """
 
-    def __init__(self, transform: Callable, in_chans: int, image_size: int, num_classes: int | None = None):
+    def __init__(
+        self,
+        transform: Callable,
+        in_chans: int,
+        image_size: int,
+        num_classes: int | None = None,
+        max_consecutive_failures: int = 64,
+    ):
         self.transform, self.in_chans, self.image_size, self.num_classes = (
             transform,
             in_chans,
             image_size,
             num_classes,
         )
+        self.max_consecutive_failures = max_consecutive_failures
+        self._failures_in_a_row = 0
 
     def _label(self, sample: dict[str, Any]) -> int:
         label = int(bytes(sample["cls"]).decode("ascii").strip())
@@ -352,20 +414,34 @@ class DecodeSample:
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
+        where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
         try:
             label = self._label(sample)
             ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
             with Image.open(io.BytesIO(sample[ext])) as img:
                 img = img.convert("RGB" if self.in_chans == 3 else "L")
-            image = self.transform(img).as_subclass(torch.Tensor)
-        except Exception as exc:  # any decoding problem: a counted row, never a crash
+        except Exception as exc:  # a broken sample: a counted row, never a crash
             if os.environ.get("GSPN_DATA_DEBUG"):
-                print(
-                    f"corrupt sample {sample.get('__key__')!r} in {sample.get('__url__')}: {exc!r}",
-                    file=sys.stderr,
-                )
-            return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
+                print(f"corrupt {where}: {exc!r}", file=sys.stderr)
+            return self._corrupt_row()
+        try:
+            image = self.transform(img).as_subclass(torch.Tensor)
+        except Exception as exc:  # decoded but not transformable: a row, unless it happens to every sample
+            if os.environ.get("GSPN_DATA_DEBUG"):
+                print(f"transform failed on {where}: {exc!r}", file=sys.stderr)
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.max_consecutive_failures:
+                raise RuntimeError(
+                    f"the transform failed on {self._failures_in_a_row} decoded samples in a row (the last: "
+                    f"{where}: {exc!r}); this is a configuration error, not corrupt data (check the "
+                    "datamodule's mean/std, crop and augmentation settings)"
+                ) from exc
+            return self._corrupt_row()
+        self._failures_in_a_row = 0
         return image, label
+
+    def _corrupt_row(self) -> tuple[torch.Tensor, int]:
+        return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
 
 
 def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,25 +450,168 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torc
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-class FixedLengthLoader:
-    """Iterate ``loader`` (infinite) for exactly ``num_batches`` batches per epoch; ``len`` is that number."""
+def _derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python runs, unlike ``hash``)."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
-    def __init__(self, loader: DataLoader, num_batches: int):
-        self.loader, self.num_batches = loader, num_batches
+
+def shuffle_buffer_samples(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer that fills to ``initial`` before the first sample leaves and
+    grows to ``bufsize`` (two in, one out) while the stream lasts; the order depends only on ``rng``."""
+    buffer: list = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) < bufsize:
+            buffer.append(next(samples, None))
+            if buffer[-1] is None:
+                buffer.pop()
+        if len(buffer) < initial:
+            continue
+        k = rng.randrange(len(buffer))
+        buffer[k], buffer[-1] = buffer[-1], buffer[k]
+        yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TrainShardStream(IterableDataset):
+    """The training stream of one rank: resampled shards, a shuffle buffer, decoded batches.
+
+    Everything random in it is derived from ``(seed, epoch, rank, DataLoader worker)``: which shards
+    are drawn, the shuffle order, and each sample's augmentation (its transform runs under a torch
+    seed derived from the sample's position in the worker's stream). With the same seed an epoch
+    therefore yields the same batches, and ``skip_batches`` (set before ``iter``) fast-forwards the
+    epoch to where a resumed run stopped: the skipped samples are read but not decoded, and the
+    batches after them are bit-identical to those of an uninterrupted run. ``seed=None`` draws a
+    fresh random seed at every ``iter`` (no reproducibility).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: Callable,
+        batch_size: int,
+        shuffle_buffer: int,
+        max_shard_failures: int,
+        rank: int,
+        seed: int | None,
+    ):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
+        self.shuffle_buffer, self.max_shard_failures = shuffle_buffer, max_shard_failures
+        self.rank, self.seed = rank, seed
+        self.epoch, self.skip_batches = 0, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0: batch i of
+        # the epoch is (logical) worker i % num_workers's. After skipping k batches the first batch
+        # taken (from worker 0) must be batch k, so worker w plays the part of worker (w + k) % n.
+        worker = (worker + self.skip_batches) % num_workers
+        seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
+        base = (seed, self.epoch, self.rank, worker)
+        rng = random.Random(_derive_seed(*base, "shards"))
+        shards = ({"url": rng.choice(self.urls)} for _ in itertools.count())
+        samples = robust_tar_samples(shards, self.max_shard_failures)
+        samples = shuffle_buffer_samples(samples, self.shuffle_buffer, min(self.shuffle_buffer, 1000), rng)
+        skip_samples = len(range(worker, self.skip_batches, num_workers)) * self.batch_size
+        rows = []
+        for index, sample in enumerate(samples):
+            if index < skip_samples:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_derive_seed(*base, index))
+                rows.append(self.decoder(sample))
+            if len(rows) == self.batch_size:
+                yield collate(rows)
+                rows = []
+
+
+class FixedLengthLoader:
+    """Iterate ``loader`` (infinite) for exactly ``num_batches`` batches per epoch; ``len`` is that number.
+
+    With a ``stream`` (:class:`TrainShardStream`) it is also resumable: it passes on the epoch
+    Lightning announces through ``sampler.set_epoch``, and its ``state_dict`` (which Lightning saves
+    in every checkpoint) records how many batches of that epoch were handed out; after
+    ``load_state_dict`` the resumed epoch is fast-forwarded past them, so training continues on the
+    batches an uninterrupted run would have seen next.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, stream: TrainShardStream | None = None):
+        self.loader, self.num_batches, self.stream = loader, num_batches, stream
+        self.epoch, self._taken = 0, 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self._taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+
+    @property
+    def sampler(self) -> FixedLengthLoader:
+        """Lightning calls ``dataloader.sampler.set_epoch(epoch)`` before each training epoch."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator:
         # A generator, so that the DataLoader iterator (and its worker processes) is released as
-        # soon as the epoch's last batch has been taken, not when the next epoch starts.
-        iterator = iter(self.loader)
-        yield from itertools.islice(iterator, self.num_batches)
+        # soon as the epoch's last batch has been taken, not when the next epoch starts. Its body
+        # runs at the first next(), after Lightning has set the epoch and restored the state.
+        skip, resume, self._resume = 0, self._resume, None
+        if resume is not None and self.stream is not None and resume["epoch"] == self.epoch:
+            skip = resume["batches_done"] if 0 < resume["batches_done"] < self.num_batches else 0
+        if self.stream is not None:
+            self.stream.epoch, self.stream.skip_batches = self.epoch, skip
+        self._taken = skip
+        for batch in itertools.islice(iter(self.loader), self.num_batches - skip):
+            self._taken += 1
+            yield batch
 
 
 # --------------------------------------------------------------------------------------------------
 # The DataModule
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_datamodule_args(**a: Any) -> None:
+    """Reject bad ``ImageWebDataModule`` arguments with the key in the message."""
+
+    def fail(key: str, need: str) -> None:
+        raise ValueError(f"data.init_args.{key} {need}, got {a[key]!r}")
+
+    if a["in_chans"] not in (1, 3):
+        fail("in_chans", "must be 1 (grayscale) or 3 (RGB)")
+    for key in ("mean", "std"):
+        if len(a[key]) != a["in_chans"]:
+            fail(key, f"needs {a['in_chans']} values for in_chans={a['in_chans']}")
+        if not all(math.isfinite(float(v)) for v in a[key]):
+            fail(key, "must be finite")
+    if not all(float(v) > 0 for v in a["std"]):
+        fail("std", "must be > 0 in every channel (it divides the pixels)")
+    for key in ("image_size", "batch_size", "shuffle_buffer", "max_shard_failures", "max_transform_failures"):
+        if isinstance(a[key], bool) or int(a[key]) < 1:
+            fail(key, "must be an integer >= 1")
+    if a["num_workers"] < 0:
+        fail("num_workers", "must be >= 0")
+    if a["epoch_samples"] is not None and a["epoch_samples"] < 1:
+        fail("epoch_samples", "must be >= 1 or null")
+    scale = tuple(a["crop_scale"])
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        fail("crop_scale", "must be (low, high) with 0 < low <= high <= 1")
+    for key in ("hflip", "random_erasing"):
+        if not 0 <= a[key] <= 1:
+            fail(key, "is a probability and must be in [0, 1]")
+    if a["color_jitter"] < 0:
+        fail("color_jitter", "must be >= 0")
+    if not 0 < a["eval_crop_pct"] <= 1:
+        fail("eval_crop_pct", "must be in (0, 1]")
 
 
 class ImageWebDataModule(L.LightningDataModule):
@@ -428,6 +647,15 @@ class ImageWebDataModule(L.LightningDataModule):
             the ``image_size`` center crop.
         interpolation: resize interpolation (``"bicubic"``, ``"bilinear"``, ...).
         pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        max_shard_failures: training fails (naming the shards) after this many shards in a row gave
+            no sample, instead of resampling unreadable shards for ever.
+        max_transform_failures: a transform raising on this many decoded samples in a row is an error
+            (a broken transform setting), not corrupt data.
+        seed: seed of the training stream (shard draws, shuffle, augmentation; see
+            :class:`TrainShardStream`); ``None``: the run's ``seed_everything`` seed
+            (``$PL_GLOBAL_SEED``), or a fresh random one when there is none.
+
+    Every argument is checked here, so a bad config fails before any work, naming the key.
     """
 
     def __init__(
@@ -452,20 +680,35 @@ class ImageWebDataModule(L.LightningDataModule):
         eval_crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         pin_memory: bool = True,
+        max_shard_failures: int = 16,
+        max_transform_failures: int = 64,
+        seed: int | None = None,
     ):
         super().__init__()
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-        if len(mean) != in_chans or len(std) != in_chans:
-            raise ValueError(
-                f"mean and std need {in_chans} values for in_chans={in_chans}, got {mean} and {std}"
-            )
-        if image_size < 1 or batch_size < 1 or num_workers < 0:
-            raise ValueError("image_size and batch_size must be >= 1 and num_workers >= 0")
-        if not 0 < eval_crop_pct <= 1:
-            raise ValueError(f"eval_crop_pct must be in (0, 1], got {eval_crop_pct}")
+        _check_datamodule_args(
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            epoch_samples=epoch_samples,
+            shuffle_buffer=shuffle_buffer,
+            crop_scale=crop_scale,
+            hflip=hflip,
+            random_erasing=random_erasing,
+            color_jitter=color_jitter,
+            eval_crop_pct=eval_crop_pct,
+            max_shard_failures=max_shard_failures,
+            max_transform_failures=max_transform_failures,
+        )
         if randaugment and randaugment.lower() != "none":
             parse_randaugment(randaugment)  # fail at construction, not in a worker
+        try:
+            InterpolationMode(interpolation.lower())
+        except ValueError:
+            names = [m.value for m in InterpolationMode]
+            raise ValueError(f"interpolation must be one of {names}, got {interpolation!r}") from None
         # No save_hyperparameters(): LightningCLI saves the whole config anyway, and Lightning refuses to
         # log hparams when a key (e.g. batch_size) is in both the module's and the datamodule's.
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -478,6 +721,8 @@ class ImageWebDataModule(L.LightningDataModule):
         self.crop_scale, self.hflip, self.eval_crop_pct = tuple(crop_scale), hflip, eval_crop_pct
         self.interpolation = InterpolationMode(interpolation.lower())
         self.pin_memory = pin_memory
+        self.max_shard_failures, self.max_transform_failures = max_shard_failures, max_transform_failures
+        self.seed = seed
         self._resolved: dict[str, tuple[list[str], int | None, list[str] | None]] = {}
 
     # -- shard bookkeeping -------------------------------------------------------------------------
@@ -543,7 +788,13 @@ class ImageWebDataModule(L.LightningDataModule):
 
     def _decoder(self, transform: Callable, split: str) -> DecodeSample:
         classes = self._resolve(split)[2]  # labels are checked against the split's own index
-        return DecodeSample(transform, self.in_chans, self.image_size, len(classes) if classes else None)
+        return DecodeSample(
+            transform,
+            self.in_chans,
+            self.image_size,
+            len(classes) if classes else None,
+            max_consecutive_failures=self.max_transform_failures,
+        )
 
     def train_batches_per_epoch(self, world_size: int | None = None) -> int:
         """``epoch_samples // world_size // batch_size`` (at least 1)."""
@@ -570,15 +821,23 @@ class ImageWebDataModule(L.LightningDataModule):
             self.random_erasing,
             self.interpolation,
         )
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 1000)),
-            wds.map(self._decoder(transform, "train")),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        stream = TrainShardStream(
+            urls,
+            self._decoder(transform, "train"),
+            self.batch_size,
+            self.shuffle_buffer,
+            self.max_shard_failures,
+            rank=distributed_rank_world()[0],
+            seed=self._train_seed(),
         )
-        loader = DataLoader(pipeline, **self._loader_kwargs())
-        return FixedLengthLoader(loader, self.train_batches_per_epoch())
+        loader = DataLoader(stream, **self._loader_kwargs())
+        return FixedLengthLoader(loader, self.train_batches_per_epoch(), stream)
+
+    def _train_seed(self) -> int | None:
+        if self.seed is not None:
+            return self.seed
+        env = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the config's seed_everything)
+        return int(env) if env not in (None, "") else None
 
     def _eval_dataloader(self, split: str) -> DataLoader | list:
         resolved = self._resolve(split)

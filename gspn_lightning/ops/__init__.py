@@ -17,6 +17,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import _build
 from .reference import DIRECTIONS, scan_geometry, scan_reference
@@ -128,6 +129,9 @@ def gspn_scan(
             raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (or None for the global scan), got {chunk_size}")
+        transpose, _ = scan_geometry(direction)
+        if chunk_size >= x.shape[-1 if transpose else -2]:
+            chunk_size = None  # one chunk covering the whole scan axis is the global scan (any size of k)
     if _resolve_backend(backend, x.device) == "reference":
         return scan_reference(x, lam, w_neg, w_mid, w_pos, direction, chunk_size)
     return torch.ops.gspn_lightning.scan_fwd(x, lam, w_neg, w_mid, w_pos, direction, chunk_size or 0)
@@ -142,6 +146,11 @@ def normalize_gates(
     ``w_pos`` at the last position of a line) set to 0; then division by the sum of the remaining taps.
     Every pixel's three weights are non-negative and sum to 1 (Theorems 1-2 of the paper: propagation
     stays bounded over any length).  Computed in float32 for 16-bit inputs, returned in their dtype.
+
+    Where every sigmoid of a pixel underflows (all logits below about -87 in float32, -708 in
+    float64), the ratio is taken in the equivalent form ``exp(logsigmoid(g) - max)`` / sum instead,
+    so the weights still sum to 1 rather than becoming 0/0; everywhere else the result is the plain
+    ratio above, bit for bit.
     """
     _check_tensors(("g_neg", "g_mid", "g_pos"), (g_neg, g_mid, g_pos))
     _check_direction(direction)
@@ -153,8 +162,25 @@ def normalize_gates(
     shape = (size, 1) if transpose else (size,)
     has_neg = (pos > 0).reshape(shape)
     has_pos = (pos < size - 1).reshape(shape)
-    s_neg = torch.sigmoid(g_neg.to(compute)) * has_neg
-    s_mid = torch.sigmoid(g_mid.to(compute))
-    s_pos = torch.sigmoid(g_pos.to(compute)) * has_pos
+    logits = [g.to(compute) for g in (g_neg, g_mid, g_pos)]
+    s_neg = torch.sigmoid(logits[0]) * has_neg
+    s_mid = torch.sigmoid(logits[1])
+    s_pos = torch.sigmoid(logits[2]) * has_pos
     total = s_neg + s_mid + s_pos
-    return tuple((s / total).to(g_neg.dtype) for s in (s_neg, s_mid, s_pos))
+    tiny = total < torch.finfo(compute).tiny  # all taps underflowed (or went subnormal)
+    # Stable form: sigmoid(g_k) / sum_j sigmoid(g_j) = exp(l_k - m) / sum_j exp(l_j - m) with
+    # l = logsigmoid(g) (-inf for a tap outside the image) and m = max_j l_j, which is always finite.
+    neg_inf = torch.tensor(float("-inf"), dtype=compute, device=g_neg.device)
+    log_s = torch.stack(
+        [
+            torch.where(has_neg, F.logsigmoid(logits[0]), neg_inf),
+            F.logsigmoid(logits[1]),
+            torch.where(has_pos, F.logsigmoid(logits[2]), neg_inf),
+        ]
+    )
+    stable = torch.softmax(log_s, dim=0)
+    safe_total = torch.where(tiny, torch.ones_like(total), total)  # no 0/0 in the unused branch's grad
+    return tuple(
+        torch.where(tiny, stable[k], s / safe_total).to(g_neg.dtype)
+        for k, s in enumerate((s_neg, s_mid, s_pos))
+    )

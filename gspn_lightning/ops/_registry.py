@@ -3,6 +3,8 @@
 The schemas and the CPU/CUDA kernels come from the C++ extensions (``csrc/gspn_ops.cpp`` and one
 kernel file per backend); this module adds what lets ``torch.compile`` trace the op
 (fake tensors) and what lets autograd differentiate it (the backward is another op, ``scan_bwd``).
+Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
+(the reference backend supports it).
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def _backward(ctx, grad_h):
     return (*grads, None, None)
 
 
+def _setup_bwd_context(ctx, inputs, output):
+    pass
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient, create_graph=True) through the GSPN scan kernel is "
+        "not supported; use backend='reference' (or GSPN_BACKEND=reference), whose autograd supports "
+        "higher-order gradients"
+    )
+
+
 def register() -> None:
     """Attach fake and autograd implementations to the ops the loaded extension defined."""
     global _REGISTERED
@@ -43,4 +57,8 @@ def register() -> None:
     torch.library.register_fake("gspn_lightning::scan_fwd")(_fake_scan_fwd)
     torch.library.register_fake("gspn_lightning::scan_bwd")(_fake_scan_bwd)
     torch.library.register_autograd("gspn_lightning::scan_fwd", _backward, setup_context=_setup_context)
+    # The backward op has no derivative of its own: refuse loudly instead of returning zeros.
+    torch.library.register_autograd(
+        "gspn_lightning::scan_bwd", _refuse_double_backward, setup_context=_setup_bwd_context
+    )
     _REGISTERED = True

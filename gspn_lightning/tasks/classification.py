@@ -6,26 +6,34 @@ then cosine decay; label smoothing 0.1; MixUp 0.8 / CutMix 1.0 on the batch with
 an EMA of the weights evaluated alongside the raw model; top-1/top-5 accuracy from torchmetrics.
 Gradient clipping and bf16 mixed precision are Trainer settings (see the configs).
 
-Batches are ``(images, labels)``; a label of -1 marks a sample the data pipeline could not decode.
-Such rows are dropped and counted (``*/corrupt``), never fatal.  Validation and test count the
-samples they evaluate over all ranks (``val/samples``) and check the count against the datamodule's
-index: every sample exactly once, whatever the number of ranks and workers.
+Batches are ``(images, labels)``; a label of -1 marks a sample the data pipeline could not decode,
+and a label ``>= num_classes`` is out of range for this model: such rows are dropped and counted
+(``*/corrupt``), never fatal.  Validation and test count the samples they evaluate over all ranks
+(``val/samples``) and check the count against the datamodule's index: every sample exactly once,
+whatever the number of ranks and workers.  Evaluation metrics are only accumulated per step and
+computed (synchronised over ranks) at epoch end, so a rank that has no evaluation batch at all (an
+unreadable shard, fewer samples than ranks) still takes part in every collective and never
+deadlocks its peers.
+
+Fault handling shared with the other tasks (:class:`~gspn_lightning.tasks.base.TrainingTask`): the
+EMA is updated right after each optimizer step, and a non-finite loss stops the run (or skips the
+batch, ``nonfinite_loss: skip``).
 """
 
 from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MetricCollection, SumMetric
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from gspn_lightning.models import create_model
 
+from .base import TrainingTask
 from .ema import ModelEMA
 
 
@@ -48,7 +56,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float, 
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(TrainingTask):
     """Trains a classifier built by name from the model registry.
 
     Args:
@@ -69,6 +77,9 @@ class ClassificationTask(L.LightningModule):
         mix_prob: probability that a training batch is mixed at all.
         ema_decay: decay of the weight EMA; ``None`` disables it.
         batch_size: per-device batch size, only needed when there is no datamodule to read it from.
+        nonfinite_loss: ``"error"`` stops the run at a NaN/inf training loss (naming the step);
+            ``"skip"`` skips such batches (no update), see :class:`~gspn_lightning.tasks.base.TrainingTask`.
+        max_consecutive_skips: with ``"skip"``, more skipped batches in a row than this is an error.
     """
 
     def __init__(
@@ -90,10 +101,20 @@ class ClassificationTask(L.LightningModule):
         mix_prob: float = 1.0,
         ema_decay: float | None = 0.9999,
         batch_size: int | None = None,
+        nonfinite_loss: str = "error",
+        max_consecutive_skips: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_model(model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or null, got {ema_decay}")
+        try:
+            self.model = create_model(
+                model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
+            )
+        except TypeError as exc:
+            raise TypeError(f"model_kwargs for model {model!r}: {exc}") from exc
         self.ema = ModelEMA(self.model, ema_decay) if ema_decay is not None else None
         mixers = []
         with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
@@ -112,19 +133,29 @@ class ClassificationTask(L.LightningModule):
         self.train_acc = accuracy()
         self.val_acc, self.val_ema_acc = accuracy(), accuracy()
         self.test_acc, self.test_ema_acc = accuracy(), accuracy()
-        # samples evaluated / dropped as corrupt, summed over ranks at epoch end
+        # samples evaluated / dropped as corrupt, summed over ranks at epoch end, and the mean loss
         self.counts = torch.nn.ModuleDict(
             {k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")}
         )
+        self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "test")})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(dm, "num_classes", None) if dm is not None else None
+        if data_classes is not None and data_classes > self.hparams.num_classes:
+            raise ValueError(
+                f"the data's shard index lists {data_classes} classes but model num_classes is "
+                f"{self.hparams.num_classes}: set model.init_args.num_classes to at least {data_classes}"
+            )
+
     def _drop_corrupt(self, batch, stage: str):
         images, labels = batch
-        ok = labels >= 0
+        ok = (labels >= 0) & (labels < self.hparams.num_classes)
         n_bad = int((~ok).sum())
         if stage == "train":
             self.log(
@@ -155,15 +186,13 @@ class ClassificationTask(L.LightningModule):
         images, targets = self._soft_targets(images, labels)
         logits = self.model(images)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        if self.check_loss(loss, batch_idx) is None:
+            return None
         self.train_acc.update(logits.detach(), targets.argmax(-1))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in self.train_acc.items()}, on_step=False, on_epoch=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None:
-            self.ema.update(self.model)
 
     def _eval_step(self, batch, stage: str, acc: MetricCollection, ema_acc: MetricCollection):
         images, labels = self._drop_corrupt(batch, stage)
@@ -171,12 +200,11 @@ class ClassificationTask(L.LightningModule):
             return
         logits = self.model(images)
         loss = F.cross_entropy(logits.float(), labels)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.numel())
+        # no self.log here: a rank with no batches would skip the collectives of per-step logging
+        self.eval_loss[stage].update(loss.detach(), weight=labels.numel())
         acc.update(logits, labels)
-        self.log_dict({f"{stage}/{k}": v for k, v in acc.items()}, on_epoch=True, prog_bar=True)
         if self.ema is not None:
             ema_acc.update(self.ema(images), labels)
-            self.log_dict({f"{stage}_ema/{k}": v for k, v in ema_acc.items()}, on_epoch=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val", self.val_acc, self.val_ema_acc)
@@ -194,6 +222,18 @@ class ClassificationTask(L.LightningModule):
         if labels is not None:
             out["label"] = labels  # -1 marks a sample that could not be decoded
         return out
+
+    def _eval_epoch_end(self, stage: str, acc: MetricCollection, ema_acc: MetricCollection) -> None:
+        """Compute (sync over ranks, on every rank) and log the epoch's evaluation metrics."""
+        results = {f"{stage}/loss": self.eval_loss[stage].compute()}
+        self.eval_loss[stage].reset()
+        pairs = [(stage, acc)] + ([(f"{stage}_ema", ema_acc)] if self.ema is not None else [])
+        for prefix, metrics in pairs:
+            results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
+            metrics.reset()
+        # already reduced over ranks by the metrics themselves: no sync_dist
+        for key, value in results.items():
+            self.log(key, value, prog_bar=key.startswith(f"{stage}/top"), sync_dist=False)
 
     def _check_count(self, stage: str, expected_attr: str, limit) -> None:
         """Log how many samples this evaluation saw over all ranks and compare with the index."""
@@ -214,9 +254,11 @@ class ClassificationTask(L.LightningModule):
             )
 
     def on_validation_epoch_end(self):
+        self._eval_epoch_end("val", self.val_acc, self.val_ema_acc)
         self._check_count("val", "num_val_samples", self.trainer.limit_val_batches)
 
     def on_test_epoch_end(self):
+        self._eval_epoch_end("test", self.test_acc, self.test_ema_acc)
         self._check_count("test", "num_test_samples", self.trainer.limit_test_batches)
 
     # -- optimisation ----------------------------------------------------------------------------

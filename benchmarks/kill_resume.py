@@ -1,0 +1,380 @@
+"""Kill-and-resume trials: does a 2-node DDP run that loses a rank to SIGKILL resume to the same result?
+
+Each trial launches the tiny classification config (``configs/classification/debug_mnist.yaml`` on
+the MNIST demo shards, CPU, gloo) as two torchrun "nodes" of one process each over 127.0.0.1,
+SIGKILLs the training process of one rank (chosen at random) at a random moment of training, waits
+for the job to go down, then relaunches both nodes with ``--ckpt_path last`` and lets them finish.
+Half the trials kill at a random time; the other half kill the moment a checkpoint write has begun
+(its temporary file appears), to hit the write window. A reference run of the same seed is never
+interrupted.
+
+A trial passes when its final ``last.ckpt`` has the reference's step, learning rate (optimiser
+param groups and scheduler state), model weights and EMA weights, compared bit for bit. A watcher
+thread loads (``torch.load``) every checkpoint file version that appears in the checkpoint folder,
+during and between runs, and counts those that cannot be loaded.
+
+    python benchmarks/kill_resume.py                  # 10 trials, ~10-15 min on 2 cores
+    python benchmarks/kill_resume.py --trials 2 --out /tmp/kr
+
+Writes ``<out>/kill_resume_cpu_<machine>.{json,md}`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from scan import machine_info  # noqa: E402
+
+CONFIG = REPO / "configs" / "classification" / "debug_mnist.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+class Watcher(threading.Thread):
+    """Loads every new version (path, mtime, size) of every ``*.ckpt`` in ``folder``; counts failures."""
+
+    def __init__(self, folder: Path, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.folder, self.interval = folder, interval
+        self.seen: set[tuple[str, int, int]] = set()
+        self.unloadable: list[dict] = []
+        self.loaded = 0
+        self.stop = threading.Event()
+
+    def scan(self) -> None:
+        for path in sorted(self.folder.glob("*.ckpt")):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            version = (path.name, st.st_mtime_ns, st.st_size)
+            if version in self.seen:
+                continue
+            self.seen.add(version)
+            try:
+                with open(path, "rb") as f:  # an open file survives a rename over its name
+                    ckpt = torch.load(f, map_location="cpu", weights_only=False)
+                if "global_step" not in ckpt or "state_dict" not in ckpt:
+                    raise ValueError("not a full checkpoint")
+                self.loaded += 1
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                self.unloadable.append({"file": path.name, "size": st.st_size, "error": repr(exc)[:200]})
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.scan()
+            time.sleep(self.interval)
+        self.scan()
+
+
+def launch(root: Path, shards: Path, args, resume: bool, log_prefix: Path) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+            "--master_addr=127.0.0.1", f"--master_port={port}",
+            str(REPO / "cli.py"), "fit", "--config", str(CONFIG),
+            f"--data.init_args.train_shards={shards / 'train'}",
+            f"--data.init_args.val_shards={shards / 'val'}",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
+            "--trainer.num_nodes=2", "--trainer.devices=1",
+            f"--trainer.max_steps={args.max_steps}", "--trainer.max_epochs=1000",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--checkpoint.every_n_train_steps={args.every}",
+            "--checkpoint.monitor=null", "--checkpoint.save_top_k=1",
+            "--data.init_args.num_workers=1",
+            f"--seed_everything={args.seed}",
+        ]  # fmt: skip
+        if resume:
+            cmd.append("--ckpt_path=last")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        log = open(f"{log_prefix}-node{node}.log", "w")
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=root.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+    return procs
+
+
+def wait_all(procs, timeout: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    codes = [p.poll() for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return codes
+
+
+def final_state(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return {
+        "step": ckpt["global_step"],
+        "lr": [g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]],
+        "sched": ckpt["lr_schedulers"][0],
+        "model": {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")},
+        "ema": {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")},
+    }
+
+
+def compare(ref: dict, got: dict) -> dict:
+    def max_diff(a, b):
+        if a.keys() != b.keys():
+            return float("inf")
+        return max(
+            ((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()), default=0.0
+        )
+
+    out = {
+        "step": got["step"] == ref["step"],
+        "lr": got["lr"] == ref["lr"] and got["sched"] == ref["sched"],
+        "model_max_abs_diff": max_diff(ref["model"], got["model"]),
+        "ema_max_abs_diff": max_diff(ref["ema"], got["ema"]),
+    }
+    out["weights"] = out["model_max_abs_diff"] == 0.0
+    out["ema"] = out["ema_max_abs_diff"] == 0.0
+    out["pass"] = out["step"] and out["lr"] and out["weights"] and out["ema"]
+    return out
+
+
+def run_job(root, shards, args, resume, log_prefix, timeout) -> list[int | None]:
+    return wait_all(launch(root, shards, args, resume, log_prefix), timeout)
+
+
+def wait_until(predicate, procs, timeout: float, poll: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds (True), a process exits or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(n.endswith(".ckpt") and not n.startswith(".") for n in os.listdir(folder))
+
+
+def writing(folder: Path) -> set[str]:
+    """Names of checkpoint temp files (a write in progress) in ``folder``."""
+    return {n for n in os.listdir(folder) if ".ckpt.tmp-" in n} if folder.is_dir() else set()
+
+
+def trial(i: int, work: Path, shards: Path, args, ref: dict, rng: random.Random, train_span: float) -> dict:
+    root = work / f"trial{i:02d}"
+    folder = root / "checkpoints"
+    folder.mkdir(parents=True)
+    watcher = Watcher(folder)
+    watcher.start()
+    mode = "during-write" if i % 2 else "random-time"
+    victim_rank = rng.randrange(2)
+    procs = launch(root, shards, args, False, work / f"trial{i:02d}-run1")
+    start = time.monotonic()
+    # training has started once the run's first checkpoint exists
+    wait_until(lambda: has_checkpoint(folder), procs, args.timeout)
+    if mode == "random-time":
+        time.sleep(rng.uniform(0.0, 0.8) * train_span)
+    else:  # let a random number of writes pass, then kill while the next one is under way
+        skip, seen = rng.randrange(4), set()
+
+        def write_started() -> bool:
+            new = writing(folder) - seen
+            seen.update(new)
+            return bool(new) and len(seen) > skip
+
+        wait_until(write_started, procs, args.timeout, poll=0.0005)
+    workers = children(procs[victim_rank].pid) if procs[victim_rank].poll() is None else []
+    for w in workers:
+        os.kill(w, signal.SIGKILL)
+    killed_at = round(time.monotonic() - start, 2)
+    in_write = bool(writing(folder))
+    codes1 = wait_all(procs, 120)
+    steps_on_disk = sorted(
+        torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in folder.glob("*.ckpt")
+    )
+    codes2 = run_job(root, shards, args, True, work / f"trial{i:02d}-run2", args.timeout)
+    watcher.stop.set()
+    watcher.join()
+    result = {"trial": i, "mode": mode, "killed_rank": victim_rank, "killed": bool(workers)}
+    result.update(killed_at_s=killed_at, temp_file_present_at_kill=in_write)
+    result.update(
+        exit_codes_killed_run=codes1, exit_codes_resumed_run=codes2, steps_on_disk_after_kill=steps_on_disk
+    )
+    last = folder / "last.ckpt"
+    if codes2 == [0, 0] and last.exists():
+        result.update(compare(ref, final_state(last)))
+    else:
+        result["pass"] = False
+    result.update(
+        checkpoint_versions_loaded=watcher.loaded,
+        unloadable=len(watcher.unloadable),
+        unloadable_files=watcher.unloadable,
+    )
+    return result
+
+
+def write_results(results: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"kill_resume_cpu_{results['machine']['name']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    s = results["summary"]
+    lines = [
+        f"# Kill-and-resume trials on {results['machine']['cpu']} ({results['machine']['cores']} cores)",
+        "",
+        f"{s['trials']} trials of `debug_mnist.yaml`, 2 nodes x 1 process (torchrun, 127.0.0.1, gloo), "
+        f"max_steps={results['config']['max_steps']}, checkpoint every {results['config']['every']} steps, "
+        f"seed {results['config']['seed']}; {results['date']}. Command: `{results['command']}`.",
+        "",
+        f"**{s['passed']}/{s['trials']}** reached max_steps with the reference's step, lr, weights and EMA "
+        f"(bit for bit); **{s['unloadable']}** of {s['checkpoint_versions_seen']} checkpoint file versions "
+        "seen on disk were unloadable.",
+        "",
+        "Columns: how the kill was timed, the rank whose training process got SIGKILL, seconds after launch,"
+        " whether a checkpoint temp file existed at that moment, the steps of the checkpoints left on disk,"
+        " then the comparison of the resumed run's final last.ckpt with the reference (max abs difference"
+        " in brackets).",
+        "",
+        "| trial | kill | rank | at (s) | in write | steps on disk after kill | step | lr | weights | EMA | pass | unloadable |",
+        "|---|---|---|---:|---|---|---|---|---|---|---|---:|",
+    ]
+    for r in results["trials"]:
+        lines.append(
+            f"| {r['trial']} | {r['mode']} | {r['killed_rank']} | {r['killed_at_s']} | "
+            f"{r['temp_file_present_at_kill']} | "
+            f"{r['steps_on_disk_after_kill']} | {r.get('step')} | {r.get('lr')} | "
+            f"{r.get('weights')} ({r.get('model_max_abs_diff')}) | {r.get('ema')} ({r.get('ema_max_abs_diff')}) | "
+            f"{r['pass']} | {r['unloadable']} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=24)
+    p.add_argument("--every", type=int, default=3, help="checkpoint every N training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rng-seed", type=int, default=1, help="seed of the kill schedule")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed for one launch")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--workdir", type=Path, default=None, help="kept when given; a temp folder otherwise")
+    args = p.parse_args(argv)
+
+    from gspn_lightning.data.mnist_demo import build_mnist_demo
+
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="kill_resume_")
+        args.workdir = Path(tmp.name)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    shards = work / "demo_mnist"
+    if not (shards / "train" / "index.json").exists():
+        build_mnist_demo(shards)
+
+    t0 = time.monotonic()
+    ref_root = work / "reference"
+    procs = launch(ref_root, shards, args, False, work / "reference")
+    wait_until(lambda: has_checkpoint(ref_root / "checkpoints"), procs, args.timeout)
+    first_ckpt = time.monotonic()
+    codes = wait_all(procs, args.timeout)
+    ref_time, train_span = time.monotonic() - t0, time.monotonic() - first_ckpt
+    if codes != [0, 0]:
+        print(f"reference run failed: exit codes {codes}; logs in {work}", file=sys.stderr)
+        return 1
+    ref = final_state(ref_root / "checkpoints" / "last.ckpt")
+    print(
+        f"reference: step {ref['step']} in {ref_time:.1f}s ({train_span:.1f}s after its first checkpoint)",
+        flush=True,
+    )
+
+    rng = random.Random(args.rng_seed)
+    trials = []
+    for i in range(args.trials):
+        r = trial(i, work, shards, args, ref, rng, train_span)
+        trials.append(r)
+        print(
+            f"trial {i}: {r['mode']}, rank {r['killed_rank']} killed at {r['killed_at_s']}s "
+            f"(temp file present: {r['temp_file_present_at_kill']}), on disk "
+            f"{r['steps_on_disk_after_kill']}, pass={r['pass']}, unloadable={r['unloadable']}",
+            flush=True,
+        )
+    summary = {
+        "trials": len(trials),
+        "passed": sum(bool(r["pass"]) for r in trials),
+        "unloadable": sum(r["unloadable"] for r in trials),
+        "checkpoint_versions_seen": sum(r["checkpoint_versions_loaded"] + r["unloadable"] for r in trials),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    results = {
+        "benchmark": "kill_resume",
+        "command": "python benchmarks/kill_resume.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": machine_info(torch.device("cpu")),
+        "config": {
+            "max_steps": args.max_steps,
+            "every": args.every,
+            "seed": args.seed,
+            "rng_seed": args.rng_seed,
+        },
+        "reference_seconds": round(ref_time, 1),
+        "reference_seconds_after_first_checkpoint": round(train_span, 1),
+        "summary": summary,
+        "trials": trials,
+    }
+    stem = write_results(results, args.out)
+    print(
+        f"{summary['passed']}/{summary['trials']} passed, {summary['unloadable']} unloadable; wrote {stem}.md"
+    )
+    if tmp is not None:
+        tmp.cleanup()
+    return 0 if summary["passed"] == summary["trials"] and summary["unloadable"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
