@@ -378,7 +378,7 @@ def test_unreadable_training_shards_fail_fast_naming_them(tmp_path):
 
 
 def test_transform_failing_on_every_sample_is_an_error(tmp_path, monkeypatch):
-    from gspn_lightning.data import datamodule as dmod
+    from gspn_lightning.data import images as dmod
 
     write_tar(tmp_path / "train-0.tar", 40)
     dm = small_dm(str(tmp_path / "train-0.tar"), max_transform_failures=5)

@@ -1,8 +1,13 @@
-"""Webdataset data side: shard writers and the image-classification DataModule.
+"""Webdataset data side: the generic shard machinery, per-task decoders and the shard writers.
 
-``ImageWebDataModule`` is imported lazily (on first attribute access) so that the shard-writing
-command lines (``python -m gspn_lightning.data.write_shards`` / ``.mnist_demo``) do not pay for
-importing Lightning.
+- :mod:`.shards`: shard specifications, exactly-once evaluation, resampled training, ``ShardDataModule``;
+- :mod:`.images`: ``ImageWebDataModule`` (image + class: classification, pixel-space diffusion);
+- :mod:`.latents`: ``LatentWebDataModule`` (VAE latent + class: latent diffusion) and the command that
+  encodes image shards into latent shards;
+- :mod:`.write_shards`, :mod:`.mnist_demo`: writing shards.
+
+The data modules are imported lazily (on first attribute access) so that the shard-writing command
+lines do not pay for importing Lightning.
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ from typing import TYPE_CHECKING, Any
 from .write_shards import write_shards
 
 if TYPE_CHECKING:
-    from .datamodule import ImageWebDataModule
+    from .images import ImageWebDataModule
+    from .latents import LatentWebDataModule
+    from .shards import ShardDataModule
 
-__all__ = ["ImageWebDataModule", "write_shards"]
+__all__ = ["ImageWebDataModule", "LatentWebDataModule", "ShardDataModule", "write_shards"]
+
+_LAZY = {"ImageWebDataModule": "images", "LatentWebDataModule": "latents", "ShardDataModule": "shards"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ImageWebDataModule":
-        from .datamodule import ImageWebDataModule
+    if name in _LAZY:
+        import importlib
 
-        return ImageWebDataModule
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
