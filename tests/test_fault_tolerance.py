@@ -156,6 +156,30 @@ def test_checkpoint_names_are_not_doubled_and_writes_go_through_a_temp_file(tmp_
     assert remove_stale_temp_files(str(tmp_path / "ckpt")) == [str(stale)] and not stale.exists()
 
 
+def test_a_write_interrupted_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from gspn_lightning.tasks import checkpointing
+
+    trainer(tmp_path, max_steps=2).fit(tiny_task(), loader(), loader(8))
+    before = (tmp_path / "ckpt" / "last.ckpt").read_bytes()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(tmp, filepath):  # the process dies after writing the temp file, before the rename
+        raise Killed
+
+    monkeypatch.setattr(checkpointing, "commit_file", killed)
+    with pytest.raises(Killed):
+        trainer(tmp_path, max_steps=4).fit(tiny_task(), loader(), loader(8), ckpt_path="last")
+    assert (tmp_path / "ckpt" / "last.ckpt").read_bytes() == before
+    assert any(n.startswith(".") for n in os.listdir(tmp_path / "ckpt"))  # the unfinished temp file
+    monkeypatch.undo()
+    t = trainer(tmp_path, max_steps=4)
+    t.fit(tiny_task(), loader(), loader(8), ckpt_path="last")
+    assert load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 4
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path / "ckpt"))  # cleaned up at start
+
+
 # --------------------------------------------------------------------------- 1: the exception checkpoint
 
 
