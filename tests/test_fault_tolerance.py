@@ -434,6 +434,7 @@ def test_transform_failing_on_every_sample_is_an_error(tmp_path, monkeypatch):
         ({"hflip": 1.5}, "hflip"),
         ({"batch_size": 0}, "batch_size"),
         ({"interpolation": "bicubik"}, "interpolation"),
+        ({"randaugment": "rand-m9-x3"}, "randaugment"),
     ],
 )
 def test_bad_datamodule_args_name_the_key(override, key):
@@ -446,6 +447,10 @@ def test_bad_task_args_name_the_key():
         tiny_task(ema_decay=1.5)
     with pytest.raises(TypeError, match="model_kwargs.*embed_dimm"):
         tiny_task(model_kwargs={"embed_dimm": 8})
+    with pytest.raises(ValueError, match=r"model\.init_args\.model: unknown model 'gspn_x'"):
+        tiny_task(model="gspn_x")
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        tiny_task(max_consecutive_skips=0)
 
 
 def test_cli_rejects_unknown_trainer_key_before_any_work(monkeypatch, capsys):
