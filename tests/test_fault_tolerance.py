@@ -156,6 +156,30 @@ def test_checkpoint_names_are_not_doubled_and_writes_go_through_a_temp_file(tmp_
     assert remove_stale_temp_files(str(tmp_path / "ckpt")) == [str(stale)] and not stale.exists()
 
 
+def test_a_write_interrupted_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from gspn_lightning.tasks import checkpointing
+
+    trainer(tmp_path, max_steps=2).fit(tiny_task(), loader(), loader(8))
+    before = (tmp_path / "ckpt" / "last.ckpt").read_bytes()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(tmp, filepath):  # the process dies after writing the temp file, before the rename
+        raise Killed
+
+    monkeypatch.setattr(checkpointing, "commit_file", killed)
+    with pytest.raises(Killed):
+        trainer(tmp_path, max_steps=4).fit(tiny_task(), loader(), loader(8), ckpt_path="last")
+    assert (tmp_path / "ckpt" / "last.ckpt").read_bytes() == before
+    assert any(n.startswith(".") for n in os.listdir(tmp_path / "ckpt"))  # the unfinished temp file
+    monkeypatch.undo()
+    t = trainer(tmp_path, max_steps=4)
+    t.fit(tiny_task(), loader(), loader(8), ckpt_path="last")
+    assert load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 4
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path / "ckpt"))  # cleaned up at start
+
+
 # --------------------------------------------------------------------------- 1: the exception checkpoint
 
 
@@ -410,6 +434,7 @@ def test_transform_failing_on_every_sample_is_an_error(tmp_path, monkeypatch):
         ({"hflip": 1.5}, "hflip"),
         ({"batch_size": 0}, "batch_size"),
         ({"interpolation": "bicubik"}, "interpolation"),
+        ({"randaugment": "rand-m9-x3"}, "randaugment"),
     ],
 )
 def test_bad_datamodule_args_name_the_key(override, key):
@@ -422,6 +447,10 @@ def test_bad_task_args_name_the_key():
         tiny_task(ema_decay=1.5)
     with pytest.raises(TypeError, match="model_kwargs.*embed_dimm"):
         tiny_task(model_kwargs={"embed_dimm": 8})
+    with pytest.raises(ValueError, match=r"model\.init_args\.model: unknown model 'gspn_x'"):
+        tiny_task(model="gspn_x")
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        tiny_task(max_consecutive_skips=0)
 
 
 def test_cli_rejects_unknown_trainer_key_before_any_work(monkeypatch, capsys):

@@ -364,7 +364,10 @@ class ImageWebDataModule(ShardDataModule):
             max_transform_failures=max_transform_failures,
         )
         if randaugment and randaugment.lower() != "none":
-            parse_randaugment(randaugment)  # fail at construction, not in a worker
+            try:
+                parse_randaugment(randaugment)  # fail at construction, not in a worker
+            except ValueError as exc:
+                raise ValueError(f"data.init_args.randaugment: {exc}") from None
         try:
             InterpolationMode(interpolation.lower())
         except ValueError:

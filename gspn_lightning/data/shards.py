@@ -260,6 +260,9 @@ def shuffle_buffer_samples(samples: Iterator, bufsize: int, initial: int, rng: r
 class TrainShardStream(IterableDataset):
     """The training stream of one rank: resampled shards, a shuffle buffer, decoded batches.
 
+    Generic over the task: ``decoder`` turns a raw webdataset sample into a row and ``collate_fn``
+    (default :func:`collate`, ``(tensor, label)`` pairs) turns ``batch_size`` rows into a batch.
+
     Everything random in it is derived from ``(seed, epoch, rank, DataLoader worker)``: which shards
     are drawn, the shuffle order, and each sample's augmentation (its transform runs under a torch
     seed derived from the sample's position in the worker's stream). With the same seed an epoch
@@ -278,9 +281,11 @@ class TrainShardStream(IterableDataset):
         max_shard_failures: int,
         rank: int,
         seed: int | None,
+        collate_fn: Callable[[list], Any] | None = None,
     ):
         super().__init__()
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
+        self.collate_fn = collate_fn or collate
         self.shuffle_buffer, self.max_shard_failures = shuffle_buffer, max_shard_failures
         self.rank, self.seed = rank, seed
         self.epoch, self.skip_batches = 0, 0
@@ -307,7 +312,7 @@ class TrainShardStream(IterableDataset):
                 torch.manual_seed(_derive_seed(*base, index))
                 rows.append(self.decoder(sample))
             if len(rows) == self.batch_size:
-                yield collate(rows)
+                yield self.collate_fn(rows)
                 rows = []
 
 

@@ -113,8 +113,10 @@ class ClassificationTask(TrainingTask):
             self.model = create_model(
                 model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
             )
+        except KeyError as exc:
+            raise ValueError(f"model.init_args.model: {exc.args[0]}") from None
         except TypeError as exc:
-            raise TypeError(f"model_kwargs for model {model!r}: {exc}") from exc
+            raise TypeError(f"model.init_args.model_kwargs for model {model!r}: {exc}") from exc
         self.ema = ModelEMA(self.model, ema_decay) if ema_decay is not None else None
         mixers = []
         with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
