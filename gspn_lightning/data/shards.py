@@ -449,6 +449,10 @@ class ShardDataModule(L.LightningDataModule):
     def eval_decoder(self, split: str) -> Callable[[dict[str, Any]], tuple[torch.Tensor, int]]:
         raise NotImplementedError
 
+    def collate(self, rows: list) -> Any:
+        """Rows of the decoders -> a batch (default: ``(stacked tensors, int64 labels)``)."""
+        return collate(rows)
+
     # -- shard bookkeeping -------------------------------------------------------------------------
 
     def _resolve(self, split: str) -> tuple[list[str], int | None, list[str] | None] | None:
@@ -551,6 +555,7 @@ class ShardDataModule(L.LightningDataModule):
             self.max_shard_failures,
             rank=distributed_rank_world()[0],
             seed=self._train_seed(),
+            collate_fn=self.collate,
         )
         loader = DataLoader(stream, **self._loader_kwargs())
         return FixedLengthLoader(loader, self.train_batches_per_epoch(), stream)
@@ -570,7 +575,7 @@ class ShardDataModule(L.LightningDataModule):
         pipeline = wds.DataPipeline(
             EvalShardSamples(urls, rank, world_size),
             wds.map(self.eval_decoder(split)),
-            wds.batched(self.batch_size, collation_fn=collate, partial=True),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         )
         total = self._total(split)
         if total is not None and total < world_size:

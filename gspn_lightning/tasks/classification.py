@@ -22,8 +22,6 @@ batch, ``nonfinite_loss: skip``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,27 +31,7 @@ from torchvision.transforms import v2
 
 from gspn_lightning.models import create_model
 
-from .base import TrainingTask
-from .ema import ModelEMA
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels only: none on norms, biases and other 1-D parameters."""
-    decay, no_decay = [], []
-    skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float, end: float) -> float:
-    """Multiplier of the peak lr: linear from ``start`` to 1 over the warm-up, then cosine to ``end``."""
-    if step < warmup_steps:
-        return start + (1.0 - start) * step / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from .base import OptimSettings, TrainingTask, param_groups, warmup_cosine  # noqa: F401 (re-exported)
 
 
 class ClassificationTask(TrainingTask):
@@ -107,8 +85,6 @@ class ClassificationTask(TrainingTask):
         super().__init__()
         self.save_hyperparameters()
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) or null, got {ema_decay}")
         try:
             self.model = create_model(
                 model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
@@ -117,7 +93,11 @@ class ClassificationTask(TrainingTask):
             raise ValueError(f"model.init_args.model: {exc.args[0]}") from None
         except TypeError as exc:
             raise TypeError(f"model.init_args.model_kwargs for model {model!r}: {exc}") from exc
-        self.ema = ModelEMA(self.model, ema_decay) if ema_decay is not None else None
+        self.init_ema(ema_decay)
+        self.optim = OptimSettings(
+            lr=base_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
+            schedule="cosine", warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
+        )  # fmt: skip
         mixers = []
         with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
             if mixup_alpha > 0:
@@ -262,43 +242,3 @@ class ClassificationTask(TrainingTask):
     def on_test_epoch_end(self):
         self._eval_epoch_end("test", self.test_acc, self.test_ema_acc)
         self._check_count("test", "num_test_samples", self.trainer.limit_test_batches)
-
-    # -- optimisation ----------------------------------------------------------------------------
-
-    def _global_batch(self) -> int:
-        per_device = self.hparams.batch_size
-        dm = getattr(self.trainer, "datamodule", None)
-        if per_device is None and dm is not None:
-            per_device = getattr(dm, "batch_size", None)
-        if per_device is None:
-            raise ValueError("cannot scale the lr: set model.batch_size or use a datamodule with batch_size")
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    def _steps_per_epoch(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        epoch_samples = getattr(dm, "epoch_samples", None) if dm is not None else None
-        if epoch_samples:
-            return max(1, epoch_samples // self._global_batch())
-        total = self.trainer.estimated_stepping_batches
-        if math.isfinite(total) and self.trainer.max_epochs and self.trainer.max_epochs > 0:
-            return max(1, int(total) // self.trainer.max_epochs)
-        raise ValueError("cannot size the schedule: give the datamodule an epoch length (epoch_samples)")
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        scale = self._global_batch() / hp.base_batch_size
-        lr = hp.base_lr * scale
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
-        steps_per_epoch = self._steps_per_epoch()
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        total = (
-            self.trainer.max_steps
-            if self.trainer.max_steps and self.trainer.max_steps > 0
-            else (steps_per_epoch * max_epochs)
-        )
-        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-        start, end = hp.warmup_lr / hp.base_lr, hp.min_lr / hp.base_lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, start, end)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
