@@ -8,6 +8,8 @@ A LightningCLI with the task and the datamodule chosen by ``class_path`` in the 
   in a later run (also on another node). ``last`` means the checkpoint of that folder with the highest
   completed step that loads; writes are atomic; a crash or SIGTERM during training saves
   ``on_exception.ckpt`` (full state, never before the first step); see that module for the rules;
+- the facts that belong to the data (``num_classes``, ``in_chans``, ``image_size``) linked from the
+  datamodule into the task, so no config types them twice;
 - the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``);
 - ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
 """
@@ -35,11 +37,32 @@ def prediction_dir(default_root_dir: str | None) -> str:
     return os.path.join(default_root_dir or os.getcwd(), "predictions")
 
 
+def data_fact(name: str):
+    """compute_fn of a data -> model link: the data's value, or a clear error when it has none."""
+
+    def get(value):
+        if value is None:
+            raise ValueError(
+                f"the data does not know its {name} (no shard index lists it): set data.init_args.{name}"
+            )
+        return value
+
+    return get
+
+
+#: facts that belong to the data and reach the task through links, never typed twice in a config
+DATA_LINKS = ("num_classes", "in_chans", "image_size")
+
+
 class GSPNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch:03d}-{step}"})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        for name in DATA_LINKS:
+            parser.link_arguments(
+                f"data.{name}", f"model.init_args.{name}", compute_fn=data_fact(name), apply_on="instantiate"
+            )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.link_arguments(
             "trainer.default_root_dir", "prediction_writer.output_dir", compute_fn=prediction_dir

@@ -42,6 +42,8 @@ class ClassificationTask(TrainingTask):
         model_kwargs: overrides passed to ``create_model`` (e.g. a smaller ``embed_dim``).
         num_classes: number of classes (also passed to the model).
         in_chans: image channels (also passed to the model).
+        image_size: the training image size, recorded in the checkpoint (the model takes any size).
+            In configs these three come from the data through LightningCLI links.
         base_lr: peak learning rate for a global batch of ``base_batch_size``; scaled linearly.
         base_batch_size: the reference global batch of ``base_lr`` (512 in the paper's recipe).
         weight_decay: AdamW weight decay (not on 1-D parameters).
@@ -66,6 +68,7 @@ class ClassificationTask(TrainingTask):
         model_kwargs: dict | None = None,
         num_classes: int = 1000,
         in_chans: int = 3,
+        image_size: int | None = None,
         base_lr: float = 5e-4,
         base_batch_size: int = 512,
         weight_decay: float = 0.05,
