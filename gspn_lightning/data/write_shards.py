@@ -187,6 +187,7 @@ def write_shards(
     shuffle_seed: int | None = 0,
     total: int | None = None,
     progress: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write samples into ``out_dir/<prefix>-NNNNNN.tar`` shards and ``out_dir/index.json``.
 
@@ -207,6 +208,8 @@ def write_shards(
             ImageFolder order). Iterables are written in their own order.
         total: number of samples, for the progress bar (known for a folder source).
         progress: show a tqdm progress bar.
+        meta: facts about the payload recorded in the index as ``"meta"`` (e.g. a latent's shape and
+            the VAE that made it), read back by the data modules.
 
     Returns:
         The index dict that was written to ``out_dir/index.json``.
@@ -302,6 +305,8 @@ def write_shards(
     if classes is None:
         classes = [str(i) for i in range(max_label + 1)]
     index = {"shards": shards, "total": sum(s["count"] for s in shards), "classes": list(classes)}
+    if meta:
+        index["meta"] = dict(meta)
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, out / INDEX_NAME)

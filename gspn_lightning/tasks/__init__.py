@@ -3,5 +3,6 @@
 from .callbacks import PredictionWriter
 from .checkpointing import ResumableCheckpoint
 from .classification import ClassificationTask
+from .diffusion import DiffusionTask
 
-__all__ = ["ClassificationTask", "PredictionWriter", "ResumableCheckpoint"]
+__all__ = ["ClassificationTask", "DiffusionTask", "PredictionWriter", "ResumableCheckpoint"]

@@ -1,0 +1,324 @@
+"""Latent diffusion data: VAE latents + class, streamed from webdataset shards, and the command that
+makes such shards from image shards.
+
+**Shards.** Each sample is ``<key>.npy`` + ``<key>.cls``. The array is float16 ``(views, 2C, h, w)``:
+for each stored view (the ADM centre crop, and its horizontal flip unless ``--no-flip``) the mean and
+the standard deviation of the VAE's posterior, both already multiplied by the VAE's
+``scaling_factor``. ``index.json`` records under ``"meta"`` the latent channels ``C`` and size ``h``,
+the image size, the scaling factor and the VAE's folder, which the data module reads back and
+LightningCLI links into the task (``in_chans``, ``image_size``).
+
+**Batches** are ``(latents float32 (B, C, h, w), labels int64 (B,))``. Training draws a view at
+random and a fresh posterior sample ``mean + std * N(0, 1)`` every time (what DiT does by encoding
+on the fly, at none of its cost); evaluation uses view 0's posterior mean. A sample that cannot be
+read is a corrupt row (zeros, label -1) like everywhere else; the streaming is
+:class:`~gspn_lightning.data.shards.ShardDataModule`'s.
+
+**Encoding** (``python -m gspn_lightning.data.latents SRC OUT --vae PATH``): reads every sample of the
+image shards ``SRC`` exactly once, split over all devices that Lightning Fabric sees (``--devices``),
+centre-crops it as ADM does (halve with a box filter while the short side is at least twice the
+target, then bicubic to the target, then the centre square), encodes it (and its flip) with the VAE and
+writes ``OUT/rank-NNN/`` shards per rank; rank 0 then writes ``OUT/index.json`` over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .shards import CORRUPT_LABEL, EvalShardSamples, ShardDataModule, collate, resolve_shards
+from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, existing_outputs, read_index, write_shards
+
+__all__ = ["DecodeLatent", "LatentWebDataModule", "adm_center_crop", "encode_shards", "main"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading latent shards
+# --------------------------------------------------------------------------------------------------
+
+
+class DecodeLatent:
+    """Raw sample -> ``(latent (C, h, w), label)``; a broken one -> ``(zeros, -1)``.
+
+    Args:
+        channels, size: the latent shape (from the index).
+        sample: draw a random view and a posterior sample (training); else view 0's mean.
+        num_classes: labels ``>= num_classes`` count as corrupt (``None``: no upper check).
+    """
+
+    def __init__(self, channels: int, size: int, sample: bool, num_classes: int | None = None):
+        self.channels, self.size, self.sample, self.num_classes = channels, size, sample, num_classes
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        try:
+            label = int(bytes(raw["cls"]).decode("ascii").strip())
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                raise ValueError(f"label {label} out of range")
+            arr = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+            C, h = self.channels, self.size
+            if arr.ndim != 4 or arr.shape[1:] != (2 * C, h, h) or not np.isfinite(arr).all():
+                raise ValueError(f"latent of shape {arr.shape}, expected (views, {2 * C}, {h}, {h}), finite")
+        except Exception as exc:  # a broken sample: a counted row, never a crash
+            if os.environ.get("GSPN_DATA_DEBUG"):
+                print(f"corrupt {raw.get('__key__')!r} of {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+            return torch.zeros(self.channels, self.size, self.size), CORRUPT_LABEL
+        moments = torch.from_numpy(arr.astype(np.float32))  # (views, 2C, h, w)
+        if not self.sample:
+            return moments[0, : self.channels].clone(), label
+        # the stream seeds torch per sample, so this draw is reproducible (and resumable)
+        view = moments[int(torch.randint(len(moments), ()))]
+        mean, std = view[: self.channels], view[self.channels :]
+        return mean + std * torch.randn_like(std), label
+
+
+class LatentWebDataModule(ShardDataModule):
+    """Latent + class batches for latent diffusion (see the module docstring).
+
+    Takes :class:`~gspn_lightning.data.shards.ShardDataModule`'s arguments; ``in_chans`` and
+    ``image_size`` (the latent's channels and size) come from the shard index's ``meta`` unless given
+    here, and are linked into the task by LightningCLI.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        predict_shards: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 5000,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        image_size: int | None = None,
+        pin_memory: bool = True,
+        max_shard_failures: int = 16,
+        seed: int | None = None,
+    ):
+        super().__init__(
+            train_shards, val_shards, test_shards, predict_shards, batch_size=batch_size,
+            num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
+            num_classes=num_classes, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
+        )  # fmt: skip
+        for key, value in (("in_chans", in_chans), ("image_size", image_size)):
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                raise ValueError(f"data.init_args.{key} must be an integer >= 1 or null, got {value!r}")
+        self._in_chans, self._image_size = in_chans, image_size
+
+    def _meta(self, key: str) -> Any:
+        meta = self.index_field("meta") or {}
+        return meta.get(key)
+
+    @property
+    def in_chans(self) -> int | None:
+        """Latent channels: the argument, else the index's ``meta.channels``."""
+        return self._in_chans if self._in_chans is not None else self._meta("channels")
+
+    @property
+    def image_size(self) -> int | None:
+        """Latent size: the argument, else the index's ``meta.size``."""
+        return self._image_size if self._image_size is not None else self._meta("size")
+
+    @property
+    def vae(self) -> str | None:
+        """The VAE folder the latents were made with (from the index), for decoding samples."""
+        return self._meta("vae")
+
+    def _decoder(self, split: str, sample: bool) -> DecodeLatent:
+        if self.in_chans is None or self.image_size is None:
+            raise ValueError(
+                "the latent shape is unknown: the shard index has no meta.channels/meta.size; set "
+                "data.init_args.in_chans and data.init_args.image_size"
+            )
+        return DecodeLatent(self.in_chans, self.image_size, sample, self.split_classes(split))
+
+    def train_decoder(self) -> DecodeLatent:
+        return self._decoder("train", sample=True)
+
+    def eval_decoder(self, split: str) -> DecodeLatent:
+        return self._decoder(split, sample=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing latent shards
+# --------------------------------------------------------------------------------------------------
+
+
+def adm_center_crop(image, size: int):
+    """ADM's centre crop of a PIL image to ``size x size``: box-filter halvings while the short side is
+    at least ``2 size``, bicubic resize of the short side to ``size``, then the centre square."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class _DecodeImage:
+    """Raw image sample -> ``(image in [-1, 1] (3, S, S), label, key)``; unreadable ones -> label -1."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, raw: dict[str, Any]):
+        from PIL import Image
+
+        key = raw.get("__key__", "?")
+        try:
+            ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
+            label = int(bytes(raw["cls"]).decode("ascii").strip())
+            with Image.open(io.BytesIO(raw[ext])) as img:
+                img = adm_center_crop(img.convert("RGB"), self.size)
+            x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+            return x, label, key
+        except Exception:  # skipped and counted by the encoder
+            return torch.zeros(3, self.size, self.size), CORRUPT_LABEL, key
+
+
+def _collate_keyed(rows):
+    x, labels = collate([(r[0], r[1]) for r in rows])
+    return x, labels, [r[2] for r in rows]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def encode_shards(
+    src: str,
+    out: str | Path,
+    vae_path: str,
+    image_size: int = 256,
+    flip: bool = True,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    devices: str | int = "auto",
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    overwrite: bool = False,
+    maxcount: int = 10000,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Encode the image shards ``src`` into latent shards under ``out``; returns the index on rank 0."""
+    import lightning as L
+    from tqdm.auto import tqdm
+
+    from gspn_lightning.diffusion.vae import load_vae
+
+    out = Path(out)
+    if (existing_outputs(out) or list(out.glob("rank-*/*.tar"))) and not overwrite:
+        raise FileExistsError(f"{out} already holds latent shards; pass --overwrite to replace them")
+    urls, _, classes = resolve_shards(src)
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, precision=precision)
+    fabric.launch()
+    vae = load_vae(vae_path, fabric.device)
+    rank, world = fabric.global_rank, fabric.world_size
+    loader = torch.utils.data.DataLoader(
+        _Mapped(EvalShardSamples(urls, rank, world), _DecodeImage(image_size)),
+        batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_keyed,
+    )  # fmt: skip
+    scale = float(vae.config.scaling_factor)
+    skipped = 0
+
+    def samples():
+        nonlocal skipped
+        bar = tqdm(desc=f"encoding (rank {rank})", unit="img", disable=not progress, position=rank)
+        for x, labels, keys in loader:
+            ok = labels >= 0
+            skipped += int((~ok).sum())
+            if not ok.any():
+                continue
+            x, labels = x[ok].to(fabric.device), labels[ok]
+            keys = [k for k, good in zip(keys, ok.tolist()) if good]
+            views = [x, x.flip(-1)] if flip else [x]
+            moments = []
+            with torch.no_grad():
+                for v in views:
+                    dist = vae.encode(v.to(vae.dtype)).latent_dist
+                    moments.append(torch.cat([dist.mean, dist.std], dim=1).float() * scale)  # (B, 2C, h, w)
+            stacked = torch.stack(moments, dim=1).half().cpu().numpy()  # (B, views, 2C, h, w)
+            for key, label, arr in zip(keys, labels.tolist(), stacked):
+                yield {"__key__": key, "npy": _npy(arr), "cls": int(label)}
+            bar.update(len(keys))
+        bar.close()
+
+    latent_channels = int(vae.config.latent_channels)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    meta = {
+        "channels": latent_channels, "size": image_size // factor, "image_size": image_size,
+        "scaling_factor": scale, "vae": str(Path(vae_path).resolve()), "views": 2 if flip else 1,
+        "stored": "posterior mean and std, times scaling_factor, float16 (views, 2C, h, w)",
+    }  # fmt: skip
+    rank_dir = out / f"rank-{rank:03d}"
+    write_shards(
+        samples(), rank_dir, maxcount=maxcount, overwrite=True, classes=classes, progress=False, meta=meta
+    )
+    fabric.barrier()
+    if rank != 0:
+        return None
+    shards, total = [], 0
+    for r in range(world):
+        index = read_index(out / f"rank-{r:03d}" / INDEX_NAME)
+        shards += [{"name": f"rank-{r:03d}/{s['name']}", "count": s["count"]} for s in index["shards"]]
+        total += index["total"]
+    merged = {"shards": shards, "total": total, "classes": classes or index["classes"], "meta": meta}
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, out / INDEX_NAME)
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) on rank 0", file=sys.stderr)
+    return merged
+
+
+class _Mapped(torch.utils.data.IterableDataset):
+    def __init__(self, dataset, fn):
+        super().__init__()
+        self.dataset, self.fn = dataset, fn
+
+    def __iter__(self):
+        return map(self.fn, iter(self.dataset))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Encode image shards into VAE latent shards (see the module docs).")
+    p.add_argument("src", help="image shards: a folder with index.json, an index.json, or a brace pattern")
+    p.add_argument("out", help="output folder for the latent shards")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (default 256)")
+    p.add_argument("--no-flip", action="store_true", help="do not store the flipped view")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--devices", default="auto", help="Lightning Fabric devices (default: all)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    devices = int(a.devices) if str(a.devices).isdigit() else a.devices
+    index = encode_shards(
+        a.src, a.out, a.vae, a.image_size, flip=not a.no_flip, batch_size=a.batch_size,
+        num_workers=a.num_workers, devices=devices, accelerator=a.accelerator, precision=a.precision,
+        overwrite=a.overwrite, maxcount=a.maxcount, progress=not a.no_progress,
+    )  # fmt: skip
+    if index is not None:
+        print(f"wrote {index['total']} latents in {len(index['shards'])} shards to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
