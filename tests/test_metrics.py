@@ -262,7 +262,7 @@ def test_kid_refuses_statistics_without_features(tmp_path, weights):
     path = Statistics.from_features(random_features(10, 2048, 3)).save(
         tmp_path / "s.npz", keep_features=False
     )
-    with pytest.raises(ValueError, match=r"real: KID needs features.*--keep-features"):
+    with pytest.raises(ValueError, match=r"real: KID needs features.*--keep-features.*--no-kid"):
         compute_kid(path, path, weights_path=weights)
 
 
