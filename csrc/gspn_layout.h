@@ -58,6 +58,14 @@ inline void check_inputs(const std::vector<at::Tensor>& ts, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors");
 }
 
+// Tasks per chunk of a CPU at::parallel_for, from the work of one task (in pixel-steps): at least
+// ~32k pixel-steps per chunk, so that a small op runs inline instead of paying the thread pool's
+// start-up for microseconds of work.
+inline int64_t parallel_grain(int64_t work_per_task) {
+  const int64_t w = work_per_task > 0 ? work_per_task : 1;
+  return (int64_t{1} << 15) / w > 1 ? (int64_t{1} << 15) / w : 1;
+}
+
 // chunk_size <= 0 or >= L means one group over the whole scan axis (the global variant).
 inline int64_t effective_chunk(int64_t chunk_size, int64_t L) {
   return (chunk_size <= 0 || chunk_size >= L) ? (L > 0 ? L : 1) : chunk_size;

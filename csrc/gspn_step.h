@@ -214,13 +214,15 @@ struct FusedGrads {
   Taps<acc_t> taps;
 };
 
+// The same with this pixel's taps and sigmoid(lam) already computed (the CPU kernel keeps them from
+// its recomputation of the forward).
 template <typename acc_t>
-GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, acc_t gm, acc_t gp, acc_t gl,
-                                         acc_t gu, acc_t gd, acc_t h, acc_t hn, acc_t hm, acc_t hp, acc_t wn_r,
-                                         acc_t a_r, acc_t wm_c, acc_t a_c, acc_t wp_l, acc_t a_l, bool has_neg,
-                                         bool has_pos, bool first) {
+GSPN_HD FusedGrads<acc_t> fused_backward_with(acc_t dy, acc_t m, acc_t x, const Taps<acc_t>& taps,
+                                              const Sigmoid<acc_t>& lam, acc_t gu, acc_t gd, acc_t h, acc_t hn,
+                                              acc_t hm, acc_t hp, acc_t wn_r, acc_t a_r, acc_t wm_c, acc_t a_c,
+                                              acc_t wp_l, acc_t a_l, bool first) {
   FusedGrads<acc_t> r;
-  const Sigmoid<acc_t> lam = sigmoid_and_grad(gl), u = sigmoid_and_grad(gu);
+  const Sigmoid<acc_t> u = sigmoid_and_grad(gu);
   const acc_t mdy = m * dy;
   r.a = adjoint_step<acc_t>(mdy * u.s, wn_r, a_r, wm_c, a_c, wp_l, a_l);
   const StepGrads<acc_t> d = step_grads<acc_t>(r.a, x, lam.s, hn, hm, hp);
@@ -229,17 +231,27 @@ GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, a
   r.dgu = mdy * h * u.ds;
   r.dgd = mdy * x;
   r.dm = dy * (u.s * h + gd * x);
+  r.taps = taps;
   if (first) {
-    r.taps = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     r.dgn = r.dgm = r.dgp = acc_t(0);
   } else {
-    r.taps = normalize_taps(gn, gm, gp, has_neg, has_pos);
-    const TapGrads<acc_t> tg = normalize_taps_backward(r.taps, d.dwn, d.dwm, d.dwp);
+    const TapGrads<acc_t> tg = normalize_taps_backward(taps, d.dwn, d.dwm, d.dwp);
     r.dgn = tg.dgn;
     r.dgm = tg.dgm;
     r.dgp = tg.dgp;
   }
   return r;
+}
+
+template <typename acc_t>
+GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, acc_t gm, acc_t gp, acc_t gl,
+                                         acc_t gu, acc_t gd, acc_t h, acc_t hn, acc_t hm, acc_t hp, acc_t wn_r,
+                                         acc_t a_r, acc_t wm_c, acc_t a_c, acc_t wp_l, acc_t a_l, bool has_neg,
+                                         bool has_pos, bool first) {
+  const Taps<acc_t> zero = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  const Taps<acc_t> taps = first ? zero : normalize_taps(gn, gm, gp, has_neg, has_pos);
+  return fused_backward_with(dy, m, x, taps, sigmoid_and_grad(gl), gu, gd, h, hn, hm, hp, wn_r, a_r, wm_c, a_c,
+                             wp_l, a_l, first);
 }
 
 }  // namespace gspn

@@ -30,10 +30,6 @@
 namespace gspn {
 namespace {
 
-// Below this many pixel-directions per task chunk, at::parallel_for runs inline: a small layer does
-// not pay the start-up of the thread pool.
-constexpr int64_t kMinParallelWork = 1 << 15;
-
 // Flush denormals to zero (FTZ + DAZ) while a kernel thread runs, restoring the caller's mode after.
 // The vectorised sigmoid/exp code otherwise meets denormal operands, each costing a ~100-cycle
 // microcode assist (measured: 5x slower loops); values below 1e-38 matter nowhere in this op.
@@ -134,11 +130,50 @@ struct PaddedLines {
   acc_t* line(int64_t i) { return buf.data() + i * P + 1; }
 };
 
-// The backward's per-line state: the adjoint and the three taps of a line.
+// What the backward's recomputation of the forward keeps of each pixel, one padded line per field
+// (the pads, and every tap of a group's first line, stay 0): the normalised taps, their
+// 1 - sigmoid factors, and sigmoid(lam) with its derivative.
 template <typename acc_t>
-struct LineState {
-  acc_t *a, *wn, *wm, *wp;
+struct Kept {
+  acc_t *wn, *wm, *wp, *qn, *qm, *qp, *ls, *lds;
 };
+constexpr int kKeptFields = 8;
+
+template <bool kNeg, bool kPos, bool kFirst, typename scalar_t, typename acc_t>
+inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k,
+                            int64_t j0, int64_t j1) {
+  const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos], *gl = in.g[kGateLam];
+  acc_t *wn = k.wn, *wm = k.wm, *wp = k.wp, *qn = k.qn, *qm = k.qm, *qp = k.qp, *ls = k.ls, *lds = k.lds;
+#pragma GCC ivdep
+  for (int64_t j = j0; j < j1; ++j) {
+    const Sigmoid<acc_t> lam = sigmoid_and_grad<acc_t>(gl[j]);
+    ls[j] = lam.s;
+    lds[j] = lam.ds;
+    if (kFirst) {
+      cur[j] = forward_first<acc_t>(x[j], lam.s);
+    } else {
+      const Taps<acc_t> t = normalize_taps<acc_t>(gn[j], gm[j], gp[j], kNeg, kPos);
+      cur[j] = forward_step<acc_t>(x[j], lam.s, t.wn, t.wm, t.wp, prev[j - 1], prev[j], prev[j + 1]);
+      wn[j] = t.wn;
+      wm[j] = t.wm;
+      wp[j] = t.wp;
+      qn[j] = t.qn;
+      qm[j] = t.qm;
+      qp[j] = t.qp;
+    }
+  }
+}
+
+template <bool kFirst, typename scalar_t, typename acc_t>
+void recompute_line(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k, int64_t M) {
+  if (M == 1) {
+    recompute_range<false, false, kFirst>(in, prev, cur, k, 0, 1);
+    return;
+  }
+  recompute_range<false, true, kFirst>(in, prev, cur, k, 0, 1);
+  recompute_range<true, true, kFirst>(in, prev, cur, k, 1, M - 1);
+  recompute_range<true, false, kFirst>(in, prev, cur, k, M - 1, M);
+}
 
 template <typename scalar_t, typename acc_t>
 struct LineGrads {
@@ -147,25 +182,27 @@ struct LineGrads {
   acc_t* dm;  // per-position partial sums of dL/dm
 };
 
-template <bool kNeg, bool kPos, bool kFirst, typename scalar_t, typename acc_t>
-inline void backward_range(const LineIn<scalar_t>& in, const scalar_t* dy, acc_t m, const acc_t* h, const acc_t* hp,
-                           const LineState<acc_t>& nxt, const LineState<acc_t>& cur,
-                           const LineGrads<scalar_t, acc_t>& out, int64_t j0, int64_t j1) {
-  const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos],
-                 *gl = in.g[kGateLam], *gu = in.g[kGateU], *gd = in.g[kGateD];
-  const acc_t *an = nxt.a, *wnn = nxt.wn, *wmn = nxt.wm, *wpn = nxt.wp;
-  acc_t *ac = cur.a, *wnc = cur.wn, *wmc = cur.wm, *wpc = cur.wp, *dx = out.dx, *dm = out.dm;
+// One line of the backward, against scan order: `k` is what the recomputation kept of this line,
+// `kn` and `an` the next line's taps and adjoint (zero lines after the group's last line); this
+// line's adjoint goes to `ac`.
+template <bool kFirst, typename scalar_t, typename acc_t>
+void backward_line(const LineIn<scalar_t>& in, const scalar_t* dy, acc_t m, const acc_t* h, const acc_t* hp,
+                   const Kept<acc_t>& k, const Kept<acc_t>& kn, const acc_t* an, acc_t* ac,
+                   const LineGrads<scalar_t, acc_t>& out, int64_t M) {
+  const scalar_t *x = in.x, *gu = in.g[kGateU], *gd = in.g[kGateD];
+  const acc_t *wn = k.wn, *wm = k.wm, *wp = k.wp, *qn = k.qn, *qm = k.qm, *qp = k.qp, *ls = k.ls, *lds = k.lds;
+  const acc_t *wnn = kn.wn, *wmn = kn.wm, *wpn = kn.wp;
+  acc_t *dx = out.dx, *dm = out.dm;
   scalar_t *dgn = out.dg[kGateNeg], *dgm = out.dg[kGateMid], *dgp = out.dg[kGatePos], *dgl = out.dg[kGateLam],
            *dgu = out.dg[kGateU], *dgd = out.dg[kGateD];
 #pragma GCC ivdep
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < M; ++j) {
+    const Taps<acc_t> taps = {wn[j], wm[j], wp[j], qn[j], qm[j], qp[j]};
+    const Sigmoid<acc_t> lam = {ls[j], lds[j]};
     const FusedGrads<acc_t> r =
-        fused_backward<acc_t>(dy[j], m, x[j], gn[j], gm[j], gp[j], gl[j], gu[j], gd[j], h[j], hp[j - 1], hp[j],
-                              hp[j + 1], wnn[j + 1], an[j + 1], wmn[j], an[j], wpn[j - 1], an[j - 1], kNeg, kPos, kFirst);
+        fused_backward_with<acc_t>(dy[j], m, x[j], taps, lam, gu[j], gd[j], h[j], hp[j - 1], hp[j], hp[j + 1],
+                                   wnn[j + 1], an[j + 1], wmn[j], an[j], wpn[j - 1], an[j - 1], kFirst);
     ac[j] = r.a;
-    wnc[j] = r.taps.wn;
-    wmc[j] = r.taps.wm;
-    wpc[j] = r.taps.wp;
     dx[j] += r.dx;
     dm[j] += r.dm;
     dgn[j] = static_cast<scalar_t>(r.dgn);
@@ -175,19 +212,6 @@ inline void backward_range(const LineIn<scalar_t>& in, const scalar_t* dy, acc_t
     dgu[j] = static_cast<scalar_t>(r.dgu);
     dgd[j] = static_cast<scalar_t>(r.dgd);
   }
-}
-
-template <bool kFirst, typename scalar_t, typename acc_t>
-void backward_line(const LineIn<scalar_t>& in, const scalar_t* dy, acc_t m, const acc_t* h, const acc_t* hp,
-                   const LineState<acc_t>& nxt, const LineState<acc_t>& cur, const LineGrads<scalar_t, acc_t>& out,
-                   int64_t M) {
-  if (M == 1) {
-    backward_range<false, false, kFirst>(in, dy, m, h, hp, nxt, cur, out, 0, 1);
-    return;
-  }
-  backward_range<false, true, kFirst>(in, dy, m, h, hp, nxt, cur, out, 0, 1);
-  backward_range<true, true, kFirst>(in, dy, m, h, hp, nxt, cur, out, 1, M - 1);
-  backward_range<true, false, kFirst>(in, dy, m, h, hp, nxt, cur, out, M - 1, M);
 }
 
 template <typename scalar_t>
@@ -205,7 +229,7 @@ struct Workspace {
   std::vector<scalar_t> xt, dyt;     // transposed x and dL/dy
   std::vector<scalar_t> gt, dgt;     // transposed logits of one direction and their gradients
   std::vector<acc_t> dm;             // per-position partial sums of dL/dm
-  PaddedLines<acc_t> h, state, zero;  // recomputed h lines; line states; a zero line
+  PaddedLines<acc_t> h, kept, state, zero;  // recomputed h, what else it keeps, adjoints, a zero line
 };
 
 // Pointers of one plane (b, c) and direction k: the inputs in the scan's canonical layout (lines
@@ -235,7 +259,7 @@ void propagate_forward_cpu(const PropagateArgs& a, at::Tensor& y) {
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   const int64_t HW = a.H * a.W, N = a.B * a.C;
   const bool columns = any_columns(a);
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, HW * a.K));
+  const int64_t grain = parallel_grain(HW * a.K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Workspace<scalar_t, acc_t> ws;
@@ -300,7 +324,7 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
   const int64_t HW = a.H * a.W, N = a.B * a.C, side = std::max(a.H, a.W);
   const bool columns = any_columns(a);
   // the backward does about three times the forward's work per pixel
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, 3 * HW * a.K));
+  const int64_t grain = parallel_grain(3 * HW * a.K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Workspace<scalar_t, acc_t> ws;
@@ -347,31 +371,43 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
         std::fill(ws.dm.begin(), ws.dm.end(), acc_t(0));
         lg.dm = ws.dm.data();
         ws.h.shape(geo.k, M, /*clear=*/false);
+        ws.kept.shape(kKeptFields * geo.k, M, /*clear=*/false);  // a first line's taps are never read
+        auto kept = [&](int64_t step) {
+          acc_t* f[kKeptFields];
+          for (int i = 0; i < kKeptFields; ++i) f[i] = ws.kept.line(i * geo.k + step);
+          return Kept<acc_t>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
+        };
+        const Kept<acc_t> none{ws.zero.line(0), ws.zero.line(0), ws.zero.line(0), ws.zero.line(0),
+                               ws.zero.line(0), ws.zero.line(0), ws.zero.line(0), ws.zero.line(0)};
         for (int64_t grp = 0; grp < num_groups(geo.L, geo.k); ++grp) {
           const int64_t s0 = group_begin(grp, geo.k), s1 = group_end(grp, geo.k, geo.L), len = s1 - s0;
-          // recompute this group's h, line `step` (in scan order) at ws.h.line(step)
+          // recompute this group's h (line `step` in scan order at ws.h.line(step)) and keep its taps
           for (int64_t step = 0; step < len; ++step) {
-            const int64_t off = line_at(step, s0, s1, geo.reverse) * M;
-            const acc_t* prev = step == 0 ? ws.zero.line(0) : ws.h.line(step - 1);
-            forward_line<false>(line_in(xs, g, off), prev, ws.h.line(step), static_cast<acc_t*>(nullptr), m, M,
-                                step == 0);
+            const LineIn<scalar_t> in = line_in(xs, g, line_at(step, s0, s1, geo.reverse) * M);
+            if (step == 0) {
+              recompute_line<true>(in, ws.zero.line(0), ws.h.line(step), kept(step), M);
+            } else {
+              recompute_line<false>(in, ws.h.line(step - 1), ws.h.line(step), kept(step), M);
+            }
           }
-          // walk it backwards; `nxt` holds the next line's adjoint and taps (0 after the last line)
-          ws.state.shape(8, M, /*clear=*/true);
-          LineState<acc_t> nxt{ws.state.line(0), ws.state.line(1), ws.state.line(2), ws.state.line(3)};
-          LineState<acc_t> cur{ws.state.line(4), ws.state.line(5), ws.state.line(6), ws.state.line(7)};
+          // walk it backwards; the adjoint of the next line is in `an` (0 after the last line)
+          ws.state.shape(2, M, /*clear=*/true);
+          acc_t* an = ws.state.line(0);
+          acc_t* ac = ws.state.line(1);
           for (int64_t step = len - 1; step >= 0; --step) {
             const int64_t off = line_at(step, s0, s1, geo.reverse) * M;
             LineGrads<scalar_t, acc_t> out = lg;
             out.dx = acc + off;
             for (int f = 0; f < kGateFields; ++f) out.dg[f] = lg.dg[f] + off;
             const LineIn<scalar_t> in = line_in(xs, g, off);
+            const Kept<acc_t> kn = step + 1 < len ? kept(step + 1) : none;
             if (step == 0) {
-              backward_line<true>(in, dys + off, m, ws.h.line(step), ws.zero.line(0), nxt, cur, out, M);
+              backward_line<true>(in, dys + off, m, ws.h.line(step), ws.zero.line(0), kept(step), kn, an, ac, out, M);
             } else {
-              backward_line<false>(in, dys + off, m, ws.h.line(step), ws.h.line(step - 1), nxt, cur, out, M);
+              backward_line<false>(in, dys + off, m, ws.h.line(step), ws.h.line(step - 1), kept(step), kn, an, ac,
+                                   out, M);
             }
-            std::swap(nxt, cur);
+            std::swap(an, ac);
           }
         }
         acc_t dm_sum = 0;
