@@ -230,6 +230,18 @@ struct Workspace {
   std::vector<scalar_t> gt, dgt;     // transposed logits of one direction and their gradients
   std::vector<acc_t> dm;             // per-position partial sums of dL/dm
   PaddedLines<acc_t> h, kept, state, zero;  // recomputed h, what else it keeps, adjoints, a zero line
+
+  void init(int64_t HW, bool columns, bool backward) {
+    rows.resize(HW);
+    if (!columns) return;
+    cols.resize(HW);
+    xt.resize(HW);
+    gt.resize(kGateFields * HW);
+    if (backward) {
+      dyt.resize(HW);
+      dgt.resize(kGateFields * HW);
+    }
+  }
 };
 
 // Pointers of one plane (b, c) and direction k: the inputs in the scan's canonical layout (lines
@@ -263,12 +275,7 @@ void propagate_forward_cpu(const PropagateArgs& a, at::Tensor& y) {
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Workspace<scalar_t, acc_t> ws;
-    ws.rows.resize(HW);
-    if (columns) {
-      ws.cols.resize(HW);
-      ws.xt.resize(HW);
-      ws.gt.resize(kGateFields * HW);
-    }
+    ws.init(HW, columns, /*backward=*/false);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / a.C, c = n % a.C;
       const scalar_t* xp = x + n * HW;
@@ -328,14 +335,7 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Workspace<scalar_t, acc_t> ws;
-    ws.rows.resize(HW);
-    if (columns) {
-      ws.cols.resize(HW);
-      ws.xt.resize(HW);
-      ws.dyt.resize(HW);
-      ws.gt.resize(kGateFields * HW);
-      ws.dgt.resize(kGateFields * HW);
-    }
+    ws.init(HW, columns, /*backward=*/true);
     ws.dm.resize(side);
     ws.zero.shape(1, side, /*clear=*/true);
     for (int64_t n = begin; n < end; ++n) {
@@ -452,8 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(const at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_propagate_bwd_cpu",
                                     [&] { propagate_backward_cpu<scalar_t>(a, gy, dx, dgates, dm_partial); });
   }
-  at::Tensor dmerge = dm_partial.sum(0).t().to(x.scalar_type()).contiguous();
-  return {dx, dgates, dmerge};
+  return {dx, dgates, merge_grad(dm_partial, x.scalar_type())};
 }
 
 }  // namespace
