@@ -163,6 +163,11 @@ inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates
   return a;
 }
 
+// dL/dmerge (K, C) in the dtype of x, from per-(batch, channel, direction) partial sums (B, C, K).
+inline at::Tensor merge_grad(const at::Tensor& partial, at::ScalarType dtype) {
+  return partial.sum(0).t().to(dtype).contiguous();
+}
+
 // Scan geometry of direction k: L lines of length M (columns for l2r/r2l) and the chunk length.
 struct PlaneGeometry {
   int64_t L, M, k;

@@ -127,8 +127,11 @@ inline double exp_approx(double v) { return std::exp(v < -708.0 ? -708.0 : (v > 
 template <typename acc_t>
 GSPN_HD acc_t gexp(acc_t v) {
 #if defined(__CUDA_ARCH__)
-  const acc_t lo = sizeof(acc_t) == 4 ? acc_t(-87) : acc_t(-708), hi = sizeof(acc_t) == 4 ? acc_t(88) : acc_t(709);
-  return exp(v < lo ? lo : (v > hi ? hi : v));
+  if constexpr (sizeof(acc_t) == 4) {
+    return expf(v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v));
+  } else {
+    return ::exp(v < -708.0 ? -708.0 : (v > 709.0 ? 709.0 : v));
+  }
 #else
   return exp_approx(v);
 #endif

@@ -261,3 +261,14 @@ def test_mixer_falls_back_without_compiler(tmp_path):
         code, {"GSPN_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-c++")}
     )
     assert "MIXER-FALLBACK-OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(
+    _build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc) to build the CUDA kernels with"
+)
+def test_cuda_propagate_kernels_register():
+    """CI compiles and links the fused CUDA kernels (no GPU to run them): the CUDA dispatch key of
+    both ops is filled, behind the same Python entry point as the CPU kernel."""
+    assert _build.load_cuda(force=True), _build.build_error("cuda")
+    for name in ("gspn_lightning::propagate_fwd", "gspn_lightning::propagate_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")

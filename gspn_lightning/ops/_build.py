@@ -33,7 +33,7 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 _CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp", "cpu/gspn_propagate_cpu.cpp"]
-_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu"]
+_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
 _HEADERS = ["gspn_step.h", "gspn_layout.h", "cuda/gspn_cuda.h"]
 # -fno-trapping-math lets GCC if-convert the float clamps and selects of the fused kernel's loops
 # (so they vectorise); the kernels never rely on floating-point exceptions.
