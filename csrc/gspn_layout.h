@@ -58,6 +58,14 @@ inline void check_inputs(const std::vector<at::Tensor>& ts, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors");
 }
 
+// Tasks per chunk of a CPU at::parallel_for, from the work of one task (in pixel-steps): at least
+// ~32k pixel-steps per chunk, so that a small op runs inline instead of paying the thread pool's
+// start-up for microseconds of work.
+inline int64_t parallel_grain(int64_t work_per_task) {
+  const int64_t w = work_per_task > 0 ? work_per_task : 1;
+  return (int64_t{1} << 15) / w > 1 ? (int64_t{1} << 15) / w : 1;
+}
+
 // chunk_size <= 0 or >= L means one group over the whole scan axis (the global variant).
 inline int64_t effective_chunk(int64_t chunk_size, int64_t L) {
   return (chunk_size <= 0 || chunk_size >= L) ? (L > 0 ? L : 1) : chunk_size;
@@ -113,6 +121,63 @@ Grads scan_backward(const at::Tensor& grad_h, const at::Tensor& x, const at::Ten
   if (dx.numel() > 0) kernel(a, gc, hc, dx, dlam, dwn, dwm, dwp);
   auto back = [&](const at::Tensor& t) { return from_canonical(t, x, dir, transpose_copy); };
   return {back(dx), back(dlam), back(dwn), back(dwm), back(dwp)};
+}
+
+
+// ---- The fused four-direction propagation (propagate_fwd / propagate_bwd) ----
+
+// x (B, C, H, W), gates (B, K, 6, C, H, W) raw logits, merge (K, C) weights, made contiguous, with
+// the geometry and the parsed directions.
+struct PropagateArgs {
+  at::Tensor x, gates, merge;
+  int64_t B, C, H, W, K, chunk;
+  std::vector<Direction> dirs;
+};
+
+inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
+                                    const std::vector<std::string>& directions, int64_t chunk_size,
+                                    const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t K = static_cast<int64_t>(directions.size());
+  TORCH_CHECK(K >= 1 && K <= 4, op, ": between 1 and 4 directions, got ", K);
+  TORCH_CHECK(gates.dim() == 6 && gates.size(0) == B && gates.size(1) == K && gates.size(2) == 6 &&
+                  gates.size(3) == C && gates.size(4) == H && gates.size(5) == W,
+              op, ": gates must have shape (B, K, 6, C, H, W) = (", B, ", ", K, ", 6, ", C, ", ", H, ", ", W,
+              "), got ", gates.sizes());
+  TORCH_CHECK(merge.dim() == 2 && merge.size(0) == K && merge.size(1) == C, op,
+              ": merge must have shape (K, C) = (", K, ", ", C, "), got ", merge.sizes());
+  for (const at::Tensor* t : {&gates, &merge}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": gates and merge must have the dtype of x");
+    TORCH_CHECK(t->device() == x.device(), op, ": gates and merge must be on the device of x");
+  }
+  PropagateArgs a{x.contiguous(), gates.contiguous(), merge.contiguous(), B, C, H, W, K, chunk_size <= 0 ? 0 : chunk_size, {}};
+  for (const auto& d : directions) {
+    a.dirs.push_back(parse_direction(d));
+    for (size_t i = 0; i + 1 < a.dirs.size(); ++i) {
+      TORCH_CHECK(a.dirs[i].transpose != a.dirs.back().transpose || a.dirs[i].reverse != a.dirs.back().reverse,
+                  op, ": directions must be distinct, got '", d, "' twice");
+    }
+  }
+  return a;
+}
+
+// dL/dmerge (K, C) in the dtype of x, from per-(batch, channel, direction) partial sums (B, C, K).
+inline at::Tensor merge_grad(const at::Tensor& partial, at::ScalarType dtype) {
+  return partial.sum(0).t().to(dtype).contiguous();
+}
+
+// Scan geometry of direction k: L lines of length M (columns for l2r/r2l) and the chunk length.
+struct PlaneGeometry {
+  int64_t L, M, k;
+  bool columns, reverse;
+};
+
+inline PlaneGeometry plane_geometry(const PropagateArgs& a, int64_t dir) {
+  const Direction& d = a.dirs[dir];
+  const int64_t L = d.transpose ? a.W : a.H, M = d.transpose ? a.H : a.W;
+  return {L, M, effective_chunk(a.chunk, L), d.transpose, d.reverse};
 }
 
 }  // namespace gspn

@@ -8,4 +8,11 @@ TORCH_LIBRARY(gspn_lightning, m) {
   // Gradients of the five inputs, given dL/dh and the forward output h.
   m.def("scan_bwd(Tensor grad_h, Tensor x, Tensor lam, Tensor w_neg, Tensor w_mid, Tensor w_pos, "
         "Tensor h, str direction, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The fused propagation of the GSPN mixer: x (B, C, H, W), raw gate logits (B, K, 6, C, H, W) in the
+  // order (g_neg, g_mid, g_pos, lam, u, d), merge weights (K, C), one direction per k:
+  //   y = sum_k merge[k] * (sigmoid(u_k) * scan_k(x; sigmoid(lam_k), normalize_gates(g_k)) + d_k * x)
+  m.def("propagate_fwd(Tensor x, Tensor gates, Tensor merge, str[] directions, int chunk_size) -> Tensor");
+  // Gradients of x, gates and merge given dL/dy; recomputes the scans (the forward saves nothing).
+  m.def("propagate_bwd(Tensor grad_y, Tensor x, Tensor gates, Tensor merge, str[] directions, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)");
 }

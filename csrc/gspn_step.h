@@ -16,12 +16,13 @@
 // where the terms of a line that has no next / previous line in its group are 0.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GSPN_HD __host__ __device__ __forceinline__
 #else
-#define GSPN_HD inline
+#define GSPN_HD inline __attribute__((always_inline))
 #endif
 
 namespace gspn {
@@ -69,6 +70,191 @@ GSPN_HD int64_t group_end(int64_t g, int64_t k, int64_t L) { return (g + 1) * k 
 // Position of the `step`-th line of a group [s0, s1) in scan order.
 GSPN_HD int64_t line_at(int64_t step, int64_t s0, int64_t s1, bool reverse) {
   return reverse ? s1 - 1 - step : s0 + step;
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// The fused propagation of the GSPN mixer (one pass over four directions).  Per direction k and
+// pixel, six raw logits (g_neg, g_mid, g_pos, lam, u, d) give
+//
+//     (w_neg, w_mid, w_pos) = normalize_gates(g_neg, g_mid, g_pos)   (sigmoid taps, outside taps 0,
+//                                                                     divided by their sum)
+//     h_k = scan_k(x; sigmoid(lam), w)          y = sum_k m_k (sigmoid(u) h_k + d x)
+//
+// The taps are computed in a form that stays finite for any logits: with c = min(0, max of the
+// present logits), s_t = sigmoid(g_t) e^-c = 1 / (e^c + e^(c - g_t)), whose largest is >= 1/2, so
+// the sum never underflows; w_t = s_t / sum s.  Their adjoint is
+//
+//     dg_t = (dw_t - sum_r w_r dw_r) w_t (1 - sigmoid(g_t)),   1 - sigmoid(g_t) = e^(c - g_t) s_t,
+//
+// again without cancellation.  The sigmoids of lam and u use sigmoid(v) = 1 / (1 + e^-v) and
+// 1 - sigmoid(v) = e^-v sigmoid(v).
+// ---------------------------------------------------------------------------------------------------
+
+// The six logits of a direction, in the channel order of the mixer's gate projection.
+enum GateField : int { kGateNeg = 0, kGateMid = 1, kGatePos = 2, kGateLam = 3, kGateU = 4, kGateD = 5 };
+constexpr int kGateFields = 6;
+
+#if !defined(__CUDA_ARCH__)
+// exp for float on the host, written in plain arithmetic so the compiler vectorises the loops that
+// call it (libm's expf is not inlined): range reduction by ln 2 and a degree-7 polynomial, relative
+// error below 2e-7.  Inputs are clamped to [-87, 88] (results stay normal floats); NaN propagates.
+inline __attribute__((always_inline)) float exp_approx(float v) {
+  v = v < -87.0f ? -87.0f : v;
+  v = v > 88.0f ? 88.0f : v;
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
+  const float r = (v - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  union {
+    int32_t i;
+    float f;
+  } scale;
+  scale.i = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  return p * scale.f;
+}
+inline double exp_approx(double v) { return std::exp(v < -708.0 ? -708.0 : (v > 709.0 ? 709.0 : v)); }
+#endif
+
+// exp clamped to finite, normal results (e^-87..e^88 in float, e^-708..e^709 in double), so that
+// products like e^(c - g) s stay finite.
+template <typename acc_t>
+GSPN_HD acc_t gexp(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc_t) == 4) {
+    return expf(v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v));
+  } else {
+    return ::exp(v < -708.0 ? -708.0 : (v > 709.0 ? 709.0 : v));
+  }
+#else
+  return exp_approx(v);
+#endif
+}
+
+// Normalised taps of one pixel; `q*` = 1 - sigmoid(logit) for the backward.  A tap whose neighbour
+// lies outside the line (`has_neg` false at the first, `has_pos` false at the last position) is 0.
+template <typename acc_t>
+struct Taps {
+  acc_t wn, wm, wp;
+  acc_t qn, qm, qp;
+};
+
+template <typename acc_t>
+GSPN_HD Taps<acc_t> normalize_taps(acc_t gn, acc_t gm, acc_t gp, bool has_neg, bool has_pos) {
+  acc_t mx = gm;
+  if (has_neg) mx = gn > mx ? gn : mx;
+  if (has_pos) mx = gp > mx ? gp : mx;
+  const acc_t c = mx < acc_t(0) ? mx : acc_t(0);
+  const acc_t ec = gexp(c);
+  const acc_t en = gexp(c - gn), em = gexp(c - gm), ep = gexp(c - gp);
+  const acc_t sn = has_neg ? acc_t(1) / (ec + en) : acc_t(0);
+  const acc_t sm = acc_t(1) / (ec + em);
+  const acc_t sp = has_pos ? acc_t(1) / (ec + ep) : acc_t(0);
+  const acc_t inv = acc_t(1) / (sn + sm + sp);
+  return {sn * inv, sm * inv, sp * inv, en * sn, em * sm, ep * sp};
+}
+
+// Adjoint of the three tap logits given the adjoints of the normalised taps.
+template <typename acc_t>
+struct TapGrads {
+  acc_t dgn, dgm, dgp;
+};
+
+template <typename acc_t>
+GSPN_HD TapGrads<acc_t> normalize_taps_backward(const Taps<acc_t>& t, acc_t dwn, acc_t dwm, acc_t dwp) {
+  const acc_t dot = t.wn * dwn + t.wm * dwm + t.wp * dwp;
+  return {(dwn - dot) * t.wn * t.qn, (dwm - dot) * t.wm * t.qm, (dwp - dot) * t.wp * t.qp};
+}
+
+// sigmoid(v) and its derivative sigmoid(v) (1 - sigmoid(v)).
+template <typename acc_t>
+struct Sigmoid {
+  acc_t s, ds;
+};
+
+template <typename acc_t>
+GSPN_HD Sigmoid<acc_t> sigmoid_and_grad(acc_t v) {
+  const acc_t e = gexp(-v);
+  const acc_t s = acc_t(1) / (acc_t(1) + e);
+  return {s, s * (e * s)};
+}
+
+template <typename acc_t>
+GSPN_HD acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + gexp(-v));
+}
+
+// h of one pixel of the fused op from its raw logits and the previous line's three neighbours.
+template <typename acc_t>
+GSPN_HD acc_t fused_h(acc_t x, acc_t gn, acc_t gm, acc_t gp, acc_t gl, acc_t hn, acc_t hm, acc_t hp,
+                      bool has_neg, bool has_pos, bool first) {
+  const acc_t lam = sigmoid(gl);
+  if (first) return forward_first<acc_t>(x, lam);
+  const Taps<acc_t> t = normalize_taps(gn, gm, gp, has_neg, has_pos);
+  return forward_step<acc_t>(x, lam, t.wn, t.wm, t.wp, hn, hm, hp);
+}
+
+// This direction's term of y at one pixel, before the merge weight: sigmoid(u) h + d x.
+template <typename acc_t>
+GSPN_HD acc_t fused_y(acc_t h, acc_t x, acc_t gu, acc_t gd) {
+  return sigmoid(gu) * h + gd * x;
+}
+
+// Backward of one pixel of one direction.  `dy` is dL/dy, `m` the merge weight, `h` this pixel's
+// output and `hn, hm, hp` the previous line's neighbours (0 for the first line of a group); the
+// `*_r, *_c, *_l` arguments are the next line's taps and adjoints as in adjoint_step (0 for the last
+// line of a group).  Returns the adjoint of h, the taps (which the previous line needs), and the
+// gradients of x (this direction's share), of the six logits and of the merge weight.
+template <typename acc_t>
+struct FusedGrads {
+  acc_t a, dx, dgn, dgm, dgp, dgl, dgu, dgd, dm;
+  Taps<acc_t> taps;
+};
+
+// The same with this pixel's taps and sigmoid(lam) already computed (the CPU kernel keeps them from
+// its recomputation of the forward).
+template <typename acc_t>
+GSPN_HD FusedGrads<acc_t> fused_backward_with(acc_t dy, acc_t m, acc_t x, const Taps<acc_t>& taps,
+                                              const Sigmoid<acc_t>& lam, acc_t gu, acc_t gd, acc_t h, acc_t hn,
+                                              acc_t hm, acc_t hp, acc_t wn_r, acc_t a_r, acc_t wm_c, acc_t a_c,
+                                              acc_t wp_l, acc_t a_l, bool first) {
+  FusedGrads<acc_t> r;
+  const Sigmoid<acc_t> u = sigmoid_and_grad(gu);
+  const acc_t mdy = m * dy;
+  r.a = adjoint_step<acc_t>(mdy * u.s, wn_r, a_r, wm_c, a_c, wp_l, a_l);
+  const StepGrads<acc_t> d = step_grads<acc_t>(r.a, x, lam.s, hn, hm, hp);
+  r.dx = d.dx + mdy * gd;
+  r.dgl = d.dlam * lam.ds;
+  r.dgu = mdy * h * u.ds;
+  r.dgd = mdy * x;
+  r.dm = dy * (u.s * h + gd * x);
+  r.taps = taps;
+  if (first) {
+    r.dgn = r.dgm = r.dgp = acc_t(0);
+  } else {
+    const TapGrads<acc_t> tg = normalize_taps_backward(taps, d.dwn, d.dwm, d.dwp);
+    r.dgn = tg.dgn;
+    r.dgm = tg.dgm;
+    r.dgp = tg.dgp;
+  }
+  return r;
+}
+
+template <typename acc_t>
+GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, acc_t gm, acc_t gp, acc_t gl,
+                                         acc_t gu, acc_t gd, acc_t h, acc_t hn, acc_t hm, acc_t hp, acc_t wn_r,
+                                         acc_t a_r, acc_t wm_c, acc_t a_c, acc_t wp_l, acc_t a_l, bool has_neg,
+                                         bool has_pos, bool first) {
+  const Taps<acc_t> zero = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  const Taps<acc_t> taps = first ? zero : normalize_taps(gn, gm, gp, has_neg, has_pos);
+  return fused_backward_with(dy, m, x, taps, sigmoid_and_grad(gl), gu, gd, h, hn, hm, hp, wn_r, a_r, wm_c, a_c,
+                             wp_l, a_l, first);
 }
 
 }  // namespace gspn

@@ -71,24 +71,28 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
 // Column scans (l2r / r2l) keep the image layout: line s of a plane is its column s, element j at
 // j * L + s.  They are processed in tiles of kTile lines, transpose-copied between the plane and a
 // small contiguous buffer (kTile consecutive elements of each row: whole cache lines), so the line
-// loops run on contiguous memory without a full-tensor transpose.
+// loops run on contiguous memory without a full-tensor transpose.  The tile's lines are kPad
+// elements longer than M: with a stride of exactly M (a power of two, typically) the kTile lines
+// written for one row would map onto one or two L1 sets and evict each other.
 constexpr int64_t kTile = 16;
+constexpr int64_t kPad = 16;
+
 
 template <typename T>
 void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                    int64_t M) {
+                    int64_t M, int64_t stride) {
   for (int64_t j = 0; j < M; ++j) {
     const T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) tile[t * M + j] = row[cols[t]];
+    for (int64_t t = 0; t < tn; ++t) tile[t * stride + j] = row[cols[t]];
   }
 }
 
 template <typename T>
 void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                     int64_t M) {
+                     int64_t M, int64_t stride) {
   for (int64_t j = 0; j < M; ++j) {
     T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * M + j];
+    for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * stride + j];
   }
 }
 
@@ -98,12 +102,12 @@ void forward_cpu_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* 
                         bool columns) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = num_groups(L, k);
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  const int64_t Mp = M + kPad, TM = kTile * Mp;
+  at::parallel_for(0, N * G, parallel_grain(L / G * M), [&](int64_t begin, int64_t end) {
     // Two padded lines: index 0 and M + 1 stay 0 and stand for the taps outside the line.
     std::vector<acc_t> buf(2 * (M + 2), acc_t(0));
     // Column scans: tiles of the five inputs and of the output.
-    std::vector<scalar_t> tile(columns ? 6 * kTile * M : 0);
-    const int64_t TM = kTile * M;
+    std::vector<scalar_t> tile(columns ? 6 * TM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / G, g = task % G;
       const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
@@ -116,15 +120,15 @@ void forward_cpu_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* 
         int64_t cols[kTile];
         if (columns) {
           for (int64_t t = 0; t < tn; ++t) cols[t] = line_at(t0 + t, s0, s1, reverse);
-          for (int a = 0; a < 5; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M);
+          for (int a = 0; a < 5; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M, Mp);
         }
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t step = t0 + t;
           const scalar_t* p[5];
           scalar_t* out;
           if (columns) {
-            for (int a = 0; a < 5; ++a) p[a] = tile.data() + a * TM + t * M;
-            out = tile.data() + 5 * TM + t * M;
+            for (int a = 0; a < 5; ++a) p[a] = tile.data() + a * TM + t * Mp;
+            out = tile.data() + 5 * TM + t * Mp;
           } else {
             const int64_t off = line_at(step, s0, s1, reverse) * M;
             for (int a = 0; a < 5; ++a) p[a] = in[a] + off;
@@ -133,7 +137,7 @@ void forward_cpu_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* 
           forward_line<scalar_t, acc_t>(p[0], p[1], p[2], p[3], p[4], prev, cur, out, M, step == 0);
           std::swap(prev, cur);
         }
-        if (columns) scatter_columns(h + plane, tile.data() + 5 * TM, cols, tn, L, M);
+        if (columns) scatter_columns(h + plane, tile.data() + 5 * TM, cols, tn, L, M, Mp);
       }
     }
   });
@@ -147,15 +151,15 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = num_groups(L, k);
   const int64_t P = M + 2;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  const int64_t Mp = M + kPad, TM = kTile * Mp;
+  at::parallel_for(0, N * G, parallel_grain(3 * L / G * M), [&](int64_t begin, int64_t end) {
     // Zero-padded lines (index 0 and M + 1 stay 0): the adjoint and the three gates of the next
     // line in scan order (read), the same for this line (written; the halves swap every step), and
     // the previous line's output.
     std::vector<acc_t> buf(9 * P, acc_t(0));
     // Column scans: tiles of the six inputs (grad, x, lam, w_neg, w_mid, w_pos), the five gradients,
     // and the outputs of the previous lines.
-    std::vector<scalar_t> tile(columns ? 12 * kTile * M : 0);
-    const int64_t TM = kTile * M;
+    std::vector<scalar_t> tile(columns ? 12 * TM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / G, g = task % G;
       const int64_t s0 = group_begin(g, k), s1 = group_end(g, k, L), len = s1 - s0;
@@ -175,8 +179,8 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
         if (columns) {
           for (int64_t t = 0; t < tn; ++t) cols[t] = line_at(t_lo + t, s0, s1, reverse);
           for (int64_t t = 0; t < t_hi - 1 - h_lo; ++t) hcols[t] = line_at(h_lo + t, s0, s1, reverse);
-          for (int a = 0; a < 6; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M);
-          gather_columns(h + plane, tile.data() + 11 * TM, hcols, t_hi - 1 - h_lo, L, M);
+          for (int a = 0; a < 6; ++a) gather_columns(in[a], tile.data() + a * TM, cols, tn, L, M, Mp);
+          gather_columns(h + plane, tile.data() + 11 * TM, hcols, t_hi - 1 - h_lo, L, M, Mp);
         }
         for (int64_t step = t_hi - 1; step >= t_lo; --step) {
           const scalar_t* p[6];
@@ -184,9 +188,9 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
           const scalar_t* hp = nullptr;
           if (columns) {
             const int64_t t = step - t_lo;
-            for (int a = 0; a < 6; ++a) p[a] = tile.data() + a * TM + t * M;
-            for (int a = 0; a < 5; ++a) d[a] = tile.data() + (6 + a) * TM + t * M;
-            if (step > 0) hp = tile.data() + 11 * TM + (step - 1 - h_lo) * M;
+            for (int a = 0; a < 6; ++a) p[a] = tile.data() + a * TM + t * Mp;
+            for (int a = 0; a < 5; ++a) d[a] = tile.data() + (6 + a) * TM + t * Mp;
+            if (step > 0) hp = tile.data() + 11 * TM + (step - 1 - h_lo) * Mp;
           } else {
             const int64_t off = line_at(step, s0, s1, reverse) * M;
             for (int a = 0; a < 6; ++a) p[a] = in[a] + off;
@@ -204,7 +208,7 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
           std::swap(nxt, cur);
         }
         if (columns) {
-          for (int a = 0; a < 5; ++a) scatter_columns(grad[a], tile.data() + (6 + a) * TM, cols, tn, L, M);
+          for (int a = 0; a < 5; ++a) scatter_columns(grad[a], tile.data() + (6 + a) * TM, cols, tn, L, M, Mp);
         }
         t_hi = t_lo;
       }

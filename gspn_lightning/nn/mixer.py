@@ -10,6 +10,8 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
         h_k = gspn_scan(x, sigmoid(lam), *normalize_gates(g_neg, g_mid, g_pos, k), k, chunk_size)
         y_k = sigmoid(u) * h_k + d * x
     y  = sum_k softmax_k(merge)[k, c] * y_k              (B, E, H, W)   per-channel softmax over directions
+                                                         (the loop and the merge: one fused op,
+                                                         gspn_propagate, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
 
 Choices (the paper leaves them open):
@@ -39,13 +41,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops import DIRECTIONS, gspn_scan, normalize_gates
+from ..ops import DIRECTIONS, GATE_FIELDS, gspn_propagate, gspn_scan, propagate_reference
 from .norm import GRN, LayerNorm2d
 
-__all__ = ["GSPNMixer", "GSPNTokenMixer"]
-
-#: per-direction outputs of the gate projection, in channel order
-GATE_FIELDS = ("g_neg", "g_mid", "g_pos", "lam", "u", "d")
+__all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer"]
 
 
 class GSPNMixer(nn.Module):
@@ -58,7 +57,11 @@ class GSPNMixer(nn.Module):
         chunk_size: ``None`` for global propagation, ``k`` for the local variant (restart every ``k`` lines).
         dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise).
         directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
-        backend: passed to :func:`gspn_lightning.ops.gspn_scan` (``None``: ``$GSPN_BACKEND`` / auto).
+        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto).
+        fused: steps 2-4 (gate normalisation, the scans, the merge) as one op,
+            :func:`gspn_lightning.ops.gspn_propagate` (the default: it saves only its inputs for the
+            backward); ``False`` composes :func:`normalize_gates` and :func:`gspn_scan` per direction,
+            which is the same function (the fused op's reference) at several times the time and memory.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class GSPNMixer(nn.Module):
         dw_kernel: int = 7,
         directions: Sequence[str] = DIRECTIONS,
         backend: str | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         directions = tuple(directions)
@@ -89,6 +93,7 @@ class GSPNMixer(nn.Module):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.directions = directions
         self.backend = backend
+        self.fused = bool(fused)
 
         self.in_proj = nn.Conv2d(dim, d_inner, 1)
         self.dwconv = nn.Conv2d(d_inner, d_inner, dw_kernel, padding=dw_kernel // 2, groups=d_inner)
@@ -115,7 +120,7 @@ class GSPNMixer(nn.Module):
         nn.init.zeros_(self.grn.beta)
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, directions={self.directions}"
+        return f"chunk_size={self.chunk_size}, directions={self.directions}, fused={self.fused}"
 
     def propagate(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the norm: ``(B, dim, H, W) -> (B, d_inner, H, W)``, the merged ``y``."""
@@ -123,14 +128,13 @@ class GSPNMixer(nn.Module):
         x = self.act(self.dwconv(self.in_proj(x)))
         g = self.gates(self.proxy(x)).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
         weights = torch.softmax(self.merge_logits.float(), dim=0).to(x.dtype)
-        y = None
-        for k, direction in enumerate(self.directions):
-            g_neg, g_mid, g_pos, lam, u, d = g[:, k].unbind(1)
-            taps = normalize_gates(g_neg, g_mid, g_pos, direction)
-            h = gspn_scan(x, torch.sigmoid(lam), *taps, direction, self.chunk_size, backend=self.backend)
-            y_k = (torch.sigmoid(u) * h + d * x) * weights[k].view(1, -1, 1, 1)
-            y = y_k if y is None else y + y_k
-        return y
+        if self.fused:
+            return gspn_propagate(x, g, weights, self.directions, self.chunk_size, backend=self.backend)
+
+        def scan(*args):
+            return gspn_scan(*args, backend=self.backend)
+
+        return propagate_reference(x, g, weights, self.directions, self.chunk_size, scan=scan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, dim, H, W) -> (B, dim, H, W)``."""

@@ -6,7 +6,8 @@ the row-stochastic weights that keep it stable.  The exact contract is in ``shar
 the docstrings below.
 
 Backends: ``"kernel"`` (the JIT-built C++/CUDA kernels, registered with ``torch.library``) or
-``"reference"`` (pure PyTorch, :func:`scan_reference`).  ``backend=None`` reads ``$GSPN_BACKEND``
+``"reference"`` (pure PyTorch, :func:`scan_reference`).  ``gspn_propagate`` (in :mod:`.propagate`) is the
+mixer's whole propagation, four directions with gate normalisation and merge, as one fused op.  ``backend=None`` reads ``$GSPN_BACKEND``
 (default ``"auto"``: the kernel where it is available for the tensors' device, else the reference with
 one warning).  The package imports and works without a C++ compiler, only slower.
 """
@@ -20,13 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from . import _build
+from .propagate import GATE_FIELDS, gspn_propagate, propagate_reference
 from .reference import DIRECTIONS, scan_geometry, scan_reference
 
 __all__ = [
     "DIRECTIONS",
+    "GATE_FIELDS",
+    "gspn_propagate",
     "gspn_scan",
     "kernel_available",
     "normalize_gates",
+    "propagate_reference",
     "scan_reference",
 ]
 
@@ -71,6 +76,14 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple) -> None:
 def _check_direction(direction) -> None:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (or None for the global scan), got {chunk_size}")
 
 
 def _resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -124,11 +137,8 @@ def gspn_scan(
     """
     _check_tensors(_ARG_NAMES, (x, lam, w_neg, w_mid, w_pos))
     _check_direction(direction)
+    _check_chunk_size(chunk_size)
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (or None for the global scan), got {chunk_size}")
         transpose, _ = scan_geometry(direction)
         if chunk_size >= x.shape[-1 if transpose else -2]:
             chunk_size = None  # one chunk covering the whole scan axis is the global scan (any size of k)

@@ -2,7 +2,8 @@
 
 The C++ (CPU) and C++/CUDA extensions are built with ``torch.utils.cpp_extension.load`` into a cache
 folder, ``$GSPN_EXTENSIONS_DIR`` or ``~/.cache/gspn_lightning``.  Each build lives in a folder named
-after a hash of its sources, flags and the torch/CUDA/Python versions, so a changed source or a new
+after a hash of its sources, flags, the CPU instruction set it targets (:func:`cpu_isa`) and the
+torch/CUDA/Python versions, so a changed source or a new
 torch never loads a stale library.  The first use builds (about a minute for the CPU kernels, a few
 for CUDA); later processes find the finished library and load it directly, without running ninja.
 
@@ -31,10 +32,14 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
-_CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp"]
-_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu"]
+_CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp", "cpu/gspn_propagate_cpu.cpp"]
+_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
 _HEADERS = ["gspn_step.h", "gspn_layout.h", "cuda/gspn_cuda.h"]
-_CPU_CFLAGS = ["-O3", "-fopenmp"]
+# -fno-trapping-math lets GCC if-convert the float clamps and selects of the fused kernel's loops
+# (so they vectorise); the kernels never rely on floating-point exceptions.
+_CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# Extra flags per CPU instruction set; the set is part of the build's cache key (see cpu_isa).
+_ISA_CFLAGS = {"base": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
 _CPU_LDFLAGS = ["-fopenmp"]
 _CUDA_CFLAGS = ["-O3"]
 _CUDA_NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
@@ -83,6 +88,23 @@ def _torch_cuda_include() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels are built for on this machine: ``"avx2"`` (AVX2 + FMA, also
+    on AVX-512 machines) where PyTorch's own runtime detection reports it, else ``"base"``.
+
+    ``$GSPN_CPU_ISA`` (``base`` / ``avx2``) overrides it.  The ISA is part of the build folder's hash,
+    so a cache shared between machines (a home folder on a cluster) holds one build per ISA and
+    never hands a node a library it cannot run.
+    """
+    forced = os.environ.get("GSPN_CPU_ISA", "")
+    if forced:
+        if forced not in _ISA_CFLAGS:
+            raise ValueError(f"GSPN_CPU_ISA must be one of {sorted(_ISA_CFLAGS)}, got {forced!r}")
+        return forced
+    capability = torch.backends.cpu.get_cpu_capability()  # ATen's AVX2 level requires FMA as well
+    return "avx2" if capability in ("AVX2", "AVX512") else "base"
+
+
 def _fingerprint(name: str, sources: list[str], flags: list) -> str:
     h = hashlib.sha256()
     for rel in sorted(set(sources + _HEADERS)):
@@ -104,8 +126,9 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
             # load() cannot detect an architecture without a GPU; this build only has to compile.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         extra_include += _torch_cuda_include()
+    cpu_cflags = _CPU_CFLAGS + _ISA_CFLAGS[cpu_isa()]
     flags = [
-        _CPU_CFLAGS,
+        cpu_cflags,
         _CPU_LDFLAGS,
         _CUDA_CFLAGS,
         _CUDA_NVCC_FLAGS,
@@ -140,7 +163,7 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
                 cpp_extension.load(
                     name=name,
                     sources=[str(CSRC / s) for s in sources],
-                    extra_cflags=_CUDA_CFLAGS if cuda else _CPU_CFLAGS,
+                    extra_cflags=_CUDA_CFLAGS if cuda else cpu_cflags,
                     extra_cuda_cflags=_CUDA_NVCC_FLAGS,
                     extra_ldflags=[] if cuda else _CPU_LDFLAGS,
                     extra_include_paths=extra_include,

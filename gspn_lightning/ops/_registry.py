@@ -49,6 +49,27 @@ def _refuse_double_backward(ctx, *grads):
     )
 
 
+def _fake_propagate_fwd(x, gates, merge, directions, chunk_size):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_propagate_bwd(grad_y, x, gates, merge, directions, chunk_size):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, gates, merge))
+
+
+def _setup_propagate(ctx, inputs, output):
+    x, gates, merge, directions, chunk_size = inputs
+    ctx.save_for_backward(x, gates, merge)  # only the inputs: the backward recomputes the scans
+    ctx.directions = directions
+    ctx.chunk_size = chunk_size
+
+
+def _backward_propagate(ctx, grad_y):
+    x, gates, merge = ctx.saved_tensors
+    grads = torch.ops.gspn_lightning.propagate_bwd(grad_y, x, gates, merge, ctx.directions, ctx.chunk_size)
+    return (*grads, None, None)
+
+
 def register() -> None:
     """Attach fake and autograd implementations to the ops the loaded extension defined."""
     global _REGISTERED
@@ -60,5 +81,13 @@ def register() -> None:
     # The backward op has no derivative of its own: refuse loudly instead of returning zeros.
     torch.library.register_autograd(
         "gspn_lightning::scan_bwd", _refuse_double_backward, setup_context=_setup_bwd_context
+    )
+    torch.library.register_fake("gspn_lightning::propagate_fwd")(_fake_propagate_fwd)
+    torch.library.register_fake("gspn_lightning::propagate_bwd")(_fake_propagate_bwd)
+    torch.library.register_autograd(
+        "gspn_lightning::propagate_fwd", _backward_propagate, setup_context=_setup_propagate
+    )
+    torch.library.register_autograd(
+        "gspn_lightning::propagate_bwd", _refuse_double_backward, setup_context=_setup_bwd_context
     )
     _REGISTERED = True
