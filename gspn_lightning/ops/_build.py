@@ -30,7 +30,18 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _find_csrc() -> Path:
+    """The kernel sources: the checkout's top-level ``csrc/`` (editable installs, the repository), else
+    the copy a wheel ships as ``gspn_lightning/csrc``."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        if (root / "gspn_ops.cpp").is_file():
+            return root
+    return here.parents[2] / "csrc"  # missing: the build reports the absent file
+
+
+CSRC = _find_csrc()
 
 _CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp", "cpu/gspn_propagate_cpu.cpp"]
 _CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
