@@ -137,9 +137,17 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path):
         f"--data.init_args.train_shards={latent_data / 'lat/train'}",
         f"--data.init_args.val_shards={latent_data / 'lat/val'}",
     ]  # fmt: skip
-    r = _run(common)
+    reference = tmp_path / "real.npz"
+    np.savez(reference, images=np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    fid = ["--model.init_args.fid_every_n_steps=4", "--model.init_args.fid_num_samples=4",
+           f"--model.init_args.fid_reference={reference}"]  # fmt: skip
+    r = _run([*common, *fid])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "checkpoints/last.ckpt").exists() and (run / "samples/step-0000004.png").exists()
+    # FID during training, logged, with its protocol printed beside it
+    assert "FID " in r.stdout + r.stderr and "protocol" in r.stdout + r.stderr
+    (metrics,) = run.glob("lightning_logs/version_*/metrics.csv")
+    assert "fid" in metrics.read_text().splitlines()[0].split(",")
     r = _run([*common, "--trainer.max_steps=6", "--ckpt_path=last"])
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)

@@ -57,6 +57,11 @@ class DiffusionTask(TrainingTask):
         sampler / sample_steps / guidance_scale / guidance_channels: how grids are sampled.
         vae: local diffusers VAE folder to decode latents for grids and sampling (``None``: the one
             the latent shards record, if any; else the data are pixels).
+        fid_every_n_steps: compute FID of ``fid_num_samples`` EMA samples (class-balanced, seeded by
+            index, drawn as the grids are) against ``fid_reference`` this often (0: never). The
+            reference is saved Inception statistics (``python -m gspn_lightning.metrics stats``) or
+            real images; the protocol is printed with every result, since FIDs from different
+            protocols do not compare. Logged as ``fid``.
         ema_scope: ``"all"`` parameters or only the ``"trainable"`` ones in the EMA.
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
@@ -84,6 +89,9 @@ class DiffusionTask(TrainingTask):
         guidance_scale: float = 1.0,
         guidance_channels: int | None = None,
         vae: str | None = None,
+        fid_every_n_steps: int = 0,
+        fid_num_samples: int = 1000,
+        fid_reference: str | None = None,
         ema_scope: str = "all",
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
@@ -93,6 +101,10 @@ class DiffusionTask(TrainingTask):
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         if sample_every_n_steps < 0:
             raise ValueError(f"sample_every_n_steps must be >= 0, got {sample_every_n_steps}")
+        if fid_every_n_steps < 0 or fid_num_samples < 2:
+            raise ValueError("fid_every_n_steps must be >= 0 and fid_num_samples >= 2")
+        if fid_every_n_steps and not fid_reference:
+            raise ValueError("model.init_args.fid_every_n_steps needs model.init_args.fid_reference")
         try:
             self.model = create_model(
                 model, num_classes=num_classes, in_channels=in_chans, input_size=image_size,
@@ -110,6 +122,7 @@ class DiffusionTask(TrainingTask):
         self.counts = torch.nn.ModuleDict({k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")})
         self._vae = None
         self._last_grid: int | None = None
+        self._last_fid: int | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, y)
@@ -205,16 +218,12 @@ class DiffusionTask(TrainingTask):
         return self._vae
 
     @torch.no_grad()
-    def sample_grid(self) -> torch.Tensor:
-        """A ``(3, H', W')`` uint8 grid: row ``k`` holds samples of class ``k`` (fixed seeds)."""
-        from torchvision.utils import make_grid
-
+    def draw_images(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """uint8 images ``(B, C', H', W')`` of the EMA model for ``labels``, sample i seeded by
+        ``seeds[i]``, sampled and decoded as configured."""
         from gspn_lightning.diffusion.vae import decode, to_uint8
 
         hp = self.hparams
-        k, n = min(hp.sample_classes, hp.num_classes), hp.sample_per_class
-        labels = torch.arange(k, device=self.device).repeat_interleave(n)
-        seeds = list(range(k * n))
         noise = initial_noise((hp.in_chans, hp.image_size, hp.image_size), seeds, self.device)
         net = self.sampling_net()
         was_training = net.training
@@ -225,8 +234,44 @@ class DiffusionTask(TrainingTask):
         )  # fmt: skip
         net.train(was_training)
         vae = self.vae()
-        images = decode(vae, x) if vae is not None else x[:, :3]
-        return make_grid(to_uint8(images).cpu(), nrow=n, padding=2, pad_value=255)
+        return to_uint8(decode(vae, x) if vae is not None else x[:, :3])
+
+    def fid_protocol(self) -> dict:
+        hp = self.hparams
+        return {
+            "samples": hp.fid_num_samples, "class_balanced": True, "weights": "ema" if self.ema else "raw",
+            "sampler": hp.sampler, "steps": hp.sample_steps, "guidance_scale": hp.guidance_scale,
+            "guidance_channels": hp.guidance_channels, "vae": hp.vae, "reference": hp.fid_reference,
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def compute_fid(self, batch_size: int = 100) -> float:
+        """FID of ``fid_num_samples`` EMA samples against ``fid_reference`` (on this rank)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from gspn_lightning.metrics import compute_metrics
+
+        hp = self.hparams
+        n = hp.fid_num_samples
+        images = []
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            labels = torch.tensor([i % hp.num_classes for i in idx], device=self.device)
+            images.append(self.draw_images(labels, [1_000_000 + i for i in idx]).cpu())
+        out = compute_metrics(hp.fid_reference, torch.cat(images), kid=False, progress=False, device=self.device)
+        rank_zero_info(f"FID {out['fid']:.3f} at step {self.global_step}; protocol: {self.fid_protocol()}")
+        return out["fid"]
+
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """A ``(3, H', W')`` uint8 grid: row ``k`` holds samples of class ``k`` (fixed seeds)."""
+        from torchvision.utils import make_grid
+
+        hp = self.hparams
+        k, n = min(hp.sample_classes, hp.num_classes), hp.sample_per_class
+        labels = torch.arange(k, device=self.device).repeat_interleave(n)
+        images = self.draw_images(labels, list(range(k * n)))
+        return make_grid(images.cpu(), nrow=n, padding=2, pad_value=255)
 
     @rank_zero_only
     def write_sample_grid(self) -> Path:
@@ -243,10 +288,16 @@ class DiffusionTask(TrainingTask):
         return path
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.global_step
         every = self.hparams.sample_every_n_steps
-        if every and self.global_step > 0 and self.global_step % every == 0 and self._last_grid != self.global_step:
-            self._last_grid = self.global_step
+        if every and step > 0 and step % every == 0 and self._last_grid != step:
+            self._last_grid = step
             self.write_sample_grid()
+        every = self.hparams.fid_every_n_steps
+        if every and step > 0 and step % every == 0 and self._last_fid != step:
+            self._last_fid = step
+            if self.global_rank == 0:
+                self.log("fid", self.compute_fid(), rank_zero_only=True, on_step=True, on_epoch=False)
 
     def on_fit_end(self):
         if self.global_step > 0 and self._last_grid != self.global_step:
