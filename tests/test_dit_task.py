@@ -97,10 +97,17 @@ def test_missing_vae_is_one_clear_error(tmp_path):
         load_vae(tmp_path / "nowhere")
 
 
+def overlay_base(overlay: Path) -> Path:
+    """The config an overlay applies to, named on its first line ("Overlay on configs/dit/X.yaml")."""
+    first = overlay.read_text().splitlines()[0]
+    (name,) = [w.rstrip(":,.") for w in first.split() if w.startswith("configs/")]
+    return ROOT / name
+
+
 @pytest.mark.parametrize(
     "configs",
-    [[c] for c in DIT_CONFIGS] + [[ROOT / "configs/dit/imagenet.yaml", o] for o in OVERLAYS],
-    ids=[c.stem for c in DIT_CONFIGS] + [f"imagenet+{o.stem}" for o in OVERLAYS],
+    [[c] for c in DIT_CONFIGS] + [[overlay_base(o), o] for o in OVERLAYS],
+    ids=[c.stem for c in DIT_CONFIGS] + [f"{overlay_base(o).stem}+{o.stem}" for o in OVERLAYS],
 )
 def test_dit_configs_instantiate(configs, monkeypatch):
     from cli import main

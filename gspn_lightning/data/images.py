@@ -41,6 +41,7 @@ from .write_shards import IMAGE_EXTENSIONS
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
+
 def parse_randaugment(spec: str) -> dict[str, float]:
     """Parse a timm-style RandAugment string such as ``"rand-m9-mstd0.5"`` or ``"rand-m9-n2-mstd0.5-inc1"``.
 
@@ -122,6 +123,7 @@ def build_train_transform(
     color_jitter: float = 0.4,
     random_erasing: float = 0.25,
     interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> v2.Compose:
     """The DeiT/timm ImageNet training recipe with torchvision.transforms.v2 (PIL image in, tensor out).
 
@@ -130,7 +132,9 @@ def build_train_transform(
     RandomErasing (per-pixel normal noise, timm's ``mode='pixel'``).
     """
     steps: list[Callable] = [
-        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=interpolation)
+        v2.RandomResizedCrop(
+            image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), interpolation=interpolation
+        )
     ]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
@@ -235,7 +239,6 @@ class DecodeSample:
         return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
 
 
-
 # --------------------------------------------------------------------------------------------------
 # The DataModule
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +275,6 @@ def _check_datamodule_args(**a: Any) -> None:
         fail("eval_crop_pct", "must be in (0, 1]")
 
 
-
 class ImageWebDataModule(ShardDataModule):
     """Image classification from webdataset shards (ImageNet, the MNIST demo, ...).
 
@@ -301,6 +303,8 @@ class ImageWebDataModule(ShardDataModule):
             ``randaugment`` is ``None`` (as in timm); 0 disables it.
         random_erasing: probability of random erasing (filled with normal noise) after normalisation.
         crop_scale: area range of RandomResizedCrop.
+        crop_ratio: aspect-ratio range of RandomResizedCrop (``[1, 1]`` with ``crop_scale: [1, 1]``
+            resizes the whole image, e.g. for pixel-space diffusion).
         hflip: probability of a horizontal flip (0 disables it, e.g. for digits).
         eval_crop_pct: evaluation resizes the short side to ``image_size / eval_crop_pct`` and takes
             the ``image_size`` center crop.
@@ -337,6 +341,7 @@ class ImageWebDataModule(ShardDataModule):
         color_jitter: float = 0.4,
         random_erasing: float = 0.25,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         eval_crop_pct: float = 0.875,
         interpolation: str = "bicubic",
@@ -377,6 +382,11 @@ class ImageWebDataModule(ShardDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.randaugment, self.color_jitter, self.random_erasing = randaugment, color_jitter, random_erasing
         self.crop_scale, self.hflip, self.eval_crop_pct = tuple(crop_scale), hflip, eval_crop_pct
+        self.crop_ratio = tuple(crop_ratio)
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(
+                f"data.init_args.crop_ratio must be (low, high) with 0 < low <= high, got {crop_ratio!r}"
+            )
         self.interpolation = InterpolationMode(interpolation.lower())
         self.max_transform_failures = max_transform_failures
 
@@ -402,6 +412,7 @@ class ImageWebDataModule(ShardDataModule):
             self.color_jitter,
             self.random_erasing,
             self.interpolation,
+            self.crop_ratio,
         )
         return self._decoder(transform, "train")
 
