@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.embeddings import AdaLNFinalLayer, LabelEmbedder, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from ..nn.embeddings import (
+    AdaLNFinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_patch_input,
+    init_conditioning,
+    modulate,
+    sincos_pos_embed_2d,
+)
 from .registry import register_model
 
 __all__ = ["DIT_SIZES", "DiT", "DiTBlock"]
@@ -110,12 +118,7 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        init_conditioning(self.patch_embed, self.t_embed, self.y_embed)
         for blk in self.blocks:
             nn.init.zeros_(blk.ada[1].weight)
             nn.init.zeros_(blk.ada[1].bias)
@@ -126,10 +129,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         B, C, H, W = x.shape
         p = self.patch_size
-        if C != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} input channels, got {C}")
-        if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
+        check_patch_input(x, self.in_channels, p)
         h, w = H // p, W // p
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = tokens + sincos_pos_embed_2d(self.hidden_size, h, w, x.device, tokens.dtype)  # (B, N, D)

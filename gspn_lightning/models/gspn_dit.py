@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from ..nn import DropPath, GSPNMixer, LayerNorm2d
-from ..nn.embeddings import AdaLNFinalLayer, LabelEmbedder, TimestepEmbedder
+from ..nn.embeddings import (
+    AdaLNFinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_patch_input,
+    init_conditioning,
+)
 from .registry import register_model
 
 __all__ = ["GSPN_DIT_SIZES", "GSPNDiT", "GSPNDiTBlock"]
@@ -183,12 +189,7 @@ class GSPNDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        init_conditioning(self.patch_embed, self.t_embed, self.y_embed)
         for m in self.modules():
             if isinstance(m, GSPNMixer):
                 m.reset_parameters()
@@ -198,12 +199,8 @@ class GSPNDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x (B, C, H, W)``, timesteps ``t (B,)``, labels ``y (B,)`` -> ``(B, C_out, H, W)``."""
-        B, C, H, W = x.shape
         p = self.patch_size
-        if C != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} input channels, got {C}")
-        if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
+        check_patch_input(x, self.in_channels, p)
         c = self.t_embed(t) + self.y_embed(y, force_drop)  # (B, D)
         h = self.patch_embed(x) + c[:, :, None, None]  # (B, D, H/p, W/p)
         skips = []

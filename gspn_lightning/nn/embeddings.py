@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaLNFinalLayer", "LabelEmbedder", "TimestepEmbedder", "modulate", "sincos_pos_embed_2d"]
+__all__ = [
+    "AdaLNFinalLayer",
+    "LabelEmbedder",
+    "TimestepEmbedder",
+    "check_patch_input",
+    "init_conditioning",
+    "modulate",
+    "sincos_pos_embed_2d",
+]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,3 +141,23 @@ class AdaLNFinalLayer(nn.Module):
         x = modulate(self.norm(x.permute(0, 2, 3, 1)), shift, scale)  # (B, h, w, hidden)
         x = self.linear(x).permute(0, 3, 1, 2)  # (B, p*p*out, h, w)
         return F.pixel_shuffle(x, self.patch)  # (B, out, h*p, w*p)
+
+
+def init_conditioning(patch_embed: nn.Conv2d, t_embed: TimestepEmbedder, y_embed: LabelEmbedder) -> None:
+    """DiT's initialisation of the conditioning path: the patch embedding like a linear layer
+    (Xavier-uniform, zero bias), the label table and the timestep MLP N(0, 0.02)."""
+    w = patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(patch_embed.bias)
+    nn.init.normal_(y_embed.table.weight, std=0.02)
+    for lin in (t_embed.mlp[0], t_embed.mlp[2]):
+        nn.init.normal_(lin.weight, std=0.02)
+
+
+def check_patch_input(x: torch.Tensor, in_channels: int, patch: int) -> None:
+    """A clear error for an input a patchifying backbone cannot take."""
+    _, C, H, W = x.shape
+    if C != in_channels:
+        raise ValueError(f"expected {in_channels} input channels, got {C}")
+    if H % patch or W % patch:
+        raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {patch}")
