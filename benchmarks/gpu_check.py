@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train")
+SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen")
 GIB = 1024**3
 
 
@@ -555,6 +555,60 @@ def section_train(args, rec: Record) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# gen: training-step throughput of GSPN-DiT-XL/2 and DiT-XL/2 at 256² and 512² (32² and 64² latents)
+
+
+def section_gen(args, rec: Record) -> None:
+    from gspn_lightning.diffusion import GaussianDiffusion
+    from gspn_lightning.models import create_model
+
+    device = pick_device(args.rehearsal)
+    if args.rehearsal:
+        cases = [
+            (n, dict(hidden_size=32, depth=2), s, 2) for n in ("gspn_dit_xl_2", "dit_xl_2") for s in (8, 16)
+        ]
+        cases = [
+            (n, {**kw, **({"num_heads": 4} if n.startswith("dit") else {})}, s, b) for n, kw, s, b in cases
+        ]
+    else:
+        cases = [(n, {}, s, b) for s, b in ((32, 32), (64, 8)) for n in ("gspn_dit_xl_2", "dit_xl_2")]
+    diffusion = GaussianDiffusion()
+    for name, kw, size, batch in cases:
+        case = f"{name} latent {size}x{size} batch {batch}"
+        if not rec.time_left(reserve=5.0):
+            rec.skip(case, "section time budget spent")
+            continue
+        try:
+            torch.manual_seed(0)
+            model = create_model(name, **kw).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x = torch.randn(batch, 4, size, size, device=device)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            losses = []
+
+            def step(model=model, opt=opt, x=x, y=y, losses=losses):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = diffusion.training_losses(model, x, y)["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+
+            step()
+            peak_reset(device)
+            t = time_ms(step, device, 2 if args.rehearsal else 5, warmup=1)
+            rec.add(kind="gen_step", model=name, latent=size, image=8 * size, batch=batch, **t,
+                    images_per_s=batch / (t["ms"] * 1e-3), peak_mib=peak_mib(device),
+                    loss_finite=all(bool(torch.isfinite(v)) for v in losses),
+                    params_m=sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
+            del model, opt
+        except Exception as exc:  # noqa: BLE001
+            rec.error(case, exc)
+            if is_oom(exc) and device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
 # report: one JSON and one markdown table from the sections' files
 
 
@@ -676,6 +730,13 @@ def report(out: Path, tests: dict | None) -> str:
         lines += ["", f"**Training step** gspn_t ({r['params_m']:.1f}M), batch {r['batch']} at {r['image']}², "
                       f"bf16 autocast: {r['images_per_s']:.0f} img/s ({r['ms']:.1f} ms/step), "
                       f"peak {_fmt(r['peak_mib'], 0)} MiB"]  # fmt: skip
+    gen = sections["gen"].get("results", [])
+    if gen:
+        lines += ["", "**Generation training step** (bf16 autocast, AdamW, DiT's hybrid loss)", "",
+                  "| model | image | batch | ms/step | img/s | peak MiB |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for r in gen:
+            lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {r['image']}² | {r['batch']} | {r['ms']:.1f} | "
+                         f"{r['images_per_s']:.1f} | {_fmt(r['peak_mib'], 0)} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text

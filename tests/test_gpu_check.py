@@ -102,6 +102,11 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     layers = {(row["layer"], row["phase"]) for row in sections["mixer"]["results"]}
     assert layers == {(n, p) for n in ("gspn", "sdpa") for p in ("fwd", "fwd+bwd")}
     assert sections["train"]["results"][0]["loss_finite"]
+    gen = sections["gen"]["results"]
+    assert {(r["model"], r["latent"]) for r in gen} == {
+        (m, s) for m in ("gspn_dit_xl_2", "dit_xl_2") for s in (8, 16)
+    }
+    assert all(r["loss_finite"] and r["images_per_s"] > 0 for r in gen)
     text = (tmp_path / "gpu_check.md").read_text()
     assert "CPU rehearsal" in text and "Per-line baseline" in text
     assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
