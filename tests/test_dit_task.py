@@ -190,3 +190,17 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path):
     # a restart draws nothing already there
     r = _run([*sample, "--out", str(one)])
     assert "drew 0" in r.stdout
+
+
+def test_reference_statistics_from_shards(latent_data, tmp_path):
+    from gspn_lightning.metrics import compute_fid
+    from gspn_lightning.tasks.evaluate_samples import real_images_from_shards
+    from gspn_lightning.tasks.reference_stats import main as reference_stats
+
+    out = tmp_path / "ref.npz"
+    assert reference_stats([str(latent_data / "img/val"), str(out), "--size", "16", "--center-crop",
+                            "--keep-features", "--no-progress"]) == 0  # fmt: skip
+    images = real_images_from_shards(str(latent_data / "img/val"), 16, 3, center_crop=True)
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    same = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    assert abs(compute_fid(str(out), same, progress=False)) < 1e-3  # the same images: FID ~ 0

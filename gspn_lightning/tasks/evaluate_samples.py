@@ -27,10 +27,12 @@ import torch.nn.functional as F
 __all__ = ["class_accuracy", "main", "real_images_from_shards", "sample_grid"]
 
 
-def real_images_from_shards(spec: str, size: int, channels: int) -> np.ndarray:
-    """Every image of the shards ``spec``, once, as uint8 ``(N, size, size, channels)``."""
+def real_images_from_shards(spec: str, size: int, channels: int, center_crop: bool = False) -> np.ndarray:
+    """Every image of the shards ``spec``, once, as uint8 ``(N, size, size, channels)``: resized, or
+    ADM-centre-cropped (``center_crop``, as the latent shards are made)."""
     from PIL import Image
 
+    from gspn_lightning.data.latents import adm_center_crop
     from gspn_lightning.data.shards import EvalShardSamples, resolve_shards
     from gspn_lightning.data.write_shards import IMAGE_EXTENSIONS
 
@@ -41,7 +43,8 @@ def real_images_from_shards(spec: str, size: int, channels: int) -> np.ndarray:
         if ext is None:
             continue
         with Image.open(io.BytesIO(raw[ext])) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
             a = np.asarray(img)
         out.append(a[..., None] if a.ndim == 2 else a)
     if not out:
