@@ -27,9 +27,12 @@ import torch.nn.functional as F
 __all__ = ["class_accuracy", "main", "real_images_from_shards", "sample_grid"]
 
 
-def real_images_from_shards(spec: str, size: int, channels: int, center_crop: bool = False) -> np.ndarray:
+def real_images_from_shards(
+    spec: str, size: int, channels: int, center_crop: bool = False, with_labels: bool = False
+):
     """Every image of the shards ``spec``, once, as uint8 ``(N, size, size, channels)``: resized, or
-    ADM-centre-cropped (``center_crop``, as the latent shards are made)."""
+    ADM-centre-cropped (``center_crop``, as the latent shards are made); with ``with_labels`` also
+    their classes ``(N,)``."""
     from PIL import Image
 
     from gspn_lightning.data.latents import adm_center_crop
@@ -37,11 +40,12 @@ def real_images_from_shards(spec: str, size: int, channels: int, center_crop: bo
     from gspn_lightning.data.write_shards import IMAGE_EXTENSIONS
 
     urls, _, _ = resolve_shards(spec)
-    out = []
+    out, labels = [], []
     for raw in EvalShardSamples(urls, 0, 1):
         ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
         if ext is None:
             continue
+        labels.append(int(bytes(raw["cls"]).decode("ascii").strip()) if "cls" in raw else -1)
         with Image.open(io.BytesIO(raw[ext])) as img:
             img = img.convert("L" if channels == 1 else "RGB")
             img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
@@ -49,7 +53,7 @@ def real_images_from_shards(spec: str, size: int, channels: int, center_crop: bo
         out.append(a[..., None] if a.ndim == 2 else a)
     if not out:
         raise FileNotFoundError(f"no images in the shards {spec!r}")
-    return np.stack(out)
+    return (np.stack(out), np.array(labels)) if with_labels else np.stack(out)
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, rows: int, per_row: int) -> np.ndarray:
@@ -77,7 +81,9 @@ def _normalisation(ckpt: str) -> tuple[list[float], list[float]] | None:
     import yaml
 
     root = Path(ckpt).resolve().parent.parent
-    for cfg in sorted(root.glob("lightning_logs/*/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for cfg in sorted(
+        root.glob("lightning_logs/*/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True
+    ):
         data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {}).get("init_args", {})
         if "mean" in data and "std" in data:
             return list(data["mean"]), list(data["std"])
@@ -122,18 +128,25 @@ def main(argv: list[str] | None = None) -> int:
     data = np.load(a.samples)
     images, labels = data["arr_0"], data["labels"]
     N, H, W, C = images.shape
-    real = a.real
+    real, real_arrays = a.real, None
     real_path = Path(a.real)
     if real_path.is_dir() and any(real_path.glob("*.tar")) or real_path.name == "index.json" or "{" in a.real:
-        real = torch.from_numpy(real_images_from_shards(a.real, H, C)).permute(0, 3, 1, 2).contiguous()
+        real_arrays = real_images_from_shards(a.real, H, C, with_labels=True)
+        real = torch.from_numpy(real_arrays[0]).permute(0, 3, 1, 2).contiguous()
     fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     report = {"samples": str(Path(a.samples).resolve()), "num_samples": int(N), "real": a.real}
     protocol = Path(a.samples).with_name("protocol.json")
     if protocol.exists():
         report["protocol"] = json.loads(protocol.read_text())
     report.update(
-        compute_metrics(real, fake, kid=not a.no_kid, batch_size=a.batch_size, progress=not a.no_progress,
-                        kid_subset_size=min(1000, N))  # fmt: skip
+        compute_metrics(
+            real,
+            fake,
+            kid=not a.no_kid,
+            batch_size=a.batch_size,
+            progress=not a.no_progress,
+            kid_subset_size=min(1000, N),
+        )  # fmt: skip
     )
     if a.classifier:
         net, hp = _classifier(a.classifier)
@@ -146,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         report["per_class_accuracy"] = {
             int(k): float((pred[labels == k] == k).mean()) for k in np.unique(labels)
         }
+        if real_arrays is not None and (real_arrays[1] >= 0).all():
+            # how good the judge is: its accuracy on the real images, prepared the same way
+            report["classifier_accuracy_on_real"] = class_accuracy(
+                real_arrays[0], real_arrays[1], net, int(size), *norm
+            )[0]
     if a.grid:
         from PIL import Image
 
