@@ -54,7 +54,11 @@ def test_latent_shards_and_datamodule(latent_data):
     assert index["total"] == 12 and index["classes"] == ["a", "b", "c"]
     assert index["meta"]["channels"] == 4 and index["meta"]["size"] == 8 and index["meta"]["views"] == 2
     dm = LatentWebDataModule(
-        str(latent_data / "lat/train"), str(latent_data / "lat/val"), batch_size=4, num_workers=0, epoch_samples=8
+        str(latent_data / "lat/train"),
+        str(latent_data / "lat/val"),
+        batch_size=4,
+        num_workers=0,
+        epoch_samples=8,
     )
     assert (dm.in_chans, dm.image_size, dm.num_classes) == (4, 8, 3)
     assert dm.vae == str((latent_data / "vae").resolve())
@@ -82,7 +86,7 @@ def test_corrupt_latent_is_a_counted_row(tmp_path):
     ]
     write_shards(samples, tmp_path / "lat", progress=False, meta={"channels": 4, "size": 2})
     dm = LatentWebDataModule(val_shards=str(tmp_path / "lat"), batch_size=8, num_workers=0)
-    (x, y), = list(dm.val_dataloader())
+    ((x, y),) = list(dm.val_dataloader())
     assert y.tolist() == [0, -1, -1] and x.shape == (3, 4, 2, 2)
 
 
@@ -118,7 +122,10 @@ def test_dit_configs_instantiate(configs, monkeypatch):
         cli = main(args=args + ["--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
     task = cli.model
     assert type(task).__name__ == "DiffusionTask"
-    assert task.hparams.in_chans == cli.datamodule.in_chans and task.hparams.num_classes == cli.datamodule.num_classes
+    assert (
+        task.hparams.in_chans == cli.datamodule.in_chans
+        and task.hparams.num_classes == cli.datamodule.num_classes
+    )
     if configs[-1].stem in ("dit_xl_2",):
         assert sum(p.numel() for p in task.model.parameters()) / 1e6 == pytest.approx(674.83, abs=0.01)
 
@@ -170,10 +177,19 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path):
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, *sample, "--out", str(two), "--batch-size", "3"], cwd=ROOT,
-            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, *sample, "--out", str(two), "--batch-size", "3"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for rank in (0, 1)
     ]
@@ -204,3 +220,32 @@ def test_reference_statistics_from_shards(latent_data, tmp_path):
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
     same = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     assert abs(compute_fid(str(out), same, progress=False)) < 1e-3  # the same images: FID ~ 0
+
+
+def test_evaluate_samples_report_and_grid(latent_data, tmp_path):
+    from gspn_lightning.tasks.evaluate_samples import class_accuracy, main, sample_grid
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(6) % 3
+    np.savez(tmp_path / "samples.npz", arr_0=images, labels=labels)
+    grid = sample_grid(images, labels, rows=3, per_row=2)
+    assert grid.shape == (3 * 18 + 2, 2 * 18 + 2, 3)
+    assert np.array_equal(grid[2:18, 2:18], images[0]) and np.array_equal(grid[20:36, 20:36], images[4])
+    out = tmp_path / "report.json"
+    assert main(["--samples", str(tmp_path / "samples.npz"), "--real", str(latent_data / "img/val"),
+                 "--grid", str(tmp_path / "grid.png"), "--rows", "3", "--per-row", "2", "--out", str(out),
+                 "--no-kid", "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["num_real"] == 6 and report["num_fake"] == 6 and report["fid"] > 0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 18 + 2, 3 * 18 + 2)
+
+    class ByMean(torch.nn.Module):  # "class" = which third of the intensity range the mean falls in
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([-((m + 1) ** 2), -((m - 0) ** 2), -((m - 1) ** 2)], dim=1)
+
+    dark, mid, bright = (np.full((1, 8, 8, 3), v, dtype=np.uint8) for v in (0, 128, 255))
+    acc, pred = class_accuracy(np.concatenate([dark, mid, bright]), np.array([0, 1, 1]), ByMean(), 8,
+                               [0.5] * 3, [0.5] * 3)  # fmt: skip
+    assert pred.tolist() == [0, 1, 2] and acc == pytest.approx(2 / 3)
