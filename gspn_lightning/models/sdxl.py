@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..ops import DIRECTIONS, GATE_FIELDS, gspn_propagate, gspn_scan, propagate_reference
+from ..ops import DIRECTIONS, gspn_propagate, gspn_scan, propagate_reference
 
 __all__ = [
     "GSPNSelfAttention",
@@ -106,7 +106,11 @@ class GSPNSelfAttention(nn.Module):
         super().__init__()
         _check_attention(attn)
         directions = tuple(directions)
-        if not directions or len(set(directions)) != len(directions) or any(d not in DIRECTIONS for d in directions):
+        if (
+            not directions
+            or len(set(directions)) != len(directions)
+            or any(d not in DIRECTIONS for d in directions)
+        ):
             raise ValueError(f"directions must be distinct members of {DIRECTIONS}, got {directions!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
@@ -178,8 +182,8 @@ class GSPNSelfAttention(nn.Module):
         q, k, v = (grid(p(hidden_states)) for p in (self.to_q, self.to_k, self.to_v))
         E, K = self.inner_dim, len(self.directions)
         taps = grid(self.gates(self.proxy(hidden_states))).view(B, K, 3, E, H, W)
-        lam = k.unsqueeze(1).expand(B, K, 1, E, H, W)
-        u = (q + self.u_bias.view(1, E, 1, 1)).unsqueeze(1).expand(B, K, 1, E, H, W)
+        lam = k.view(B, 1, 1, E, H, W).expand(B, K, 1, E, H, W)
+        u = (q + self.u_bias.view(1, E, 1, 1)).view(B, 1, 1, E, H, W).expand(B, K, 1, E, H, W)
         zero = v.new_zeros(()).expand(B, K, 1, E, H, W)
         # the numerator's channels (x = v, gate u) and the denominator's (x = 1, gate open), one op call
         num_gates = torch.cat([taps, lam, u, zero], dim=2)
@@ -207,7 +211,9 @@ def _check_attention(attn: nn.Module) -> None:
         if not hasattr(attn, name):
             raise TypeError(f"attn must be a diffusers Attention with {name}, got {type(attn).__name__}")
     if attn.to_k.in_features != attn.to_q.in_features:
-        raise ValueError("attn is a cross-attention (to_k reads another width than to_q): only attn1 is swapped")
+        raise ValueError(
+            "attn is a cross-attention (to_k reads another width than to_q): only attn1 is swapped"
+        )
     unsupported = {
         "group_norm": getattr(attn, "group_norm", None) is not None,
         "spatial_norm": getattr(attn, "spatial_norm", None) is not None,
@@ -228,7 +234,9 @@ def _chunk_for(name: str, chunk_size) -> int | None:
             if fnmatch.fnmatchcase(name, pattern):
                 return value
         return None
-    raise TypeError(f"chunk_size must be None, an int or a mapping of name patterns, got {type(chunk_size).__name__}")
+    raise TypeError(
+        f"chunk_size must be None, an int or a mapping of name patterns, got {type(chunk_size).__name__}"
+    )
 
 
 def _record_spatial_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -274,11 +282,15 @@ def swap_self_attention(unet: nn.Module, chunk_size=None, **gspn_options) -> lis
             if not isinstance(block, BasicTransformerBlock) or isinstance(block.attn1, GSPNSelfAttention):
                 continue
             name = ".".join(p for p in (host_name, block_name, "attn1") if p)
-            block.attn1 = GSPNSelfAttention(block.attn1, chunk_size=_chunk_for(name, chunk_size), **gspn_options)
+            block.attn1 = GSPNSelfAttention(
+                block.attn1, chunk_size=_chunk_for(name, chunk_size), **gspn_options
+            )
             modules.append(block.attn1)
             replaced.append(name)
     if not replaced and not any(isinstance(m, GSPNSelfAttention) for m in unet.modules()):
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock inside a Transformer2DModel to swap")
+        raise ValueError(
+            f"{type(unet).__name__} has no BasicTransformerBlock inside a Transformer2DModel to swap"
+        )
     return replaced
 
 
@@ -305,7 +317,9 @@ def save_gspn_weights(unet: nn.Module, path: str | Path) -> None:
         for name, m in unet.named_modules()
         if isinstance(m, GSPNSelfAttention)
     }
-    save_file(state, str(path), metadata={"format": "gspn-lightning sdxl adapter", "layers": json.dumps(config)})
+    save_file(
+        state, str(path), metadata={"format": "gspn-lightning sdxl adapter", "layers": json.dumps(config)}
+    )
 
 
 def load_gspn_weights(unet: nn.Module, path: str | Path) -> None:
@@ -373,8 +387,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "gspn_params": gspn,
     }
     print(f"config: {path}")
-    print(f"replaced {len(names)} self-attention layers: " + ", ".join(f"{v} at {c} channels" for c, v in widths.items()))
-    print(f"parameters before: {before:,} ({before / 1e6:.1f}M), of which self-attention {result['self_attention_params']:,}")
+    print(
+        f"replaced {len(names)} self-attention layers: "
+        + ", ".join(f"{v} at {c} channels" for c, v in widths.items())
+    )
+    print(
+        f"parameters before: {before:,} ({before / 1e6:.1f}M), of which self-attention {result['self_attention_params']:,}"
+    )
     print(f"parameters after:  {after:,} ({after / 1e6:.1f}M), of which GSPN modules {gspn:,} "
           f"(+{after - before:,} new gate parameters)")  # fmt: skip
     return result
