@@ -34,9 +34,12 @@ from ..ops import DIRECTIONS, gspn_propagate, gspn_scan, propagate_reference
 
 __all__ = [
     "GSPNSelfAttention",
+    "attention_errors",
+    "example_inputs",
     "gspn_state_dict",
     "load_gspn_weights",
     "main",
+    "relative_error",
     "save_gspn_weights",
     "swap_self_attention",
 ]
@@ -345,6 +348,86 @@ def load_gspn_weights(unet: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for key, t in own.items():
             t.copy_(loaded[key])
+
+
+def example_inputs(
+    unet: nn.Module, height: int, width: int, batch: int = 1, text_len: int = 7, generator=None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Random ``(sample, timesteps, kwargs)`` for ``unet(sample, timesteps, **kwargs)`` at a latent of
+    ``height x width``, shaped from the UNet's config: text embeddings of ``cross_attention_dim`` and,
+    for SD-XL's ``text_time`` conditioning, pooled text embeddings and the six micro-conditioning ids
+    (original size, crop top-left, target size, in pixels = 8 x latent)."""
+    cfg = unet.config
+    param = next(unet.parameters())
+    factory = {"device": param.device, "dtype": param.dtype}
+    if param.device.type == "meta":
+        generator = None
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, **factory)
+
+    sample = randn(batch, cfg.in_channels, height, width)
+    timesteps = torch.linspace(10, 990, batch, device=param.device).long()
+    kwargs: dict = {"encoder_hidden_states": randn(batch, text_len, cfg.cross_attention_dim)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        ids = torch.tensor([8 * height, 8 * width, 0, 0, 8 * height, 8 * width], **factory)
+        kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled), "time_ids": ids.expand(batch, 6)}
+    return sample, timesteps, kwargs
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (Frobenius, float64)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@torch.no_grad()
+def attention_errors(teacher: nn.Module, student: nn.Module, forward) -> dict[str, dict[str, float]]:
+    """Each GSPN module of ``student`` against the teacher's self-attention of the same name, layer by layer.
+
+    ``forward(model)`` runs a model (the same inputs each call).  The teacher's ``attn1`` inputs and
+    outputs are captured during ``forward(teacher)``, the grid sizes during ``forward(student)``; then
+    every GSPN module is applied to the *teacher's* input of its layer, so errors do not compound.
+    Returns ``{name: {"gspn": e, "uniform_attention": e_u}}`` with ``e`` the relative error of the GSPN
+    output and ``e_u`` that of ``to_out(mean of V)``, the output of a perfectly uniform attention (a
+    reference point; a zero output scores 1).
+    """
+    names = [n for n, m in student.named_modules() if isinstance(m, GSPNSelfAttention)]
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def capture(name):
+        def hook(module, args, out):
+            captured[name] = (args[0], out)
+
+        return hook
+
+    def size(name):
+        def hook(module, args, out):
+            sizes[name] = module.spatial_size
+
+        return hook
+
+    hooks = [teacher.get_submodule(n).register_forward_hook(capture(n)) for n in names]
+    hooks += [student.get_submodule(n).register_forward_hook(size(n)) for n in names]
+    try:
+        forward(teacher)
+        forward(student)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for n in names:
+        gspn, attn = student.get_submodule(n), teacher.get_submodule(n)
+        x, target = captured[n]
+        gspn.spatial_size = sizes[n]
+        v_mean = attn.to_v(x).mean(1, keepdim=True).expand(-1, x.shape[1], -1)
+        uniform = attn.to_out[0](v_mean) / attn.rescale_output_factor
+        result[n] = {
+            "gspn": relative_error(gspn(x), target),
+            "uniform_attention": relative_error(uniform, target),
+        }
+    return result
 
 
 def _count(module: nn.Module) -> int:
