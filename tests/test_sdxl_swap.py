@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
-pytest.importorskip("diffusers")
-from diffusers import UNet2DConditionModel  # noqa: E402
-
-from gspn_lightning.models.sdxl import (  # noqa: E402
+from gspn_lightning.models.sdxl import (
     GSPNSelfAttention,
     attention_errors,
     example_inputs,
@@ -215,3 +213,16 @@ def test_sdxl_config_on_meta(capsys):
     assert result["self_attention_params"] == 409_683_200
     assert result["params_after"] > result["params_before"]
     assert "replaced 70 self-attention layers" in capsys.readouterr().out
+
+
+def test_bfloat16_module_close_to_float32(teacher):
+    student = copy.deepcopy(teacher)
+    names = swap_self_attention(student, d_state=4)
+    layer = student.get_submodule(names[-1])
+    layer.spatial_size = (6, 10)
+    x = torch.randn(2, 60, layer.query_dim)
+    with torch.no_grad():
+        ref = layer(x)
+        low = copy.deepcopy(layer).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert relative_error(low.float(), ref) < 0.03

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn.mixer import check_scan_options
 from ..ops import DIRECTIONS, gspn_propagate, gspn_scan, propagate_reference
 
 __all__ = [
@@ -108,15 +109,7 @@ class GSPNSelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_attention(attn)
-        directions = tuple(directions)
-        if (
-            not directions
-            or len(set(directions)) != len(directions)
-            or any(d not in DIRECTIONS for d in directions)
-        ):
-            raise ValueError(f"directions must be distinct members of {DIRECTIONS}, got {directions!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+        directions, chunk_size = check_scan_options(directions, chunk_size)
         if isinstance(d_state, bool) or int(d_state) < 1:
             raise ValueError(f"d_state must be >= 1, got {d_state!r}")
         self.to_q = copy.deepcopy(attn.to_q)
@@ -127,7 +120,7 @@ class GSPNSelfAttention(nn.Module):
         self.query_dim = self.to_q.in_features
         self.inner_dim = inner = self.to_v.out_features
         self.d_state = int(d_state)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = chunk_size
         self.directions = directions
         self.u_bias_init = float(u_bias_init)
         self.backend = backend
