@@ -195,7 +195,8 @@ class GSPNSelfAttention(nn.Module):
                 scan=lambda *a: gspn_scan(*a, backend=self.backend),
             )  # fmt: skip
         num, den = y.split(E, dim=1)
-        out = (num / den).flatten(2).transpose(1, 2)
+        # den >= lam at the pixel itself > 0, unless every sigmoid(k) it sees underflowed (then num is 0 too)
+        out = (num / den.clamp_min(torch.finfo(den.dtype).tiny)).flatten(2).transpose(1, 2)
         for layer in self.to_out:
             out = layer(out)
         return out / self.rescale_output_factor
