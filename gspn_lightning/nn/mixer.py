@@ -44,7 +44,24 @@ from torch import nn
 from ..ops import DIRECTIONS, GATE_FIELDS, gspn_propagate, gspn_scan, propagate_reference
 from .norm import GRN, LayerNorm2d
 
-__all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer"]
+__all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "check_scan_options"]
+
+
+def check_scan_options(
+    directions: Sequence[str], chunk_size: int | None
+) -> tuple[tuple[str, ...], int | None]:
+    """Validated ``(directions, chunk_size)`` of a GSPN layer: distinct members of ``DIRECTIONS``, and
+    ``None`` or an int >= 1; ``ValueError`` naming the argument otherwise."""
+    directions = tuple(directions)
+    if (
+        not directions
+        or len(set(directions)) != len(directions)
+        or any(d not in DIRECTIONS for d in directions)
+    ):
+        raise ValueError(f"directions must be distinct members of {DIRECTIONS}, got {directions!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    return directions, None if chunk_size is None else int(chunk_size)
 
 
 class GSPNMixer(nn.Module):
@@ -76,21 +93,13 @@ class GSPNMixer(nn.Module):
         fused: bool = True,
     ) -> None:
         super().__init__()
-        directions = tuple(directions)
-        if (
-            not directions
-            or len(set(directions)) != len(directions)
-            or any(d not in DIRECTIONS for d in directions)
-        ):
-            raise ValueError(f"directions must be distinct members of {DIRECTIONS}, got {directions!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+        directions, chunk_size = check_scan_options(directions, chunk_size)
         if dw_kernel < 1 or dw_kernel % 2 == 0:
             raise ValueError(f"dw_kernel must be a positive odd integer, got {dw_kernel}")
         self.dim = dim
         self.d_inner = d_inner = int(d_inner if d_inner is not None else int(1.5 * dim))
         self.d_state = d_state
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = chunk_size
         self.directions = directions
         self.backend = backend
         self.fused = bool(fused)
