@@ -10,8 +10,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../gspn_layout.h"
@@ -77,20 +82,103 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
 constexpr int64_t kTile = 16;
 constexpr int64_t kPad = 16;
 
+#if defined(__AVX2__)
+// 8 x 8 float transpose in registers: r[i] holds row i on entry, column i on exit.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 
+// The tile lines of the 8 columns cols[h .. h + 7], which must be consecutive (ascending or
+// descending): the lowest column c0, and for column c0 + k its tile line.
+struct ColumnBlock {
+  int64_t c0;
+  int64_t line[8];
+};
+
+inline bool consecutive_columns(const int64_t* cols, int64_t tn) {
+  if (tn % 8 != 0) return false;
+  const int64_t step = tn > 1 ? cols[1] - cols[0] : 1;
+  if (step != 1 && step != -1) return false;
+  for (int64_t t = 1; t < tn; ++t) {
+    if (cols[t] - cols[t - 1] != step) return false;
+  }
+  return true;
+}
+
+inline ColumnBlock column_block(const int64_t* cols, int64_t h) {
+  ColumnBlock blk;
+  const bool ascending = cols[h + 7] > cols[h];
+  blk.c0 = ascending ? cols[h] : cols[h + 7];
+  for (int k = 0; k < 8; ++k) blk.line[k] = ascending ? h + k : h + 7 - k;
+  return blk;
+}
+#endif
+
+// tile[t * stride + j] = plane[j * L + cols[t]] for the tn tile lines and the M rows.  float tiles
+// of consecutive columns (every tile but a chunk's last, partial one) move 8 x 8 blocks through
+// registers where AVX2 is available; the rest element by element.
 template <typename T>
 void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
                     int64_t M, int64_t stride) {
-  for (int64_t j = 0; j < M; ++j) {
+  int64_t j_done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (consecutive_columns(cols, tn)) {
+      for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
+        for (int64_t h = 0; h < tn; h += 8) {
+          const ColumnBlock blk = column_block(cols, h);
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(plane + (j0 + i) * L + blk.c0);
+          transpose8(r);
+          for (int k = 0; k < 8; ++k) _mm256_storeu_ps(tile + blk.line[k] * stride + j0, r[k]);
+        }
+      }
+      j_done = M / 8 * 8;
+    }
+  }
+#endif
+  for (int64_t j = j_done; j < M; ++j) {
     const T* row = plane + j * L;
     for (int64_t t = 0; t < tn; ++t) tile[t * stride + j] = row[cols[t]];
   }
 }
 
+// The inverse: plane[j * L + cols[t]] = tile[t * stride + j].
 template <typename T>
 void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
                      int64_t M, int64_t stride) {
-  for (int64_t j = 0; j < M; ++j) {
+  int64_t j_done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (consecutive_columns(cols, tn)) {
+      for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
+        for (int64_t h = 0; h < tn; h += 8) {
+          const ColumnBlock blk = column_block(cols, h);
+          __m256 r[8];
+          for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(tile + blk.line[k] * stride + j0);
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(plane + (j0 + i) * L + blk.c0, r[i]);
+        }
+      }
+      j_done = M / 8 * 8;
+    }
+  }
+#endif
+  for (int64_t j = j_done; j < M; ++j) {
     T* row = plane + j * L;
     for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * stride + j];
   }
