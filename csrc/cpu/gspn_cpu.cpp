@@ -106,12 +106,13 @@ inline ColumnBlock column_block(const int64_t* cols, int64_t h) {
 }
 #endif
 
-// tile[t * stride + j] = plane[j * L + cols[t]] for the tn tile lines and the M rows.  float tiles
-// of consecutive columns (every tile but a chunk's last, partial one) move 8 x 8 blocks through
-// registers where AVX2 is available; the rest element by element.
-template <typename T>
-void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                    int64_t M, int64_t stride) {
+// Between the plane and a tile of tn lines: tile[t * stride + j] = plane[j * L + cols[t]] for the M
+// rows (kScatter: the other way).  float tiles of consecutive columns (every tile but a chunk's last,
+// partial one) move 8 x 8 blocks through registers where AVX2 is available; the rest element by
+// element.
+template <bool kScatter, typename T>
+void move_columns(T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M,
+                  int64_t stride) {
   int64_t j_done = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
@@ -120,36 +121,13 @@ void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int
         for (int64_t h = 0; h < tn; h += 8) {
           const ColumnBlock blk = column_block(cols, h);
           __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(plane + (j0 + i) * L + blk.c0);
+          for (int i = 0; i < 8; ++i) {
+            r[i] = _mm256_loadu_ps(kScatter ? tile + blk.line[i] * stride + j0 : plane + (j0 + i) * L + blk.c0);
+          }
           transpose8(r);
-          for (int k = 0; k < 8; ++k) _mm256_storeu_ps(tile + blk.line[k] * stride + j0, r[k]);
-        }
-      }
-      j_done = M / 8 * 8;
-    }
-  }
-#endif
-  for (int64_t j = j_done; j < M; ++j) {
-    const T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) tile[t * stride + j] = row[cols[t]];
-  }
-}
-
-// The inverse: plane[j * L + cols[t]] = tile[t * stride + j].
-template <typename T>
-void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                     int64_t M, int64_t stride) {
-  int64_t j_done = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (consecutive_columns(cols, tn)) {
-      for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
-        for (int64_t h = 0; h < tn; h += 8) {
-          const ColumnBlock blk = column_block(cols, h);
-          __m256 r[8];
-          for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(tile + blk.line[k] * stride + j0);
-          transpose8(r);
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(plane + (j0 + i) * L + blk.c0, r[i]);
+          for (int i = 0; i < 8; ++i) {
+            _mm256_storeu_ps(kScatter ? plane + (j0 + i) * L + blk.c0 : tile + blk.line[i] * stride + j0, r[i]);
+          }
         }
       }
       j_done = M / 8 * 8;
@@ -158,8 +136,24 @@ void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const in
 #endif
   for (int64_t j = j_done; j < M; ++j) {
     T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * stride + j];
+    for (int64_t t = 0; t < tn; ++t) {
+      if (kScatter) {
+        row[cols[t]] = tile[t * stride + j];
+      } else {
+        tile[t * stride + j] = row[cols[t]];
+      }
+    }
   }
+}
+
+template <typename T>
+void gather_columns(const T* plane, T* tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M, int64_t stride) {
+  move_columns<false>(const_cast<T*>(plane), tile, cols, tn, L, M, stride);
+}
+
+template <typename T>
+void scatter_columns(T* plane, const T* tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M, int64_t stride) {
+  move_columns<true>(plane, const_cast<T*>(tile), cols, tn, L, M, stride);
 }
 
 template <typename scalar_t>
