@@ -424,3 +424,22 @@ def test_huge_chunk_size_is_the_global_scan(backend):
     glob = gspn_scan(*ins, direction="l2r", backend=backend)
     for k in (4, 2**63, 10**30):
         torch.testing.assert_close(gspn_scan(*ins, direction="l2r", chunk_size=k, backend=backend), glob)
+
+
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+@pytest.mark.parametrize("chunk", [None, 8, 5])
+def test_column_tiles_float32(direction, chunk):
+    """Column scans long enough for whole 16-line tiles and 8-row blocks (the CPU kernel moves those
+    through registers), with partial tiles and rows left over: float32 kernel against reference."""
+    shape = (2, 3, 21, 37)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    lam = torch.rand(shape, generator=g)
+    gates = normalize_gates(*(torch.randn(shape, generator=g) * 2 for _ in range(3)), direction)
+    ins = [t.clone().requires_grad_() for t in (x, lam, *gates)]
+    out = gspn_scan(*ins, direction=direction, chunk_size=chunk, backend="kernel")
+    ref = scan_reference(*ins, direction=direction, chunk_size=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn(shape, generator=g)
+    for a, b in zip(grads(out, ins, go), grads(ref, ins, go)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -80,6 +80,18 @@ def test_float32_and_strided_inputs(device, directions):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_float32_planes_with_whole_blocks(device, chunk):
+    """float32 planes large enough for the CPU kernel's 8 x 8 register transposes of the column
+    directions, with rows and columns left over (19 x 21)."""
+    ins = [
+        t.detach().float().requires_grad_()
+        for t in rand_propagate_inputs((2, 3, 19, 21), DIRECTIONS, seed=11)
+    ]
+    check_against_reference(ins, DIRECTIONS, chunk, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", [("t2b",), ("l2r", "b2t"), DIRECTIONS], ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_gradcheck_float64(device, directions, chunk):

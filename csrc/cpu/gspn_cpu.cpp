@@ -12,10 +12,12 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../gspn_layout.h"
 #include "../gspn_step.h"
+#include "gspn_transpose.h"
 
 namespace gspn {
 namespace {
@@ -77,23 +79,81 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
 constexpr int64_t kTile = 16;
 constexpr int64_t kPad = 16;
 
+#if defined(__AVX2__)
+// The tile lines of the 8 columns cols[h .. h + 7], which must be consecutive (ascending or
+// descending): the lowest column c0, and for column c0 + k its tile line.
+struct ColumnBlock {
+  int64_t c0;
+  int64_t line[8];
+};
 
-template <typename T>
-void gather_columns(const T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                    int64_t M, int64_t stride) {
-  for (int64_t j = 0; j < M; ++j) {
-    const T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) tile[t * stride + j] = row[cols[t]];
+inline bool consecutive_columns(const int64_t* cols, int64_t tn) {
+  if (tn % 8 != 0) return false;
+  const int64_t step = tn > 1 ? cols[1] - cols[0] : 1;
+  if (step != 1 && step != -1) return false;
+  for (int64_t t = 1; t < tn; ++t) {
+    if (cols[t] - cols[t - 1] != step) return false;
+  }
+  return true;
+}
+
+inline ColumnBlock column_block(const int64_t* cols, int64_t h) {
+  ColumnBlock blk;
+  const bool ascending = cols[h + 7] > cols[h];
+  blk.c0 = ascending ? cols[h] : cols[h + 7];
+  for (int k = 0; k < 8; ++k) blk.line[k] = ascending ? h + k : h + 7 - k;
+  return blk;
+}
+#endif
+
+// Between the plane and a tile of tn lines: tile[t * stride + j] = plane[j * L + cols[t]] for the M
+// rows (kScatter: the other way).  float tiles of consecutive columns (every tile but a chunk's last,
+// partial one) move 8 x 8 blocks through registers where AVX2 is available; the rest element by
+// element.
+template <bool kScatter, typename T>
+void move_columns(T* __restrict__ plane, T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M,
+                  int64_t stride) {
+  int64_t j_done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (consecutive_columns(cols, tn)) {
+      for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
+        for (int64_t h = 0; h < tn; h += 8) {
+          const ColumnBlock blk = column_block(cols, h);
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) {
+            r[i] = _mm256_loadu_ps(kScatter ? tile + blk.line[i] * stride + j0 : plane + (j0 + i) * L + blk.c0);
+          }
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) {
+            _mm256_storeu_ps(kScatter ? plane + (j0 + i) * L + blk.c0 : tile + blk.line[i] * stride + j0, r[i]);
+          }
+        }
+      }
+      j_done = M / 8 * 8;
+    }
+  }
+#endif
+  for (int64_t j = j_done; j < M; ++j) {
+    T* row = plane + j * L;
+    for (int64_t t = 0; t < tn; ++t) {
+      if (kScatter) {
+        row[cols[t]] = tile[t * stride + j];
+      } else {
+        tile[t * stride + j] = row[cols[t]];
+      }
+    }
   }
 }
 
 template <typename T>
-void scatter_columns(T* __restrict__ plane, const T* __restrict__ tile, const int64_t* cols, int64_t tn, int64_t L,
-                     int64_t M, int64_t stride) {
-  for (int64_t j = 0; j < M; ++j) {
-    T* row = plane + j * L;
-    for (int64_t t = 0; t < tn; ++t) row[cols[t]] = tile[t * stride + j];
-  }
+void gather_columns(const T* plane, T* tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M, int64_t stride) {
+  move_columns<false>(const_cast<T*>(plane), tile, cols, tn, L, M, stride);
+}
+
+template <typename T>
+void scatter_columns(T* plane, const T* tile, const int64_t* cols, int64_t tn, int64_t L, int64_t M, int64_t stride) {
+  move_columns<true>(plane, const_cast<T*>(tile), cols, tn, L, M, stride);
 }
 
 template <typename scalar_t>

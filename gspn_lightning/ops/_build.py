@@ -45,7 +45,7 @@ CSRC = _find_csrc()
 
 _CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp", "cpu/gspn_propagate_cpu.cpp"]
 _CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
-_HEADERS = ["gspn_step.h", "gspn_layout.h", "cuda/gspn_cuda.h"]
+_HEADERS = ["gspn_step.h", "gspn_layout.h", "cpu/gspn_transpose.h", "cuda/gspn_cuda.h"]
 # -fno-trapping-math lets GCC if-convert the float clamps and selects of the fused kernel's loops
 # (so they vectorise); the kernels never rely on floating-point exceptions.
 _CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
