@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import SumMetric
 
 from .checkpointing import NonFiniteError
 from .ema import ModelEMA
@@ -113,6 +114,50 @@ class TrainingTask(L.LightningModule):
     (:class:`OptimSettings`), call :meth:`init_ema` and :meth:`configure_fault_policy` in ``__init__``
     and :meth:`check_loss` in ``training_step``."""
 
+    # -- corrupt rows and evaluated-sample counts --------------------------------------------------
+
+    def init_sample_counts(self) -> None:
+        """``self.counts``: samples evaluated / dropped as corrupt per evaluation stage, summed over
+        ranks at epoch end (a rank with no batch still takes part)."""
+        self.counts = torch.nn.ModuleDict(
+            {k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")}
+        )
+
+    def drop_corrupt(self, batch, stage: str):
+        """``(x, labels)`` without the rows the data marked corrupt (label -1) or out of range for the
+        model (``>= num_classes``), counted: ``train/corrupt`` per epoch, evaluation in ``self.counts``."""
+        x, labels = batch
+        ok = (labels >= 0) & (labels < self.hparams.num_classes)
+        n_bad = int((~ok).sum())
+        if stage == "train":
+            self.log(
+                "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
+            )
+        else:
+            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=labels.device))
+            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=labels.device))
+        return (x[ok], labels[ok]) if n_bad else (x, labels)
+
+    def log_sample_counts(self, stage: str) -> None:
+        """Log how many samples this evaluation saw over all ranks and compare with the shard index:
+        every sample exactly once."""
+        ok_metric, bad_metric = self.counts[f"{stage}_ok"], self.counts[f"{stage}_bad"]
+        seen, corrupt = int(ok_metric.compute().item()), int(bad_metric.compute().item())
+        ok_metric.reset()
+        bad_metric.reset()
+        self.log(f"{stage}/samples", float(seen), sync_dist=False)
+        self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
+        dm = getattr(self.trainer, "datamodule", None)
+        expected = getattr(dm, f"num_{stage}_samples", None) if dm is not None else None
+        limit = self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
+        if self.trainer.sanity_checking or expected is None or limit not in (None, 1.0):
+            return
+        if seen + corrupt != expected:
+            rank_zero_warn(
+                f"{stage}: evaluated {seen} samples (+{corrupt} corrupt) but the shard index lists {expected}; "
+                "some samples were skipped or seen twice"
+            )
+
     # -- EMA -------------------------------------------------------------------------------------
 
     def init_ema(self, decay: float | None, scope: str = "all") -> None:
@@ -149,13 +194,17 @@ class TrainingTask(L.LightningModule):
     def configure_optimizers(self):
         o: OptimSettings = self.optim
         scale = self._global_batch() / o.base_batch_size if o.base_batch_size else 1.0
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr * scale, betas=tuple(o.betas))
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr * scale, betas=tuple(o.betas)
+        )
         needs_epochs = o.warmup_epochs > 0 or o.schedule == "cosine"
         steps_per_epoch = self._steps_per_epoch() if needs_epochs else 1
         warmup = int(round(o.warmup_epochs * steps_per_epoch)) + int(o.warmup_steps)
         start = (o.warmup_lr or 0.0) / o.lr
         if o.schedule == "cosine":
-            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            max_epochs = (
+                self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            )
             total = (
                 self.trainer.max_steps
                 if self.trainer.max_steps and self.trainer.max_steps > 0

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -118,10 +117,8 @@ class ClassificationTask(TrainingTask):
         self.train_acc = accuracy()
         self.val_acc, self.val_ema_acc = accuracy(), accuracy()
         self.test_acc, self.test_ema_acc = accuracy(), accuracy()
-        # samples evaluated / dropped as corrupt, summed over ranks at epoch end, and the mean loss
-        self.counts = torch.nn.ModuleDict(
-            {k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")}
-        )
+        # samples evaluated / dropped as corrupt (summed over ranks at epoch end), and the mean loss
+        self.init_sample_counts()
         self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "test")})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,21 +135,6 @@ class ClassificationTask(TrainingTask):
                 f"{self.hparams.num_classes}: set model.init_args.num_classes to at least {data_classes}"
             )
 
-    def _drop_corrupt(self, batch, stage: str):
-        images, labels = batch
-        ok = (labels >= 0) & (labels < self.hparams.num_classes)
-        n_bad = int((~ok).sum())
-        if stage == "train":
-            self.log(
-                "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
-            )
-        else:
-            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=labels.device))
-            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=labels.device))
-        if n_bad:
-            images, labels = images[ok], labels[ok]
-        return images, labels
-
     def _soft_targets(self, images, labels):
         k = self.hparams.num_classes
         if self.mixer is not None and torch.rand(()) < self.hparams.mix_prob:
@@ -165,7 +147,7 @@ class ClassificationTask(TrainingTask):
     # -- steps -----------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        images, labels = self._drop_corrupt(batch, "train")
+        images, labels = self.drop_corrupt(batch, "train")
         if labels.numel() == 0:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
             return sum(p.sum() for p in self.model.parameters()) * 0.0
         images, targets = self._soft_targets(images, labels)
@@ -180,7 +162,7 @@ class ClassificationTask(TrainingTask):
         return loss
 
     def _eval_step(self, batch, stage: str, acc: MetricCollection, ema_acc: MetricCollection):
-        images, labels = self._drop_corrupt(batch, stage)
+        images, labels = self.drop_corrupt(batch, stage)
         if labels.numel() == 0:
             return
         logits = self.model(images)
@@ -220,28 +202,10 @@ class ClassificationTask(TrainingTask):
         for key, value in results.items():
             self.log(key, value, prog_bar=key.startswith(f"{stage}/top"), sync_dist=False)
 
-    def _check_count(self, stage: str, expected_attr: str, limit) -> None:
-        """Log how many samples this evaluation saw over all ranks and compare with the index."""
-        ok_metric, bad_metric = self.counts[f"{stage}_ok"], self.counts[f"{stage}_bad"]
-        seen, corrupt = int(ok_metric.compute().item()), int(bad_metric.compute().item())
-        ok_metric.reset()
-        bad_metric.reset()
-        self.log(f"{stage}/samples", float(seen), sync_dist=False)
-        self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
-        dm = getattr(self.trainer, "datamodule", None)
-        expected = getattr(dm, expected_attr, None) if dm is not None else None
-        if self.trainer.sanity_checking or expected is None or limit not in (None, 1.0):
-            return
-        if seen + corrupt != expected:
-            rank_zero_warn(
-                f"{stage}: evaluated {seen} samples (+{corrupt} corrupt) but the shard index lists {expected}; "
-                "some samples were skipped or seen twice"
-            )
-
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val", self.val_acc, self.val_ema_acc)
-        self._check_count("val", "num_val_samples", self.trainer.limit_val_batches)
+        self.log_sample_counts("val")
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test", self.test_acc, self.test_ema_acc)
-        self._check_count("test", "num_test_samples", self.trainer.limit_test_batches)
+        self.log_sample_counts("test")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric
 
 from gspn_lightning.diffusion import GaussianDiffusion, sample
 from gspn_lightning.diffusion.sampling import initial_noise
@@ -119,7 +119,7 @@ class DiffusionTask(TrainingTask):
         )  # fmt: skip
         self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
         self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")})
-        self.counts = torch.nn.ModuleDict({k: SumMetric() for k in ("val_ok", "val_bad", "test_ok", "test_bad")})
+        self.init_sample_counts()
         self._vae = None
         self._last_grid: int | None = None
         self._last_fid: int | None = None
@@ -132,23 +132,10 @@ class DiffusionTask(TrainingTask):
         if self.hparams.vae is None and getattr(dm, "vae", None):
             self.hparams.vae = dm.vae  # the VAE the latent shards were made with decodes the samples
 
-    # -- data ------------------------------------------------------------------------------------
-
-    def _drop_corrupt(self, batch, stage: str):
-        x, labels = batch
-        ok = (labels >= 0) & (labels < self.hparams.num_classes)
-        n_bad = int((~ok).sum())
-        if stage == "train":
-            self.log("train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
-        else:
-            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=labels.device))
-            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=labels.device))
-        return (x[ok], labels[ok]) if n_bad else (x, labels)
-
     # -- steps -----------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        x, labels = self._drop_corrupt(batch, "train")
+        x, labels = self.drop_corrupt(batch, "train")
         if labels.numel() == 0:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
             return sum(p.sum() for p in self.model.parameters()) * 0.0
         losses = self.diffusion.training_losses(self.model, x, labels)
@@ -168,7 +155,7 @@ class DiffusionTask(TrainingTask):
         return loss
 
     def _eval_step(self, batch, batch_idx, stage: str):
-        x, labels = self._drop_corrupt(batch, stage)
+        x, labels = self.drop_corrupt(batch, stage)
         if labels.numel() == 0:
             return
         # a fixed draw per (batch, rank): losses comparable from one evaluation to the next
@@ -193,11 +180,7 @@ class DiffusionTask(TrainingTask):
                 continue
             self.log(f"{name}/loss", metric.compute(), prog_bar=name == stage, sync_dist=False)
             metric.reset()
-        ok, bad = self.counts[f"{stage}_ok"], self.counts[f"{stage}_bad"]
-        self.log(f"{stage}/samples", ok.compute(), sync_dist=False)
-        self.log(f"{stage}/corrupt", bad.compute(), sync_dist=False)
-        ok.reset()
-        bad.reset()
+        self.log_sample_counts(stage)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
