@@ -157,3 +157,42 @@ def test_samples_do_not_depend_on_the_batch_split(sampler):
     torch.testing.assert_close(again, whole, rtol=0, atol=0)
     other = sample(model, labels, noise, sampler=sampler, steps=4, guidance_scale=1.5, seeds=[1, 2, 3, 4])
     assert (other - whole).abs().max() > 1e-3 if sampler == "ddpm" else True  # ddpm steps are stochastic
+
+
+class OracleEps(torch.nn.Module):
+    """The exact eps of a data distribution that is one image ``x0``: every sampler must return it."""
+
+    num_classes = 10
+
+    def __init__(self, x0: torch.Tensor, scale: float = 1.0):
+        super().__init__()
+        self.x0, self.scale = x0, scale
+        self.abar = dit_scheduler(learn_sigma=False).alphas_cumprod
+
+    def forward(self, x, t, y):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        return self.scale * (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_samplers_recover_the_one_image_of_an_exact_model(sampler):
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 1, 6, 5) * 2 - 1
+    noise = torch.randn(3, 1, 6, 5)
+    out = sample(OracleEps(x0), torch.zeros(3, dtype=torch.long), noise, sampler=sampler, steps=20,
+                 learn_sigma=False, guidance_scale=2.0)  # fmt: skip
+    torch.testing.assert_close(out, x0.expand_as(out), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_sample_bounds_the_predicted_image(sampler):
+    torch.manual_seed(0)
+    x0 = torch.full((1, 1, 4, 4), 3.0)  # outside [-1, 1]: clipping must pull samples towards the range
+    noise = torch.randn(2, 1, 4, 4)
+    run = lambda **kw: sample(OracleEps(x0), torch.zeros(2, dtype=torch.long), noise, sampler=sampler,  # noqa: E731
+                              steps=10, learn_sigma=False, **kw)  # fmt: skip
+    free, clipped = run(), run(clip_sample=1.0)
+    assert free.mean() > 2.9
+    assert clipped.abs().max() < 1.1
+    with pytest.raises(ValueError, match="clip_sample"):
+        sample(OracleEps(x0), torch.zeros(2, dtype=torch.long), noise, sampler="dpm++", clip_sample=1.0)

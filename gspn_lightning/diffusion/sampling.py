@@ -30,18 +30,30 @@ __all__ = ["SAMPLERS", "make_sampler", "per_sample_generators", "sample"]
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
-def make_sampler(name: str, num_train_timesteps: int = 1000, learn_sigma: bool = True):
-    """A fresh diffusers scheduler for sampler ``name`` on DiT's training schedule."""
+def make_sampler(
+    name: str, num_train_timesteps: int = 1000, learn_sigma: bool = True, clip_sample: float | None = None
+):
+    """A fresh diffusers scheduler for sampler ``name`` on DiT's training schedule.
+
+    ``clip_sample``: clip every step's predicted ``x_0`` to ``[-clip_sample, clip_sample]`` (DDPM's
+    choice for pixels in [-1, 1]; ``None``, DiT's choice for latents: no clipping).
+    """
+    if clip_sample is not None and not clip_sample > 0:
+        raise ValueError(f"clip_sample must be a positive range or None, got {clip_sample}")
     base = dit_scheduler(num_train_timesteps, learn_sigma)
+    clip = {"clip_sample": clip_sample is not None, "clip_sample_range": float(clip_sample or 1.0)}
     if name == "ddpm":
-        return base
+        return base.__class__.from_config(base.config, **clip) if clip_sample is not None else base
     if name == "ddim":
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(base.config, set_alpha_to_one=False)
+        # the last step lands on alpha_bar = 1 (the predicted x_0), as ADM's/DiT's DDIM does
+        return DDIMScheduler.from_config(base.config, set_alpha_to_one=True, **clip)
     if name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 
+        if clip_sample is not None:  # diffusers' DPM-Solver has only dynamic thresholding (a rescale)
+            raise ValueError("clip_sample is supported by the 'ddpm' and 'ddim' samplers, not 'dpm++'")
         return DPMSolverMultistepScheduler.from_config(
             base.config, algorithm_type="dpmsolver++", solver_order=2, variance_type=None
         )
@@ -72,6 +84,7 @@ def sample(
     null_class: int | None = None,
     seeds: Sequence[int] | None = None,
     learn_sigma: bool = True,
+    clip_sample: float | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Denoise ``noise`` ``(B, C, H, W)`` for ``labels`` ``(B,)``; returns x_0 ``(B, C, H, W)``.
@@ -85,6 +98,8 @@ def sample(
         guidance_channels: guide only the first this many channels of eps (``None``: all).
         null_class: the model's null label (default ``model.num_classes``).
         seeds: per-sample seeds for the stochastic DDPM steps (default: ``range(B)``).
+        clip_sample: clip each step's predicted x_0 to this range (pixels in [-1, 1]: 1.0; latents:
+            ``None``), as :func:`make_sampler`.
         progress: show a tqdm bar over the steps.
     """
     if sampler not in SAMPLERS:
@@ -96,7 +111,7 @@ def sample(
     B, C = noise.shape[:2]
     if labels.shape != (B,):
         raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
-    scheduler = make_sampler(sampler, learn_sigma=learn_sigma)
+    scheduler = make_sampler(sampler, learn_sigma=learn_sigma, clip_sample=clip_sample)
     scheduler.set_timesteps(steps, device=noise.device)
     guided = guidance_scale != 1.0
     if guided:

@@ -55,6 +55,8 @@ class DiffusionTask(TrainingTask):
         sample_every_n_steps: write a grid of EMA samples this often (0: only at the end of fit).
         sample_classes / sample_per_class: the grid's classes (the first k) and columns.
         sampler / sample_steps / guidance_scale / guidance_channels: how grids are sampled.
+        clip_sample: clip each sampling step's predicted x_0 to this range (``1.0`` for pixels in
+            [-1, 1], as DDPM does; ``None`` for latents, as DiT does).
         vae: local diffusers VAE folder to decode latents for grids and sampling (``None``: the one
             the latent shards record, if any; else the data are pixels).
         fid_every_n_steps: compute FID of ``fid_num_samples`` EMA samples (class-balanced, seeded by
@@ -88,6 +90,7 @@ class DiffusionTask(TrainingTask):
         sample_steps: int = 50,
         guidance_scale: float = 1.0,
         guidance_channels: int | None = None,
+        clip_sample: float | None = None,
         vae: str | None = None,
         fid_every_n_steps: int = 0,
         fid_num_samples: int = 1000,
@@ -214,6 +217,7 @@ class DiffusionTask(TrainingTask):
         x = sample(
             net, labels, noise, sampler=hp.sampler, steps=hp.sample_steps, guidance_scale=hp.guidance_scale,
             guidance_channels=hp.guidance_channels, seeds=seeds, learn_sigma=hp.learn_sigma,
+            clip_sample=hp.get("clip_sample"),
         )  # fmt: skip
         net.train(was_training)
         vae = self.vae()
@@ -224,7 +228,8 @@ class DiffusionTask(TrainingTask):
         return {
             "samples": hp.fid_num_samples, "class_balanced": True, "weights": "ema" if self.ema else "raw",
             "sampler": hp.sampler, "steps": hp.sample_steps, "guidance_scale": hp.guidance_scale,
-            "guidance_channels": hp.guidance_channels, "vae": hp.vae, "reference": hp.fid_reference,
+            "guidance_channels": hp.guidance_channels, "clip_sample": hp.get("clip_sample"), "vae": hp.vae,
+            "reference": hp.fid_reference,
         }  # fmt: skip
 
     @torch.no_grad()

@@ -129,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first k channels")
+    p.add_argument(
+        "--clip-sample", type=float, default=None,
+        help="clip each step's predicted x_0 to [-R, R] (pixels in [-1, 1]: 1; latents: leave unset)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None, help="latent/pixel size (default: the data's)")
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
         args.batch_size, vae=vae, progress=not args.no_progress, sampler=args.sampler, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
+        clip_sample=args.clip_sample,
     )  # fmt: skip
     if world > 1:
         import torch.distributed as dist
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             "weights": "raw" if args.raw_weights else "ema", "model": hp.get("model"),
             "num_samples": args.num_samples, "class_balanced": True, "sampler": args.sampler,
             "steps": args.steps, "guidance_scale": args.guidance_scale,
-            "guidance_channels": args.guidance_channels, "seed": args.seed, "vae": vae_path,
+            "guidance_channels": args.guidance_channels, "clip_sample": args.clip_sample, "seed": args.seed,
+            "vae": vae_path,
             "image_size": size,
         }  # fmt: skip
         (args.out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
