@@ -196,3 +196,20 @@ def test_clip_sample_bounds_the_predicted_image(sampler):
     assert clipped.abs().max() < 1.1
     with pytest.raises(ValueError, match="clip_sample"):
         sample(OracleEps(x0), torch.zeros(2, dtype=torch.long), noise, sampler="dpm++", clip_sample=1.0)
+
+
+def test_min_snr_weighting_against_its_formula():
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    t = torch.tensor([0, 100, 400, 999])
+    noise = torch.randn_like(x0)
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731  (mse = mean noise^2 per sample)
+    plain = GaussianDiffusion(learn_sigma=False).training_losses(zero, x0, t, t=t, noise=noise)
+    weighted = GaussianDiffusion(learn_sigma=False, snr_gamma=5.0).training_losses(zero, x0, t, t=t, noise=noise)
+    abar = dit_scheduler(learn_sigma=False).alphas_cumprod.double()[t]
+    snr = abar / (1 - abar)
+    expect = plain["mse"] * (torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr).float()
+    torch.testing.assert_close(weighted["mse"], plain["mse"])  # the logged MSE stays unweighted
+    torch.testing.assert_close(weighted["loss"], expect)
+    assert weighted["loss"][0] < 1e-3 * plain["loss"][0] and weighted["loss"][3] == plain["loss"][3]
+    with pytest.raises(ValueError, match="snr_gamma"):
+        GaussianDiffusion(snr_gamma=0.0)

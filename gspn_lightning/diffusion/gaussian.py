@@ -70,11 +70,18 @@ class GaussianDiffusion:
     Args:
         scheduler: a diffusers scheduler with ``betas`` (default :func:`dit_scheduler`).
         learn_sigma: the model outputs ``2 C`` channels (eps and the variance interpolation ``v``).
+        snr_gamma: Min-SNR-gamma weighting of the eps MSE (Hang et al., 2023): each sample's MSE is
+            weighted by ``min(SNR_t, gamma) / SNR_t``, ``SNR_t = abar_t / (1 - abar_t)``, so the
+            nearly clean steps, easy and many, stop dominating the gradient (``None``: DiT's
+            unweighted MSE; 5 is the paper's value).  The logged ``mse`` stays unweighted.
     """
 
-    def __init__(self, scheduler=None, learn_sigma: bool = True) -> None:
+    def __init__(self, scheduler=None, learn_sigma: bool = True, snr_gamma: float | None = None) -> None:
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma}")
         self.scheduler = scheduler if scheduler is not None else dit_scheduler(learn_sigma=learn_sigma)
         self.learn_sigma = learn_sigma
+        self.snr_gamma = snr_gamma
         betas = self.scheduler.betas.double()
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, 0)
@@ -91,6 +98,8 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * torch.sqrt(abar_prev) / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * torch.sqrt(alphas) / (1.0 - abar)
+        snr = abar / (1.0 - abar)
+        self.mse_weight = snr.clamp(max=snr_gamma) / snr if snr_gamma is not None else torch.ones_like(snr)
 
     @staticmethod
     def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,11 +175,12 @@ class GaussianDiffusion:
             eps, v = out, None
         mse = _mean_flat((noise.float() - eps) ** 2)
         losses = {"mse": mse, "t": t}
+        weighted = mse * self.mse_weight.to(t.device)[t].float() if self.snr_gamma is not None else mse
         if v is not None:
             # the bound trains the variance only: the mean comes from a detached eps
             vb = self.vb_terms(x0.float(), xt.float(), t, eps.detach(), v)
             losses["vb"] = vb
-            losses["loss"] = mse + vb
+            losses["loss"] = weighted + vb
         else:
-            losses["loss"] = mse
+            losses["loss"] = weighted
         return losses

@@ -51,6 +51,8 @@ class DiffusionTask(TrainingTask):
         base_batch_size: scale ``lr`` by global batch / this (``None``: no scaling, as DiT).
         class_dropout: probability of training on the null class (classifier-free guidance).
         learn_sigma: the model predicts its variance too (DiT's hybrid loss).
+        snr_gamma: Min-SNR-gamma weighting of the eps MSE (``None``: DiT's plain MSE); see
+            :class:`~gspn_lightning.diffusion.GaussianDiffusion`.
         ema_decay: decay of the weight EMA used for sampling (``None`` disables it).
         sample_every_n_steps: write a grid of EMA samples this often (0: only at the end of fit).
         sample_classes / sample_per_class: the grid's classes (the first k) and columns.
@@ -82,6 +84,7 @@ class DiffusionTask(TrainingTask):
         base_batch_size: int | None = None,
         class_dropout: float = 0.1,
         learn_sigma: bool = True,
+        snr_gamma: float | None = None,
         ema_decay: float | None = 0.9999,
         sample_every_n_steps: int = 0,
         sample_classes: int = 10,
@@ -120,7 +123,7 @@ class DiffusionTask(TrainingTask):
             lr=lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
             warmup_steps=warmup_steps, schedule="constant",
         )  # fmt: skip
-        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
+        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma, snr_gamma=snr_gamma)
         self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")})
         self.init_sample_counts()
         self._vae = None

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first k channels")
     p.add_argument(
         "--clip-sample", type=float, default=None,
-        help="clip each step's predicted x_0 to [-R, R] (pixels in [-1, 1]: 1; latents: leave unset)",
+        help="clip each step's predicted x_0 to [-R, R] (default: the checkpoint's clip_sample; 0: off)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -163,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
 
         vae = load_vae(vae_path, device)
     num_classes = hp["num_classes"]
+    clip = args.clip_sample if args.clip_sample is not None else hp.get("clip_sample")
+    clip = clip if clip else None  # 0 turns it off
     shape = (net.in_channels, int(size), int(size))
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = draw(
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
         args.batch_size, vae=vae, progress=not args.no_progress, sampler=args.sampler, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
-        clip_sample=args.clip_sample,
+        clip_sample=clip,
     )  # fmt: skip
     if world > 1:
         import torch.distributed as dist
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": "raw" if args.raw_weights else "ema", "model": hp.get("model"),
             "num_samples": args.num_samples, "class_balanced": True, "sampler": args.sampler,
             "steps": args.steps, "guidance_scale": args.guidance_scale,
-            "guidance_channels": args.guidance_channels, "clip_sample": args.clip_sample, "seed": args.seed,
+            "guidance_channels": args.guidance_channels, "clip_sample": clip, "seed": args.seed,
             "vae": vae_path,
             "image_size": size,
         }  # fmt: skip
