@@ -27,3 +27,14 @@ def tiny_sdxl_dir(tmp_path_factory):
     from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module of tiny-model tests: OpenMP barriers between two threads cost more
+    than such work (measured 100x slower on a loaded 2-core machine). Use with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,6 +21,7 @@ from gspn_lightning.models.sdxl_pipeline import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 CAPTIONS = ["a photo of a cat on the table", "a red apple, with the blue sky!", ""]
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "main",
     "relative_error",
     "save_gspn_weights",
+    "saved_gspn_options",
+    "swap_and_load_gspn_weights",
     "swap_self_attention",
 ]
 
@@ -342,6 +344,49 @@ def load_gspn_weights(unet: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for key, t in own.items():
             t.copy_(loaded[key])
+
+
+def saved_gspn_options(path: str | Path) -> dict:
+    """The :func:`swap_self_attention` options a :func:`save_gspn_weights` file was written with.
+
+    Returns ``{"d_state": int, "directions": [...], "chunk_size": {layer name: int | None}}`` (the
+    per-layer chunk sizes as a mapping of exact names, which :func:`swap_self_attention` accepts).
+    Raises ``ValueError`` if the layers were swapped with different ``d_state`` or ``directions`` (one
+    swap call cannot reproduce that)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSPN weights file not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "layers" not in meta:
+        raise ValueError(f"{path} has no 'layers' metadata: not written by save_gspn_weights")
+    layers = json.loads(meta["layers"])
+    options = {}
+    for key in ("d_state", "directions"):
+        values = {json.dumps(v[key]) for v in layers.values()}
+        if len(values) != 1:
+            raise ValueError(f"{path}: the layers use different {key} ({sorted(values)}); swap them yourself")
+        options[key] = json.loads(values.pop())
+    options["chunk_size"] = {name: v["chunk_size"] for name, v in layers.items()}
+    return options
+
+
+def swap_and_load_gspn_weights(unet: nn.Module, path: str | Path, **overrides) -> list[str]:
+    """Swap ``unet``'s self-attention with the options saved in the adapter file ``path`` (or
+    ``overrides`` of them, e.g. ``backend``), then load its weights.  Returns the replaced names;
+    raises ``ValueError`` if the file's layers are not exactly the UNet's ``attn1`` layers."""
+    options = {**saved_gspn_options(path), **overrides}
+    names = swap_self_attention(unet, **options)
+    saved = options["chunk_size"] if isinstance(options["chunk_size"], Mapping) else None
+    if saved is not None and sorted(saved) != sorted(names):
+        extra, absent = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+        raise ValueError(
+            f"{path} was saved from another UNet: layers not in this one {extra[:3]}, not in the file {absent[:3]}"
+        )
+    load_gspn_weights(unet, path)
+    return names
 
 
 def example_inputs(
