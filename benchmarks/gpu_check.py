@@ -1,5 +1,6 @@
 """The GPU check's sections: build, environment, scan against the copy roofline, the per-line baseline,
-the mixer against flash attention, a training step.  ``scripts/gpu_check.sh`` runs each section in its
+the mixer against flash attention, training steps, an SD-XL UNet step with GSPN against SDPA
+self-attention.  ``scripts/gpu_check.sh`` runs each section in its
 own process under its own time limit and then ``report``; run one by hand with
 
     python benchmarks/gpu_check.py SECTION --out DIR [--budget SECONDS] [--rehearsal]
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen")
+SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen", "sdxl")
 GIB = 1024**3
 
 
@@ -609,6 +610,68 @@ def section_gen(args, rec: Record) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# sdxl: one SD-XL UNet step (real width, random weights, bf16) with GSPN against SDPA self-attention
+
+
+def section_sdxl(args, rec: Record) -> None:
+    """The UNet of ``configs/sdxl/unet_config.json`` (2.57B parameters) and its GSPN-swapped copy, one
+    inference forward each at 1024² to 4096² pixels (128² to 512² latents), batch 1, bf16, the two
+    interleaved per size; CUDA events, peak allocated memory.  Needs diffusers, which the lent GPU
+    machine lacks: then the section records why and measures nothing (put a diffusers copy on
+    ``PYTHONPATH``, e.g. ``pip install --no-deps --target DIR diffusers``, to run it)."""
+    try:
+        import diffusers  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing, or failing to import against this transformers
+        reason = (f"diffusers cannot be imported here ({type(exc).__name__}: {exc}); the SD-XL UNet is "
+                  "diffusers' UNet2DConditionModel, so nothing was measured")  # fmt: skip
+        rec.set(skipped_reason=reason)
+        rec.skip("sdxl", reason)
+        print(reason)
+        return
+    from benchmarks.sdxl_step import build_pair, make_step, sdxl_config, step_inputs
+
+    device = pick_device(args.rehearsal)
+    if args.rehearsal:
+        config, sizes, reps = sdxl_config(divisor=10, layers=[1, 1, 1]), (8, 16), 2
+    else:
+        config, sizes, reps = sdxl_config(), (128, 192, 256, 384, 512), 3
+    dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    models = build_pair(config, device, dtype)
+    names = [n for n, _ in models["gspn"].named_modules() if n.endswith(".attn1")]
+    rec.set(channels=config["block_out_channels"], self_attention_layers=len(names), dtype="bfloat16",
+            teacher_attention=type(models["sdpa"].get_submodule(names[0]).processor).__name__,
+            params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+            build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    dead: set[str] = set()
+    for size in sizes:
+        for name, unet in models.items():
+            case = f"{name} latent {size}x{size}"
+            if name in dead:
+                rec.skip(case, "ran out of memory at a smaller size")
+                continue
+            if not rec.time_left(reserve=5.0):
+                rec.skip(case, "section time budget spent")
+                continue
+            try:
+                step = make_step(unet, step_inputs(unet, size))
+                out = step()
+                peak_reset(device)
+                t = time_ms(step, device, reps, warmup=0)
+                rec.add(kind="sdxl_step", variant=name, latent=size, pixels=8 * size, **t,
+                        peak_mib=peak_mib(device), finite=bool(torch.isfinite(out).all()))  # fmt: skip
+                del out, step
+            except Exception as exc:  # noqa: BLE001
+                if is_oom(exc):
+                    dead.add(name)
+                    rec.skip(case, "out of memory")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                else:
+                    rec.error(case, exc)
+
+
+# ----------------------------------------------------------------------------------------------------
 # report: one JSON and one markdown table from the sections' files
 
 
@@ -737,6 +800,22 @@ def report(out: Path, tests: dict | None) -> str:
         for r in gen:
             lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {r['image']}² | {r['batch']} | {r['ms']:.1f} | "
                          f"{r['images_per_s']:.1f} | {_fmt(r['peak_mib'], 0)} |")  # fmt: skip
+    sd = sections["sdxl"]
+    if sd.get("skipped_reason"):
+        lines += ["", f"**SD-XL UNet step**: not measured: {sd['skipped_reason']}"]
+    elif sd.get("results"):
+        rows = sd["results"]
+        lines += ["", f"**SD-XL UNet step** (width {sd.get('channels')}, {sd.get('self_attention_layers')} "
+                      f"self-attention layers, bf16, batch 1, inference forward; teacher "
+                      f"{sd.get('teacher_attention')}): ms / peak MiB", "",
+                  "| latent | pixels | SDPA | GSPN | SDPA / GSPN time |", "|---|---|---|---|---:|"]  # fmt: skip
+        for size in sorted({r["latent"] for r in rows}):
+            m = {r["variant"]: r for r in rows if r["latent"] == size}
+            cells = [
+                f"{m[v]['ms']:.4g} / {_fmt(m[v]['peak_mib'], 0)}" if v in m else "-" for v in ("sdpa", "gspn")
+            ]
+            ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
+            lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text
