@@ -242,6 +242,35 @@ def test_sdxl_config_on_meta(capsys):
     assert "replaced 70 self-attention layers" in capsys.readouterr().out
 
 
+def test_module_gradients_float64_gradcheck(teacher):
+    """The gate tensor is assembled in place (slice copies): gradients still reach the input, the copied
+    projections and the new gate parameters correctly (float64 gradcheck, a 3x4 grid, both paths)."""
+    names = swap_self_attention(copy.deepcopy(teacher), d_state=2)
+    attn = teacher.get_submodule(names[0])
+    keys = [
+        "gates.weight",
+        "gates.bias",
+        "proxy.weight",
+        "u_bias",
+        "merge_logits",
+        "to_k.weight",
+        "to_q.weight",
+    ]
+    for fused in (True, False):
+        gspn = GSPNSelfAttention(attn, d_state=2, directions=("t2b", "r2l"), fused=fused).double()
+        gspn.spatial_size = (3, 4)
+        with torch.no_grad():
+            gspn.gates.weight.normal_(0, 0.5)
+        state = dict(gspn.named_parameters())
+        x = torch.randn(1, 12, gspn.query_dim, dtype=torch.float64, requires_grad=True)
+        params = [state[k].detach().clone().requires_grad_() for k in keys]
+
+        def f(x, *ps, gspn=gspn):
+            return torch.func.functional_call(gspn, dict(zip(keys, ps)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *params))
+
+
 def test_bfloat16_module_close_to_float32(teacher):
     student = copy.deepcopy(teacher)
     names = swap_self_attention(student, d_state=4)
