@@ -173,6 +173,32 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def budgeted_cases(rec: Record, sizes, variants: dict, label, reserve: float, dead: set):
+    """``(size, name, variant, case)`` for each size and variant, in that order (the variants interleaved
+    per size), skipping (and recording why) a variant that ran out of memory at a smaller size and
+    every case once the section's budget is spent."""
+    for size in sizes:
+        for name, variant in variants.items():
+            case = label(name, size)
+            if name in dead:
+                rec.skip(case, "ran out of memory at a smaller size")
+            elif not rec.time_left(reserve=reserve):
+                rec.skip(case, "section time budget spent")
+            else:
+                yield size, name, variant, case
+
+
+def case_failed(rec: Record, case: str, name: str, exc: BaseException, dead: set, device) -> None:
+    """Out of memory: mark ``name`` dead for the larger sizes; anything else: record the error."""
+    if is_oom(exc):
+        dead.add(name)
+        rec.skip(case, "out of memory")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        rec.error(case, exc)
+
+
 # ----------------------------------------------------------------------------------------------------
 # env: what the machine is
 
@@ -486,29 +512,15 @@ def section_mixer(args, rec: Record) -> None:
     rec.set(dim=dim, heads=heads, batch=batch, dtype="bfloat16", sdpa_backend=str(backend[0]),
             params={k: sum(p.numel() for p in m.parameters()) for k, m in layers.items()})  # fmt: skip
     dead: set[str] = set()
-    for g in grids:
-        for name, layer in layers.items():
-            case = f"{name} {g}x{g}"
-            if name in dead:
-                rec.skip(case, "ran out of memory at a smaller grid")
-                continue
-            if not rec.time_left(reserve=2.0):
-                rec.skip(case, "section time budget spent")
-                continue
-            try:
-                with sdpa_kernel(backend):
-                    for phase in ("fwd", "fwd+bwd"):
-                        t, peak, base = _time_layer(layer, batch, g, dim, dtype, device, phase, reps)
-                        rec.add(kind="layer", layer=name, grid=g, tokens=g * g, phase=phase, **t, peak_mib=peak,
-                                peak_over_inputs_mib=None if peak is None else peak - base)  # fmt: skip
-            except Exception as exc:  # noqa: BLE001
-                if is_oom(exc):
-                    dead.add(name)
-                    rec.skip(case, "out of memory")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                else:
-                    rec.error(case, exc)
+    for g, name, layer, case in budgeted_cases(rec, grids, layers, lambda n, g: f"{n} {g}x{g}", 2.0, dead):
+        try:
+            with sdpa_kernel(backend):
+                for phase in ("fwd", "fwd+bwd"):
+                    t, peak, base = _time_layer(layer, batch, g, dim, dtype, device, phase, reps)
+                    rec.add(kind="layer", layer=name, grid=g, tokens=g * g, phase=phase, **t, peak_mib=peak,
+                            peak_over_inputs_mib=None if peak is None else peak - base)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            case_failed(rec, case, name, exc, dead, device)
     fits = {}
     for name in layers:
         for phase in ("fwd", "fwd+bwd"):
@@ -644,31 +656,18 @@ def section_sdxl(args, rec: Record) -> None:
             params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
             build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
     dead: set[str] = set()
-    for size in sizes:
-        for name, unet in models.items():
-            case = f"{name} latent {size}x{size}"
-            if name in dead:
-                rec.skip(case, "ran out of memory at a smaller size")
-                continue
-            if not rec.time_left(reserve=5.0):
-                rec.skip(case, "section time budget spent")
-                continue
-            try:
-                step = make_step(unet, step_inputs(unet, size))
-                out = step()
-                peak_reset(device)
-                t = time_ms(step, device, reps, warmup=0)
-                rec.add(kind="sdxl_step", variant=name, latent=size, pixels=8 * size, **t,
-                        peak_mib=peak_mib(device), finite=bool(torch.isfinite(out).all()))  # fmt: skip
-                del out, step
-            except Exception as exc:  # noqa: BLE001
-                if is_oom(exc):
-                    dead.add(name)
-                    rec.skip(case, "out of memory")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                else:
-                    rec.error(case, exc)
+    label = lambda n, s: f"{n} latent {s}x{s}"
+    for size, name, unet, case in budgeted_cases(rec, sizes, models, label, 5.0, dead):
+        try:
+            step = make_step(unet, step_inputs(unet, size))
+            out = step()
+            peak_reset(device)
+            t = time_ms(step, device, reps, warmup=0)
+            rec.add(kind="sdxl_step", variant=name, latent=size, pixels=8 * size, **t,
+                    peak_mib=peak_mib(device), finite=bool(torch.isfinite(out).all()))  # fmt: skip
+            del out, step
+        except Exception as exc:  # noqa: BLE001
+            case_failed(rec, case, name, exc, dead, device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -254,25 +254,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             options = json.loads(args.gspn_options)
             if not isinstance(options, dict):
                 raise ValueError(f"--gspn-options must be a JSON object, got {args.gspn_options!r}")
+        same = ("width", "height", "steps", "guidance_scale", "negative_prompt", "seed", "seeds",
+                "num_images_per_prompt", "batch_size", "gspn_weights", "vae_tiling", "device")  # fmt: skip
         paths = generate(
             args.sdxl,
             prompts,
             args.out,
-            width=args.width,
-            height=args.height,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            seed=args.seed,
-            seeds=args.seeds,
-            num_images_per_prompt=args.num_images_per_prompt,
-            batch_size=args.batch_size,
-            gspn_weights=args.gspn_weights,
             gspn_options=options,
-            vae_tiling=args.vae_tiling,
-            device=args.device,
             dtype=None if args.dtype is None else _DTYPES[args.dtype],
             progress=not args.no_progress,
+            **{k: getattr(args, k) for k in same},
         )
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
         raise SystemExit(f"error: {err}") from err
