@@ -9,9 +9,12 @@ ratios are formed per round and reported as median and range over the rounds.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,3 +116,48 @@ def write_results(path_stem: Path, result: dict, markdown: list[str]) -> None:
     path_stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     path_stem.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     print(f"wrote {path_stem}.json and .md")
+
+
+def fit_exponent(sizes, times) -> float:
+    """Least-squares slope p of log(time) against log(size ** 2): time ~ pixels ** p for square sizes."""
+    xs = [math.log(s * s) for s in sizes]
+    ys = [math.log(t) for t in times]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+# Peak memory on the CPU: the growth of a fresh process's resident set over one step, with glibc serving
+# every block above 64 KiB by mmap so that freed memory leaves the resident set and what the step
+# allocates shows in it.  The benchmark re-runs itself with its own child flag; the child calls
+# ``reset_peak_rss()`` after a warm-up step and ``print_peak_rss(base)`` after the measured one.
+
+
+def rss_kb(field: str) -> int:
+    """``VmRSS:`` / ``VmHWM:`` of this process from ``/proc/self/status``, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset ``VmHWM`` to the current resident set (where the kernel allows) and return ``VmRSS`` (KiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return rss_kb("VmRSS:")
+
+
+def print_peak_rss(base_kb: int) -> None:
+    print(f"PEAK {(rss_kb('VmHWM:') - base_kb) * 1024}")
+
+
+def run_peak_child(script: str, args: list[str]) -> int:
+    """Run ``python script args`` in a fresh process under the mmap threshold and return the bytes it
+    printed with :func:`print_peak_rss`."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    r = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"peak-memory child {args} failed: {r.stderr[-2000:]}")
+    return int(r.stdout.split("PEAK")[-1])

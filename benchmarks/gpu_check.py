@@ -1,5 +1,6 @@
 """The GPU check's sections: build, environment, scan against the copy roofline, the per-line baseline,
-the mixer against flash attention, a training step.  ``scripts/gpu_check.sh`` runs each section in its
+the mixer against flash attention, training steps, an SD-XL UNet step with GSPN against SDPA
+self-attention.  ``scripts/gpu_check.sh`` runs each section in its
 own process under its own time limit and then ``report``; run one by hand with
 
     python benchmarks/gpu_check.py SECTION --out DIR [--budget SECONDS] [--rehearsal]
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen")
+SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen", "sdxl")
 GIB = 1024**3
 
 
@@ -170,6 +171,32 @@ def scan_inputs(shape, dtype, device, direction, seed=0, requires_grad=False):
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def budgeted_cases(rec: Record, sizes, variants: dict, label, reserve: float, dead: set):
+    """``(size, name, variant, case)`` for each size and variant, in that order (the variants interleaved
+    per size), skipping (and recording why) a variant that ran out of memory at a smaller size and
+    every case once the section's budget is spent."""
+    for size in sizes:
+        for name, variant in variants.items():
+            case = label(name, size)
+            if name in dead:
+                rec.skip(case, "ran out of memory at a smaller size")
+            elif not rec.time_left(reserve=reserve):
+                rec.skip(case, "section time budget spent")
+            else:
+                yield size, name, variant, case
+
+
+def case_failed(rec: Record, case: str, name: str, exc: BaseException, dead: set, device) -> None:
+    """Out of memory: mark ``name`` dead for the larger sizes; anything else: record the error."""
+    if is_oom(exc):
+        dead.add(name)
+        rec.skip(case, "out of memory")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        rec.error(case, exc)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,29 +512,15 @@ def section_mixer(args, rec: Record) -> None:
     rec.set(dim=dim, heads=heads, batch=batch, dtype="bfloat16", sdpa_backend=str(backend[0]),
             params={k: sum(p.numel() for p in m.parameters()) for k, m in layers.items()})  # fmt: skip
     dead: set[str] = set()
-    for g in grids:
-        for name, layer in layers.items():
-            case = f"{name} {g}x{g}"
-            if name in dead:
-                rec.skip(case, "ran out of memory at a smaller grid")
-                continue
-            if not rec.time_left(reserve=2.0):
-                rec.skip(case, "section time budget spent")
-                continue
-            try:
-                with sdpa_kernel(backend):
-                    for phase in ("fwd", "fwd+bwd"):
-                        t, peak, base = _time_layer(layer, batch, g, dim, dtype, device, phase, reps)
-                        rec.add(kind="layer", layer=name, grid=g, tokens=g * g, phase=phase, **t, peak_mib=peak,
-                                peak_over_inputs_mib=None if peak is None else peak - base)  # fmt: skip
-            except Exception as exc:  # noqa: BLE001
-                if is_oom(exc):
-                    dead.add(name)
-                    rec.skip(case, "out of memory")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                else:
-                    rec.error(case, exc)
+    for g, name, layer, case in budgeted_cases(rec, grids, layers, lambda n, g: f"{n} {g}x{g}", 2.0, dead):
+        try:
+            with sdpa_kernel(backend):
+                for phase in ("fwd", "fwd+bwd"):
+                    t, peak, base = _time_layer(layer, batch, g, dim, dtype, device, phase, reps)
+                    rec.add(kind="layer", layer=name, grid=g, tokens=g * g, phase=phase, **t, peak_mib=peak,
+                            peak_over_inputs_mib=None if peak is None else peak - base)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            case_failed(rec, case, name, exc, dead, device)
     fits = {}
     for name in layers:
         for phase in ("fwd", "fwd+bwd"):
@@ -606,6 +619,55 @@ def section_gen(args, rec: Record) -> None:
             rec.error(case, exc)
             if is_oom(exc) and device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# sdxl: one SD-XL UNet step (real width, random weights, bf16) with GSPN against SDPA self-attention
+
+
+def section_sdxl(args, rec: Record) -> None:
+    """The UNet of ``configs/sdxl/unet_config.json`` (2.57B parameters) and its GSPN-swapped copy, one
+    inference forward each at 1024² to 4096² pixels (128² to 512² latents), batch 1, bf16, the two
+    interleaved per size; CUDA events, peak allocated memory.  Needs diffusers, which the lent GPU
+    machine lacks: then the section records why and measures nothing (put a diffusers copy on
+    ``PYTHONPATH``, e.g. ``pip install --no-deps --target DIR diffusers``, to run it)."""
+    try:
+        import diffusers  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing, or failing to import against this transformers
+        reason = (f"diffusers cannot be imported here ({type(exc).__name__}: {exc}); the SD-XL UNet is "
+                  "diffusers' UNet2DConditionModel, so nothing was measured")  # fmt: skip
+        rec.set(skipped_reason=reason)
+        rec.skip("sdxl", reason)
+        print(reason)
+        return
+    from benchmarks.sdxl_step import build_pair, make_step, sdxl_config, step_inputs
+
+    device = pick_device(args.rehearsal)
+    if args.rehearsal:
+        config, sizes, reps = sdxl_config(divisor=10, layers=[1, 1, 1]), (8, 16), 2
+    else:
+        config, sizes, reps = sdxl_config(), (128, 192, 256, 384, 512), 3
+    dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    models = build_pair(config, device, dtype)
+    names = [n for n, _ in models["gspn"].named_modules() if n.endswith(".attn1")]
+    rec.set(channels=config["block_out_channels"], self_attention_layers=len(names), dtype="bfloat16",
+            teacher_attention=type(models["sdpa"].get_submodule(names[0]).processor).__name__,
+            params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+            build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    dead: set[str] = set()
+    label = lambda n, s: f"{n} latent {s}x{s}"
+    for size, name, unet, case in budgeted_cases(rec, sizes, models, label, 5.0, dead):
+        try:
+            step = make_step(unet, step_inputs(unet, size))
+            out = step()
+            peak_reset(device)
+            t = time_ms(step, device, reps, warmup=0)
+            rec.add(kind="sdxl_step", variant=name, latent=size, pixels=8 * size, **t,
+                    peak_mib=peak_mib(device), finite=bool(torch.isfinite(out).all()))  # fmt: skip
+            del out, step
+        except Exception as exc:  # noqa: BLE001
+            case_failed(rec, case, name, exc, dead, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -737,6 +799,22 @@ def report(out: Path, tests: dict | None) -> str:
         for r in gen:
             lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {r['image']}² | {r['batch']} | {r['ms']:.1f} | "
                          f"{r['images_per_s']:.1f} | {_fmt(r['peak_mib'], 0)} |")  # fmt: skip
+    sd = sections["sdxl"]
+    if sd.get("skipped_reason"):
+        lines += ["", f"**SD-XL UNet step**: not measured: {sd['skipped_reason']}"]
+    elif sd.get("results"):
+        rows = sd["results"]
+        lines += ["", f"**SD-XL UNet step** (width {sd.get('channels')}, {sd.get('self_attention_layers')} "
+                      f"self-attention layers, bf16, batch 1, inference forward; teacher "
+                      f"{sd.get('teacher_attention')}): ms / peak MiB", "",
+                  "| latent | pixels | SDPA | GSPN | SDPA / GSPN time |", "|---|---|---|---|---:|"]  # fmt: skip
+        for size in sorted({r["latent"] for r in rows}):
+            m = {r["variant"]: r for r in rows if r["latent"] == size}
+            cells = [
+                f"{m[v]['ms']:.4g} / {_fmt(m[v]['peak_mib'], 0)}" if v in m else "-" for v in ("sdpa", "gspn")
+            ]
+            ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
+            lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,11 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     copy_fn,
+    fit_exponent,
     fmt,
     interleaved,
     machine_info,
     new_result_path,
+    print_peak_rss,
     ratios,
+    reset_peak_rss,
+    run_peak_child,
     summary,
     write_results,
 )
@@ -70,13 +71,6 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_child(variant: str, dim: int, batch: int, size: int, chunk: int) -> None:
     """Run in a fresh process (``--peak-child``): build one layer and its input, run one step, free
     its gradients, then run a second forward + backward and print how far the resident set grew above
@@ -89,13 +83,9 @@ def peak_child(variant: str, dim: int, batch: int, size: int, chunk: int) -> Non
     layer(x).backward(go)  # a first step: one-time set-up (libraries, thread pool, caches) is not counted
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    except OSError:
-        pass
-    base = _rss_kb("VmRSS:")
+    base = reset_peak_rss()
     layer(x).backward(go)
-    print(f"PEAK {(_rss_kb('VmHWM:') - base) * 1024}")
+    print_peak_rss(base)
 
 
 @functools.cache
@@ -103,19 +93,9 @@ def peak_bytes(variant: str, dim: int, batch: int, size: int, chunk: int | None)
     """Peak memory of one forward + backward, measured in a fresh process whose glibc serves every
     block above 64 KiB by mmap (so that freed memory leaves the resident set and what the step
     allocates shows in it)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [
-        sys.executable,
-        __file__,
-        "--peak-child",
-        variant,
-        str(dim),
-        str(batch),
-        str(size),
-        str(chunk or 0),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return int(r.stdout.split("PEAK")[-1])
+    return run_peak_child(
+        __file__, ["--peak-child", variant, str(dim), str(batch), str(size), str(chunk or 0)]
+    )
 
 
 def saved_bytes(fn) -> int:
@@ -186,13 +166,6 @@ def make_layers(dim: int, chunk_size: int | None, sdpa: bool) -> dict[str, nn.Mo
     if sdpa:
         layers["sdpa"] = Attention(dim, heads=4)
     return layers
-
-
-def fit_exponent(sizes, times) -> float:
-    xs = [math.log(s * s) for s in sizes]
-    ys = [math.log(t) for t in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
 CASES = {

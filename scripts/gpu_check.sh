@@ -2,7 +2,8 @@
 # The GPU check: on a bare GPU machine, in one command, build the CUDA extension for the visible GPU,
 # run every op/layer/model test (the CUDA-parametrised cases included), time the scan against the copy
 # roofline and against a per-line baseline, a GSPN mixer against flash attention, a gspn_t
-# training step and GSPN-DiT-XL/2 / DiT-XL/2 training steps at 256² and 512²; write JSON + a markdown table into $OUT (or benchmarks/results/gpu_check/) and print
+# training step, GSPN-DiT-XL/2 / DiT-XL/2 training steps at 256² and 512², and one SD-XL UNet step with
+# GSPN against SDPA self-attention at 1024² to 4096² (needs diffusers on PYTHONPATH, else skipped); write JSON + a markdown table into $OUT (or benchmarks/results/gpu_check/) and print
 # the short table last.  Each section runs in its own process under its own time limit, so a slow or
 # failing section cannot eat the others; a failure never stops the later sections.
 #
@@ -46,13 +47,13 @@ SCALE="${GPU_CHECK_SCALE:-1}"
 
 if [ "$REHEARSAL" = 1 ]; then
   FLAG=--rehearsal
-  B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40
+  B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40; B_SDXL=60
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
   export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
 else
   FLAG=
-  # at most ~570 s in all, inside one 600 s device call; a typical run is well under that
-  B_ENV=15; B_BUILD=140; B_TESTS=100; B_SCAN=55; B_BASE=30; B_MIXER=45; B_TRAIN=35; B_GEN=40
+  # at most ~595 s in all (budgets + 10 s each), inside one 600 s device call; a typical run is well under that
+  B_ENV=15; B_BUILD=140; B_TESTS=100; B_SCAN=55; B_BASE=30; B_MIXER=45; B_TRAIN=35; B_GEN=40; B_SDXL=45
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_nn.py tests/test_models.py
              tests/test_diffusion_models.py -m "not build")
   # Build for the visible GPU only (fast), and let every later process (the tests) find the same
@@ -95,6 +96,7 @@ py_section baseline "$B_BASE"
 py_section mixer "$B_MIXER"
 py_section train "$B_TRAIN"
 py_section gen "$B_GEN"
+py_section sdxl "$B_SDXL"
 
 echo "== report"
 "$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" \

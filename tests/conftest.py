@@ -17,3 +17,24 @@ def mnist_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "demo_mnist"
     build_mnist_demo(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A complete tiny SD-XL folder in the diffusers layout (random weights, seed 0), built once per
+    session by gspn_lightning.models.sdxl_pipeline.make_tiny_sdxl. Treat it as read-only (copy it to
+    change it)."""
+    from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module of tiny-model tests: OpenMP barriers between two threads cost more
+    than such work (measured 100x slower on a loaded 2-core machine). Use with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -71,6 +71,22 @@ def test_fit_exponent():
     assert gpu_check.fit_exponent([10], [1.0]) is None
 
 
+def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypatch):
+    import argparse
+
+    # as on the GPU machine: import diffusers -> ImportError
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    rec = gpu_check.Record(tmp_path, "sdxl", budget=10, rehearsal=True)
+    gpu_check.section_sdxl(argparse.Namespace(rehearsal=True), rec)
+    rec.finish()
+    data = json.loads((tmp_path / "sdxl.json").read_text())
+    assert data["status"] == "ok" and data["results"] == []
+    assert "diffusers cannot be imported" in data["skipped_reason"]
+    assert data["skipped"][0]["case"] == "sdxl"
+    text = gpu_check.report(tmp_path, None)
+    assert "**SD-XL UNet step**: not measured: diffusers cannot be imported" in text
+
+
 @pytest.mark.slow
 def test_cpu_rehearsal_end_to_end(tmp_path):
     """``bash scripts/gpu_check.sh --cpu-rehearsal``: every section runs on the CPU with tiny sizes,
@@ -107,6 +123,35 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         (m, s) for m in ("gspn_dit_xl_2", "dit_xl_2") for s in (8, 16)
     }
     assert all(r["loss_finite"] and r["images_per_s"] > 0 for r in gen)
+    sdxl = sections["sdxl"]["results"]
+    assert {(r["variant"], r["latent"]) for r in sdxl} == {(v, s) for v in ("sdpa", "gspn") for s in (8, 16)}
+    assert all(r["finite"] and r["ms"] > 0 for r in sdxl)
+    assert sections["sdxl"]["self_attention_layers"] == 11
     text = (tmp_path / "gpu_check.md").read_text()
-    assert "CPU rehearsal" in text and "Per-line baseline" in text
+    assert "CPU rehearsal" in text and "Per-line baseline" in text and "SD-XL UNet step" in text
     assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
+
+
+def test_sdxl_step_configs():
+    """The SD-XL UNet the sdxl section and benchmarks/sdxl_step.py time: real width, or narrowed with
+    SD-XL's block structure (70 self-attention layers) kept."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.sdxl_step import build_pair, sdxl_config
+
+    full = sdxl_config()
+    assert full == json.loads((ROOT / "configs/sdxl/unet_config.json").read_text())  # heads 5/10/20 = 64 wide
+    narrow = sdxl_config(divisor=10)
+    assert narrow["block_out_channels"] == [32, 64, 128] and narrow["attention_head_dim"] == [2, 4, 8]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(narrow)
+    assert sum(n.endswith(".attn1") for n, _ in unet.named_modules()) == 70
+    with pytest.raises(ValueError, match="divisor 7"):
+        sdxl_config(divisor=7)
+    models = build_pair(sdxl_config(divisor=10, layers=[1, 1, 1]), "meta", torch.float32)
+    assert list(models) == ["sdpa", "gspn"] and models["sdpa"] is not models["gspn"]
+    swapped = [n for n, m in models["gspn"].named_modules() if type(m).__name__ == "GSPNSelfAttention"]
+    assert len(swapped) == 11 and not any(
+        type(m).__name__ == "GSPNSelfAttention" for m in models["sdpa"].modules()
+    )

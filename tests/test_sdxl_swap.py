@@ -17,11 +17,14 @@ from gspn_lightning.models.sdxl import (
     main,
     relative_error,
     save_gspn_weights,
+    saved_gspn_options,
+    swap_and_load_gspn_weights,
     swap_self_attention,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs/sdxl/tiny_unet_config.json"
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -188,6 +191,30 @@ def test_adapter_round_trip_identical(teacher, tmp_path):
         load_gspn_weights(copy.deepcopy(teacher), path)
 
 
+def test_swap_with_the_options_saved_in_the_adapter(teacher, tmp_path):
+    trained = copy.deepcopy(teacher)
+    names = swap_self_attention(trained, d_state=3, chunk_size={"up_blocks.*": 2}, directions=("t2b", "l2r"))
+    with torch.no_grad():
+        for t in gspn_state_dict(trained).values():
+            t.add_(0.05 * torch.randn_like(t))
+    path = tmp_path / "gspn.safetensors"
+    save_gspn_weights(trained, path)
+    options = saved_gspn_options(path)
+    assert options["d_state"] == 3 and options["directions"] == ["t2b", "l2r"]
+    assert options["chunk_size"] == {n: 2 if n.startswith("up_blocks.") else None for n in names}
+    fresh = copy.deepcopy(teacher)
+    assert swap_and_load_gspn_weights(fresh, path) == names
+    with torch.no_grad():
+        assert torch.equal(run(fresh, 16, 32), run(trained, 16, 32))
+    # an adapter of another UNet (fewer transformer layers) is refused by name
+    config = {**json.loads(TINY_CONFIG.read_text()), "transformer_layers_per_block": [1, 1, 1]}
+    other = UNet2DConditionModel.from_config(config)
+    with pytest.raises(ValueError, match="saved from another UNet"):
+        swap_and_load_gspn_weights(other, path)
+    with pytest.raises(FileNotFoundError):
+        saved_gspn_options(tmp_path / "none.safetensors")
+
+
 def test_gradients_reach_only_the_gspn_modules(teacher):
     student = copy.deepcopy(teacher).train()
     swap_self_attention(student, d_state=4)
@@ -213,6 +240,35 @@ def test_sdxl_config_on_meta(capsys):
     assert result["self_attention_params"] == 409_683_200
     assert result["params_after"] > result["params_before"]
     assert "replaced 70 self-attention layers" in capsys.readouterr().out
+
+
+def test_module_gradients_float64_gradcheck(teacher):
+    """The gate tensor is assembled in place (slice copies): gradients still reach the input, the copied
+    projections and the new gate parameters correctly (float64 gradcheck, a 3x4 grid, both paths)."""
+    names = swap_self_attention(copy.deepcopy(teacher), d_state=2)
+    attn = teacher.get_submodule(names[0])
+    keys = [
+        "gates.weight",
+        "gates.bias",
+        "proxy.weight",
+        "u_bias",
+        "merge_logits",
+        "to_k.weight",
+        "to_q.weight",
+    ]
+    for fused in (True, False):
+        gspn = GSPNSelfAttention(attn, d_state=2, directions=("t2b", "r2l"), fused=fused).double()
+        gspn.spatial_size = (3, 4)
+        with torch.no_grad():
+            gspn.gates.weight.normal_(0, 0.5)
+        state = dict(gspn.named_parameters())
+        x = torch.randn(1, 12, gspn.query_dim, dtype=torch.float64, requires_grad=True)
+        params = [state[k].detach().clone().requires_grad_() for k in keys]
+
+        def f(x, *ps, gspn=gspn):
+            return torch.func.functional_call(gspn, dict(zip(keys, ps)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *params))
 
 
 def test_bfloat16_module_close_to_float32(teacher):

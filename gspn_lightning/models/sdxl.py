@@ -42,6 +42,8 @@ __all__ = [
     "main",
     "relative_error",
     "save_gspn_weights",
+    "saved_gspn_options",
+    "swap_and_load_gspn_weights",
     "swap_self_attention",
 ]
 
@@ -172,21 +174,29 @@ class GSPNSelfAttention(nn.Module):
         if H * W != N:
             raise ValueError(f"spatial_size={(H, W)} gives {H * W} tokens but hidden_states has N={N}")
 
-        def grid(t: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, E, H, W)
-            return t.transpose(1, 2).reshape(B, -1, H, W)
+        def grid(t: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, E, H, W), contiguous
+            return t.transpose(1, 2).reshape(B, -1, H, W).contiguous()
 
         q, k, v = (grid(p(hidden_states)) for p in (self.to_q, self.to_k, self.to_v))
         E, K = self.inner_dim, len(self.directions)
-        taps = grid(self.gates(self.proxy(hidden_states))).view(B, K, 3, E, H, W)
-        lam = k.view(B, 1, 1, E, H, W).expand(B, K, 1, E, H, W)
-        u = (q + self.u_bias.view(1, E, 1, 1)).view(B, 1, 1, E, H, W).expand(B, K, 1, E, H, W)
-        zero = v.new_zeros(()).expand(B, K, 1, E, H, W)
-        # the numerator's channels (x = v, gate u) and the denominator's (x = 1, gate open), one op call
-        num_gates = torch.cat([taps, lam, u, zero], dim=2)
-        den_gates = torch.cat([taps, lam, torch.full_like(zero, _OPEN), zero], dim=2)
-        gates = torch.cat([num_gates, den_gates], dim=3)
+        # the tap logits (K * 3 * E maps) come out channel-major from the matmul itself: transposing them
+        # from (B, N, K*3*E) afterwards was most of the layer's CPU time
+        proxy = self.proxy(hidden_states).transpose(1, 2)  # (B, S, N)
+        weight = self.gates.weight.expand(B, -1, -1)
+        taps = torch.baddbmm(self.gates.bias.view(1, -1, 1), weight, proxy).view(B, K, 3, 1, E, H, W)
+        # the numerator's channels (x = v, gate u) and the denominator's (x = 1, gate open), one op call:
+        # gates (B, K, 6, 2, E, H, W) = (3 taps, lam, u, d) x (numerator, denominator), written in place
+        gates = v.new_empty(B, K, 6, 2, E, H, W)
+        gates[:, :, :3] = taps
+        gates[:, :, 3] = k.view(B, 1, 1, E, H, W)
+        gates[:, :, 4, 0] = (q + self.u_bias.view(1, E, 1, 1)).view(B, 1, E, H, W)
+        gates[:, :, 4, 1] = _OPEN
+        gates[:, :, 5] = 0
+        gates = gates.view(B, K, 6, 2 * E, H, W)
         x = torch.cat([v, torch.ones_like(v)], dim=1)
-        merge = torch.softmax(self.merge_logits.float(), dim=0).to(v.dtype).repeat(1, 2)
+        logits = self.merge_logits  # softmax in float32 at least (16-bit weights), float64 kept as it is
+        merge = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
+        merge = merge.to(v.dtype).repeat(1, 2)
         if self.fused:
             y = gspn_propagate(x, gates, merge, self.directions, self.chunk_size, backend=self.backend)
         else:
@@ -342,6 +352,49 @@ def load_gspn_weights(unet: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for key, t in own.items():
             t.copy_(loaded[key])
+
+
+def saved_gspn_options(path: str | Path) -> dict:
+    """The :func:`swap_self_attention` options a :func:`save_gspn_weights` file was written with.
+
+    Returns ``{"d_state": int, "directions": [...], "chunk_size": {layer name: int | None}}`` (the
+    per-layer chunk sizes as a mapping of exact names, which :func:`swap_self_attention` accepts).
+    Raises ``ValueError`` if the layers were swapped with different ``d_state`` or ``directions`` (one
+    swap call cannot reproduce that)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSPN weights file not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "layers" not in meta:
+        raise ValueError(f"{path} has no 'layers' metadata: not written by save_gspn_weights")
+    layers = json.loads(meta["layers"])
+    options = {}
+    for key in ("d_state", "directions"):
+        values = {json.dumps(v[key]) for v in layers.values()}
+        if len(values) != 1:
+            raise ValueError(f"{path}: the layers use different {key} ({sorted(values)}); swap them yourself")
+        options[key] = json.loads(values.pop())
+    options["chunk_size"] = {name: v["chunk_size"] for name, v in layers.items()}
+    return options
+
+
+def swap_and_load_gspn_weights(unet: nn.Module, path: str | Path, **overrides) -> list[str]:
+    """Swap ``unet``'s self-attention with the options saved in the adapter file ``path`` (or
+    ``overrides`` of them, e.g. ``backend``), then load its weights.  Returns the replaced names;
+    raises ``ValueError`` if the file's layers are not exactly the UNet's ``attn1`` layers."""
+    options = {**saved_gspn_options(path), **overrides}
+    names = swap_self_attention(unet, **options)
+    saved = options["chunk_size"] if isinstance(options["chunk_size"], Mapping) else None
+    if saved is not None and sorted(saved) != sorted(names):
+        extra, absent = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+        raise ValueError(
+            f"{path} was saved from another UNet: layers not in this one {extra[:3]}, not in the file {absent[:3]}"
+        )
+    load_gspn_weights(unet, path)
+    return names
 
 
 def example_inputs(

@@ -1,0 +1,253 @@
+"""One SD-XL UNet denoising step with GSPN in place of self-attention against the original attention.
+
+    python benchmarks/sdxl_step.py [--divisor 10] [--sizes 32 64 128 192] [--rounds 3] [--threads 1]
+
+The UNet is SD-XL's (``configs/sdxl/unet_config.json``: three levels, ``text_time`` conditioning,
+transformer depths 0/2/10, 70 self-attention layers) with the channel widths divided by ``--divisor``
+(320/640/1280 -> 32/64/128 by default; ``--divisor 1`` is the real width) and ``--head-dim`` channels per
+head (SD-XL: 64; narrowed: 16), randomly initialised (seed 0): no pretrained weights can be had here,
+and timing does not depend on them.  The teacher keeps diffusers' attention (``AttnProcessor2_0``:
+``scaled_dot_product_attention``); the student is the same UNet after :func:`swap_self_attention`
+(``d_state`` 8, global scans unless ``--chunk-size``).  One forward (``inference_mode``: a sampling step
+without guidance; batch 1, 77 text tokens, random embeddings and the micro-conditioning of the size) is
+timed for both in interleaved rounds at each latent size (pixels = 8 x latent), after a warm-up call.
+
+Peak memory is measured apart from the timing, in a fresh process per variant and size: the growth of
+its resident set over one forward (see ``common.py``).  On a GPU the allocator's peak is used instead.
+The fitted exponent p of time ~ pixels^p is given per variant.  Each output is checked finite.
+Results: ``benchmarks/results/sdxl_step_<machine>[-N].{json,md}`` (a new file unless ``--replace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    fit_exponent,
+    fmt,
+    interleaved,
+    machine_info,
+    new_result_path,
+    print_peak_rss,
+    ratios,
+    reset_peak_rss,
+    run_peak_child,
+    summary,
+    write_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SDXL_CONFIG = ROOT / "configs/sdxl/unet_config.json"
+VARIANTS = ("sdpa", "gspn")
+
+
+def sdxl_config(divisor: int = 1, head_dim: int | None = None, layers=None) -> dict:
+    """SD-XL's UNet config with channels divided by ``divisor``, ``head_dim`` channels per head (default
+    64 at full width, 16 narrowed) and optionally other ``transformer_layers_per_block``."""
+    config = json.loads(SDXL_CONFIG.read_text())
+    head_dim = head_dim or (64 if divisor == 1 else 16)
+    channels = [c // divisor for c in config["block_out_channels"]]
+    groups = config["norm_num_groups"]
+    if any(
+        c * divisor != c0 or c % groups or c % head_dim
+        for c, c0 in zip(channels, config["block_out_channels"])
+    ):
+        raise ValueError(
+            f"divisor {divisor} / head_dim {head_dim}: channels {channels} must divide evenly and be multiples "
+            f"of norm_num_groups {groups} and of head_dim"
+        )
+    config["block_out_channels"] = channels
+    config["attention_head_dim"] = [c // head_dim for c in channels]  # diffusers' name for the head count
+    if layers is not None:
+        config["transformer_layers_per_block"] = list(layers)
+    return config
+
+
+def build_pair(
+    config: dict, device, dtype, d_state: int = 8, chunk_size=None, seed: int = 0, variants=VARIANTS
+):
+    """``{"sdpa": teacher UNet, "gspn": swapped copy}`` (those in ``variants``) on ``device`` in ``dtype``."""
+    from diffusers import UNet2DConditionModel
+
+    from gspn_lightning.models.sdxl import swap_self_attention
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        teacher = UNet2DConditionModel.from_config(config).eval()
+    if dtype != torch.float32:
+        teacher.to(dtype)
+    models = {}
+    if "gspn" in variants:
+        student = copy.deepcopy(teacher) if "sdpa" in variants else teacher
+        swap_self_attention(student, d_state=d_state, chunk_size=chunk_size)
+        models["gspn"] = student
+    if "sdpa" in variants:
+        models["sdpa"] = teacher
+    return {v: models[v] for v in VARIANTS if v in models}
+
+
+def step_inputs(unet, size: int, batch: int = 1, seed: int = 0):
+    from gspn_lightning.models.sdxl import example_inputs
+
+    gen = torch.Generator(next(unet.parameters()).device).manual_seed(seed)
+    return example_inputs(unet, size, size, batch=batch, text_len=77, generator=gen)
+
+
+def make_step(unet, inputs):
+    sample, t, kwargs = inputs
+
+    def step():
+        with torch.inference_mode():
+            return unet(sample, t, **kwargs).sample
+
+    return step
+
+
+def peak_child(variant: str, size: int, divisor: int, head_dim: int, chunk: int, layers: str) -> None:
+    """In a fresh process (``--peak-child``): build one variant, run a warm-up step, then print how far
+    the resident set grew over a second step."""
+    torch.set_num_threads(1)
+    config = sdxl_config(divisor, head_dim, json.loads(layers))
+    unet = build_pair(config, "cpu", torch.float32, chunk_size=chunk or None, variants=(variant,))[variant]
+    step = make_step(unet, step_inputs(unet, size))
+    step()
+    base = reset_peak_rss()
+    step()
+    print_peak_rss(base)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--divisor", type=int, default=10, help="divide SD-XL's channel widths by this")
+    p.add_argument(
+        "--head-dim", type=int, default=None, help="channels per head (default 64, or 16 narrowed)"
+    )
+    p.add_argument(
+        "--layers", type=int, nargs=3, default=None, help="transformer layers per level (SD-XL: 1 2 10)"
+    )
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128], help="latent sizes (pixels / 8)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=None, help="local GSPN (default: global)")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--replace", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--peak-child", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.peak_child:
+        variant, size, divisor, head_dim, chunk, layers = args.peak_child
+        peak_child(variant, int(size), int(divisor), int(head_dim), int(chunk), layers)
+        return {}
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    config = sdxl_config(args.divisor, args.head_dim, args.layers)
+    head_dim = config["block_out_channels"][0] // config["attention_head_dim"][0]
+    models = build_pair(config, device, torch.float32, chunk_size=args.chunk_size)
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    attn1 = [n for n, _ in models["gspn"].named_modules() if n.endswith(".attn1")]
+    processor = type(models["sdpa"].get_submodule(attn1[0]).processor).__name__
+    info = machine_info(device)
+    print(f"SD-XL UNet / {args.divisor}: channels {config['block_out_channels']}, heads "
+          f"{config['attention_head_dim']}, layers {config['transformer_layers_per_block']}, {len(attn1)} attn1, "
+          f"params {params}, teacher attention {processor}, {args.threads} thread(s), {info['cpu']}")  # fmt: skip
+    rows = []
+    for size in args.sizes:
+        steps = {}
+        for name, unet in models.items():
+            steps[name] = make_step(unet, step_inputs(unet, size))
+            out = steps[name]()
+            if not torch.isfinite(out).all():
+                raise RuntimeError(f"{name} at {size}x{size}: non-finite output")
+        t0 = time.perf_counter()
+        times = interleaved(steps, device, args.rounds, warmup=0)
+        row = {
+            "latent": size,
+            "pixels": 8 * size,
+            "tokens_level1": (size // 2) ** 2,
+            **{name: summary([1e3 * t for t in ts]) for name, ts in times.items()},
+            "sdpa_over_gspn": ratios(times["sdpa"], times["gspn"]),
+        }
+        if not args.no_peak:
+            for name in models:
+                child = [name, str(size), str(args.divisor), str(head_dim), str(args.chunk_size or 0),
+                         json.dumps(config["transformer_layers_per_block"])]  # fmt: skip
+                row[f"{name}_peak_MB"] = run_peak_child(__file__, ["--peak-child", *child]) / 2**20
+        rows.append(row)
+        print(f"latent {size}x{size} ({8 * size}² px): SDPA {fmt(row['sdpa'], 1)} ms, GSPN {fmt(row['gspn'], 1)} ms, "
+              f"SDPA/GSPN {fmt(row['sdpa_over_gspn'])}x"
+              + ("" if args.no_peak else f", peak MB {row['sdpa_peak_MB']:.0f} / {row['gspn_peak_MB']:.0f}")
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    exponents = {
+        name: fit_exponent([r["latent"] for r in rows], [r[name]["median"] for r in rows])
+        if len(rows) > 1
+        else None
+        for name in VARIANTS
+    }
+    result = {
+        "benchmark": "sdxl_step",
+        "machine": info,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "config": {
+            k: config[k]
+            for k in (
+                "block_out_channels",
+                "attention_head_dim",
+                "transformer_layers_per_block",
+                "cross_attention_dim",
+            )
+        },  # fmt: skip
+        "divisor": args.divisor,
+        "head_dim": head_dim,
+        "self_attention_layers": len(attn1),
+        "teacher_attention": processor,
+        "gspn": {"d_state": 8, "chunk_size": args.chunk_size},
+        "params": params,
+        "rows": rows,
+        "time_exponents": exponents,
+    }
+    md = [
+        f"# One SD-XL UNet step: GSPN vs SDPA self-attention, on {info['cpu']} "
+        f"({result['date']}, torch {torch.__version__}, {args.threads} thread(s))",
+        "",
+        f"SD-XL's UNet with channels / {args.divisor} ({config['block_out_channels']}, {head_dim} channels per "
+        f"head, transformer layers {config['transformer_layers_per_block']}, {len(attn1)} self-attention layers), "
+        f"random weights, float32, batch 1, one forward in inference mode. Teacher: diffusers' {processor} "
+        f"(SDPA); GSPN: d_state 8, {'chunk ' + str(args.chunk_size) if args.chunk_size else 'global'}. "
+        f"Parameters: SDPA {params['sdpa'] / 1e6:.1f}M, GSPN {params['gspn'] / 1e6:.1f}M. Median [range] over "
+        f"{args.rounds} interleaved rounds; the ratio per round. Peak = resident-set growth over one step.",
+        "",
+        "| latent | pixels | level-1 tokens | SDPA ms | GSPN ms | SDPA / GSPN time | SDPA peak MB | GSPN peak MB |",
+        "|---|---|---:|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['latent']}² | {r['pixels']}² | {r['tokens_level1']} | {fmt(r['sdpa'], 1)} | {fmt(r['gspn'], 1)} | "
+            f"{fmt(r['sdpa_over_gspn'])}x | {r.get('sdpa_peak_MB', float('nan')):.0f} | "
+            f"{r.get('gspn_peak_MB', float('nan')):.0f} |"
+        )
+    if all(v is not None for v in exponents.values()):
+        md += [
+            "",
+            "Fitted exponent p of time ~ pixels^p: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()),
+        ]
+    stem = new_result_path(args.out_dir, f"sdxl_step_{info['name']}", args.replace)
+    write_results(stem, result, md)
+    print("\n".join(md))
+    return result
+
+
+if __name__ == "__main__":
+    main()

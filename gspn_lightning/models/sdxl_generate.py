@@ -1,0 +1,275 @@
+"""Text-to-image with SD-XL from a local folder, with GSPN in place of self-attention, into PNGs.
+
+    python -m gspn_lightning.models.sdxl_generate --sdxl /models/sdxl-base-1.0 \\
+        --gspn-weights runs/sdxl/gspn.safetensors --prompt "a red apple on a table" \\
+        --width 2048 --height 1024 --steps 30 --guidance-scale 5 --seed 0 --out images/ [--vae-tiling]
+    ... --prompts-file prompts.txt --num-images-per-prompt 4 --batch-size 2
+
+The SD-XL folder is read with :func:`~gspn_lightning.models.sdxl_pipeline.load_sdxl` (local files only).
+With ``--gspn-weights`` (a :func:`~gspn_lightning.models.sdxl.save_gspn_weights` file) the UNet is swapped
+with the options saved in that file and the weights loaded; ``--gspn-options '{"d_state": 8}'``
+overrides them, or, without weights, swaps with a fresh (untrained) initialisation.  Without either, the
+original attention runs (the teacher).
+
+Generation is diffusers' ``StableDiffusionXLPipeline`` built from those components (the swap replaces
+modules in place, so the pipeline needs no change): SD-XL's prompt encoding, micro-conditioning
+(original = target = the generated size, crop 0), classifier-free guidance, and the folder's scheduler.
+Image ``j`` of prompt ``i`` is drawn from its own generator seeded ``seed + i * num_images_per_prompt +
+j`` (``--seeds`` lists them explicitly), so an image does not depend on the batch it was drawn in.
+PNGs are written atomically as ``<out>/<index>_<seed>.png`` beside ``<out>/generation.json`` (every
+prompt, seed, file and setting).  ``--vae-tiling`` decodes in tiles (``vae.enable_tiling()``), which
+large sizes need for memory.
+
+This module does not import Lightning (it lives in ``models/`` beside the swap for that reason: the
+``tasks`` package imports Lightning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sdxl import swap_and_load_gspn_weights, swap_self_attention
+from .sdxl_pipeline import load_sdxl
+
+__all__ = ["build_pipeline", "generate", "main", "read_prompts"]
+
+
+def read_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
+    """The prompts given, then the non-empty lines of ``prompts_file`` (UTF-8)."""
+    out = list(prompts)
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file not found: {path}")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out:
+        raise ValueError("no prompts: give prompts or a prompts_file with one prompt per line")
+    return out
+
+
+def build_pipeline(
+    sdxl: str | Path,
+    gspn_weights: str | Path | None = None,
+    gspn_options: dict | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_tiling: bool = False,
+):
+    """A ``StableDiffusionXLPipeline`` on the local SD-XL folder ``sdxl``, its UNet swapped as asked.
+
+    Returns ``(pipeline, replaced_layer_names)`` (an empty list: the original attention)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = load_sdxl(sdxl, dtype=dtype)
+    names: list[str] = []
+    if gspn_weights is not None:
+        names = swap_and_load_gspn_weights(parts.unet, gspn_weights, **(gspn_options or {}))
+    elif gspn_options is not None:
+        names = swap_self_attention(parts.unet, **gspn_options)  # new modules take the UNet's dtype
+    pipe = StableDiffusionXLPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    ).to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return pipe, names
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    """A float ``(H, W, 3)`` image in [0, 1] to ``path``, atomically (a crash leaves no partial PNG)."""
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _check_size(name: str, value: int, multiple: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < multiple or value % multiple:
+        raise ValueError(f"{name} must be a positive multiple of {multiple} (the VAE's scale), got {value!r}")
+    return int(value)
+
+
+def generate(
+    sdxl: str | Path,
+    prompts: Sequence[str],
+    out: str | Path,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 30,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | None = None,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    num_images_per_prompt: int = 1,
+    batch_size: int = 1,
+    gspn_weights: str | Path | None = None,
+    gspn_options: dict | None = None,
+    vae_tiling: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    pipeline=None,
+) -> list[Path]:
+    """Generate ``num_images_per_prompt`` images per prompt at ``width x height`` into PNGs in ``out``.
+
+    Args:
+        sdxl: the local SD-XL folder (ignored when ``pipeline`` is given).
+        seed, seeds: image ``k`` (prompt-major order) uses ``seeds[k]`` or ``seed + k``.
+        negative_prompt: ``None``: SD-XL's default (zero embeddings for the unconditional branch when the
+            folder says ``force_zeros_for_empty_prompt``).
+        guidance_scale: classifier-free guidance (``<= 1`` turns it off).
+        gspn_weights, gspn_options: see :func:`build_pipeline`.
+        device, dtype: default ``cuda``/``bfloat16`` when a GPU exists, else ``cpu``/``float32``.
+        pipeline: a ``(pipeline, names)`` pair from :func:`build_pipeline` to reuse.
+
+    Returns the PNG paths in order.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    for name, v in (
+        ("steps", steps),
+        ("num_images_per_prompt", num_images_per_prompt),
+        ("batch_size", batch_size),
+    ):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    jobs = [(p, j) for p in prompts for j in range(num_images_per_prompt)]
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(jobs):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(jobs)} images")
+    else:
+        seeds = [int(seed) + k for k in range(len(jobs))]
+    pipe, names = pipeline if pipeline is not None else build_pipeline(
+        sdxl, gspn_weights, gspn_options, device=device, dtype=dtype, vae_tiling=vae_tiling
+    )  # fmt: skip
+    width = _check_size("width", width, pipe.vae_scale_factor)
+    height = _check_size("height", height, pipe.vae_scale_factor)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=not progress, desc=f"{width}x{height}", dynamic_ncols=True)
+    gen_device = device if torch.device(device).type == "cuda" else "cpu"
+    paths, records = [], []
+    start = time.perf_counter()
+    for b in range(0, len(jobs), batch_size):
+        chunk = list(range(b, min(b + batch_size, len(jobs))))
+        generators = [torch.Generator(gen_device).manual_seed(seeds[k]) for k in chunk]
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[jobs[k][0] for k in chunk],
+                negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
+                width=width,
+                height=height,
+                num_inference_steps=int(steps),
+                guidance_scale=float(guidance_scale),
+                generator=generators,
+                output_type="np",
+            )
+        for k, image in zip(chunk, result.images):  # float in [0, 1], (H, W, 3)
+            path = out / f"{k:05d}_{seeds[k]}.png"
+            _write_png(image, path)
+            paths.append(path)
+            records.append({"file": path.name, "prompt": jobs[k][0], "seed": seeds[k]})
+    info = {
+        "sdxl": str(sdxl) if pipeline is None else None,
+        "gspn_weights": None if gspn_weights is None else str(gspn_weights),
+        "gspn_options": gspn_options,
+        "gspn_layers": len(names),
+        "width": width,
+        "height": height,
+        "steps": int(steps),
+        "guidance_scale": float(guidance_scale),
+        "negative_prompt": negative_prompt,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
+        "seconds": round(time.perf_counter() - start, 3),
+        "images": records,
+    }
+    (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
+    return paths
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gspn_lightning.models.sdxl_generate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--sdxl", required=True, help="local SD-XL folder (diffusers layout)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and generation.json")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one seed per image instead")
+    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gspn-weights", default=None, help="a save_gspn_weights safetensors file")
+    p.add_argument(
+        "--gspn-options", default=None, help="JSON for swap_self_attention, e.g. '{\"d_state\": 8}'"
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large sizes)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on cuda, else float32"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = _parser().parse_args(argv)
+    try:
+        prompts = read_prompts(args.prompt, args.prompts_file)
+        options = None
+        if args.gspn_options is not None:
+            options = json.loads(args.gspn_options)
+            if not isinstance(options, dict):
+                raise ValueError(f"--gspn-options must be a JSON object, got {args.gspn_options!r}")
+        same = ("width", "height", "steps", "guidance_scale", "negative_prompt", "seed", "seeds",
+                "num_images_per_prompt", "batch_size", "gspn_weights", "vae_tiling", "device")  # fmt: skip
+        paths = generate(
+            args.sdxl,
+            prompts,
+            args.out,
+            gspn_options=options,
+            dtype=None if args.dtype is None else _DTYPES[args.dtype],
+            progress=not args.no_progress,
+            **{k: getattr(args, k) for k in same},
+        )
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"wrote {len(paths)} images to {args.out}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
