@@ -6,7 +6,8 @@
 # steps, guidance 2, predicted x_0 clipped to the pixel range), then scores them: FID/KID against the
 # 1,000 held-out digits, sample class accuracy under the classification demo's trained GSPN (trained
 # first if missing), and a 10x10 grid. Reports: runs/digits_{gspn_dit,dit}/report.json, logs beside
-# them (train.log, eval.log), and a summary table at the end (runs/digits_summary.md).
+# them (train.log, eval.log), and a summary table at the end (runs/digits_summary.md). A quick smoke run:
+#   DEMO_SAMPLES=20 bash scripts/demo_dit.sh --trainer.max_steps 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,7 +26,7 @@ one() {  # one model: train, sample, score; all output in its run folder
   "$PY" cli.py fit "${cfg[@]}" "$@" > "$root/train.log" 2>&1
   echo "$(( $(date +%s) - start ))" > "$root/train_wall_s.txt"
   { "$PY" -m gspn_lightning.tasks.sample --ckpt "$root/checkpoints/last.ckpt" --out "$root/samples" \
-      --num-samples 1000 --sampler ddim --steps 25 --guidance-scale 2.0 --batch-size 100 --no-progress
+      --num-samples "${DEMO_SAMPLES:-1000}" --sampler ddim --steps 25 --guidance-scale 2.0 --batch-size 100 --no-progress
     "$PY" -m gspn_lightning.tasks.evaluate_samples --samples "$root/samples/samples.npz" \
       --real data/demo_mnist/val --classifier runs/demo_mnist/checkpoints/last.ckpt \
       --grid "$root/grid.png" --out "$root/report.json" --no-progress
