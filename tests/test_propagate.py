@@ -49,6 +49,17 @@ def check_against_reference(ins, directions, chunk, rtol, atol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_long_and_short_lines(device, chunk):
+    """Lines of 33 and 34 positions (the CPU kernel's long-line path: boundary positions apart) next to
+    lines below its short-line threshold of 32 (one masked loop), in one map and in float64."""
+    ins = rand_propagate_inputs((1, 2, 34, 33), DIRECTIONS, device=device, seed=12)
+    check_against_reference(ins, DIRECTIONS, chunk, rtol=1e-10, atol=1e-10)
+    ins = rand_propagate_inputs((1, 2, 31, 33), ("t2b", "r2l"), device=device, seed=13)
+    check_against_reference(ins, ("t2b", "r2l"), chunk, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", SUBSETS, ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2, 3])
 def test_every_direction_subset_matches_reference(device, directions, chunk):

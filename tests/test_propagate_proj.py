@@ -66,6 +66,12 @@ def test_odd_and_degenerate_shapes(shape, S, chunk):
     check_against_reference(ins, DIRECTIONS, chunk, rtol=1e-10, atol=1e-10)
 
 
+def test_long_lines():
+    """Lines of 33 and 34 positions: the CPU kernel's long-line path (boundary positions apart)."""
+    ins = rand_proj_inputs((1, 2, 34, 33), 2, DIRECTIONS, seed=13)
+    check_against_reference(ins, DIRECTIONS, 5, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_float32_tasks_sharing_a_batch_element(chunk):
     """float32 planes with whole 8 x 8 transpose blocks and leftovers (19 x 21), B=3 and C=3, so the

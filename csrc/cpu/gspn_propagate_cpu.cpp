@@ -104,9 +104,15 @@ struct LineIn {
   const scalar_t* g[kGateFields];
 };
 
+// Lines shorter than this run as one loop over [0, M) whose boundary taps are masked per position
+// (kMasked), so that a short line is a few whole vectors instead of a short interior loop (mostly its
+// scalar remainder) plus two scalar ends; longer lines keep the boundaries apart (no selects inside).
+constexpr int64_t kShortLine = 32;
+
 // Forward over positions [j0, j1) of a line: h into `cur` (and, with kY, m * (sigmoid(u) h + d x)
-// added to `y`), reading the previous line's h from the zero-padded `prev`.
-template <bool kNeg, bool kPos, bool kFirst, bool kY, typename scalar_t, typename acc_t>
+// added to `y`), reading the previous line's h from the zero-padded `prev`.  With kMasked the range is
+// the whole line and the left / right taps exist where j > 0 / j < j1 - 1 (kNeg, kPos unused).
+template <bool kNeg, bool kPos, bool kFirst, bool kY, bool kMasked = false, typename scalar_t, typename acc_t>
 inline void forward_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, acc_t* y, acc_t m,
                           int64_t j0, int64_t j1) {
   const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos],
@@ -114,18 +120,20 @@ inline void forward_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* 
 #pragma GCC ivdep
   for (int64_t j = j0; j < j1; ++j) {
     const acc_t xv = x[j];
-    const acc_t h = fused_h<acc_t>(xv, gn[j], gm[j], gp[j], gl[j], prev[j - 1], prev[j], prev[j + 1], kNeg, kPos,
-                                   kFirst);
+    const bool has_neg = kMasked ? j > 0 : kNeg, has_pos = kMasked ? j + 1 < j1 : kPos;
+    const acc_t h = fused_h<acc_t>(xv, gn[j], gm[j], gp[j], gl[j], prev[j - 1], prev[j], prev[j + 1], has_neg,
+                                   has_pos, kFirst);
     cur[j] = h;
     if (kY) y[j] += m * fused_y<acc_t>(h, xv, gu[j], gd[j]);
   }
 }
 
-// The boundary positions (no left / right neighbour) apart, so the interior loop has no branches.
+// Short lines in one masked loop; longer ones with the boundary positions (no left / right neighbour)
+// apart, so the interior loop has no selects.
 template <bool kFirst, bool kY, typename scalar_t, typename acc_t>
 void forward_line(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, acc_t* y, acc_t m, int64_t M) {
-  if (M == 1) {
-    forward_range<false, false, kFirst, kY>(in, prev, cur, y, m, 0, 1);
+  if (M < kShortLine) {
+    forward_range<false, false, kFirst, kY, true>(in, prev, cur, y, m, 0, M);
     return;
   }
   forward_range<false, true, kFirst, kY>(in, prev, cur, y, m, 0, 1);
@@ -170,7 +178,7 @@ struct Kept {
 };
 constexpr int kKeptFields = 8;
 
-template <bool kNeg, bool kPos, bool kFirst, typename scalar_t, typename acc_t>
+template <bool kNeg, bool kPos, bool kFirst, bool kMasked = false, typename scalar_t, typename acc_t>
 inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k,
                             int64_t j0, int64_t j1) {
   const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos], *gl = in.g[kGateLam];
@@ -183,7 +191,8 @@ inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t
     if (kFirst) {
       cur[j] = forward_first<acc_t>(x[j], lam.s);
     } else {
-      const Taps<acc_t> t = normalize_taps<acc_t>(gn[j], gm[j], gp[j], kNeg, kPos);
+      const bool has_neg = kMasked ? j > 0 : kNeg, has_pos = kMasked ? j + 1 < j1 : kPos;
+      const Taps<acc_t> t = normalize_taps<acc_t>(gn[j], gm[j], gp[j], has_neg, has_pos);
       cur[j] = forward_step<acc_t>(x[j], lam.s, t.wn, t.wm, t.wp, prev[j - 1], prev[j], prev[j + 1]);
       wn[j] = t.wn;
       wm[j] = t.wm;
@@ -197,8 +206,8 @@ inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t
 
 template <bool kFirst, typename scalar_t, typename acc_t>
 void recompute_line(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k, int64_t M) {
-  if (M == 1) {
-    recompute_range<false, false, kFirst>(in, prev, cur, k, 0, 1);
+  if (M < kShortLine) {
+    recompute_range<false, false, kFirst, true>(in, prev, cur, k, 0, M);
     return;
   }
   recompute_range<false, true, kFirst>(in, prev, cur, k, 0, 1);
