@@ -22,7 +22,7 @@ from gspn_lightning.ops import (
 )
 
 from .test_ops import grads
-from .test_propagate import SUBSETS
+from .test_propagate import SUBSETS, assert_error_budget
 
 NAMES = ("x", "proxy", "weight", "bias", "merge")
 
@@ -128,13 +128,7 @@ def test_low_precision_error_budget(dtype, chunk):
         assert out.dtype == dtype
         return [out, *grads(out, ins, go.to(dtype))]
 
-    exact = run(torch.float32, kernel=False)
-    for name, k, r, e in zip(("y", *NAMES), run(dtype, True), run(dtype, False), exact):
-        assert k.dtype == dtype
-        err_k = (k.float() - e).abs().max().item()
-        err_r = (r.float() - e).abs().max().item()
-        scale = e.abs().max().item()
-        assert err_k <= 2 * err_r + 1e-3 * scale, f"{name}: kernel {err_k:.3g} vs PyTorch {err_r:.3g}"
+    assert_error_budget(("y", *NAMES), run, dtype)
 
 
 def test_opcheck():

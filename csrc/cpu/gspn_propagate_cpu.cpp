@@ -602,15 +602,24 @@ struct ProjWorkspace : Workspace<acc_t, acc_t> {
   }
 };
 
+// The inputs' data of the projection op.
+template <typename scalar_t>
+struct ProjInputs {
+  const scalar_t *x, *proxy, *weight, *bias, *merge;
+  explicit ProjInputs(const ProjArgs& pa)
+      : x(pa.p.x.const_data_ptr<scalar_t>()),
+        proxy(pa.proxy.const_data_ptr<scalar_t>()),
+        weight(pa.weight.const_data_ptr<scalar_t>()),
+        bias(pa.bias.const_data_ptr<scalar_t>()),
+        merge(pa.p.merge.const_data_ptr<scalar_t>()) {}
+};
+
 template <typename scalar_t>
 void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const PropagateArgs& a = pa.p;
-  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-  const scalar_t* proxy = pa.proxy.const_data_ptr<scalar_t>();
-  const scalar_t* weight = pa.weight.const_data_ptr<scalar_t>();
-  const scalar_t* bias = pa.bias.const_data_ptr<scalar_t>();
-  const scalar_t* merge = a.merge.const_data_ptr<scalar_t>();
+  const ProjInputs<scalar_t> in(pa);
+  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   const int64_t HW = a.H * a.W, N = a.B * a.C, S = pa.S;
   const bool columns = any_columns(a);
@@ -643,11 +652,8 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
                                  at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dm_partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const PropagateArgs& a = pa.p;
-  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-  const scalar_t* proxy = pa.proxy.const_data_ptr<scalar_t>();
-  const scalar_t* weight = pa.weight.const_data_ptr<scalar_t>();
-  const scalar_t* bias = pa.bias.const_data_ptr<scalar_t>();
-  const scalar_t* merge = a.merge.const_data_ptr<scalar_t>();
+  const ProjInputs<scalar_t> in(pa);
+  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
   const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
   scalar_t* dxo = dx.mutable_data_ptr<scalar_t>();
   acc_t* dmo = dm_partial.mutable_data_ptr<acc_t>();
