@@ -21,13 +21,14 @@ from gspn_lightning.ops import (
     propagate_proj_reference,
 )
 
+from .conftest import DEVICES
 from .test_ops import grads
 from .test_propagate import SUBSETS, assert_error_budget
 
 NAMES = ("x", "proxy", "weight", "bias", "merge")
 
 
-def rand_proj_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.0):
+def rand_proj_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.0, device="cpu"):
     """x, proxy, weight, bias, merge as leaf tensors; logits spread wide enough that taps differ."""
     B, C, H, W = shape
     R = len(directions) * len(GATE_FIELDS) * C
@@ -37,7 +38,7 @@ def rand_proj_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.
     weight = torch.randn(R, S, generator=g, dtype=torch.float64) * scale / S**0.5
     bias = torch.randn(R, generator=g, dtype=torch.float64) * scale
     merge = torch.rand(len(directions), C, generator=g, dtype=torch.float64) + 0.1
-    return [t.to(dtype).requires_grad_() for t in (x, proxy, weight, bias, merge)]
+    return [t.to(device, dtype).requires_grad_() for t in (x, proxy, weight, bias, merge)]
 
 
 def check_against_reference(ins, directions, chunk, rtol, atol):
@@ -50,10 +51,11 @@ def check_against_reference(ins, directions, chunk, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", SUBSETS, ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_every_direction_subset_matches_reference(directions, chunk):
-    ins = rand_proj_inputs((2, 3, 5, 7), 2, directions)
+def test_every_direction_subset_matches_reference(device, directions, chunk):
+    ins = rand_proj_inputs((2, 3, 5, 7), 2, directions, device=device)
     check_against_reference(ins, directions, chunk, rtol=1e-10, atol=1e-10)
 
 
@@ -99,10 +101,11 @@ def test_float32_strided_inputs():
     check_against_reference([x, proxy, weight, bias, merge], directions, 4, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", [("t2b",), ("l2r", "b2t"), DIRECTIONS], ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_gradcheck_float64(directions, chunk):
-    ins = rand_proj_inputs((2, 2, 4, 3), 2, directions, seed=2)
+def test_gradcheck_float64(device, directions, chunk):
+    ins = rand_proj_inputs((2, 2, 4, 3), 2, directions, seed=2, device=device)
 
     def f(*t):
         return gspn_propagate_proj(*t, directions, chunk, backend="kernel")
