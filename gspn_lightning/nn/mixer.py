@@ -159,9 +159,12 @@ class GSPNMixer(nn.Module):
         p = self.proxy(x)
         weights = torch.softmax(self.merge_logits.float(), dim=0).to(x.dtype)
         if self.fused and self.fuse_gates:
-            w = self.gates.weight.view(self.gates.out_channels, self.d_state)  # (K*6*E, S, 1, 1): a view
+            # (K*6*E, S, 1, 1) viewed as (K*6*E, S): no copy.  The casts are no-ops unless autocast made
+            # the proxy 16-bit (the conv they replace would have run in that dtype too).
+            w = self.gates.weight.view(self.gates.out_channels, self.d_state).to(p.dtype)
+            bias = self.gates.bias.to(p.dtype)
             return gspn_propagate_proj(
-                x, p, w, self.gates.bias, weights, self.directions, self.chunk_size, backend=self.backend
+                x, p, w, bias, weights, self.directions, self.chunk_size, backend=self.backend
             )
         g = self.gates(p).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
         if self.fused:
