@@ -7,9 +7,13 @@ one forward + backward, at 1 and 2 threads.
 Two parts, each timed in interleaved rounds (see ``common.py``) with the copy bandwidth measured in
 every round:
 
-1. *cases*: the two layers of the issue, ``GSPNMixer`` fused vs unfused (``fused=False``, the
-   layer before the fused op): GSPN-T stage 1 (dim 96, d_inner 144, B=8, 56x56, chunked as the
-   GSPN-T config does) and a global layer (dim 384, B=8, 14x14).
+1. *cases*: ``GSPNMixer`` as built by default (the gate projection fused into the op,
+   ``gspn_propagate_proj``), the previous fused path (``fuse_gates=False``: the 24 logit maps per
+   channel materialised by the ``gates`` conv, then ``gspn_propagate``) and the unfused layer
+   (``fused=False``, per-direction ``normalize_gates`` + ``gspn_scan``), at the issue's two layers,
+   GSPN-T stage 1 (dim 96, d_inner 144, B=8, 56x56, chunked as the GSPN-T config does) and a global
+   layer (dim 384, B=8, 14x14), and at the digits-demo GSPN-DiT's layer (dim = d_inner = 128,
+   d_state 8, B=64, 8x8, chunk 2).
 2. *scaling*: at grid sizes S x S (B=1, dim 96), the fused and unfused GSPN mixers and a 4-head
    attention layer (qkv projection, SDPA, output projection) of the same width; the scaling exponent
    p of time ~ N^p (N = S^2 pixels) is fitted by least squares over the sizes.
@@ -71,12 +75,12 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
 
 
-def peak_child(variant: str, dim: int, batch: int, size: int, chunk: int) -> None:
+def peak_child(variant: str, dim: int, batch: int, size: int, chunk: int, d_inner: int) -> None:
     """Run in a fresh process (``--peak-child``): build one layer and its input, run one step, free
     its gradients, then run a second forward + backward and print how far the resident set grew above
     what it was before it (gradients of the parameters and of x included)."""
     torch.set_num_threads(1)
-    layer = make_layers(dim, chunk or None, sdpa=variant == "sdpa")[variant]
+    layer = make_layers(dim, chunk or None, sdpa=variant == "sdpa", d_inner=d_inner or None)[variant]
     x = torch.randn(batch, dim, size, size).requires_grad_()
     go = torch.randn(batch, dim, size, size)
     kernel_available("cpu")
@@ -89,12 +93,13 @@ def peak_child(variant: str, dim: int, batch: int, size: int, chunk: int) -> Non
 
 
 @functools.cache
-def peak_bytes(variant: str, dim: int, batch: int, size: int, chunk: int | None) -> int:
+def peak_bytes(variant: str, dim: int, batch: int, size: int, chunk: int | None, d_inner: int | None) -> int:
     """Peak memory of one forward + backward, measured in a fresh process whose glibc serves every
     block above 64 KiB by mmap (so that freed memory leaves the resident set and what the step
     allocates shows in it)."""
     return run_peak_child(
-        __file__, ["--peak-child", variant, str(dim), str(batch), str(size), str(chunk or 0)]
+        __file__,
+        ["--peak-child", variant, str(dim), str(batch), str(size), str(chunk or 0), str(d_inner or 0)],
     )
 
 
@@ -123,7 +128,9 @@ def make_step(layer: nn.Module, x: torch.Tensor, go: torch.Tensor):
     return step, out
 
 
-def measure(layers: dict[str, nn.Module], shape, rounds: int, threads: int, chunk: int | None) -> dict:
+def measure(
+    layers: dict[str, nn.Module], shape, rounds: int, threads: int, chunk: int | None, d_inner: int | None = None
+) -> dict:
     """Interleaved timing of forward + backward of each layer on one input, plus peak and saved bytes."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -140,29 +147,37 @@ def measure(layers: dict[str, nn.Module], shape, rounds: int, threads: int, chun
     for name in times:
         if not torch.isfinite(outs[name]["y"]).all():
             raise RuntimeError(f"{name}: non-finite output")
-    if "gspn" in outs and "gspn_unfused" in outs:
-        a, b = outs["gspn"]["y"], outs["gspn_unfused"]["y"]
-        row["fused_vs_unfused_max_rel_err"] = ((a - b).abs().max() / b.abs().max()).item()
-        if row["fused_vs_unfused_max_rel_err"] > 1e-4:
-            raise RuntimeError(
-                f"fused and unfused mixers disagree: {row['fused_vs_unfused_max_rel_err']:.3g}"
-            )
+    for name in ("gspn", "gspn_prev"):
+        if name in outs and "gspn_unfused" in outs:
+            a, b = outs[name]["y"], outs["gspn_unfused"]["y"]
+            key = f"{name}_vs_unfused_max_rel_err"
+            row[key] = ((a - b).abs().max() / b.abs().max()).item()
+            if row[key] > 1e-4:
+                raise RuntimeError(f"{name} and the unfused mixer disagree: {row[key]:.3g}")
     for name, ts in times.items():
         row[name] = {
             "fwd_bwd_ms": summary([1e3 * t for t in ts]),
-            "peak_MB": peak_bytes(name, shape[1], shape[0], shape[2], chunk) / 2**20,
+            "peak_MB": peak_bytes(name, shape[1], shape[0], shape[2], chunk, d_inner) / 2**20,
             "saved_MB": saved_bytes(lambda s=layers[name]: s(x)) / 2**20,
         }
         row[name]["_times"] = ts
     return row
 
 
-def make_layers(dim: int, chunk_size: int | None, sdpa: bool) -> dict[str, nn.Module]:
+def make_layers(
+    dim: int, chunk_size: int | None, sdpa: bool, d_inner: int | None = None, prev: bool = True
+) -> dict[str, nn.Module]:
+    """The default mixer (``gspn``), the previous fused path (``gspn_prev``: materialised logits, only
+    with ``prev``), the unfused layer (``gspn_unfused``), all with the same weights; SDPA if asked."""
     torch.manual_seed(0)
-    fused = GSPNMixer(dim, chunk_size=chunk_size, backend="kernel")
-    unfused = GSPNMixer(dim, chunk_size=chunk_size, backend="kernel", fused=False)
-    unfused.load_state_dict(fused.state_dict())
-    layers = {"gspn": fused, "gspn_unfused": unfused}
+    fused = GSPNMixer(dim, d_inner=d_inner, chunk_size=chunk_size, backend="kernel")
+    layers = {"gspn": fused}
+    variants = {"gspn_prev": dict(fuse_gates=False), "gspn_unfused": dict(fused=False)}
+    for name, kwargs in variants.items():
+        if name == "gspn_prev" and not prev:
+            continue
+        layers[name] = GSPNMixer(dim, d_inner=d_inner, chunk_size=chunk_size, backend="kernel", **kwargs)
+        layers[name].load_state_dict(fused.state_dict())
     if sdpa:
         layers["sdpa"] = Attention(dim, heads=4)
     return layers
@@ -172,6 +187,8 @@ CASES = {
     # GSPN-T stage 1: dim 96 (d_inner 144), 56x56, local scans (chunk 2, as gspn_t builds them)
     "gspn_t_stage1": dict(dim=96, batch=8, size=56, chunk_size=2),
     "global_14x14": dict(dim=384, batch=8, size=14, chunk_size=None),
+    # the digits demo's GSPN-DiT block (gspn_dit_s_4, hidden 128, d_state 8, 32x32 input, patch 4)
+    "dit_digits_8x8": dict(dim=128, batch=64, size=8, chunk_size=2, d_inner=128),
 }
 
 
@@ -192,7 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replace", action="store_true", help="overwrite the results file of this machine")
-    p.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--peak-child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peak_child:
         variant, *numbers = args.peak_child
@@ -220,24 +238,30 @@ def main(argv=None) -> int:
     ]
 
     if not args.skip_cases:
-        md += ["## Fused vs unfused mixer (the issue's two layers)", ""]
+        md += ["## Default mixer (projection fused) vs the previous fused path vs the unfused layer", ""]
         md += [
-            "| case | threads | fused ms | unfused ms | speed-up | fused peak MB | unfused peak MB | peak ratio | fused saved MB | unfused saved MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| case | threads | default ms | prev. fused ms | unfused ms | default vs prev. | default vs unfused "
+            "| peak MB default / prev. / unfused | saved MB default / prev. / unfused |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, c in CASES.items():
-            layers = make_layers(c["dim"], c["chunk_size"], sdpa=False)
+        for name in args.cases:
+            c = CASES[name]
+            d_inner = c.get("d_inner")
+            layers = make_layers(c["dim"], c["chunk_size"], sdpa=False, d_inner=d_inner)
             for threads in args.threads:
                 shape = (c["batch"], c["dim"], c["size"], c["size"])
-                row = measure(layers, shape, args.rounds, threads, c["chunk_size"])
+                row = measure(layers, shape, args.rounds, threads, c["chunk_size"], d_inner)
                 row["case"] = name
                 row["speedup"] = ratios(row["gspn_unfused"]["_times"], row["gspn"]["_times"])
+                row["speedup_vs_prev"] = ratios(row["gspn_prev"]["_times"], row["gspn"]["_times"])
                 row["peak_ratio"] = row["gspn"]["peak_MB"] / row["gspn_unfused"]["peak_MB"]
-                f, u = row["gspn"], row["gspn_unfused"]
+                row["peak_ratio_vs_prev"] = row["gspn"]["peak_MB"] / row["gspn_prev"]["peak_MB"]
+                f, q, u = row["gspn"], row["gspn_prev"], row["gspn_unfused"]
                 line = (
-                    f"| {name} | {threads} | {fmt(f['fwd_bwd_ms'], 1)} | {fmt(u['fwd_bwd_ms'], 1)} | "
-                    f"{fmt(row['speedup'])}x | {f['peak_MB']:.0f} | {u['peak_MB']:.0f} | {row['peak_ratio']:.2f} | "
-                    f"{f['saved_MB']:.0f} | {u['saved_MB']:.0f} |"
+                    f"| {name} | {threads} | {fmt(f['fwd_bwd_ms'], 1)} | {fmt(q['fwd_bwd_ms'], 1)} | "
+                    f"{fmt(u['fwd_bwd_ms'], 1)} | {fmt(row['speedup_vs_prev'])}x | {fmt(row['speedup'])}x | "
+                    f"{f['peak_MB']:.0f} / {q['peak_MB']:.0f} / {u['peak_MB']:.0f} | "
+                    f"{f['saved_MB']:.0f} / {q['saved_MB']:.0f} / {u['saved_MB']:.0f} |"
                 )
                 print(line, flush=True)
                 md.append(line)
@@ -254,7 +278,7 @@ def main(argv=None) -> int:
         for threads in args.threads:
             medians = {"gspn": [], "gspn_unfused": [], "sdpa": []}
             for size in args.sizes:
-                layers = make_layers(args.dim, None, sdpa=True)
+                layers = make_layers(args.dim, None, sdpa=True, prev=False)
                 row = measure(layers, (1, args.dim, size, size), args.rounds, threads, None)
                 row["size"] = size
                 row["sdpa_over_fused"] = ratios(row["sdpa"]["_times"], row["gspn"]["_times"])

@@ -134,25 +134,20 @@ struct PropagateArgs {
   std::vector<Direction> dirs;
 };
 
-inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
-                                    const std::vector<std::string>& directions, int64_t chunk_size,
-                                    const char* op) {
+// x, merge and the directions checked (gates left undefined): what the fused ops share.
+inline PropagateArgs propagate_geometry(const at::Tensor& x, const at::Tensor& merge,
+                                        const std::vector<std::string>& directions, int64_t chunk_size,
+                                        const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t K = static_cast<int64_t>(directions.size());
   TORCH_CHECK(K >= 1 && K <= 4, op, ": between 1 and 4 directions, got ", K);
-  TORCH_CHECK(gates.dim() == 6 && gates.size(0) == B && gates.size(1) == K && gates.size(2) == 6 &&
-                  gates.size(3) == C && gates.size(4) == H && gates.size(5) == W,
-              op, ": gates must have shape (B, K, 6, C, H, W) = (", B, ", ", K, ", 6, ", C, ", ", H, ", ", W,
-              "), got ", gates.sizes());
   TORCH_CHECK(merge.dim() == 2 && merge.size(0) == K && merge.size(1) == C, op,
               ": merge must have shape (K, C) = (", K, ", ", C, "), got ", merge.sizes());
-  for (const at::Tensor* t : {&gates, &merge}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": gates and merge must have the dtype of x");
-    TORCH_CHECK(t->device() == x.device(), op, ": gates and merge must be on the device of x");
-  }
-  PropagateArgs a{x.contiguous(), gates.contiguous(), merge.contiguous(), B, C, H, W, K, chunk_size <= 0 ? 0 : chunk_size, {}};
+  TORCH_CHECK(merge.scalar_type() == x.scalar_type(), op, ": merge must have the dtype of x");
+  TORCH_CHECK(merge.device() == x.device(), op, ": merge must be on the device of x");
+  PropagateArgs a{x.contiguous(), at::Tensor(), merge.contiguous(), B, C, H, W, K, chunk_size <= 0 ? 0 : chunk_size, {}};
   for (const auto& d : directions) {
     a.dirs.push_back(parse_direction(d));
     for (size_t i = 0; i + 1 < a.dirs.size(); ++i) {
@@ -161,6 +156,49 @@ inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates
     }
   }
   return a;
+}
+
+inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
+                                    const std::vector<std::string>& directions, int64_t chunk_size,
+                                    const char* op) {
+  PropagateArgs a = propagate_geometry(x, merge, directions, chunk_size, op);
+  TORCH_CHECK(gates.dim() == 6 && gates.size(0) == a.B && gates.size(1) == a.K && gates.size(2) == 6 &&
+                  gates.size(3) == a.C && gates.size(4) == a.H && gates.size(5) == a.W,
+              op, ": gates must have shape (B, K, 6, C, H, W) = (", a.B, ", ", a.K, ", 6, ", a.C, ", ", a.H, ", ",
+              a.W, "), got ", gates.sizes());
+  TORCH_CHECK(gates.scalar_type() == x.scalar_type(), op, ": gates must have the dtype of x");
+  TORCH_CHECK(gates.device() == x.device(), op, ": gates must be on the device of x");
+  a.gates = gates.contiguous();
+  return a;
+}
+
+// The fused op with the gate projection (propagate_proj_*): besides x and merge, the low-rank proxy
+// (B, S, H, W) and the 1x1 projection weight (K*6*C, S) and bias (K*6*C), whose row (k*6 + f)*C + c
+// gives field f of direction k at channel c.
+struct ProjArgs {
+  PropagateArgs p;
+  at::Tensor proxy, weight, bias;
+  int64_t S;
+};
+
+inline ProjArgs proj_args(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                          const at::Tensor& bias, const at::Tensor& merge,
+                          const std::vector<std::string>& directions, int64_t chunk_size, const char* op) {
+  PropagateArgs p = propagate_geometry(x, merge, directions, chunk_size, op);
+  const int64_t R = p.K * 6 * p.C;
+  TORCH_CHECK(proxy.dim() == 4 && proxy.size(0) == p.B && proxy.size(2) == p.H && proxy.size(3) == p.W, op,
+              ": proxy must have shape (B, S, H, W) with (B, H, W) = (", p.B, ", ", p.H, ", ", p.W, "), got ",
+              proxy.sizes());
+  const int64_t S = proxy.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == R && weight.size(1) == S, op,
+              ": weight must have shape (K*6*C, S) = (", R, ", ", S, "), got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == R, op, ": bias must have shape (K*6*C,) = (", R, ",), got ",
+              bias.sizes());
+  for (const at::Tensor* t : {&proxy, &weight, &bias}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": proxy, weight and bias must have the dtype of x");
+    TORCH_CHECK(t->device() == x.device(), op, ": proxy, weight and bias must be on the device of x");
+  }
+  return {std::move(p), proxy.contiguous(), weight.contiguous(), bias.contiguous(), S};
 }
 
 // dL/dmerge (K, C) in the dtype of x, from per-(batch, channel, direction) partial sums (B, C, K).

@@ -15,4 +15,12 @@ TORCH_LIBRARY(gspn_lightning, m) {
   // Gradients of x, gates and merge given dL/dy; recomputes the scans (the forward saves nothing).
   m.def("propagate_bwd(Tensor grad_y, Tensor x, Tensor gates, Tensor merge, str[] directions, "
         "int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // The same with the low-rank gate projection fused in: the logits are never materialised but
+  // computed from proxy (B, S, H, W), weight (K*6*C, S) and bias (K*6*C) as
+  //   gates[b, k, f, c] = bias[r] + sum_s weight[r, s] proxy[b, s],   r = (k*6 + f)*C + c.
+  m.def("propagate_proj_fwd(Tensor x, Tensor proxy, Tensor weight, Tensor bias, Tensor merge, str[] directions, "
+        "int chunk_size) -> Tensor");
+  // Gradients of x, proxy, weight, bias and merge given dL/dy (recomputes the logits and the scans).
+  m.def("propagate_proj_bwd(Tensor grad_y, Tensor x, Tensor proxy, Tensor weight, Tensor bias, Tensor merge, "
+        "str[] directions, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

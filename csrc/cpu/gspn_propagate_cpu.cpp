@@ -104,9 +104,15 @@ struct LineIn {
   const scalar_t* g[kGateFields];
 };
 
+// Lines shorter than this run as one loop over [0, M) whose boundary taps are masked per position
+// (kMasked), so that a short line is a few whole vectors instead of a short interior loop (mostly its
+// scalar remainder) plus two scalar ends; longer lines keep the boundaries apart (no selects inside).
+constexpr int64_t kShortLine = 32;
+
 // Forward over positions [j0, j1) of a line: h into `cur` (and, with kY, m * (sigmoid(u) h + d x)
-// added to `y`), reading the previous line's h from the zero-padded `prev`.
-template <bool kNeg, bool kPos, bool kFirst, bool kY, typename scalar_t, typename acc_t>
+// added to `y`), reading the previous line's h from the zero-padded `prev`.  With kMasked the range is
+// the whole line and the left / right taps exist where j > 0 / j < j1 - 1 (kNeg, kPos unused).
+template <bool kNeg, bool kPos, bool kFirst, bool kY, bool kMasked = false, typename scalar_t, typename acc_t>
 inline void forward_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, acc_t* y, acc_t m,
                           int64_t j0, int64_t j1) {
   const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos],
@@ -114,18 +120,20 @@ inline void forward_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* 
 #pragma GCC ivdep
   for (int64_t j = j0; j < j1; ++j) {
     const acc_t xv = x[j];
-    const acc_t h = fused_h<acc_t>(xv, gn[j], gm[j], gp[j], gl[j], prev[j - 1], prev[j], prev[j + 1], kNeg, kPos,
-                                   kFirst);
+    const bool has_neg = kMasked ? j > 0 : kNeg, has_pos = kMasked ? j + 1 < j1 : kPos;
+    const acc_t h = fused_h<acc_t>(xv, gn[j], gm[j], gp[j], gl[j], prev[j - 1], prev[j], prev[j + 1], has_neg,
+                                   has_pos, kFirst);
     cur[j] = h;
     if (kY) y[j] += m * fused_y<acc_t>(h, xv, gu[j], gd[j]);
   }
 }
 
-// The boundary positions (no left / right neighbour) apart, so the interior loop has no branches.
+// Short lines in one masked loop; longer ones with the boundary positions (no left / right neighbour)
+// apart, so the interior loop has no selects.
 template <bool kFirst, bool kY, typename scalar_t, typename acc_t>
 void forward_line(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, acc_t* y, acc_t m, int64_t M) {
-  if (M == 1) {
-    forward_range<false, false, kFirst, kY>(in, prev, cur, y, m, 0, 1);
+  if (M < kShortLine) {
+    forward_range<false, false, kFirst, kY, true>(in, prev, cur, y, m, 0, M);
     return;
   }
   forward_range<false, true, kFirst, kY>(in, prev, cur, y, m, 0, 1);
@@ -170,7 +178,7 @@ struct Kept {
 };
 constexpr int kKeptFields = 8;
 
-template <bool kNeg, bool kPos, bool kFirst, typename scalar_t, typename acc_t>
+template <bool kNeg, bool kPos, bool kFirst, bool kMasked = false, typename scalar_t, typename acc_t>
 inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k,
                             int64_t j0, int64_t j1) {
   const scalar_t *x = in.x, *gn = in.g[kGateNeg], *gm = in.g[kGateMid], *gp = in.g[kGatePos], *gl = in.g[kGateLam];
@@ -183,7 +191,8 @@ inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t
     if (kFirst) {
       cur[j] = forward_first<acc_t>(x[j], lam.s);
     } else {
-      const Taps<acc_t> t = normalize_taps<acc_t>(gn[j], gm[j], gp[j], kNeg, kPos);
+      const bool has_neg = kMasked ? j > 0 : kNeg, has_pos = kMasked ? j + 1 < j1 : kPos;
+      const Taps<acc_t> t = normalize_taps<acc_t>(gn[j], gm[j], gp[j], has_neg, has_pos);
       cur[j] = forward_step<acc_t>(x[j], lam.s, t.wn, t.wm, t.wp, prev[j - 1], prev[j], prev[j + 1]);
       wn[j] = t.wn;
       wm[j] = t.wm;
@@ -197,8 +206,8 @@ inline void recompute_range(const LineIn<scalar_t>& in, const acc_t* prev, acc_t
 
 template <bool kFirst, typename scalar_t, typename acc_t>
 void recompute_line(const LineIn<scalar_t>& in, const acc_t* prev, acc_t* cur, const Kept<acc_t>& k, int64_t M) {
-  if (M == 1) {
-    recompute_range<false, false, kFirst>(in, prev, cur, k, 0, 1);
+  if (M < kShortLine) {
+    recompute_range<false, false, kFirst, true>(in, prev, cur, k, 0, M);
     return;
   }
   recompute_range<false, true, kFirst>(in, prev, cur, k, 0, 1);
@@ -253,14 +262,98 @@ LineIn<scalar_t> line_in(const scalar_t* x, const scalar_t* const* g, int64_t of
   return in;
 }
 
+// Scratch of one thread's scans: the recomputed h of a group, what else the recomputation keeps, the
+// adjoints of two lines, a zero line and per-position partial sums of dL/dm.
+template <typename acc_t>
+struct ScanScratch {
+  PaddedLines<acc_t> h, kept, state, zero;
+  std::vector<acc_t> dm;
+
+  void init_backward(int64_t side) {
+    dm.resize(side);
+    zero.shape(1, side, /*clear=*/true);
+  }
+};
+
+// Forward of direction `geo` over one plane in its canonical layout (lines contiguous): x `xs`, the
+// six logit planes `g`; m * (sigmoid(u) h + d x) is added to the plane accumulator `acc`.
+template <typename scalar_t, typename acc_t>
+void forward_direction(const PlaneGeometry& geo, acc_t m, const scalar_t* xs, const scalar_t* const* g, acc_t* acc,
+                       ScanScratch<acc_t>& sc) {
+  sc.state.shape(2, geo.M, /*clear=*/false);
+  for (int64_t grp = 0; grp < num_groups(geo.L, geo.k); ++grp) {
+    const int64_t s0 = group_begin(grp, geo.k), s1 = group_end(grp, geo.k, geo.L);
+    acc_t* prev = sc.state.line(0);
+    acc_t* cur = sc.state.line(1);
+    for (int64_t step = 0; step < s1 - s0; ++step) {
+      const int64_t off = line_at(step, s0, s1, geo.reverse) * geo.M;
+      forward_line<true>(line_in(xs, g, off), prev, cur, acc + off, m, geo.M, step == 0);
+      std::swap(prev, cur);
+    }
+  }
+}
+
+// Backward of direction `geo` over one plane in its canonical layout: recomputes each group's scan,
+// walks it backwards, writes the six logit gradients to `dg`, adds this direction's share of dL/dx to
+// `acc` and returns dL/dm summed over the plane.
+template <typename scalar_t, typename acc_t>
+acc_t backward_direction(const PlaneGeometry& geo, acc_t m, const scalar_t* xs, const scalar_t* const* g,
+                         const scalar_t* dys, acc_t* acc, scalar_t* const* dg, ScanScratch<acc_t>& sc) {
+  const int64_t M = geo.M;
+  std::fill(sc.dm.begin(), sc.dm.end(), acc_t(0));
+  LineGrads<scalar_t, acc_t> lg;
+  lg.dm = sc.dm.data();
+  sc.h.shape(geo.k, M, /*clear=*/false);
+  sc.kept.shape(kKeptFields * geo.k, M, /*clear=*/false);  // a first line's taps are never read
+  auto kept = [&](int64_t step) {
+    acc_t* f[kKeptFields];
+    for (int i = 0; i < kKeptFields; ++i) f[i] = sc.kept.line(i * geo.k + step);
+    return Kept<acc_t>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
+  };
+  acc_t* z = sc.zero.line(0);
+  const Kept<acc_t> none{z, z, z, z, z, z, z, z};
+  for (int64_t grp = 0; grp < num_groups(geo.L, geo.k); ++grp) {
+    const int64_t s0 = group_begin(grp, geo.k), s1 = group_end(grp, geo.k, geo.L), len = s1 - s0;
+    // recompute this group's h (line `step` in scan order at sc.h.line(step)) and keep its taps
+    for (int64_t step = 0; step < len; ++step) {
+      const LineIn<scalar_t> in = line_in(xs, g, line_at(step, s0, s1, geo.reverse) * M);
+      if (step == 0) {
+        recompute_line<true>(in, z, sc.h.line(step), kept(step), M);
+      } else {
+        recompute_line<false>(in, sc.h.line(step - 1), sc.h.line(step), kept(step), M);
+      }
+    }
+    // walk it backwards; the adjoint of the next line is in `an` (0 after the last line)
+    sc.state.shape(2, M, /*clear=*/true);
+    acc_t* an = sc.state.line(0);
+    acc_t* ac = sc.state.line(1);
+    for (int64_t step = len - 1; step >= 0; --step) {
+      const int64_t off = line_at(step, s0, s1, geo.reverse) * M;
+      LineGrads<scalar_t, acc_t> out = lg;
+      out.dx = acc + off;
+      for (int f = 0; f < kGateFields; ++f) out.dg[f] = dg[f] + off;
+      const LineIn<scalar_t> in = line_in(xs, g, off);
+      const Kept<acc_t> kn = step + 1 < len ? kept(step + 1) : none;
+      if (step == 0) {
+        backward_line<true>(in, dys + off, m, sc.h.line(step), z, kept(step), kn, an, ac, out, M);
+      } else {
+        backward_line<false>(in, dys + off, m, sc.h.line(step), sc.h.line(step - 1), kept(step), kn, an, ac, out, M);
+      }
+      std::swap(an, ac);
+    }
+  }
+  acc_t dm_sum = 0;
+  for (int64_t j = 0; j < M; ++j) dm_sum += sc.dm[j];
+  return dm_sum;
+}
+
 // Thread-local work space, reused across the planes of one parallel chunk.
 template <typename scalar_t, typename acc_t>
 struct Workspace {
   std::vector<acc_t> rows, cols;     // plane accumulators (y or dx), image and transposed layout
   std::vector<scalar_t> xt, dyt;     // transposed x and dL/dy
   std::vector<scalar_t> gt, dgt;     // transposed logits of one direction and their gradients
-  std::vector<acc_t> dm;             // per-position partial sums of dL/dm
-  PaddedLines<acc_t> h, kept, state, zero;  // recomputed h, what else it keeps, adjoints, a zero line
+  ScanScratch<acc_t> scan;
 
   void init(int64_t HW, bool columns, bool backward) {
     rows.resize(HW);
@@ -273,15 +366,19 @@ struct Workspace {
       dgt.resize(kGateFields * HW);
     }
   }
-};
 
-// Pointers of one plane (b, c) and direction k: the inputs in the scan's canonical layout (lines
-// contiguous), transposing column directions' logits into the workspace.
-template <typename scalar_t, typename acc_t>
-struct PlaneView {
-  const scalar_t* x;
-  const scalar_t* g[kGateFields];
-  acc_t* acc;
+  // Zero the accumulators of a new plane.
+  void clear(bool columns) {
+    std::fill(rows.begin(), rows.end(), acc_t(0));
+    if (columns) std::fill(cols.begin(), cols.end(), acc_t(0));
+  }
+
+  // The plane's accumulated result (the column directions' part transposed in) written to `out`.
+  template <typename out_t>
+  void finish(bool columns, int64_t H, int64_t W, out_t* out) {
+    if (columns) transpose_add(cols.data(), rows.data(), W, H);
+    for (int64_t i = 0; i < H * W; ++i) out[i] = static_cast<out_t>(rows[i]);
+  }
 };
 
 template <typename scalar_t>
@@ -310,14 +407,10 @@ void propagate_forward_cpu(const PropagateArgs& a, at::Tensor& y) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / a.C, c = n % a.C;
       const scalar_t* xp = x + n * HW;
-      std::fill(ws.rows.begin(), ws.rows.end(), acc_t(0));
-      if (columns) {
-        std::fill(ws.cols.begin(), ws.cols.end(), acc_t(0));
-        transpose_copy(xp, ws.xt.data(), a.H, a.W);
-      }
+      ws.clear(columns);
+      if (columns) transpose_copy(xp, ws.xt.data(), a.H, a.W);
       for (int64_t k = 0; k < a.K; ++k) {
         const PlaneGeometry geo = plane_geometry(a, k);
-        const acc_t m = static_cast<acc_t>(merge[k * a.C + c]);
         const scalar_t* g[kGateFields];
         for (int f = 0; f < kGateFields; ++f) {
           const scalar_t* gp = gate_plane(gates, a, b, k, f, c);
@@ -327,23 +420,10 @@ void propagate_forward_cpu(const PropagateArgs& a, at::Tensor& y) {
           }
           g[f] = gp;
         }
-        const scalar_t* xs = geo.columns ? ws.xt.data() : xp;
-        acc_t* acc = geo.columns ? ws.cols.data() : ws.rows.data();
-        ws.state.shape(2, geo.M, /*clear=*/false);
-        for (int64_t grp = 0; grp < num_groups(geo.L, geo.k); ++grp) {
-          const int64_t s0 = group_begin(grp, geo.k), s1 = group_end(grp, geo.k, geo.L);
-          acc_t* prev = ws.state.line(0);
-          acc_t* cur = ws.state.line(1);
-          for (int64_t step = 0; step < s1 - s0; ++step) {
-            const int64_t off = line_at(step, s0, s1, geo.reverse) * geo.M;
-            forward_line<true>(line_in(xs, g, off), prev, cur, acc + off, m, geo.M, step == 0);
-            std::swap(prev, cur);
-          }
-        }
+        forward_direction(geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : xp, g,
+                          geo.columns ? ws.cols.data() : ws.rows.data(), ws.scan);
       }
-      if (columns) transpose_add(ws.cols.data(), ws.rows.data(), a.W, a.H);
-      scalar_t* yp = out + n * HW;
-      for (int64_t i = 0; i < HW; ++i) yp[i] = static_cast<scalar_t>(ws.rows[i]);
+      ws.finish(columns, a.H, a.W, out + n * HW);
     }
   });
 }
@@ -359,7 +439,7 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
   scalar_t* dxo = dx.mutable_data_ptr<scalar_t>();
   scalar_t* dgo = dgates.mutable_data_ptr<scalar_t>();
   acc_t* dmo = dm_partial.mutable_data_ptr<acc_t>();
-  const int64_t HW = a.H * a.W, N = a.B * a.C, side = std::max(a.H, a.W);
+  const int64_t HW = a.H * a.W, N = a.B * a.C;
   const bool columns = any_columns(a);
   // the backward does about three times the forward's work per pixel
   const int64_t grain = parallel_grain(3 * HW * a.K);
@@ -367,24 +447,20 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
     const FlushDenormals ftz;
     Workspace<scalar_t, acc_t> ws;
     ws.init(HW, columns, /*backward=*/true);
-    ws.dm.resize(side);
-    ws.zero.shape(1, side, /*clear=*/true);
+    ws.scan.init_backward(std::max(a.H, a.W));
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / a.C, c = n % a.C;
       const scalar_t* xp = x + n * HW;
       const scalar_t* dyp = gy + n * HW;
-      std::fill(ws.rows.begin(), ws.rows.end(), acc_t(0));
+      ws.clear(columns);
       if (columns) {
-        std::fill(ws.cols.begin(), ws.cols.end(), acc_t(0));
         transpose_copy(xp, ws.xt.data(), a.H, a.W);
         transpose_copy(dyp, ws.dyt.data(), a.H, a.W);
       }
       for (int64_t k = 0; k < a.K; ++k) {
         const PlaneGeometry geo = plane_geometry(a, k);
-        const int64_t M = geo.M;
-        const acc_t m = static_cast<acc_t>(merge[k * a.C + c]);
         const scalar_t* g[kGateFields];
-        LineGrads<scalar_t, acc_t> lg;
+        scalar_t* dg[kGateFields];
         for (int f = 0; f < kGateFields; ++f) {
           const scalar_t* gp = gate_plane(gates, a, b, k, f, c);
           scalar_t* dgp = const_cast<scalar_t*>(gate_plane<scalar_t>(dgo, a, b, k, f, c));
@@ -394,56 +470,11 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
             dgp = ws.dgt.data() + f * HW;
           }
           g[f] = gp;
-          lg.dg[f] = dgp;
+          dg[f] = dgp;
         }
-        const scalar_t* xs = geo.columns ? ws.xt.data() : xp;
-        const scalar_t* dys = geo.columns ? ws.dyt.data() : dyp;
-        acc_t* acc = geo.columns ? ws.cols.data() : ws.rows.data();
-        std::fill(ws.dm.begin(), ws.dm.end(), acc_t(0));
-        lg.dm = ws.dm.data();
-        ws.h.shape(geo.k, M, /*clear=*/false);
-        ws.kept.shape(kKeptFields * geo.k, M, /*clear=*/false);  // a first line's taps are never read
-        auto kept = [&](int64_t step) {
-          acc_t* f[kKeptFields];
-          for (int i = 0; i < kKeptFields; ++i) f[i] = ws.kept.line(i * geo.k + step);
-          return Kept<acc_t>{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]};
-        };
-        const Kept<acc_t> none{ws.zero.line(0), ws.zero.line(0), ws.zero.line(0), ws.zero.line(0),
-                               ws.zero.line(0), ws.zero.line(0), ws.zero.line(0), ws.zero.line(0)};
-        for (int64_t grp = 0; grp < num_groups(geo.L, geo.k); ++grp) {
-          const int64_t s0 = group_begin(grp, geo.k), s1 = group_end(grp, geo.k, geo.L), len = s1 - s0;
-          // recompute this group's h (line `step` in scan order at ws.h.line(step)) and keep its taps
-          for (int64_t step = 0; step < len; ++step) {
-            const LineIn<scalar_t> in = line_in(xs, g, line_at(step, s0, s1, geo.reverse) * M);
-            if (step == 0) {
-              recompute_line<true>(in, ws.zero.line(0), ws.h.line(step), kept(step), M);
-            } else {
-              recompute_line<false>(in, ws.h.line(step - 1), ws.h.line(step), kept(step), M);
-            }
-          }
-          // walk it backwards; the adjoint of the next line is in `an` (0 after the last line)
-          ws.state.shape(2, M, /*clear=*/true);
-          acc_t* an = ws.state.line(0);
-          acc_t* ac = ws.state.line(1);
-          for (int64_t step = len - 1; step >= 0; --step) {
-            const int64_t off = line_at(step, s0, s1, geo.reverse) * M;
-            LineGrads<scalar_t, acc_t> out = lg;
-            out.dx = acc + off;
-            for (int f = 0; f < kGateFields; ++f) out.dg[f] = lg.dg[f] + off;
-            const LineIn<scalar_t> in = line_in(xs, g, off);
-            const Kept<acc_t> kn = step + 1 < len ? kept(step + 1) : none;
-            if (step == 0) {
-              backward_line<true>(in, dys + off, m, ws.h.line(step), ws.zero.line(0), kept(step), kn, an, ac, out, M);
-            } else {
-              backward_line<false>(in, dys + off, m, ws.h.line(step), ws.h.line(step - 1), kept(step), kn, an, ac,
-                                   out, M);
-            }
-            std::swap(an, ac);
-          }
-        }
-        acc_t dm_sum = 0;
-        for (int64_t j = 0; j < M; ++j) dm_sum += ws.dm[j];
-        dmo[n * a.K + k] = dm_sum;
+        dmo[n * a.K + k] = backward_direction(
+            geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : xp, g,
+            geo.columns ? ws.dyt.data() : dyp, geo.columns ? ws.cols.data() : ws.rows.data(), dg, ws.scan);
         if (geo.columns) {
           for (int f = 0; f < kGateFields; ++f) {
             transpose_copy(ws.dgt.data() + f * HW, const_cast<scalar_t*>(gate_plane<scalar_t>(dgo, a, b, k, f, c)),
@@ -451,11 +482,253 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
           }
         }
       }
-      if (columns) transpose_add(ws.cols.data(), ws.rows.data(), a.W, a.H);
-      scalar_t* dxp = dxo + n * HW;
-      for (int64_t i = 0; i < HW; ++i) dxp[i] = static_cast<scalar_t>(ws.rows[i]);
+      ws.finish(columns, a.H, a.W, dxo + n * HW);
     }
   });
+}
+
+// ---- The fused op with the low-rank gate projection (propagate_proj_fwd / propagate_proj_bwd) ----
+//
+// The six logit planes of (plane b, c; direction k) are computed on the fly from the proxy of batch
+// element b, g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s], r_f = (k*6 + f)*C + c, into a
+// thread-local float32 (float64) buffer in the direction's canonical layout; the proxy is converted
+// (and transposed for the column directions) once per batch element a thread meets.  Everything the
+// scans read is then in acc_t, so the line kernels above run with scalar_t = acc_t.
+//
+// The backward reduces the logit gradients of each plane and direction into dL/dweight and dL/dbias
+// (sums over batch and pixels) and dL/dproxy (sums over channels and directions).  Planes are split
+// into one contiguous range per task (at most one task per thread), each with its own partial sums
+// (the weight and bias gradients in full, the proxy gradient for the batch elements its range
+// touches); the partials are added in task order afterwards, so results do not depend on scheduling.
+
+// The six logits of one (channel, direction) over a plane of HW pixels: g + f*HW <- row r0 + f*rstep.
+template <typename scalar_t, typename acc_t>
+void project_gates(const acc_t* P, const scalar_t* weight, const scalar_t* bias, int64_t S, int64_t HW, int64_t r0,
+                   int64_t rstep, acc_t* g) {
+  for (int f = 0; f < kGateFields; ++f) {
+    const int64_t r = r0 + f * rstep;
+    acc_t* o = g + f * HW;
+    const acc_t b = static_cast<acc_t>(bias[r]);
+    for (int64_t i = 0; i < HW; ++i) o[i] = b;
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t w = static_cast<acc_t>(weight[r * S + s]);
+      const acc_t* p = P + s * HW;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < HW; ++i) o[i] += w * p[i];
+    }
+  }
+}
+
+// Its adjoint, given the logit gradients `dg` (six planes, the layout of P): dweight[r_f, s] and
+// dbias[r_f] accumulate, and dP_s += sum_f weight[r_f, s] dg_f.
+template <typename scalar_t, typename acc_t>
+void project_gates_backward(const acc_t* P, const acc_t* dg, const scalar_t* weight, int64_t S, int64_t HW, int64_t r0,
+                            int64_t rstep, acc_t* dweight, acc_t* dbias, acc_t* dP) {
+  const acc_t *g0 = dg, *g1 = dg + HW, *g2 = dg + 2 * HW, *g3 = dg + 3 * HW, *g4 = dg + 4 * HW, *g5 = dg + 5 * HW;
+  {
+    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5)
+    for (int64_t i = 0; i < HW; ++i) {
+      a0 += g0[i];
+      a1 += g1[i];
+      a2 += g2[i];
+      a3 += g3[i];
+      a4 += g4[i];
+      a5 += g5[i];
+    }
+    const acc_t sums[kGateFields] = {a0, a1, a2, a3, a4, a5};
+    for (int f = 0; f < kGateFields; ++f) dbias[r0 + f * rstep] += sums[f];
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    acc_t w[kGateFields];
+    for (int f = 0; f < kGateFields; ++f) w[f] = static_cast<acc_t>(weight[(r0 + f * rstep) * S + s]);
+    const acc_t* p = P + s * HW;
+    acc_t* dp = dP + s * HW;
+    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5)
+    for (int64_t i = 0; i < HW; ++i) {
+      const acc_t pi = p[i];
+      a0 += g0[i] * pi;
+      a1 += g1[i] * pi;
+      a2 += g2[i] * pi;
+      a3 += g3[i] * pi;
+      a4 += g4[i] * pi;
+      a5 += g5[i] * pi;
+      dp[i] += w[0] * g0[i] + w[1] * g1[i] + w[2] * g2[i] + w[3] * g3[i] + w[4] * g4[i] + w[5] * g5[i];
+    }
+    const acc_t sums[kGateFields] = {a0, a1, a2, a3, a4, a5};
+    for (int f = 0; f < kGateFields; ++f) dweight[(r0 + f * rstep) * S + s] += sums[f];
+  }
+}
+
+// Per-thread buffers of the projection kernels, on top of the plain op's (with scalar_t = acc_t).
+template <typename scalar_t, typename acc_t>
+struct ProjWorkspace : Workspace<acc_t, acc_t> {
+  std::vector<acc_t> xr, dyr;  // x and dL/dy of the plane in acc_t (image layout)
+  std::vector<acc_t> pr, pc;   // the proxy of batch element `b`: (S, H, W) and transposed (S, W, H)
+  std::vector<acc_t> dpc;      // dL/dproxy of `b` from the column directions, transposed layout
+  int64_t b = -1;
+
+  void init_proj(int64_t HW, int64_t S, bool columns, bool backward) {
+    this->init(HW, columns, backward);
+    this->gt.resize(kGateFields * HW);  // the logits of every direction are computed into gt
+    xr.resize(HW);
+    pr.resize(S * HW);
+    if (columns) pc.resize(S * HW);
+    if (backward) {
+      this->dgt.resize(kGateFields * HW);
+      dyr.resize(HW);
+      if (columns) dpc.assign(S * HW, acc_t(0));
+    }
+  }
+
+  // Load (convert, transpose) the proxy of batch element `bb` unless it is the current one.
+  void load_proxy(const scalar_t* proxy, int64_t bb, int64_t S, int64_t H, int64_t W, bool columns) {
+    if (bb == b) return;
+    b = bb;
+    const int64_t HW = H * W;
+    const scalar_t* src = proxy + bb * S * HW;
+    for (int64_t i = 0; i < S * HW; ++i) pr[i] = static_cast<acc_t>(src[i]);
+    if (columns) {
+      for (int64_t s = 0; s < S; ++s) transpose_copy(pr.data() + s * HW, pc.data() + s * HW, H, W);
+    }
+  }
+
+  // x (and dL/dy) of plane n in acc_t, transposed too where a column direction needs them.
+  void load_plane(const scalar_t* src, std::vector<acc_t>& rows_out, std::vector<acc_t>& cols_out, int64_t H,
+                  int64_t W, bool columns) {
+    for (int64_t i = 0; i < H * W; ++i) rows_out[i] = static_cast<acc_t>(src[i]);
+    if (columns) transpose_copy(rows_out.data(), cols_out.data(), H, W);
+  }
+};
+
+// The inputs' data of the projection op.
+template <typename scalar_t>
+struct ProjInputs {
+  const scalar_t *x, *proxy, *weight, *bias, *merge;
+  explicit ProjInputs(const ProjArgs& pa)
+      : x(pa.p.x.const_data_ptr<scalar_t>()),
+        proxy(pa.proxy.const_data_ptr<scalar_t>()),
+        weight(pa.weight.const_data_ptr<scalar_t>()),
+        bias(pa.bias.const_data_ptr<scalar_t>()),
+        merge(pa.p.merge.const_data_ptr<scalar_t>()) {}
+};
+
+template <typename scalar_t>
+void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PropagateArgs& a = pa.p;
+  const ProjInputs<scalar_t> in(pa);
+  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
+  scalar_t* out = y.mutable_data_ptr<scalar_t>();
+  const int64_t HW = a.H * a.W, N = a.B * a.C, S = pa.S;
+  const bool columns = any_columns(a);
+  const int64_t grain = parallel_grain(HW * a.K * (1 + S / 4));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    ProjWorkspace<scalar_t, acc_t> ws;
+    ws.init_proj(HW, S, columns, /*backward=*/false);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / a.C, c = n % a.C;
+      ws.load_proxy(proxy, b, S, a.H, a.W, columns);
+      ws.load_plane(x + n * HW, ws.xr, ws.xt, a.H, a.W, columns);
+      ws.clear(columns);
+      for (int64_t k = 0; k < a.K; ++k) {
+        const PlaneGeometry geo = plane_geometry(a, k);
+        project_gates(geo.columns ? ws.pc.data() : ws.pr.data(), weight, bias, S, HW, k * kGateFields * a.C + c, a.C,
+                      ws.gt.data());
+        const acc_t* g[kGateFields];
+        for (int f = 0; f < kGateFields; ++f) g[f] = ws.gt.data() + f * HW;
+        forward_direction(geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
+                          geo.columns ? ws.cols.data() : ws.rows.data(), ws.scan);
+      }
+      ws.finish(columns, a.H, a.W, out + n * HW);
+    }
+  });
+}
+
+template <typename scalar_t>
+void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, at::Tensor& dx, at::Tensor& dproxy,
+                                 at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dm_partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PropagateArgs& a = pa.p;
+  const ProjInputs<scalar_t> in(pa);
+  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
+  const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
+  scalar_t* dxo = dx.mutable_data_ptr<scalar_t>();
+  acc_t* dmo = dm_partial.mutable_data_ptr<acc_t>();
+  const int64_t HW = a.H * a.W, N = a.B * a.C, S = pa.S, R = a.K * kGateFields * a.C;
+  const bool columns = any_columns(a);
+  // tasks: contiguous plane ranges, at most one per thread, none smaller than the grain
+  const int64_t grain = parallel_grain(3 * HW * a.K * (1 + S / 4));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain));
+  auto task_begin = [&](int64_t t) { return N * t / tasks; };
+  const auto acc_opts = a.x.options().dtype(at::toOpMathType(a.x.scalar_type()));
+  // per task: dweight (R, S) and dbias (R) partials; dproxy for batch elements [b_first, b_last]
+  at::Tensor dwb = at::zeros({tasks, R * (S + 1)}, acc_opts);
+  std::vector<at::Tensor> dprox(tasks);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = task_begin(t), n1 = task_begin(t + 1);
+    const int64_t nb = n1 > n0 ? (n1 - 1) / a.C - n0 / a.C + 1 : 0;
+    dprox[t] = at::zeros({nb, S, HW}, acc_opts);
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    const FlushDenormals ftz;
+    ProjWorkspace<scalar_t, acc_t> ws;
+    ws.init_proj(HW, S, columns, /*backward=*/true);
+    ws.scan.init_backward(std::max(a.H, a.W));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = task_begin(t), n1 = task_begin(t + 1), b0 = n0 / a.C;
+      acc_t* dw = dwb[t].mutable_data_ptr<acc_t>();
+      acc_t* db = dw + R * S;
+      acc_t* dp = dprox[t].mutable_data_ptr<acc_t>();
+      // the column directions' dL/dproxy of the current batch element, transposed into place
+      auto flush = [&]() {
+        if (!columns || ws.b < 0) return;
+        for (int64_t s = 0; s < S; ++s) {
+          transpose_add(ws.dpc.data() + s * HW, dp + ((ws.b - b0) * S + s) * HW, a.W, a.H);
+        }
+        std::fill(ws.dpc.begin(), ws.dpc.end(), acc_t(0));
+      };
+      ws.b = -1;
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t b = n / a.C, c = n % a.C;
+        if (b != ws.b) flush();
+        ws.load_proxy(proxy, b, S, a.H, a.W, columns);
+        ws.load_plane(x + n * HW, ws.xr, ws.xt, a.H, a.W, columns);
+        ws.load_plane(gy + n * HW, ws.dyr, ws.dyt, a.H, a.W, columns);
+        ws.clear(columns);
+        for (int64_t k = 0; k < a.K; ++k) {
+          const PlaneGeometry geo = plane_geometry(a, k);
+          const acc_t* P = geo.columns ? ws.pc.data() : ws.pr.data();
+          const int64_t r0 = k * kGateFields * a.C + c;
+          project_gates(P, weight, bias, S, HW, r0, a.C, ws.gt.data());
+          const acc_t* g[kGateFields];
+          acc_t* dg[kGateFields];
+          for (int f = 0; f < kGateFields; ++f) {
+            g[f] = ws.gt.data() + f * HW;
+            dg[f] = ws.dgt.data() + f * HW;
+          }
+          dmo[n * a.K + k] = backward_direction(
+              geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
+              geo.columns ? ws.dyt.data() : ws.dyr.data(), geo.columns ? ws.cols.data() : ws.rows.data(), dg, ws.scan);
+          project_gates_backward(P, ws.dgt.data(), weight, S, HW, r0, a.C, dw, db,
+                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW);
+        }
+        ws.finish(columns, a.H, a.W, dxo + n * HW);
+      }
+      flush();
+    }
+  });
+  // reduce the partials in task order
+  at::Tensor dwb_sum = dwb.sum(0);
+  dweight.copy_(dwb_sum.narrow(0, 0, R * S).view({R, S}));
+  dbias.copy_(dwb_sum.narrow(0, R * S, R));
+  at::Tensor dp_acc = at::zeros({a.B, S, HW}, acc_opts);
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (dprox[t].size(0) > 0) dp_acc.narrow(0, task_begin(t) / a.C, dprox[t].size(0)).add_(dprox[t]);
+  }
+  dproxy.copy_(dp_acc.view(dproxy.sizes()));
 }
 
 at::Tensor propagate_fwd_cpu(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
@@ -486,10 +759,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(const at::Tenso
   return {dx, dgates, merge_grad(dm_partial, x.scalar_type())};
 }
 
+at::Tensor propagate_proj_fwd_cpu(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions,
+                                  int64_t chunk_size) {
+  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_fwd");
+  at::Tensor y = at::empty_like(pa.p.x);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_fwd_cpu",
+                                  [&] { propagate_proj_forward_cpu<scalar_t>(pa, y); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions, int64_t chunk_size) {
+  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_bwd");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "gspn propagate_proj_bwd: grad_y must have the shape and dtype of x");
+  const PropagateArgs& a = pa.p;
+  const at::Tensor gy = grad_y.contiguous();
+  at::Tensor dx = at::empty_like(a.x), dproxy = at::zeros_like(pa.proxy), dweight = at::zeros_like(pa.weight),
+             dbias = at::zeros_like(pa.bias);
+  at::Tensor dm_partial = at::zeros({a.B, a.C, a.K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_bwd_cpu", [&] {
+      propagate_proj_backward_cpu<scalar_t>(pa, gy, dx, dproxy, dweight, dbias, dm_partial);
+    });
+  }
+  return {dx, dproxy, dweight, dbias, merge_grad(dm_partial, x.scalar_type())};
+}
+
 }  // namespace
 }  // namespace gspn
 
 TORCH_LIBRARY_IMPL(gspn_lightning, CPU, m) {
   m.impl("propagate_fwd", &gspn::propagate_fwd_cpu);
   m.impl("propagate_bwd", &gspn::propagate_bwd_cpu);
+  m.impl("propagate_proj_fwd", &gspn::propagate_proj_fwd_cpu);
+  m.impl("propagate_proj_bwd", &gspn::propagate_proj_bwd_cpu);
 }

@@ -6,12 +6,14 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
     x  = SiLU(dwconv(in_proj(x)))                        (B, E, H, W)   in_proj 1x1, dwconv k x k
     p  = proxy(x)                                        (B, S, H, W)   low-rank 1x1, E -> S
     g  = gates(p)                                        (B, K*6*E, H, W)  one 1x1 conv, S -> 6 E per direction
+                                                         (by default never materialised: the fused op
+                                                         projects each plane's logits on the fly)
     for each direction k, split g into g_neg, g_mid, g_pos, lam, u, d  (each (B, E, H, W)):
         h_k = gspn_scan(x, sigmoid(lam), *normalize_gates(g_neg, g_mid, g_pos, k), k, chunk_size)
         y_k = sigmoid(u) * h_k + d * x
     y  = sum_k softmax_k(merge)[k, c] * y_k              (B, E, H, W)   per-channel softmax over directions
-                                                         (the loop and the merge: one fused op,
-                                                         gspn_propagate, unless fused=False)
+                                                         (the projection g, the loop and the merge: one
+                                                         fused op, gspn_propagate_proj, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
 
 Choices (the paper leaves them open):
@@ -41,7 +43,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ops import DIRECTIONS, GATE_FIELDS, gspn_propagate, gspn_scan, propagate_reference
+from ..ops import (
+    DIRECTIONS,
+    GATE_FIELDS,
+    gspn_propagate,
+    gspn_propagate_proj,
+    gspn_scan,
+    propagate_reference,
+)
 from .norm import GRN, LayerNorm2d
 
 __all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "check_scan_options"]
@@ -79,6 +88,13 @@ class GSPNMixer(nn.Module):
             :func:`gspn_lightning.ops.gspn_propagate` (the default: it saves only its inputs for the
             backward); ``False`` composes :func:`normalize_gates` and :func:`gspn_scan` per direction,
             which is the same function (the fused op's reference) at several times the time and memory.
+        fuse_gates: with ``fused``, the gate projection ``gates(proxy)`` is fused into the op too,
+            :func:`gspn_lightning.ops.gspn_propagate_proj` (the default): the ``K * 6 * d_inner`` logit
+            maps are computed per plane inside the kernel and never stored, neither for the forward
+            nor for the backward.  ``False`` materialises them with the ``gates`` conv and calls
+            :func:`gspn_lightning.ops.gspn_propagate` (the previous fused path).  Same parameters and
+            state dict either way (the op reads ``gates.weight`` through a view).  On CUDA the op
+            still materialises the logits internally (no CUDA kernel for the projection yet).
     """
 
     def __init__(
@@ -91,6 +107,7 @@ class GSPNMixer(nn.Module):
         directions: Sequence[str] = DIRECTIONS,
         backend: str | None = None,
         fused: bool = True,
+        fuse_gates: bool = True,
     ) -> None:
         super().__init__()
         directions, chunk_size = check_scan_options(directions, chunk_size)
@@ -103,6 +120,7 @@ class GSPNMixer(nn.Module):
         self.directions = directions
         self.backend = backend
         self.fused = bool(fused)
+        self.fuse_gates = bool(fuse_gates)
 
         self.in_proj = nn.Conv2d(dim, d_inner, 1)
         self.dwconv = nn.Conv2d(d_inner, d_inner, dw_kernel, padding=dw_kernel // 2, groups=d_inner)
@@ -129,14 +147,26 @@ class GSPNMixer(nn.Module):
         nn.init.zeros_(self.grn.beta)
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, directions={self.directions}, fused={self.fused}"
+        return (
+            f"chunk_size={self.chunk_size}, directions={self.directions}, fused={self.fused}, "
+            f"fuse_gates={self.fuse_gates}"
+        )
 
     def propagate(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the norm: ``(B, dim, H, W) -> (B, d_inner, H, W)``, the merged ``y``."""
         B, _, H, W = x.shape
         x = self.act(self.dwconv(self.in_proj(x)))
-        g = self.gates(self.proxy(x)).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
+        p = self.proxy(x)
         weights = torch.softmax(self.merge_logits.float(), dim=0).to(x.dtype)
+        if self.fused and self.fuse_gates:
+            # (K*6*E, S, 1, 1) viewed as (K*6*E, S): no copy.  The casts are no-ops unless autocast made
+            # the proxy 16-bit (the conv they replace would have run in that dtype too).
+            w = self.gates.weight.view(self.gates.out_channels, self.d_state).to(p.dtype)
+            bias = self.gates.bias.to(p.dtype)
+            return gspn_propagate_proj(
+                x, p, w, bias, weights, self.directions, self.chunk_size, backend=self.backend
+            )
+        g = self.gates(p).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
         if self.fused:
             return gspn_propagate(x, g, weights, self.directions, self.chunk_size, backend=self.backend)
 

@@ -7,7 +7,8 @@ the docstrings below.
 
 Backends: ``"kernel"`` (the JIT-built C++/CUDA kernels, registered with ``torch.library``) or
 ``"reference"`` (pure PyTorch, :func:`scan_reference`).  ``gspn_propagate`` (in :mod:`.propagate`) is the
-mixer's whole propagation, four directions with gate normalisation and merge, as one fused op.  ``backend=None`` reads ``$GSPN_BACKEND``
+mixer's whole propagation, four directions with gate normalisation and merge, as one fused op;
+``gspn_propagate_proj`` the same with the low-rank gate projection fused in as well.  ``backend=None`` reads ``$GSPN_BACKEND``
 (default ``"auto"``: the kernel where it is available for the tensors' device, else the reference with
 one warning).  The package imports and works without a C++ compiler, only slower.
 """
@@ -21,16 +22,26 @@ import torch
 import torch.nn.functional as F
 
 from . import _build
-from .propagate import GATE_FIELDS, gspn_propagate, propagate_reference
+from .propagate import (
+    GATE_FIELDS,
+    gspn_propagate,
+    gspn_propagate_proj,
+    project_gates,
+    propagate_proj_reference,
+    propagate_reference,
+)
 from .reference import DIRECTIONS, scan_geometry, scan_reference
 
 __all__ = [
     "DIRECTIONS",
     "GATE_FIELDS",
     "gspn_propagate",
+    "gspn_propagate_proj",
     "gspn_scan",
     "kernel_available",
     "normalize_gates",
+    "project_gates",
+    "propagate_proj_reference",
     "propagate_reference",
     "scan_reference",
 ]

@@ -14,6 +14,12 @@ Its definition is :func:`propagate_reference`, that composition of :func:`normal
 cache, saves only its inputs for the backward and recomputes the scans there (no ``h`` tensors).
 Gate normalisation in the kernel is computed in a form that stays finite for any logits (see
 ``csrc/gspn_step.h``).
+
+``gspn_propagate_proj(x, proxy, weight, bias, merge, directions, chunk_size)`` is the same op with the
+mixer's low-rank gate projection fused in: the ``K * 6`` logit maps per channel are computed on the
+fly from a proxy of ``S`` channels (``gates = conv1x1(proxy, weight) + bias``, :func:`project_gates`)
+and never materialised, which is what the op's time and memory were bound by (the logits are
+``6 K`` times the size of ``x``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import torch
 
 from .reference import DIRECTIONS, scan_reference
 
-__all__ = ["GATE_FIELDS", "gspn_propagate", "propagate_reference"]
+__all__ = [
+    "GATE_FIELDS",
+    "gspn_propagate",
+    "gspn_propagate_proj",
+    "project_gates",
+    "propagate_proj_reference",
+    "propagate_reference",
+]
 
 #: the six per-direction gate maps along axis 2 of ``gates``
 GATE_FIELDS = ("g_neg", "g_mid", "g_pos", "lam", "u", "d")
@@ -54,29 +67,39 @@ def propagate_reference(
     return y
 
 
-def _check_propagate_inputs(x, gates, merge, directions) -> tuple[str, ...]:
-    from . import _check_direction, _check_tensors
+def _check_directions(directions) -> tuple[str, ...]:
+    from . import _check_direction
 
-    _check_tensors(("x",), (x,))
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     if not 1 <= len(directions) <= len(DIRECTIONS) or len(set(directions)) != len(directions):
         raise ValueError(f"directions must be 1 to 4 distinct members of {DIRECTIONS}, got {directions!r}")
     for d in directions:
         _check_direction(d)
-    B, C, H, W = x.shape
-    K = len(directions)
-    for name, t, shape in (("gates", gates, (B, K, len(GATE_FIELDS), C, H, W)), ("merge", merge, (K, C))):
+    return directions
+
+
+def _check_like_x(x, named, context: str) -> None:
+    """Each ``(name, tensor, shape)`` is a tensor of that shape with the dtype and device of ``x``."""
+    for name, t, shape in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for x of shape {tuple(x.shape)} and {K} direction(s), "
-                f"got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have shape {shape} for {context}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all must match")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must match")
+
+
+def _check_propagate_inputs(x, gates, merge, directions) -> tuple[str, ...]:
+    from . import _check_tensors
+
+    _check_tensors(("x",), (x,))
+    directions = _check_directions(directions)
+    B, C, H, W = x.shape
+    K = len(directions)
+    context = f"x of shape {tuple(x.shape)} and {K} direction(s)"
+    _check_like_x(x, (("gates", gates, (B, K, len(GATE_FIELDS), C, H, W)), ("merge", merge, (K, C))), context)
     return directions
 
 
@@ -111,3 +134,100 @@ def gspn_propagate(
     if _resolve_backend(backend, x.device) == "reference":
         return propagate_reference(x, gates, merge, directions, chunk_size)
     return torch.ops.gspn_lightning.propagate_fwd(x, gates, merge, list(directions), chunk_size or 0)
+
+
+def project_gates(proxy: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_directions: int) -> torch.Tensor:
+    """The raw gate logits ``(B, K, 6, C, H, W)`` from the low-rank proxy ``(B, S, H, W)``: a 1x1
+    convolution with ``weight`` ``(K*6*C, S)`` and ``bias`` ``(K*6*C,)`` (row ``(k*6 + f)*C + c`` gives
+    field ``f`` of direction ``k`` at channel ``c``), exactly as the mixer's ``gates`` conv computes it."""
+    B, _, H, W = proxy.shape
+    gates = torch.nn.functional.conv2d(proxy, weight[:, :, None, None], bias)
+    return gates.view(B, num_directions, len(GATE_FIELDS), -1, H, W)
+
+
+def propagate_proj_reference(
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    merge: torch.Tensor,
+    directions: Sequence[str] = DIRECTIONS,
+    chunk_size: int | None = None,
+    scan=None,
+) -> torch.Tensor:
+    """:func:`gspn_propagate_proj`'s definition: :func:`project_gates`, then :func:`propagate_reference`."""
+    gates = project_gates(proxy, weight, bias, len(directions))
+    return propagate_reference(x, gates, merge, directions, chunk_size, scan=scan)
+
+
+def _check_proj_inputs(x, proxy, weight, bias, merge, directions) -> tuple[str, ...]:
+    from . import _check_tensors
+
+    _check_tensors(("x",), (x,))
+    directions = _check_directions(directions)
+    B, C, H, W = x.shape
+    K = len(directions)
+    if not isinstance(proxy, torch.Tensor):
+        raise TypeError(f"proxy must be a torch.Tensor, got {type(proxy).__name__}")
+    S = proxy.shape[1] if proxy.dim() == 4 else 0
+    R = K * len(GATE_FIELDS) * C
+    context = f"x of shape {tuple(x.shape)}, {K} direction(s) and a proxy of S = {S} channels (K*6*C = {R})"
+    _check_like_x(
+        x,
+        (
+            ("proxy", proxy, (B, S, H, W)),
+            ("weight", weight, (R, S)),
+            ("bias", bias, (R,)),
+            ("merge", merge, (K, C)),
+        ),
+        context,
+    )
+    return directions
+
+
+def gspn_propagate_proj(
+    x: torch.Tensor,
+    proxy: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    merge: torch.Tensor,
+    directions: Sequence[str] = DIRECTIONS,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`gspn_propagate` with the gate logits projected on the fly from a low-rank proxy:
+    ``(B, C, H, W) -> (B, C, H, W)``, equal to
+    ``gspn_propagate(x, project_gates(proxy, weight, bias, K), merge, directions, chunk_size)``.
+
+    Args:
+        x: the features to propagate, ``(B, C, H, W)``.
+        proxy: the low-rank proxy ``(B, S, H, W)`` the logits are projected from.
+        weight: ``(K*6*C, S)``; row ``(k*6 + f)*C + c`` projects field ``f`` (:data:`GATE_FIELDS`) of
+            direction ``k`` at channel ``c``.  A 1x1 ``nn.Conv2d(S, K*6*C)``'s weight is this after
+            ``.view(K*6*C, S)`` (no copy).
+        bias: ``(K*6*C,)``.
+        merge, directions, chunk_size, backend: as in :func:`gspn_propagate`.
+
+    All tensors share one floating dtype and device; 16-bit inputs accumulate in float32 (the logits
+    too: they are never rounded to 16 bits).  Differentiable in ``x``, ``proxy``, ``weight``, ``bias`` and
+    ``merge``.
+
+    The CPU kernel computes each plane's ``6 K`` logit maps from the proxy (``S`` multiply-adds per
+    value) into a per-thread buffer and never writes them to memory; its backward recomputes them and
+    the scans, and reduces the logit gradients into those of the proxy (over channels and
+    directions), the weight and the bias (over batch and pixels) with per-thread partial sums added in
+    a fixed order.  **On CUDA there is no such kernel yet**: the op materialises the logits (one 1x1
+    convolution) and runs the fused :func:`gspn_propagate` CUDA kernel, so it is correct there but
+    saves no memory or time over calling the two yourself.
+    """
+    from . import _check_chunk_size, _resolve_backend
+
+    directions = _check_proj_inputs(x, proxy, weight, bias, merge, directions)
+    _check_chunk_size(chunk_size)
+    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
+        chunk_size = None  # a chunk covering every scan axis is the global scan (any size of k)
+    if _resolve_backend(backend, x.device) == "reference":
+        return propagate_proj_reference(x, proxy, weight, bias, merge, directions, chunk_size)
+    return torch.ops.gspn_lightning.propagate_proj_fwd(
+        x, proxy, weight, bias, merge, list(directions), chunk_size or 0
+    )

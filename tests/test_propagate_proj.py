@@ -1,0 +1,251 @@
+"""The fused propagation with the gate projection (``gspn_propagate_proj``): the kernel against its
+definition (``project_gates`` then ``propagate_reference``) forward and in the gradients of all five
+inputs, for every subset of directions, chunked and global, odd and non-square maps, one and several
+proxy channels; float64 gradcheck; the 16-bit error budget; the per-task reductions (several tasks
+sharing a batch element, run-to-run identical); the torch.library registration (opcheck,
+torch.compile, double backward refused); what the forward saves; the materialising implementation
+registered for CUDA; input checking; and the mixer's three paths."""
+
+import pytest
+import torch
+
+from gspn_lightning.nn import GSPNMixer
+from gspn_lightning.ops import (
+    DIRECTIONS,
+    GATE_FIELDS,
+    _build,
+    _registry,
+    gspn_propagate,
+    gspn_propagate_proj,
+    project_gates,
+    propagate_proj_reference,
+)
+
+from .conftest import DEVICES
+from .test_ops import grads
+from .test_propagate import SUBSETS, assert_error_budget
+
+NAMES = ("x", "proxy", "weight", "bias", "merge")
+
+
+def rand_proj_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.0, device="cpu"):
+    """x, proxy, weight, bias, merge as leaf tensors; logits spread wide enough that taps differ."""
+    B, C, H, W = shape
+    R = len(directions) * len(GATE_FIELDS) * C
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    proxy = torch.randn(B, S, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(R, S, generator=g, dtype=torch.float64) * scale / S**0.5
+    bias = torch.randn(R, generator=g, dtype=torch.float64) * scale
+    merge = torch.rand(len(directions), C, generator=g, dtype=torch.float64) + 0.1
+    return [t.to(device, dtype).requires_grad_() for t in (x, proxy, weight, bias, merge)]
+
+
+def check_against_reference(ins, directions, chunk, rtol, atol):
+    out = gspn_propagate_proj(*ins, directions, chunk, backend="kernel")
+    ref = propagate_proj_reference(*ins, directions, chunk)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out)
+    for name, a, b in zip(NAMES, grads(out, ins, go), grads(ref, ins, go)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("directions", SUBSETS, ids="-".join)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_every_direction_subset_matches_reference(device, directions, chunk):
+    ins = rand_proj_inputs((2, 3, 5, 7), 2, directions, device=device)
+    check_against_reference(ins, directions, chunk, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "shape, S", [((1, 1, 1, 1), 1), ((1, 2, 7, 4), 3), ((2, 2, 1, 5), 1), ((1, 2, 6, 1), 2), ((3, 2, 9, 2), 5)]
+)
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_odd_and_degenerate_shapes(shape, S, chunk):
+    ins = rand_proj_inputs(shape, S, DIRECTIONS, seed=1)
+    check_against_reference(ins, DIRECTIONS, chunk, rtol=1e-10, atol=1e-10)
+
+
+def test_long_lines():
+    """Lines of 33 and 34 positions: the CPU kernel's long-line path (boundary positions apart)."""
+    ins = rand_proj_inputs((1, 2, 34, 33), 2, DIRECTIONS, seed=13)
+    check_against_reference(ins, DIRECTIONS, 5, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_float32_tasks_sharing_a_batch_element(chunk):
+    """float32 planes with whole 8 x 8 transpose blocks and leftovers (19 x 21), B=3 and C=3, so the
+    backward's two tasks (2 threads) split batch element 1 between them: their partial proxy, weight
+    and bias gradients are added correctly, and two runs give bit-identical gradients."""
+    ins = [t.detach().float().requires_grad_() for t in rand_proj_inputs((3, 3, 19, 21), 4, DIRECTIONS, seed=11)]
+    check_against_reference(ins, DIRECTIONS, chunk, rtol=2e-5, atol=2e-5)
+    go = torch.randn(3, 3, 19, 21, generator=torch.Generator().manual_seed(2))
+    first, second = (grads(gspn_propagate_proj(*ins, DIRECTIONS, chunk, backend="kernel"), ins, go) for _ in range(2))
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"grad {name} differs between two identical runs"
+
+
+def test_float32_strided_inputs():
+    """Non-contiguous views (x and proxy transposed, weight a transposed view) are accepted."""
+    directions = ("t2b", "l2r")
+    B, C, H, W, S, K = 2, 4, 11, 6, 3, 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, C, W, H, generator=g).transpose(-1, -2).requires_grad_()
+    proxy = torch.randn(B, S, W, H, generator=g).transpose(-1, -2).requires_grad_()
+    weight = (torch.randn(S, K * 6 * C, generator=g) * 0.5).t().requires_grad_()
+    bias = torch.randn(K * 6 * C, generator=g).requires_grad_()
+    merge = (torch.rand(K, C, generator=g) + 0.1).requires_grad_()
+    assert not (x.is_contiguous() or proxy.is_contiguous() or weight.is_contiguous())
+    check_against_reference([x, proxy, weight, bias, merge], directions, 4, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("directions", [("t2b",), ("l2r", "b2t"), DIRECTIONS], ids="-".join)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_gradcheck_float64(device, directions, chunk):
+    ins = rand_proj_inputs((2, 2, 4, 3), 2, directions, seed=2, device=device)
+
+    def f(*t):
+        return gspn_propagate_proj(*t, directions, chunk, backend="kernel")
+
+    assert torch.autograd.gradcheck(f, ins, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_low_precision_error_budget(dtype, chunk):
+    """FlashAttention's rule: the 16-bit kernel errs at most about twice as much as the reference
+    computed by PyTorch in that dtype, both against a float32 result, for y and all five gradients."""
+    shape = (2, 4, 33, 19)
+    ins64 = rand_proj_inputs(shape, 3, DIRECTIONS, seed=4, scale=2.0)
+    go = torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run(dtype, kernel):
+        ins = [t.detach().to(dtype).requires_grad_() for t in ins64]
+        if kernel:
+            out = gspn_propagate_proj(*ins, DIRECTIONS, chunk, backend="kernel")
+        else:
+            out = propagate_proj_reference(*ins, DIRECTIONS, chunk)
+        assert out.dtype == dtype
+        return [out, *grads(out, ins, go.to(dtype))]
+
+    assert_error_budget(("y", *NAMES), run, dtype)
+
+
+def test_opcheck():
+    assert _build.load_cpu(), _build.build_error("cpu")
+    op = torch.ops.gspn_lightning.propagate_proj_fwd.default
+    for directions, chunk, S in [(list(DIRECTIONS), 0, 2), (["l2r"], 2, 1), (["b2t", "r2l"], 3, 3)]:
+        ins = rand_proj_inputs((2, 3, 5, 4), S, directions, dtype=torch.float32, seed=8)
+        torch.library.opcheck(op, (*ins, directions, chunk))
+
+
+def test_torch_compile_fullgraph():
+    ins = rand_proj_inputs((2, 3, 6, 5), 2, DIRECTIONS, dtype=torch.float32, seed=9)
+
+    def f(x, proxy, weight, bias, merge):
+        return gspn_propagate_proj(x, proxy * 2, weight, bias, merge, DIRECTIONS, 2, backend="kernel").square()
+
+    eager = f(*ins)
+    out = torch.compile(f, fullgraph=True)(*ins)
+    torch.testing.assert_close(out, eager)
+    go = torch.ones_like(out)
+    for name, a, b in zip(NAMES, grads(out, ins, go), grads(eager, ins, go)):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_double_backward_is_refused():
+    ins = rand_proj_inputs((1, 2, 3, 4), 2, ("t2b",), seed=10)
+    y = gspn_propagate_proj(*ins, ("t2b",), backend="kernel")
+    (gx,) = torch.autograd.grad(y.sum(), ins[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_forward_saves_only_its_inputs():
+    """Nothing of the logits' size is kept for the backward: only x, proxy, weight, bias and merge."""
+    x, proxy, weight, bias, merge = rand_proj_inputs((2, 3, 8, 6), 2, DIRECTIONS, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        gspn_propagate_proj(x * 1, proxy * 1, weight * 1, bias * 1, merge * 1, DIRECTIONS, backend="kernel")
+    assert sorted(saved) == sorted(t.numel() for t in (x, proxy, weight, bias, merge))
+
+
+def test_materialising_implementation_for_cuda():
+    """The CUDA implementation (materialised logits around the fused op) is registered for the CUDA
+    dispatch key and, run here on CPU tensors, computes what the CPU kernel computes."""
+    assert _build.load_cpu(), _build.build_error("cpu")
+    for name in ("gspn_lightning::propagate_proj_fwd", "gspn_lightning::propagate_proj_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    directions, chunk = ["b2t", "l2r", "r2l"], 2
+    ins = [t.detach() for t in rand_proj_inputs((2, 3, 5, 6), 3, directions, seed=12)]
+    go = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    y = _registry.proj_fwd_materialised(*ins, directions, chunk)
+    torch.testing.assert_close(y, torch.ops.gspn_lightning.propagate_proj_fwd(*ins, directions, chunk))
+    expected = torch.ops.gspn_lightning.propagate_proj_bwd(go, *ins, directions, chunk)
+    for name, a, b in zip(NAMES, _registry.proj_bwd_materialised(go, *ins, directions, chunk), expected):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_definition_is_projection_then_propagate():
+    ins = [t.detach() for t in rand_proj_inputs((1, 2, 4, 5), 3, ("b2t", "l2r"), seed=9)]
+    x, proxy, weight, bias, merge = ins
+    gates = torch.einsum("rs,bshw->brhw", weight, proxy) + bias.view(1, -1, 1, 1)
+    gates = gates.view(1, 2, 6, 2, 4, 5)
+    torch.testing.assert_close(project_gates(proxy, weight, bias, 2), gates)
+    expected = gspn_propagate(x, gates, merge, ("b2t", "l2r"), backend="reference")
+    torch.testing.assert_close(gspn_propagate_proj(*ins, ("b2t", "l2r"), backend="reference"), expected)
+
+
+def _bad_proj_cases():
+    x, proxy, weight, bias, merge = (t.detach().float() for t in rand_proj_inputs((1, 2, 3, 4), 2, DIRECTIONS))
+    return [
+        ((x, proxy[:, :, :2], weight, bias, merge), {}, ValueError, "proxy"),
+        ((x, proxy[0], weight, bias, merge), {}, ValueError, "proxy"),
+        ((x, proxy, weight[:, :1], bias, merge), {}, ValueError, "weight"),
+        ((x, proxy, weight[:-1], bias, merge), {}, ValueError, "weight"),
+        ((x, proxy, weight, bias[:-1], merge), {}, ValueError, "bias"),
+        ((x, proxy, weight, bias, merge[:, :1]), {}, ValueError, "merge"),
+        ((x, proxy.double(), weight, bias, merge), {}, TypeError, "proxy"),
+        ((x, proxy, weight.half(), bias, merge), {}, TypeError, "weight"),
+        ((x, proxy, weight, bias.to("meta"), merge), {}, ValueError, "bias"),
+        ((x, proxy, weight.numpy(), bias, merge), {}, TypeError, "weight"),
+        ((x.long(), proxy, weight, bias, merge), {}, TypeError, "x"),
+        ((x, proxy, weight, bias, merge), {"directions": ("t2b", "t2b", "l2r", "r2l")}, ValueError, "distinct"),
+        ((x, proxy, weight, bias, merge), {"chunk_size": 0}, ValueError, "chunk_size"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_proj_cases())))
+def test_bad_input_raises_clear_error(case):
+    args, kwargs, exc, word = _bad_proj_cases()[case]
+    with pytest.raises(exc, match=word):
+        gspn_propagate_proj(*args, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_mixer_three_paths_agree(chunk):
+    """The default mixer (projection fused into the op), the previous fused path (logits materialised)
+    and the unfused composition: same output and parameter gradients, same state dict keys."""
+    torch.manual_seed(0)
+    mixer = GSPNMixer(6, d_inner=8, d_state=3, chunk_size=chunk).double()
+    assert mixer.fused and mixer.fuse_gates
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    results = {}
+    for fused, fuse_gates in [(True, True), (True, False), (False, True)]:
+        mixer.fused, mixer.fuse_gates = fused, fuse_gates
+        mixer.zero_grad()
+        y = mixer(x)
+        y.square().sum().backward()
+        results[(fused, fuse_gates)] = (y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()})
+    y_ref, g_ref = results[(False, True)]
+    for y, g in results.values():
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    assert "gates.weight" in mixer.state_dict() and mixer.gates.weight.shape == (4 * 6 * 8, 3, 1, 1)
