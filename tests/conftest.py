@@ -17,3 +17,13 @@ def mnist_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "demo_mnist"
     build_mnist_demo(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A complete tiny SD-XL folder in the diffusers layout (random weights, seed 0), built once per
+    session by gspn_lightning.models.sdxl_pipeline.make_tiny_sdxl. Treat it as read-only (copy it to
+    change it)."""
+    from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
