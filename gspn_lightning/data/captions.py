@@ -434,9 +434,9 @@ def _embedder(sdxl_folder: str | os.PathLike, device: str):
     """``(embed(captions) -> (prompt_embeds, pooled) float16 numpy arrays, their per-sample shapes)``."""
     from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 
-    parts = load_sdxl(sdxl_folder, components=("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"))
-    tokenizers = [parts["tokenizer"], parts["tokenizer_2"]]
-    encoders = [parts["text_encoder"].to(device).eval(), parts["text_encoder_2"].to(device).eval()]
+    parts = load_sdxl(sdxl_folder, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    tokenizers = parts.tokenizers
+    encoders = [e.to(device).eval() for e in parts.text_encoders]
 
     @torch.no_grad()
     def embed(captions: list[str]):
