@@ -267,7 +267,7 @@ def caption_shards(tmp_path_factory):
     """Two captioned images (one portrait, one landscape) as both training and validation shards, so
     every training batch is the same fixed batch."""
     root = tmp_path_factory.mktemp("captions")
-    write_shards(_samples(2), root / "train", maxcount=1, progress=False, labelled=False)
+    write_shards(_samples(2), root / "train", maxcount=2, progress=False, labelled=False)
     write_shards(_samples(2), root / "val", maxcount=1, progress=False, labelled=False)
     return root
 
@@ -339,7 +339,7 @@ def test_fit_lowers_the_loss_resume_continues_exactly_and_exports(tiny_sdxl_dir,
     common = [
         "--config", "configs/sdxl/tiny.yaml", f"--model.init_args.pretrained={tiny_sdxl_dir}",
         f"--data.init_args.train_shards={caption_shards / 'train'}",
-        f"--data.init_args.val_shards={caption_shards / 'val'}", "--data.init_args.epoch_samples=2",
+        f"--data.init_args.val_shards={caption_shards / 'val'}", "--data.init_args.epoch_samples=8",
         "--model.init_args.noise_weight=0", "--model.init_args.caption_dropout=0",
         "--trainer.max_steps=8", "--trainer.val_check_interval=4", "--checkpoint.every_n_train_steps=4",
         "--checkpoint.save_top_k=-1",
@@ -352,7 +352,7 @@ def test_fit_lowers_the_loss_resume_continues_exactly_and_exports(tiny_sdxl_dir,
     assert r.returncode == 0, r.stderr[-3000:]
     val = _metric(run, "val/loss")
     assert len(val) == 2 and val[-1] < 0.97 * initial, (initial, val)
-    assert len(_metric(run, "train/layer")) > 0 and len(_metric(run, "val_ema/loss")) == 2
+    assert len(_metric(run, "train/layer_step")) == 8 and len(_metric(run, "val_ema/loss")) == 2
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8
     assert not any(k.startswith(("teacher.", "vae.", "text_encoder")) for k in ckpt["state_dict"])

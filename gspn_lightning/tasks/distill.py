@@ -458,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill export: no such checkpoint: {args.ckpt}", file=sys.stderr)
         return 1
     overrides = {"pretrained": args.pretrained} if args.pretrained else {}
-    task = DistillationTask.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
+    # the package's class, not this module's __main__ copy (the checkpoint names the package's)
+    from gspn_lightning.tasks.distill import DistillationTask as Task
+
+    task = Task.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
     for path in task.export_gspn(args.out):
         print(f"wrote {path}")
     return 0
