@@ -206,3 +206,26 @@ def test_unlabelled_writer_rejects_labels_and_unknown_members(tmp_path):
         CaptionWebDataModule(val_shards=str(tmp_path / "c"), embeddings=True, num_workers=0).val_dataloader()
     with pytest.raises(ValueError, match="data.init_args.resolution"):
         CaptionWebDataModule(resolution=[8, 8, 8])
+
+
+def test_writer_stores_prompt_embeddings_of_the_sdxl_folder(tmp_path, tiny_sdxl_dir):
+    from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
+
+    _folder(tmp_path / "src", n=3)
+    index = write_caption_shards(
+        tmp_path / "src", tmp_path / "out", embed_with=tiny_sdxl_dir, batch_size=3, progress=False
+    )
+    meta = index["meta"]["embeddings"]
+    assert meta["prompt_embeds"] == [77, 32] and meta["pooled_prompt_embeds"] == [16]
+    assert meta["sdxl"] == str(tiny_sdxl_dir.resolve())
+    dm = CaptionWebDataModule(val_shards=str(tmp_path / "out"), resolution=8, batch_size=8, num_workers=0)
+    assert dm.embedded_with == meta["sdxl"]
+    (batch,) = list(dm.val_dataloader())
+    assert batch["prompt_embeds"].shape == (4, 77, 32) and batch["pooled_prompt_embeds"].shape == (4, 16)
+    parts = load_sdxl(tiny_sdxl_dir, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    with torch.no_grad():
+        embeds, pooled = encode_prompt(parts.tokenizers, parts.text_encoders, batch["caption"])
+    torch.testing.assert_close(batch["prompt_embeds"], embeds.half().float())
+    torch.testing.assert_close(batch["pooled_prompt_embeds"], pooled.half().float())
+    off = CaptionWebDataModule(val_shards=str(tmp_path / "out"), resolution=8, embeddings=False, num_workers=0)
+    assert "prompt_embeds" not in next(iter(off.val_dataloader()))
