@@ -212,10 +212,21 @@ def test_writer_stores_prompt_embeddings_of_the_sdxl_folder(tmp_path, tiny_sdxl_
     from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 
     _folder(tmp_path / "src", n=3)
-    index = write_caption_shards(
-        tmp_path / "src", tmp_path / "out", embed_with=tiny_sdxl_dir, batch_size=3, progress=False
-    )
-    meta = index["meta"]["embeddings"]
+    from gspn_lightning.tasks.distill import main as distill_main
+
+    args = [
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--embed-with",
+        str(tiny_sdxl_dir),
+        "--batch-size",
+        "3",
+    ]
+    assert distill_main(["write-shards", *args, "--quiet"]) == 0
+    assert distill_main(["write-shards", *args, "--quiet"]) == 1  # refused before loading anything
+    with pytest.raises(SystemExit):  # the data package's own command has no text encoders to offer
+        main([*args, "--quiet"])
+    meta = read_index(tmp_path / "out")["meta"]["embeddings"]
     assert meta["prompt_embeds"] == [77, 32] and meta["pooled_prompt_embeds"] == [16]
     assert meta["sdxl"] == str(tiny_sdxl_dir.resolve())
     dm = CaptionWebDataModule(val_shards=str(tmp_path / "out"), resolution=8, batch_size=8, num_workers=0)
@@ -227,5 +238,7 @@ def test_writer_stores_prompt_embeddings_of_the_sdxl_folder(tmp_path, tiny_sdxl_
         embeds, pooled = encode_prompt(parts.tokenizers, parts.text_encoders, batch["caption"])
     torch.testing.assert_close(batch["prompt_embeds"], embeds.half().float())
     torch.testing.assert_close(batch["pooled_prompt_embeds"], pooled.half().float())
-    off = CaptionWebDataModule(val_shards=str(tmp_path / "out"), resolution=8, embeddings=False, num_workers=0)
+    off = CaptionWebDataModule(
+        val_shards=str(tmp_path / "out"), resolution=8, embeddings=False, num_workers=0
+    )
     assert "prompt_embeds" not in next(iter(off.val_dataloader()))

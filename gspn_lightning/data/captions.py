@@ -30,8 +30,9 @@ Streaming (resampled training, exactly-once evaluation, unreadable shards) is
 (recursively) with its caption from a sidecar ``<image stem>.txt`` beside it, or from ``--captions
 FILE`` (CSV with ``file`` and ``caption`` columns, or JSONL with those fields; ``file`` relative to
 ``SRC``). An image without a caption is skipped with a warning (``--allow-empty`` keeps it with an
-empty caption). ``--embed-with SDXL_FOLDER`` also stores the prompt embeddings of every caption, made by
-that local SD-XL folder's two text encoders. The writing (shard sizes, progress bar, ``index.json``,
+empty caption). ``python -m gspn_lightning.tasks.distill write-shards SRC OUT --embed-with SDXL_FOLDER``
+(the same command with the text encoders, which this package does not import) also stores the prompt
+embeddings of every caption, made by that local SD-XL folder's two text encoders. The writing (shard sizes, progress bar, ``index.json``,
 refusing to overwrite without ``--overwrite``) is :func:`~gspn_lightning.data.write_shards.write_shards`.
 """
 
@@ -45,7 +46,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,7 @@ class CaptionWebDataModule(ShardDataModule):
             if self.embeddings:
                 raise ValueError(
                     "data.init_args.embeddings is true but the shard index has no meta.embeddings: write the "
-                    "shards with --embed-with SDXL_FOLDER, or set embeddings: null / false"
+                    "shards with `python -m gspn_lightning.tasks.distill write-shards ... --embed-with SDXL_FOLDER`, or set embeddings: null / false"
                 )
             return None
         return {name: tuple(meta[name]) for name in EMBEDDING_NAMES}
@@ -386,11 +387,16 @@ def _samples(pairs, root: Path, embed, batch_size: int) -> Iterator[dict[str, An
             yield sample
 
 
+#: ``embed(captions) -> (prompt_embeds (B, L, D), pooled (B, P))`` as float16 numpy arrays
+Embed = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+
 def write_caption_shards(
     src: str | os.PathLike,
     out: str | os.PathLike,
     captions: str | os.PathLike | None = None,
-    embed_with: str | os.PathLike | None = None,
+    embed: Embed | None = None,
+    embed_source: str | None = None,
     allow_empty: bool = False,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int = DEFAULT_MAXSIZE,
@@ -398,14 +404,13 @@ def write_caption_shards(
     shuffle_seed: int | None = 0,
     overwrite: bool = False,
     batch_size: int = 16,
-    device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write the images of ``src`` with their captions into caption shards under ``out``.
+    """Write the images of ``src`` with their captions into caption shards under ``out``; returns the index.
 
-    With ``embed_with`` (a local SD-XL folder) the prompt embeddings of every caption are computed with
-    its two text encoders (``batch_size`` captions at a time, on ``device``) and stored as float16.
-    Returns the index."""
+    With ``embed`` (e.g. an SD-XL folder's two text encoders, see ``python -m gspn_lightning.tasks.distill
+    write-shards``) the prompt embeddings of every caption are stored too, ``batch_size`` captions at a
+    time; ``embed_source`` (the folder) is recorded in the index's ``meta.embeddings``."""
     old = existing_outputs(out)
     if old and not overwrite:  # before any slow loading
         raise ShardsExistError(
@@ -414,12 +419,11 @@ def write_caption_shards(
         )
     pairs, skipped = caption_folder_samples(src, captions, allow_empty, shuffle_seed)
     meta: dict[str, Any] = {"captions": "txt"}
-    embed = None
-    if embed_with is not None:
-        embed, shapes = _embedder(embed_with, device)
+    if embed is not None:
+        shapes = [a.shape[1:] for a in embed([""])]
         meta["embeddings"] = {
             **{name: list(shape) for name, shape in zip(EMBEDDING_NAMES, shapes)},
-            "dtype": "float16", "sdxl": str(Path(embed_with).resolve()),
+            "dtype": "float16", "sdxl": embed_source,
         }  # fmt: skip
     index = write_shards(
         _samples(pairs, Path(src), embed, batch_size), out, maxcount=maxcount, maxsize=maxsize,
@@ -430,28 +434,18 @@ def write_caption_shards(
     return index
 
 
-def _embedder(sdxl_folder: str | os.PathLike, device: str):
-    """``(embed(captions) -> (prompt_embeds, pooled) float16 numpy arrays, their per-sample shapes)``."""
-    from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
-
-    parts = load_sdxl(sdxl_folder, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    tokenizers = parts.tokenizers
-    encoders = [e.to(device).eval() for e in parts.text_encoders]
-
-    @torch.no_grad()
-    def embed(captions: list[str]):
-        prompt, pooled = encode_prompt(tokenizers, encoders, captions)
-        return prompt.half().cpu().numpy(), pooled.half().cpu().numpy()
-
-    prompt, pooled = embed([""])
-    return embed, (prompt.shape[1:], pooled.shape[1:])
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    make_embed: Callable[[str, str], Embed] | None = None,
+    prog: str = "python -m gspn_lightning.data.captions",
+) -> int:
+    """The writing command; with ``make_embed(folder, device)`` it also takes ``--embed-with FOLDER``
+    (the data package knows no models: ``python -m gspn_lightning.tasks.distill write-shards`` passes
+    the SD-XL text encoders in)."""
     p = argparse.ArgumentParser(
-        prog="python -m gspn_lightning.data.captions",
+        prog=prog,
         description="Write a folder of images with captions into image+caption webdataset shards "
-        "(see the module docstring).",
+        "(see gspn_lightning/data/captions.py).",
     )
     p.add_argument(
         "src", help="folder of images (searched recursively), captions in sidecar <stem>.txt files"
@@ -460,13 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--captions", help="a CSV (file,caption columns) or JSONL file of captions instead of sidecars"
     )
-    p.add_argument(
-        "--embed-with",
-        metavar="SDXL_FOLDER",
-        help="also store the prompt embeddings made by this local SD-XL folder's text encoders",
-    )
-    p.add_argument("--device", default="cpu", help="device of the text encoders (--embed-with)")
-    p.add_argument("--batch-size", type=int, default=16, help="captions encoded at a time (--embed-with)")
+    if make_embed is not None:
+        p.add_argument(
+            "--embed-with",
+            metavar="SDXL_FOLDER",
+            help="also store the prompt embeddings made by this local SD-XL folder's text encoders",
+        )
+        p.add_argument("--device", default="cpu", help="device of the text encoders (--embed-with)")
+        p.add_argument("--batch-size", type=int, default=16, help="captions encoded at a time (--embed-with)")
     p.add_argument("--allow-empty", action="store_true", help="keep images without a caption (empty caption)")
     p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="max samples per shard")
     p.add_argument("--maxsize", type=float, default=DEFAULT_MAXSIZE, help="max payload bytes per shard")
@@ -476,12 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace existing *.tar and index.json in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)  # fmt: skip
+    folder = getattr(a, "embed_with", None)
     try:
+        if folder is not None and existing_outputs(a.out) and not a.overwrite:
+            raise ShardsExistError(f"{a.out} already holds shards; pass --overwrite to replace them")
+        embed = make_embed(folder, a.device) if folder is not None else None
         index = write_caption_shards(
-            a.src, a.out, captions=a.captions, embed_with=a.embed_with, allow_empty=a.allow_empty,
-            maxcount=a.maxcount, maxsize=int(a.maxsize), prefix=a.prefix,
-            shuffle_seed=None if a.no_shuffle else a.seed, overwrite=a.overwrite, batch_size=a.batch_size,
-            device=a.device, progress=not a.quiet,
+            a.src, a.out, captions=a.captions, embed=embed,
+            embed_source=str(Path(folder).resolve()) if folder is not None else None,
+            allow_empty=a.allow_empty, maxcount=a.maxcount, maxsize=int(a.maxsize), prefix=a.prefix,
+            shuffle_seed=None if a.no_shuffle else a.seed, overwrite=a.overwrite,
+            batch_size=getattr(a, "batch_size", 16), progress=not a.quiet,
         )  # fmt: skip
     except (OSError, ValueError) as exc:
         print(f"captions: error: {exc}", file=sys.stderr)

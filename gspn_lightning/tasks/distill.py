@@ -4,6 +4,7 @@ original UNet (the teacher) on image + caption data.
     python cli.py fit --config configs/sdxl/distill.yaml            # a real SD-XL folder
     python cli.py fit --config configs/sdxl/tiny.yaml               # the tiny pipeline, CPU, seconds
     python -m gspn_lightning.tasks.distill export CKPT OUT_DIR      # GSPN weights of a checkpoint
+    python -m gspn_lightning.tasks.distill write-shards SRC OUT --embed-with SDXL_FOLDER   # + embeddings
 
 - **Models.** Everything comes from the local SD-XL folder ``pretrained`` (diffusers layout; a missing or
   incomplete folder gets :func:`~gspn_lightning.models.sdxl_pipeline.check_sdxl_folder`'s one error
@@ -239,7 +240,7 @@ class DistillationTask(TrainingTask):
         if self.text_encoder is None:
             raise ValueError(
                 "the batch has no prompt_embeds/pooled_prompt_embeds and model.init_args.text_encoders is "
-                "false: write the shards with --embed-with SDXL_FOLDER, or set text_encoders: true"
+                "false: write the shards with `python -m gspn_lightning.tasks.distill write-shards ... --embed-with SDXL_FOLDER`, or set text_encoders: true"
             )
         embeds, pooled = encode_prompt(self.tokenizers, [self.text_encoder, self.text_encoder_2], captions)
         return embeds.float(), pooled.float()
@@ -443,9 +444,31 @@ class DistillationTask(TrainingTask):
             print(f"exported GSPN weights: {path}")
 
 
+def sdxl_text_embed(sdxl_folder: str, device: str = "cpu"):
+    """``embed(captions) -> (prompt_embeds, pooled)`` float16 numpy arrays from the SD-XL folder's two
+    frozen text encoders (what :func:`~gspn_lightning.data.captions.write_caption_shards` stores)."""
+    parts = load_sdxl(sdxl_folder, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    encoders = [e.to(device).eval() for e in parts.text_encoders]
+
+    @torch.no_grad()
+    def embed(captions: list[str]):
+        prompt, pooled = encode_prompt(parts.tokenizers, encoders, captions)
+        return prompt.half().cpu().numpy(), pooled.half().cpu().numpy()
+
+    return embed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``export CKPT OUT_DIR``: the GSPN weights (raw and EMA) of a distillation checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m gspn_lightning.tasks.distill", description=main.__doc__)
+    """``export CKPT OUT_DIR``: the GSPN weights (raw and EMA) of a distillation checkpoint.
+    ``write-shards SRC OUT [--embed-with SDXL_FOLDER] ...``: caption shards (``python -m
+    gspn_lightning.data.captions``'s options), with the prompt embeddings of the folder's text encoders."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m gspn_lightning.tasks.distill"
+    if argv[:1] == ["write-shards"]:
+        from gspn_lightning.data.captions import main as write_main
+
+        return write_main(argv[1:], make_embed=sdxl_text_embed, prog=f"{prog} write-shards")
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser(
         "export", help="write gspn.safetensors and gspn_ema.safetensors from a checkpoint"
@@ -453,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("ckpt", help="a DistillationTask checkpoint (.ckpt)")
     export.add_argument("out", help="output folder")
     export.add_argument("--pretrained", help="the SD-XL folder, if not where the checkpoint's run had it")
+    sub.add_parser("write-shards", help="caption shards with prompt embeddings (see --help of it)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ckpt):
         print(f"distill export: no such checkpoint: {args.ckpt}", file=sys.stderr)
