@@ -77,6 +77,10 @@ def test_only_gspn_trains_and_checkpoints_hold_only_what_trains(task, tiny_sdxl_
     assert trainable == _gspn_param_ids(student) and trainable
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not any(isinstance(m, GSPNSelfAttention) for m in teacher.modules())  # the teacher is the original
+    # one copy of the frozen weights: the student's frozen parameters are the teacher's own tensors
+    frozen = [(n, p) for n, p in student.named_parameters() if not p.requires_grad]
+    assert frozen and all(p is teacher.get_parameter(n) for n, p in frozen)
+    assert task.shared_with_teacher == sum(p.numel() for _, p in frozen)
     in_optimizer = {id(p) for group in param_groups(task.model, 0.0) for p in group["params"]}
     assert in_optimizer == trainable
     # the checkpoint's state dict: the GSPN modules and their EMA, nothing frozen
