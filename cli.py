@@ -45,9 +45,16 @@ def prediction_dir(default_root_dir: str | None) -> str:
 
 
 def data_fact(name: str):
-    """compute_fn of a data -> model link: the data's value, or a clear error when it has none."""
+    """compute_fn of a data -> model link: the data's value, or a clear error when it has none.
 
-    def get(value):
+    A data module lists the facts it provides in ``linked_facts`` (default: all of :data:`DATA_LINKS`);
+    a fact it does not provide (the caption data of the SD-XL task has no classes) links ``None``,
+    which a task that has no such argument ignores."""
+
+    def get(data):
+        if name not in getattr(data, "linked_facts", DATA_LINKS):
+            return None
+        value = getattr(data, name, None)
         if value is None:
             raise ValueError(
                 f"the data does not know its {name} (no shard index lists it): set data.init_args.{name}"
@@ -68,7 +75,7 @@ class GSPNCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         for name in DATA_LINKS:
             parser.link_arguments(
-                f"data.{name}", f"model.init_args.{name}", compute_fn=data_fact(name), apply_on="instantiate"
+                "data", f"model.init_args.{name}", compute_fn=data_fact(name), apply_on="instantiate"
             )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.link_arguments(

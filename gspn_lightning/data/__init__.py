@@ -4,6 +4,8 @@
 - :mod:`.images`: ``ImageWebDataModule`` (image + class: classification, pixel-space diffusion);
 - :mod:`.latents`: ``LatentWebDataModule`` (VAE latent + class: latent diffusion) and the command that
   encodes image shards into latent shards;
+- :mod:`.captions`: ``CaptionWebDataModule`` (image + caption, optional prompt embeddings: SD-XL
+  distillation) and the command that writes such shards from a folder of captioned images;
 - :mod:`.write_shards`, :mod:`.mnist_demo`: writing shards.
 
 The data modules are imported lazily (on first attribute access) so that the shard-writing command
@@ -17,13 +19,25 @@ from typing import TYPE_CHECKING, Any
 from .write_shards import write_shards
 
 if TYPE_CHECKING:
+    from .captions import CaptionWebDataModule
     from .images import ImageWebDataModule
     from .latents import LatentWebDataModule
     from .shards import ShardDataModule
 
-__all__ = ["ImageWebDataModule", "LatentWebDataModule", "ShardDataModule", "write_shards"]
+__all__ = [
+    "CaptionWebDataModule",
+    "ImageWebDataModule",
+    "LatentWebDataModule",
+    "ShardDataModule",
+    "write_shards",
+]
 
-_LAZY = {"ImageWebDataModule": "images", "LatentWebDataModule": "latents", "ShardDataModule": "shards"}
+_LAZY = {
+    "CaptionWebDataModule": "captions",
+    "ImageWebDataModule": "images",
+    "LatentWebDataModule": "latents",
+    "ShardDataModule": "shards",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Write image-classification samples into webdataset tar shards plus a JSON index.
+"""Write samples into webdataset tar shards plus a JSON index: image-classification folders here, and
+the machinery (:func:`write_shards` over any iterable of samples) that the latent and caption writers use.
 
 Command line::
 
@@ -94,6 +95,18 @@ def sanitize_key(name: str) -> str:
     return key or "sample"
 
 
+def unique_key(stem: str, used: dict[str, int]) -> str:
+    """:func:`sanitize_key` of ``stem``, made unique among the keys in ``used`` (updated) with ``_<n>``."""
+    key = sanitize_key(stem)
+    if key in used:
+        used[key] += 1
+        while f"{key}_{used[key]}" in used:
+            used[key] += 1
+        key = f"{key}_{used[key]}"
+    used.setdefault(key, 0)
+    return key
+
+
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """List an ImageFolder tree exactly as :class:`torchvision.datasets.ImageFolder` does.
 
@@ -141,13 +154,7 @@ def folder_samples(samples: list[tuple[str, int]], shuffle_seed: int | None = 0)
         random.Random(shuffle_seed).shuffle(order)
     used: dict[str, int] = {}
     for path, label in order:
-        key = sanitize_key(Path(path).stem)
-        if key in used:
-            used[key] += 1
-            while f"{key}_{used[key]}" in used:
-                used[key] += 1
-            key = f"{key}_{used[key]}"
-        used.setdefault(key, 0)
+        key = unique_key(Path(path).stem, used)
         try:
             ext, data = _encode_file(path)
         except Exception as exc:  # unreadable source file: skip it, never abort a long write
@@ -156,8 +163,23 @@ def folder_samples(samples: list[tuple[str, int]], shuffle_seed: int | None = 0)
         yield {"__key__": key, ext: data, "cls": label}
 
 
-def _check_sample(sample: dict[str, Any]) -> tuple[str, str, bytes, int]:
-    """Validate one writer sample; return ``(key, ext, payload_bytes, label)``."""
+#: text members a sample may carry beside its payload (captions: plain text, or JSON)
+TEXT_EXTENSIONS = ("txt", "json")
+
+
+def _is_extra_array(name: str) -> bool:
+    """``<name>.npy``: a further named array of a sample (e.g. ``prompt_embeds.npy``)."""
+    stem, dot, ext = name.rpartition(".")
+    return dot == "." and ext == "npy" and bool(stem) and "/" not in stem
+
+
+def _check_sample(
+    sample: dict[str, Any], labelled: bool = True
+) -> tuple[str, str, bytes, int | None, dict[str, bytes]]:
+    """Validate one writer sample; return ``(key, ext, payload_bytes, label or None, extras)``.
+
+    ``extras`` are the sample's text members (``txt``/``json``, ``str`` is encoded as UTF-8) and
+    named arrays (``<name>.npy``), as bytes."""
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or "." in key or "/" in key:
         raise ValueError(f"sample key must be a non-empty string without '.' or '/', got {key!r}")
@@ -171,9 +193,26 @@ def _check_sample(sample: dict[str, Any]) -> tuple[str, str, bytes, int]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"sample {key!r}: the payload must be encoded bytes, got {type(data).__name__}")
     label = sample.get("cls")
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-        raise ValueError(f"sample {key!r}: 'cls' must be a non-negative int, got {label!r}")
-    return key, payloads[0], bytes(data), label
+    if labelled:
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise ValueError(f"sample {key!r}: 'cls' must be a non-negative int, got {label!r}")
+    elif label is not None:
+        raise ValueError(f"sample {key!r}: unlabelled shards (labelled=False) take no 'cls'")
+    extras: dict[str, bytes] = {}
+    for name, value in sample.items():
+        if name.startswith("__") or name in payloads or name == "cls":
+            continue
+        if name in TEXT_EXTENSIONS and isinstance(value, str):
+            value = value.encode("utf-8")
+        if not (name in TEXT_EXTENSIONS or _is_extra_array(name)):
+            raise ValueError(
+                f"sample {key!r}: unknown member {name!r} (allowed beside the payload: 'cls', "
+                f"{TEXT_EXTENSIONS} and named arrays '<name>.npy')"
+            )
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sample {key!r}: member {name!r} must be bytes, got {type(value).__name__}")
+        extras[name] = bytes(value)
+    return key, payloads[0], bytes(data), label, extras
 
 
 def write_shards(
@@ -188,6 +227,7 @@ def write_shards(
     total: int | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    labelled: bool = True,
 ) -> dict[str, Any]:
     """Write samples into ``out_dir/<prefix>-NNNNNN.tar`` shards and ``out_dir/index.json``.
 
@@ -196,7 +236,9 @@ def write_shards(
             ``{"__key__": str, "<ext>": bytes, "cls": int}`` with exactly one payload: an encoded
             image (``ext`` in :data:`IMAGE_EXTENSIONS`) or an array saved by ``numpy.save``
             (``"npy"``, e.g. a VAE latent), a key without ``.``/``/`` that is unique, and a
-            non-negative class index.
+            non-negative class index (no ``cls`` when ``labelled=False``). A sample may also carry
+            text members (``"txt"``, ``"json"``: bytes or ``str``) and further named arrays
+            (``"<name>.npy"``: ``numpy.save`` bytes), written as they are.
         out_dir: output folder (created if missing).
         maxcount: at most this many samples per shard.
         maxsize: start a new shard once the current one holds this many payload bytes.
@@ -210,6 +252,8 @@ def write_shards(
         progress: show a tqdm progress bar.
         meta: facts about the payload recorded in the index as ``"meta"`` (e.g. a latent's shape and
             the VAE that made it), read back by the data modules.
+        labelled: samples carry a class index (``cls``) and the index lists ``classes``; ``False``
+            for shards without classes (image + caption): no ``cls``, no ``classes`` in the index.
 
     Returns:
         The index dict that was written to ``out_dir/index.json``.
@@ -228,6 +272,8 @@ def write_shards(
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a plain file name prefix, got {prefix!r}")
     out = Path(out_dir)
+    if not labelled and (classes is not None or isinstance(source, (str, os.PathLike))):
+        raise ValueError("labelled=False takes an iterable of samples and no classes")
 
     # Everything that can be checked is checked before anything is written or deleted; the cheap
     # check of the output folder first (torch/torchvision/webdataset are imported only after it).
@@ -267,11 +313,11 @@ def write_shards(
     bar = tqdm(total=total, unit="img", desc=f"writing {out}", disable=not progress, dynamic_ncols=True)
     try:
         for sample in samples:
-            key, ext, data, label = _check_sample(sample)
+            key, ext, data, label, extras = _check_sample(sample, labelled)
             if key in seen_keys:
                 raise ValueError(f"duplicate sample key {key!r}")
             seen_keys.add(key)
-            if classes is not None and label >= len(classes):
+            if labelled and classes is not None and label >= len(classes):
                 raise ValueError(
                     f"sample {key!r}: class index {label} out of range for {len(classes)} classes"
                 )
@@ -283,8 +329,11 @@ def write_shards(
                     post=on_shard_closed,
                     verbose=0,
                 )
-            writer.write({"__key__": key, ext: data, "cls": str(label).encode("ascii")})
-            max_label = max(max_label, label)
+            record = {"__key__": key, ext: data, **extras}
+            if labelled:
+                record["cls"] = str(label).encode("ascii")
+                max_label = max(max_label, label)
+            writer.write(record)
             bar.update(1)
         if writer is not None:
             writer.close()
@@ -302,9 +351,9 @@ def write_shards(
 
     if writer is None:
         raise FileNotFoundError(f"no samples to write into {out}")
-    if classes is None:
-        classes = [str(i) for i in range(max_label + 1)]
-    index = {"shards": shards, "total": sum(s["count"] for s in shards), "classes": list(classes)}
+    index: dict[str, Any] = {"shards": shards, "total": sum(s["count"] for s in shards)}
+    if labelled:
+        index["classes"] = list(classes) if classes is not None else [str(i) for i in range(max_label + 1)]
     if meta:
         index["meta"] = dict(meta)
     tmp = out / (INDEX_NAME + ".tmp")

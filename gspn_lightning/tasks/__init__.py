@@ -4,5 +4,6 @@ from .callbacks import PredictionWriter
 from .checkpointing import ResumableCheckpoint
 from .classification import ClassificationTask
 from .diffusion import DiffusionTask
+from .distill import DistillationTask
 
-__all__ = ["ClassificationTask", "DiffusionTask", "PredictionWriter", "ResumableCheckpoint"]
+__all__ = ["ClassificationTask", "DiffusionTask", "DistillationTask", "PredictionWriter", "ResumableCheckpoint"]

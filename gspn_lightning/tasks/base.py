@@ -128,15 +128,21 @@ class TrainingTask(L.LightningModule):
         model (``>= num_classes``), counted: ``train/corrupt`` per epoch, evaluation in ``self.counts``."""
         x, labels = batch
         ok = (labels >= 0) & (labels < self.hparams.num_classes)
+        n_bad = self.count_corrupt(ok, stage)
+        return (x[ok], labels[ok]) if n_bad else (x, labels)
+
+    def count_corrupt(self, ok: torch.Tensor, stage: str) -> int:
+        """Count a batch's good (``ok``) and corrupt rows as :meth:`drop_corrupt` does (for tasks whose
+        batches are not ``(x, labels)``); returns the number of corrupt rows."""
         n_bad = int((~ok).sum())
         if stage == "train":
             self.log(
                 "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
             )
         else:
-            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=labels.device))
-            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=labels.device))
-        return (x[ok], labels[ok]) if n_bad else (x, labels)
+            self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=ok.device))
+            self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=ok.device))
+        return n_bad
 
     def log_sample_counts(self, stage: str) -> None:
         """Log how many samples this evaluation saw over all ranks and compare with the shard index:

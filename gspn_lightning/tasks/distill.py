@@ -1,0 +1,516 @@
+"""SD-XL distillation: the UNet with GSPN in place of self-attention (the student) learns from the
+original UNet (the teacher) on image + caption data.
+
+    python cli.py fit --config configs/sdxl/distill.yaml            # a real SD-XL folder
+    python cli.py fit --config configs/sdxl/tiny.yaml               # the tiny pipeline, CPU, seconds
+    python -m gspn_lightning.tasks.distill export CKPT OUT_DIR      # GSPN weights of a checkpoint
+    python -m gspn_lightning.tasks.distill write-shards SRC OUT --embed-with SDXL_FOLDER   # + embeddings
+
+- **Models.** Everything comes from the local SD-XL folder ``pretrained`` (diffusers layout; a missing or
+  incomplete folder gets :func:`~gspn_lightning.models.sdxl_pipeline.check_sdxl_folder`'s one error
+  listing what is missing; nothing downloads). The teacher is the folder's UNet, frozen; the student is a
+  deep copy with every ``attn1`` swapped by :func:`~gspn_lightning.models.sdxl.swap_self_attention`
+  (``gspn_options``). ``trainable: gspn`` (default) trains only the GSPN modules (each one whole: its
+  copied Q/K/V/out and the new gates); ``all`` trains the whole student. The VAE and the two text
+  encoders are frozen; with prompt embeddings stored in the shards the text encoders are not needed
+  (``text_encoders: false``).
+- **Noise.** DDPM training noise with the folder's noise schedule (``DDPMScheduler`` from the
+  ``scheduler/`` config, as diffusers' SD-XL training does): ``t`` uniform in ``[0, T)``,
+  ``add_noise``, target ``eps`` (or the velocity for a ``v_prediction`` folder). Latents are the VAE's
+  posterior samples (its mean in evaluation) times ``scaling_factor``.
+- **Loss** = ``noise_weight MSE(student eps, target) + alpha MSE(student eps, teacher eps) + beta mean_l MSE(GSPN_l
+  output, teacher attn1_l output)``, the layer outputs captured by forward hooks on both UNets (each
+  UNet on its own hidden states, as LinFusion and the GSPN release distil); alpha = beta = 0.5,
+  noise_weight = 1. Logged
+  as ``train/loss``, ``train/noise``, ``train/distill``, ``train/layer``.
+- **Conditioning.** SD-XL micro-conditioning from the batch's recorded original size and crop top-left,
+  the target size being the batch's own. Caption dropout (``caption_dropout``) for classifier-free
+  guidance replaces a row's conditioning by the unconditional one: zeros (``uncond: zeros``, SD-XL's
+  ``force_zeros_for_empty_prompt`` convention that its pipeline uses at sampling) or the empty prompt's
+  embeddings (``uncond: empty``, needs the text encoders).
+- **Determinism and resume.** Noise, timesteps, the VAE sample and the dropout are drawn from a
+  generator seeded by ``(seed, global step, micro-batch, rank)``, and the data stream resumes exactly,
+  so a run resumed with ``--ckpt_path last`` takes the same steps as an uninterrupted one.
+- **Memory.** With ``trainable: gspn`` the student's frozen parameters *are* the teacher's tensors (one
+  copy, when ``frozen_dtype`` is float32, the student's own dtype): SD-XL's teacher and student then
+  cost 2.6B + 0.42B parameters, not 2 x 2.6B. (With ``frozen_dtype: bfloat16`` the teacher is a second,
+  half-size copy instead.)
+- **Checkpoints** hold only what training changes: the student's trainable parameters, their EMA, the
+  optimiser/schedule/loop state. The teacher, the VAE, the text encoders and the frozen part of the
+  student are *not* saved (they come from ``pretrained``): an SD-XL run with ``trainable: gspn`` saves
+  about 0.4B parameters + EMA + AdamW moments instead of 2 x 2.6B. Loading checks that every trainable
+  tensor is in the file (a checkpoint of other ``gspn_options`` or ``trainable`` is refused by name).
+- **Export.** At the end of fit, rank 0 writes ``<export_dir>/gspn.safetensors`` and (with EMA)
+  ``gspn_ema.safetensors`` with :func:`~gspn_lightning.models.sdxl.save_gspn_weights`; ``export_dir``
+  defaults to ``<trainer.default_root_dir>/gspn``.
+- **Validation**: the same losses on held-out shards (exactly once over ranks), with a fixed draw per
+  batch, for the raw and the EMA student (``val/*``, ``val_ema/*``).
+- Precision (``bf16-mixed``), the strategy (``ddp``, ``fsdp``) and the number of devices are Trainer
+  settings; ``gradient_checkpointing`` turns on the student UNet's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
+from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
+
+from .base import OptimSettings, TrainingTask
+
+TRAINABLE = ("gspn", "all")
+UNCOND = ("zeros", "empty")
+TERMS = ("loss", "noise", "distill", "layer")
+#: frozen submodules loaded from the SD-XL folder: never saved in checkpoints
+FROZEN_MODULES = ("teacher", "vae", "text_encoder", "text_encoder_2")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def capture_outputs(model: torch.nn.Module, names: list[str]):
+    """Within the block, ``outs[name]`` is the output of ``model``'s submodule ``name`` in the last forward."""
+    outs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            outs[name] = output
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``dtype`` (floating-point tensors), left alone when it already is."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module
+
+
+def _share_frozen(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
+    """Make every frozen parameter of ``student`` the teacher's own tensor of the same name (and dtype):
+    with ``trainable: gspn`` the student's non-GSPN weights equal the teacher's, so one copy is enough
+    (2.2B parameters of SD-XL's UNet: 8.6 GB in float32). Returns how many parameters are shared."""
+    shared = 0
+    teacher_params = dict(teacher.named_parameters())
+    for name, p in list(student.named_parameters()):
+        t = teacher_params.get(name)
+        if p.requires_grad or t is None or t.shape != p.shape or t.dtype != p.dtype or not torch.equal(t, p):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        student.get_submodule(owner)._parameters[leaf] = t
+        shared += p.numel()
+    return shared
+
+
+def _derive_seed(*parts) -> int:
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+class DistillationTask(TrainingTask):
+    """Distil SD-XL's UNet into its GSPN-swapped copy (see the module docstring).
+
+    Args:
+        pretrained: the local SD-XL folder (diffusers layout).
+        gspn_options: arguments of ``swap_self_attention`` (``d_state``, ``chunk_size``, ...).
+        trainable: ``"gspn"`` (only the GSPN modules) or ``"all"`` (the whole student).
+        alpha, beta: weights of the output distillation and the per-layer attention terms.
+        noise_weight: weight of the denoising term (1 in the recipe; 0 distils only, e.g. from a
+            teacher whose own denoising is not worth learning, like the tiny random one of the tests).
+        lr, weight_decay, betas, warmup_steps, base_batch_size: AdamW and its constant-after-warm-up lr.
+        ema_decay: decay of the EMA of the trainable parameters (``None``: no EMA).
+        caption_dropout: probability of training a row unconditionally (classifier-free guidance).
+        uncond: the unconditional embedding: ``"zeros"`` or ``"empty"`` (the empty prompt's).
+        text_encoders: load the frozen text encoders to encode captions; ``False`` when the shards
+            hold the prompt embeddings (a batch without them is then an error).
+        frozen_dtype: dtype of the teacher, VAE and text encoders (``"bfloat16"`` halves their memory).
+        gradient_checkpointing: the student UNet's gradient checkpointing.
+        export_dir: where the GSPN weights go at the end of fit (``None``: ``<default_root_dir>/gspn``).
+        seed: seed of the noise/timestep/dropout draws (``None``: the run's ``seed_everything``, else 0).
+        nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        gspn_options: dict | None = None,
+        trainable: str = "gspn",
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        noise_weight: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        base_batch_size: int | None = None,
+        ema_decay: float | None = 0.9999,
+        caption_dropout: float = 0.1,
+        uncond: str = "zeros",
+        text_encoders: bool = True,
+        frozen_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        seed: int | None = None,
+        nonfinite_loss: str = "error",
+        max_consecutive_skips: int = 10,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
+        if trainable not in TRAINABLE:
+            raise ValueError(f"model.init_args.trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if uncond not in UNCOND:
+            raise ValueError(f"model.init_args.uncond must be one of {UNCOND}, got {uncond!r}")
+        if uncond == "empty" and not text_encoders:
+            raise ValueError("model.init_args.uncond: empty needs the text encoders (text_encoders: true)")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"model.init_args.caption_dropout must be in [0, 1], got {caption_dropout}")
+        if min(alpha, beta, noise_weight) < 0 or max(alpha, beta, noise_weight) == 0:
+            raise ValueError(
+                "model.init_args.alpha, beta and noise_weight must be >= 0 and not all 0, got "
+                f"{alpha}, {beta}, {noise_weight}"
+            )
+        if frozen_dtype not in _DTYPES:
+            raise ValueError(
+                f"model.init_args.frozen_dtype must be one of {list(_DTYPES)}, got {frozen_dtype!r}"
+            )
+        text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") if text_encoders else ()
+        parts = load_sdxl(pretrained, parts=("unet", "vae", "scheduler") + text_parts)
+        self.force_zeros_for_empty_prompt = parts.force_zeros_for_empty_prompt
+
+        teacher = parts.unet
+        student = _cast(copy.deepcopy(teacher), torch.float32)  # master weights in float32
+        self.gspn_names = swap_self_attention(student, **(gspn_options or {}))
+        for p in student.parameters():
+            p.requires_grad_(trainable == "all")
+        if trainable == "gspn":
+            for name in self.gspn_names:
+                student.get_submodule(name).requires_grad_(True)
+        if gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.model = student.train()
+        dtype = _DTYPES[frozen_dtype]
+        self.teacher = _cast(teacher, dtype).requires_grad_(False).eval()
+        self.shared_with_teacher = _share_frozen(student, self.teacher)
+        self.vae = _cast(parts.vae, dtype).requires_grad_(False).eval()
+        if text_encoders:
+            self.text_encoder = _cast(parts.text_encoder, dtype).requires_grad_(False).eval()
+            self.text_encoder_2 = _cast(parts.text_encoder_2, dtype).requires_grad_(False).eval()
+            self.tokenizers = parts.tokenizers
+        else:
+            self.text_encoder = self.text_encoder_2 = None
+            self.tokenizers = None
+
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"{pretrained}/scheduler: prediction_type {self.noise_scheduler.config.prediction_type!r} "
+                "is not supported (epsilon or v_prediction)"
+            )
+        self.init_ema(ema_decay, "trainable")
+        self.optim = OptimSettings(
+            lr=lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
+            warmup_steps=warmup_steps, schedule="constant",
+        )  # fmt: skip
+        self.eval_terms = torch.nn.ModuleDict(
+            {f"{s}_{t}": MeanMetric() for s in ("val", "val_ema", "test", "test_ema") for t in TERMS}
+        )
+        self.init_sample_counts()
+        self.strict_loading = False  # the frozen parts are not in checkpoints: checked in on_load_checkpoint
+        self._uncond_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- modes, seeds --------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in FROZEN_MODULES:  # the frozen parts always evaluate (no dropout)
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
+
+    def _seed(self) -> int:
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED") or 0)
+
+    def _generator(self, *parts) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(_derive_seed(self._seed(), *parts))
+
+    # -- conditioning ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise ValueError(
+                "the batch has no prompt_embeds/pooled_prompt_embeds and model.init_args.text_encoders is "
+                "false: write the shards with `python -m gspn_lightning.tasks.distill write-shards ... --embed-with SDXL_FOLDER`, or set text_encoders: true"
+            )
+        embeds, pooled = encode_prompt(self.tokenizers, [self.text_encoder, self.text_encoder_2], captions)
+        return embeds.float(), pooled.float()
+
+    def text_conditioning(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, pooled)`` of the batch, rows where ``drop`` is set unconditional."""
+        if "prompt_embeds" in batch:
+            embeds, pooled = batch["prompt_embeds"].float(), batch["pooled_prompt_embeds"].float()
+        else:
+            embeds, pooled = self._encode_text(list(batch["caption"]))
+        if not bool(drop.any()):
+            return embeds, pooled
+        if self.hparams.uncond == "zeros":
+            u_embeds, u_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1])
+        else:
+            if self._uncond_cache is None:
+                self._uncond_cache = self._encode_text([""])
+            u_embeds, u_pooled = (t.to(embeds.device) for t in self._uncond_cache)
+        embeds = torch.where(drop.view(-1, 1, 1), u_embeds, embeds)
+        pooled = torch.where(drop.view(-1, 1), u_pooled, pooled)
+        return embeds, pooled
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """VAE latents times ``scaling_factor``: a posterior sample with ``generator``, else the mean."""
+        dist = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype)).latent_dist
+        latents = dist.sample(generator=generator) if generator is not None else dist.mode()
+        return latents.float() * float(self.vae.config.scaling_factor)
+
+    # -- the loss ----------------------------------------------------------------------------------------
+
+    def draw(self, batch: dict, generator: torch.Generator, train: bool) -> dict[str, torch.Tensor]:
+        """The random part of a step, from ``generator`` in this order: the latents (a VAE posterior
+        sample in training, the mean in evaluation), the caption-dropout mask (never in evaluation), the
+        timesteps and the noise."""
+        pixels = batch["pixels"]
+        B, device = pixels.shape[0], pixels.device
+        latents = self.encode_latents(pixels, generator if train else None)
+        p = self.hparams.caption_dropout if train else 0.0
+        drop = torch.rand(B, device=device, generator=generator) < p
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (B,), device=device, generator=generator)
+        noise = torch.randn(latents.shape, device=device, generator=generator)
+        return {"latents": latents, "drop": drop, "t": t, "noise": noise}
+
+    def losses(
+        self, student: torch.nn.Module, batch: dict, generator: torch.Generator | None = None,
+        train: bool = False, draws: dict | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The loss terms (``loss``, ``noise``, ``distill``, ``layer``: scalars) of ``student`` on ``batch``,
+        with ``draws`` (:meth:`draw`'s, made from ``generator`` when not given)."""
+        d = draws if draws is not None else self.draw(batch, generator, train)
+        latents, t, noise = d["latents"], d["t"], d["noise"]
+        embeds, pooled = self.text_conditioning(batch, d["drop"])
+        size, crop = batch["original_size"].cpu(), batch["crop_top_left"].cpu()
+        cond = added_cond_kwargs(pooled, size, crop, tuple(batch["pixels"].shape[-2:]))
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+
+        hp = self.hparams
+        need_teacher = hp.alpha > 0 or hp.beta > 0
+        names = self.gspn_names if hp.beta > 0 else []
+        if need_teacher:
+            dtype = next(self.teacher.parameters()).dtype
+            with torch.no_grad(), capture_outputs(self.teacher, names) as t_feats:
+                eps_t = self.teacher(
+                    noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
+                    added_cond_kwargs={k: v.to(dtype) for k, v in cond.items()},
+                ).sample  # fmt: skip
+        with capture_outputs(student, names) as s_feats:
+            eps_s = student(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
+        out = {"noise": F.mse_loss(eps_s.float(), target.float())}
+        zero = out["noise"].new_zeros(())
+        out["distill"] = F.mse_loss(eps_s.float(), eps_t.float()) if hp.alpha > 0 else zero
+        if names:
+            layer = [F.mse_loss(s_feats[n].float(), t_feats[n].float()) for n in names]
+            out["layer"] = torch.stack(layer).mean()
+        else:
+            out["layer"] = zero
+        out["loss"] = hp.noise_weight * out["noise"] + hp.alpha * out["distill"] + hp.beta * out["layer"]
+        return out
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def _good_rows(self, batch: dict, stage: str) -> dict | None:
+        ok = batch["label"] >= 0
+        n_bad = self.count_corrupt(ok, stage)
+        if not n_bad:
+            return batch
+        if not bool(ok.any()):
+            return None
+        keep = ok.nonzero().flatten().tolist()
+        return {k: ([v[i] for i in keep] if isinstance(v, list) else v[ok]) for k, v in batch.items()}
+
+    def training_step(self, batch, batch_idx):
+        batch = self._good_rows(batch, "train")
+        if batch is None:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
+            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        g = self._generator("train", self.global_step, micro, self.global_rank)
+        terms = self.losses(self.model, batch, g, train=True)
+        loss = terms["loss"]
+        if self.check_loss(loss, batch_idx) is None:
+            return None
+        for name in TERMS:
+            self.log(f"train/{name}", terms[name].detach(), prog_bar=name == "loss", on_step=True,
+                     on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))  # fmt: skip
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def _eval_step(self, batch, batch_idx, stage: str):
+        batch = self._good_rows(batch, stage)
+        if batch is None:
+            return
+        n = batch["pixels"].shape[0]
+        nets = [(stage, self.model)] + ([(f"{stage}_ema", self.ema.module)] if self.ema is not None else [])
+        for name, net in nets:
+            # the same draw for every evaluation of this batch: comparable from one epoch to the next
+            g = self._generator("eval", batch_idx, self.global_rank)
+            terms = self.losses(net, batch, g, train=False)
+            for term in TERMS:
+                self.eval_terms[f"{name}_{term}"].update(terms[term].detach(), weight=n)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for name in (stage, f"{stage}_ema"):
+            if name.endswith("_ema") and self.ema is None:
+                continue
+            for term in TERMS:
+                metric = self.eval_terms[f"{name}_{term}"]
+                self.log(f"{name}/{term}", metric.compute(), prog_bar=name == stage and term == "loss",
+                         sync_dist=False)  # fmt: skip
+                metric.reset()
+        self.log_sample_counts(stage)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    # -- checkpoints: only what training changes -----------------------------------------------------
+
+    def unsaved_keys(self) -> set[str]:
+        """State-dict keys left out of checkpoints: the frozen modules and the student's frozen part
+        (also where the EMA shares it)."""
+        keys = {k for k in self.state_dict() if k.split(".", 1)[0] in FROZEN_MODULES}
+        averaged = self.ema._averaged if self.ema is not None else []
+        for i, (name, p) in enumerate(self.model.named_parameters()):
+            if not p.requires_grad:
+                keys.add(f"model.{name}")
+                if self.ema is not None and not averaged[i]:
+                    keys.add(f"ema.module.{name}")
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = self.unsaved_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in drop}
+        checkpoint["distill_unsaved"] = (
+            "teacher, vae, text encoders and the frozen student parameters: loaded from hyper_parameters.pretrained"
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = set(self.state_dict()) - self.unsaved_keys()
+        saved = set(checkpoint["state_dict"])
+        missing = sorted(expected - saved)
+        unexpected = sorted(saved - set(self.state_dict()))
+        if missing or unexpected:
+            raise ValueError(
+                "the checkpoint does not match this DistillationTask (other gspn_options or trainable?): "
+                f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+
+    # -- export ----------------------------------------------------------------------------------------
+
+    def export_gspn(self, out_dir: str | Path) -> list[Path]:
+        """Write ``gspn.safetensors`` (raw) and ``gspn_ema.safetensors`` (EMA, if any) into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "gspn.safetensors"]
+        save_gspn_weights(self.model, written[0])
+        if self.ema is not None:
+            written.append(out / "gspn_ema.safetensors")
+            save_gspn_weights(self.ema.module, written[1])
+        return written
+
+    def on_fit_end(self):
+        if self.global_rank != 0 or self.global_step == 0:
+            return
+        out = self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "gspn")
+        for path in self.export_gspn(out):
+            print(f"exported GSPN weights: {path}")
+
+
+def sdxl_text_embed(sdxl_folder: str, device: str = "cpu"):
+    """``embed(captions) -> (prompt_embeds, pooled)`` float16 numpy arrays from the SD-XL folder's two
+    frozen text encoders (what :func:`~gspn_lightning.data.captions.write_caption_shards` stores)."""
+    parts = load_sdxl(sdxl_folder, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    encoders = [e.to(device).eval() for e in parts.text_encoders]
+
+    @torch.no_grad()
+    def embed(captions: list[str]):
+        prompt, pooled = encode_prompt(parts.tokenizers, encoders, captions)
+        return prompt.half().cpu().numpy(), pooled.half().cpu().numpy()
+
+    return embed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``export CKPT OUT_DIR``: the GSPN weights (raw and EMA) of a distillation checkpoint.
+    ``write-shards SRC OUT [--embed-with SDXL_FOLDER] ...``: caption shards (``python -m
+    gspn_lightning.data.captions``'s options), with the prompt embeddings of the folder's text encoders."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m gspn_lightning.tasks.distill"
+    if argv[:1] == ["write-shards"]:
+        from gspn_lightning.data.captions import main as write_main
+
+        return write_main(argv[1:], make_embed=sdxl_text_embed, prog=f"{prog} write-shards")
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser(
+        "export", help="write gspn.safetensors and gspn_ema.safetensors from a checkpoint"
+    )
+    export.add_argument("ckpt", help="a DistillationTask checkpoint (.ckpt)")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--pretrained", help="the SD-XL folder, if not where the checkpoint's run had it")
+    sub.add_parser("write-shards", help="caption shards with prompt embeddings (see --help of it)")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.ckpt):
+        print(f"distill export: no such checkpoint: {args.ckpt}", file=sys.stderr)
+        return 1
+    overrides = {"pretrained": args.pretrained} if args.pretrained else {}
+    # the package's class, not this module's __main__ copy (the checkpoint names the package's)
+    from gspn_lightning.tasks.distill import DistillationTask as Task
+
+    task = Task.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
+    for path in task.export_gspn(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
