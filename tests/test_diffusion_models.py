@@ -69,6 +69,37 @@ def test_conditioning_changes_the_output(kind):
     torch.testing.assert_close(forced, m(x, torch.tensor([10]), torch.tensor([10])))  # null class
 
 
+def test_adaln_blocks_start_as_identity_and_condition_every_block():
+    """``adaln_blocks``: each block's residual branch is gated by c and starts closed (adaLN-Zero), so
+    the model first computes exactly what the same weights compute with the gates fully closed; once
+    the modulation is trained, the timestep reaches the blocks themselves, not only the input tokens."""
+    torch.manual_seed(0)
+    m = tiny("gspn_dit", adaln_blocks=True, in_channels=1)
+    assert all(b.ada is not None for b in m.blocks())
+    assert all(torch.count_nonzero(b.ada[1].weight) == 0 for b in m.blocks())
+    feats = {}
+    m.mid_block.register_forward_hook(lambda mod, inp, out: feats.__setitem__("mid", (inp[0], out)))
+    x = torch.randn(2, 1, 8, 12)
+    m(x, torch.tensor([5, 900]), torch.tensor([1, 2]))
+    inp, out = feats["mid"]
+    torch.testing.assert_close(out, inp)  # gate 0: the block is the identity
+    for b in m.blocks():
+        torch.nn.init.normal_(b.ada[1].weight, std=0.1)
+    m(x, torch.tensor([5, 900]), torch.tensor([1, 2]))
+    assert not torch.allclose(feats["mid"][1], feats["mid"][0])
+    # the same tokens at two timesteps: the middle block's update differs (it sees c itself)
+    h = torch.randn(1, 32, 4, 6)
+    c1, c2 = m.t_embed(torch.tensor([5])), m.t_embed(torch.tensor([900]))
+    assert not torch.allclose(m.mid_block(h, c=c1), m.mid_block(h, c=c2))
+    with pytest.raises(ValueError, match="condition c"):
+        m.mid_block(h)
+    plain = tiny("gspn_dit", in_channels=1)
+    assert all(b.ada is None for b in plain.blocks())
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in plain.parameters()) == len(
+        m.blocks()
+    ) * (32 * 96 + 96)
+
+
 def test_label_dropout_and_validation():
     emb = LabelEmbedder(5, 8, dropout=0.5).train()
     torch.manual_seed(0)
