@@ -100,6 +100,15 @@ def test_adaln_blocks_start_as_identity_and_condition_every_block():
     ) * (32 * 96 + 96)
 
 
+@pytest.mark.parametrize("kind", ["gspn_dit", "dit"])
+def test_label_init_std(kind):
+    torch.manual_seed(0)
+    assert tiny(kind).y_embed.table.weight.std().item() == pytest.approx(0.02, rel=0.3)  # DiT's
+    assert tiny(kind, label_init_std=1.0).y_embed.table.weight.std().item() == pytest.approx(1.0, rel=0.3)
+    with pytest.raises(ValueError, match="init_std"):
+        LabelEmbedder(10, 8, init_std=0.0)
+
+
 def test_label_dropout_and_validation():
     emb = LabelEmbedder(5, 8, dropout=0.5).train()
     torch.manual_seed(0)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspn_lightning.tasks.base import OptimSettings, param_groups, warmup_constant, warmup_cosine
+from gspn_lightning.tasks.base import (
+    OptimSettings,
+    build_model,
+    cli_values,
+    param_groups,
+    warmup_constant,
+    warmup_cosine,
+)
 from gspn_lightning.tasks.ema import ModelEMA
 
 
@@ -45,3 +52,19 @@ def test_schedules():
         OptimSettings(lr=1e-4, schedule="linear")
     with pytest.raises(ValueError, match="learning rate"):
         OptimSettings(lr=0.0)
+
+
+def test_model_kwargs_from_the_command_line_mean_what_a_config_file_means():
+    """``--model.init_args.model_kwargs.X v`` hands the task strings; they are read as YAML."""
+    got = cli_values({"adaln_blocks": "true", "label_init_std": "1.0", "global_blocks": "all", "d_state": 8,
+                      "chunk": "null", "blocks": "[1, 2]", "odd": "a: b: c"})  # fmt: skip
+    assert got == {"adaln_blocks": True, "label_init_std": 1.0, "global_blocks": "all", "d_state": 8,
+                   "chunk": None, "blocks": [1, 2], "odd": "a: b: c"}  # fmt: skip
+    assert cli_values(None) == {}
+    m = build_model("gspn_dit_s_4", {"hidden_size": "32", "depth": "2", "adaln_blocks": "true", "backend": "reference"},
+                    num_classes=10, in_channels=1)  # fmt: skip
+    assert m.hidden_size == 32 and all(b.ada is not None for b in m.blocks())
+    with pytest.raises(ValueError, match="model.init_args.model"):
+        build_model("no_such_model", None)
+    with pytest.raises(TypeError, match="model_kwargs for model 'gspn_dit_s_4'"):
+        build_model("gspn_dit_s_4", {"no_such_arg": 1})

@@ -77,7 +77,7 @@ class DiT(nn.Module):
     """Class-conditional DiT: ``forward(x (B, C, H, W), t (B,), y (B,)) -> (B, C_out, H, W)``.
 
     Same conditioning arguments as :class:`~gspn_lightning.models.gspn_dit.GSPNDiT` (``num_classes``,
-    ``class_dropout``, ``learn_sigma``, ``input_size`` for summaries only: positions are computed for
+    ``class_dropout``, ``label_init_std``, ``learn_sigma``, ``input_size`` for summaries only: positions are computed for
     whatever grid comes in).
     """
 
@@ -91,6 +91,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         class_dropout: float = 0.1,
+        label_init_std: float = 0.02,
         learn_sigma: bool = True,
         input_size: int = 32,
     ) -> None:
@@ -106,7 +107,7 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embed = TimestepEmbedder(hidden_size)
-        self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout, label_init_std)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = AdaLNFinalLayer(hidden_size, patch_size, self.out_channels)
         self.reset_parameters()

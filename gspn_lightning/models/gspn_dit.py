@@ -107,6 +107,8 @@ class GSPNDiT(nn.Module):
         depth: number of in + out blocks (even); one middle block is added.
         num_classes: classes; label ``num_classes`` is the null class of classifier-free guidance.
         class_dropout: probability of training on the null class.
+        label_init_std: std of the label table's initialisation (DiT's 0.02; a short training
+            learns the classes sooner from a larger one).
         learn_sigma: output ``2 C`` channels (eps and the variance interpolation) instead of ``C``.
         d_state: rank of the mixers' gate proxy (default ``D // 16``).
         local_chunk_size: scan chunk of the local blocks.
@@ -131,6 +133,7 @@ class GSPNDiT(nn.Module):
         depth: int = 24,
         num_classes: int = 1000,
         class_dropout: float = 0.1,
+        label_init_std: float = 0.02,
         learn_sigma: bool = True,
         d_state: int | None = None,
         local_chunk_size: int | None = 2,
@@ -163,7 +166,7 @@ class GSPNDiT(nn.Module):
         half = depth // 2
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embed = TimestepEmbedder(hidden_size)
-        self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout, label_init_std)
         self.in_blocks = nn.ModuleList(block(i, skip=False) for i in range(half))
         self.mid_block = block(half, skip=False)
         self.out_blocks = nn.ModuleList(block(half + 1 + i, skip=True) for i in range(half))

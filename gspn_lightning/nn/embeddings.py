@@ -62,8 +62,11 @@ class LabelEmbedder(nn.Module):
     ``dropout``; ``force_drop`` (a bool mask) replaces chosen ones (for the unconditional half of a
     guided batch)."""
 
-    def __init__(self, num_classes: int, hidden: int, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, hidden: int, dropout: float = 0.1, init_std: float = 0.02) -> None:
         super().__init__()
+        if not init_std > 0:
+            raise ValueError(f"label embedding init_std must be > 0, got {init_std}")
+        self.init_std = init_std  # DiT's 0.02; larger makes the class visible from the first step
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= dropout < 1.0:
@@ -145,11 +148,12 @@ class AdaLNFinalLayer(nn.Module):
 
 def init_conditioning(patch_embed: nn.Conv2d, t_embed: TimestepEmbedder, y_embed: LabelEmbedder) -> None:
     """DiT's initialisation of the conditioning path: the patch embedding like a linear layer
-    (Xavier-uniform, zero bias), the label table and the timestep MLP N(0, 0.02)."""
+    (Xavier-uniform, zero bias), the label table N(0, ``y_embed.init_std``: DiT's 0.02 by default) and
+    the timestep MLP N(0, 0.02)."""
     w = patch_embed.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(patch_embed.bias)
-    nn.init.normal_(y_embed.table.weight, std=0.02)
+    nn.init.normal_(y_embed.table.weight, std=y_embed.init_std)
     for lin in (t_embed.mlp[0], t_embed.mlp[2]):
         nn.init.normal_(lin.weight, std=0.02)
 

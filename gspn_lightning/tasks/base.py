@@ -42,6 +42,36 @@ SCHEDULES = ("cosine", "constant")
 EMA_SCOPES = ("all", "trainable")
 
 
+def cli_values(kwargs: dict | None) -> dict:
+    """``model_kwargs`` with the string values read as YAML: a dict-valued argument set from the command
+    line (``--model.init_args.model_kwargs.adaln_blocks true``) arrives with every value a string,
+    where the same line in a config file would give ``True``; reading strings as YAML gives both the
+    same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None)."""
+    import yaml
+
+    out = {}
+    for key, value in (kwargs or {}).items():
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass  # not YAML: keep the string
+        out[key] = value
+    return out
+
+
+def build_model(name: str, model_kwargs: dict | None, **facts):
+    """``create_model(name, **facts, **model_kwargs)`` for a task, with errors that name the config key."""
+    from gspn_lightning.models import create_model
+
+    try:
+        return create_model(name, **facts, **cli_values(model_kwargs))
+    except KeyError as exc:
+        raise ValueError(f"model.init_args.model: {exc.args[0]}") from None
+    except TypeError as exc:
+        raise TypeError(f"model.init_args.model_kwargs for model {name!r}: {exc}") from exc
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and kernels only: none on norms, biases and other 1-D parameters.
     Parameters that do not require gradients are left out."""

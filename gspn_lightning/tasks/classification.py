@@ -28,9 +28,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from gspn_lightning.models import create_model
-
-from .base import OptimSettings, TrainingTask, param_groups, warmup_cosine  # noqa: F401 (re-exported)
+from .base import OptimSettings, TrainingTask, build_model, param_groups, warmup_cosine  # noqa: F401 (re-exported)
 
 
 class ClassificationTask(TrainingTask):
@@ -87,14 +85,7 @@ class ClassificationTask(TrainingTask):
         super().__init__()
         self.save_hyperparameters()
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
-        try:
-            self.model = create_model(
-                model, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
-            )
-        except KeyError as exc:
-            raise ValueError(f"model.init_args.model: {exc.args[0]}") from None
-        except TypeError as exc:
-            raise TypeError(f"model.init_args.model_kwargs for model {model!r}: {exc}") from exc
+        self.model = build_model(model, model_kwargs, num_classes=num_classes, in_chans=in_chans)
         self.init_ema(ema_decay)
         self.optim = OptimSettings(
             lr=base_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),

@@ -31,9 +31,8 @@ from torchmetrics import MeanMetric
 
 from gspn_lightning.diffusion import GaussianDiffusion, sample
 from gspn_lightning.diffusion.sampling import initial_noise
-from gspn_lightning.models import create_model
 
-from .base import OptimSettings, TrainingTask
+from .base import OptimSettings, TrainingTask, build_model
 
 QUARTERS = 4
 
@@ -111,13 +110,10 @@ class DiffusionTask(TrainingTask):
             raise ValueError("fid_every_n_steps must be >= 0 and fid_num_samples >= 2")
         if fid_every_n_steps and not fid_reference:
             raise ValueError("model.init_args.fid_every_n_steps needs model.init_args.fid_reference")
-        try:
-            self.model = create_model(
-                model, num_classes=num_classes, in_channels=in_chans, input_size=image_size,
-                class_dropout=class_dropout, learn_sigma=learn_sigma, **(model_kwargs or {}),
-            )  # fmt: skip
-        except TypeError as exc:
-            raise TypeError(f"model_kwargs for model {model!r}: {exc}") from exc
+        self.model = build_model(
+            model, model_kwargs, num_classes=num_classes, in_channels=in_chans, input_size=image_size,
+            class_dropout=class_dropout, learn_sigma=learn_sigma,
+        )  # fmt: skip
         self.init_ema(ema_decay, ema_scope)
         self.optim = OptimSettings(
             lr=lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
