@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from gspn_lightning.diffusion import SAMPLERS, GaussianDiffusion, dit_scheduler, sample
+from gspn_lightning.diffusion import PREDICTIONS, SAMPLERS, GaussianDiffusion, dit_scheduler, sample
 from gspn_lightning.diffusion.sampling import initial_noise
 from gspn_lightning.models import create_model
 
@@ -174,14 +174,54 @@ class OracleEps(torch.nn.Module):
         return self.scale * (x - a.sqrt() * self.x0) / (1 - a).sqrt()
 
 
+class Oracle(OracleEps):
+    """The exact prediction of kind ``prediction`` (eps, x0 or v) for the one-image distribution."""
+
+    def __init__(self, x0: torch.Tensor, prediction: str):
+        super().__init__(x0)
+        self.prediction = prediction
+
+    def forward(self, x, t, y):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        x0 = self.x0.expand_as(x)
+        return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_samplers_recover_the_one_image_of_an_exact_model(sampler):
+def test_samplers_recover_the_one_image_of_an_exact_model(sampler, prediction):
     torch.manual_seed(0)
     x0 = torch.rand(1, 1, 6, 5) * 2 - 1
     noise = torch.randn(3, 1, 6, 5)
-    out = sample(OracleEps(x0), torch.zeros(3, dtype=torch.long), noise, sampler=sampler, steps=20,
-                 learn_sigma=False, guidance_scale=2.0)  # fmt: skip
+    out = sample(Oracle(x0, prediction), torch.zeros(3, dtype=torch.long), noise, sampler=sampler, steps=20,
+                 learn_sigma=False, guidance_scale=2.0, prediction=prediction)  # fmt: skip
     torch.testing.assert_close(out, x0.expand_as(out), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_prediction_targets_and_their_eps(prediction):
+    """The exact model of each kind has zero loss, and its prediction maps back to the true noise;
+    with ``learn_sigma`` the bound sees the same eps whatever the parameterisation."""
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 1, 4, 6) * 2 - 1
+    t = torch.tensor([0, 5, 300, 999])
+    noise = torch.randn(4, 1, 4, 6)
+    diff = GaussianDiffusion(learn_sigma=False, prediction=prediction)
+    exact = Oracle(x0, prediction)
+    losses = diff.training_losses(exact, x0.expand(4, -1, -1, -1), torch.zeros(4, dtype=torch.long), t=t, noise=noise)
+    assert losses["loss"].max() < 1e-8
+    xt = diff.q_sample(x0.expand(4, -1, -1, -1), t, noise)
+    torch.testing.assert_close(diff.eps_from_prediction(xt, t, exact(xt, t, None)), noise, atol=1e-4, rtol=1e-4)
+    hybrid = GaussianDiffusion(learn_sigma=True, prediction=prediction)
+    eps_model = GaussianDiffusion(learn_sigma=True)
+    v = torch.full_like(noise, 0.3)
+    with_v = lambda model: lambda x, t, y: torch.cat([model(x, t, y), v], 1)  # noqa: E731
+    got = hybrid.training_losses(with_v(exact), x0.expand(4, -1, -1, -1), t, t=t, noise=noise)
+    ref = eps_model.training_losses(with_v(Oracle(x0, "eps")), x0.expand(4, -1, -1, -1), t, t=t, noise=noise)
+    torch.testing.assert_close(got["vb"], ref["vb"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(prediction="noise")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -196,6 +236,30 @@ def test_clip_sample_bounds_the_predicted_image(sampler):
     assert clipped.abs().max() < 1.1
     with pytest.raises(ValueError, match="clip_sample"):
         sample(OracleEps(x0), torch.zeros(2, dtype=torch.long), noise, sampler="dpm++", clip_sample=1.0)
+
+
+def test_ddim_steps_land_on_the_next_timestep_and_clipping_stays_consistent():
+    """Each DDIM step moves x to exactly the noise level of the timestep evaluated next, and with
+    clipping its eps is recomputed from the clipped x_0 (ADM's DDIM): x_next = sqrt(abar') clip(x0) +
+    sqrt(1 - abar') eps(clip(x0))."""
+    torch.manual_seed(0)
+    x0 = torch.full((1, 1, 4, 4), 3.0)
+    seen = []
+
+    class Recorder(OracleEps):
+        def forward(self, x, t, y):
+            seen.append((int(t[0]), x.clone()))
+            return super().forward(x, t, y)
+
+    noise = torch.randn(1, 1, 4, 4)
+    sample(Recorder(x0), torch.zeros(1, dtype=torch.long), noise, sampler="ddim", steps=4, learn_sigma=False,
+           clip_sample=1.0)  # fmt: skip
+    abar = dit_scheduler(learn_sigma=False).alphas_cumprod.double()
+    assert [t for t, _ in seen] == [999, 749, 499, 249]
+    for (t, x), (t_next, x_next) in zip(seen, seen[1:]):
+        a, a_next = abar[t].float(), abar[t_next].float()
+        eps = (x - a.sqrt() * 1.0) / (1 - a).sqrt()  # from the clipped x_0 = 1
+        torch.testing.assert_close(x_next, a_next.sqrt() * 1.0 + (1 - a_next).sqrt() * eps, atol=1e-5, rtol=1e-5)
 
 
 def test_min_snr_weighting_against_its_formula():
@@ -213,3 +277,25 @@ def test_min_snr_weighting_against_its_formula():
     assert weighted["loss"][0] < 1e-3 * plain["loss"][0] and weighted["loss"][3] == plain["loss"][3]
     with pytest.raises(ValueError, match="snr_gamma"):
         GaussianDiffusion(snr_gamma=0.0)
+
+
+def test_min_snr_weights_the_x0_error_alike_for_every_prediction():
+    """Hang et al.: the three parameterisations weighted so that each is min(SNR, gamma) times the x0
+    error. A model wrong by the same x0 error gets the same weighted loss whatever it predicts."""
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    t = torch.tensor([1, 100, 400, 999])
+    noise = torch.randn_like(x0)
+    err = 0.05 * torch.randn_like(x0)
+    losses = {}
+    for prediction in PREDICTIONS:
+        diff = GaussianDiffusion(learn_sigma=False, snr_gamma=5.0, prediction=prediction)
+        abar = diff._at(diff.alphas_cumprod, t, x0)
+        wrong_x0 = x0 + err
+        eps = (diff.q_sample(x0, t, noise) - abar.sqrt() * wrong_x0) / (1 - abar).sqrt()
+        out = {"eps": eps, "x0": wrong_x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * wrong_x0}[prediction]
+        losses[prediction] = diff.training_losses(lambda x, t_, y, out=out: out, x0, t, t=t, noise=noise)["loss"]
+    abar = dit_scheduler(learn_sigma=False).alphas_cumprod.double()[t]
+    expect = (abar / (1 - abar)).clamp(max=5.0).float() * err.square().mean((1, 2, 3))
+    for prediction in PREDICTIONS:
+        torch.testing.assert_close(losses[prediction], expect, rtol=1e-3, atol=1e-7)

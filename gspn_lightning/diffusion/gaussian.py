@@ -21,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["GaussianDiffusion", "dit_scheduler"]
+__all__ = ["PREDICTIONS", "GaussianDiffusion", "dit_scheduler", "eps_from_prediction"]
 
 
 def dit_scheduler(num_train_timesteps: int = 1000, learn_sigma: bool = True):
@@ -64,21 +64,55 @@ def discretized_gaussian_log_likelihood(
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, mid))
 
 
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def eps_from_prediction(
+    prediction: str, alphas_cumprod: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor
+) -> torch.Tensor:
+    """The noise estimate implied by a model output ``pred`` of kind ``prediction`` (``"eps"``, ``"x0"``
+    or ``"v"``) at ``x_t``, timesteps ``t`` (B,) or a scalar, ``alphas_cumprod`` the schedule's table."""
+    if prediction == "eps":
+        return pred
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    t = torch.as_tensor(t, device=xt.device).reshape(-1)
+    abar = alphas_cumprod.to(xt.device, torch.float64)[t].to(xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
+    if prediction == "x0":  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+        return (xt - abar.sqrt() * pred) / (1 - abar).sqrt()
+    return abar.sqrt() * pred + (1 - abar).sqrt() * xt  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+
 class GaussianDiffusion:
     """Tables of a DDPM schedule (in float64) and DiT's training loss.
 
     Args:
         scheduler: a diffusers scheduler with ``betas`` (default :func:`dit_scheduler`).
         learn_sigma: the model outputs ``2 C`` channels (eps and the variance interpolation ``v``).
-        snr_gamma: Min-SNR-gamma weighting of the eps MSE (Hang et al., 2023): each sample's MSE is
-            weighted by ``min(SNR_t, gamma) / SNR_t``, ``SNR_t = abar_t / (1 - abar_t)``, so the
-            nearly clean steps, easy and many, stop dominating the gradient (``None``: DiT's
-            unweighted MSE; 5 is the paper's value).  The logged ``mse`` stays unweighted.
+        snr_gamma: Min-SNR-gamma weighting of the MSE (Hang et al., 2023), so the nearly clean steps,
+            easy and many, stop dominating the gradient: with ``SNR_t = abar_t / (1 - abar_t)`` each
+            sample's MSE is weighted by ``min(SNR_t, gamma) / SNR_t`` for eps, ``min(SNR_t, gamma)``
+            for x0 and ``min(SNR_t, gamma) / (SNR_t + 1)`` for v prediction, the same weighting of
+            the x0 error in all three (``None``: unweighted, DiT's choice; 5 is the paper's value).
+            The logged ``mse`` stays unweighted.
+        prediction: what the model's first ``C`` channels predict: ``"eps"`` (the noise, DiT's),
+            ``"x0"`` (the clean sample) or ``"v"`` (``sqrt(abar) eps - sqrt(1 - abar) x0``); the
+            MSE is taken against that target.  Samplers turn any of them into eps
+            (:meth:`eps_from_prediction`).
     """
 
-    def __init__(self, scheduler=None, learn_sigma: bool = True, snr_gamma: float | None = None) -> None:
+    def __init__(
+        self,
+        scheduler=None,
+        learn_sigma: bool = True,
+        snr_gamma: float | None = None,
+        prediction: str = "eps",
+    ) -> None:
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.scheduler = scheduler if scheduler is not None else dit_scheduler(learn_sigma=learn_sigma)
         self.learn_sigma = learn_sigma
         self.snr_gamma = snr_gamma
@@ -99,13 +133,30 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * torch.sqrt(abar_prev) / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * torch.sqrt(alphas) / (1.0 - abar)
         snr = abar / (1.0 - abar)
-        self.mse_weight = snr.clamp(max=snr_gamma) / snr if snr_gamma is not None else torch.ones_like(snr)
+        if snr_gamma is None:
+            self.mse_weight = torch.ones_like(snr)
+        else:
+            per_target = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[prediction]
+            self.mse_weight = snr.clamp(max=snr_gamma) / per_target
 
     @staticmethod
     def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table[t]`` shaped to broadcast against ``like`` (B, ...), in ``like``'s dtype."""
         v = table.to(t.device)[t].to(like.dtype)
         return v.view(-1, *([1] * (like.dim() - 1)))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to output for ``x_t = q_sample(x0, t, noise)``."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def eps_from_prediction(self, xt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The noise estimate implied by the model's prediction ``pred`` at ``x_t``."""
+        return eps_from_prediction(self.prediction, self.alphas_cumprod, xt, t, pred)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
@@ -173,12 +224,13 @@ class GaussianDiffusion:
             if out.shape[1] != C:
                 raise ValueError(f"the model must output {C} channels, got {out.shape[1]}")
             eps, v = out, None
-        mse = _mean_flat((noise.float() - eps) ** 2)
+        mse = _mean_flat((self.target(x0, noise, t).float() - eps) ** 2)
         losses = {"mse": mse, "t": t}
         weighted = mse * self.mse_weight.to(t.device)[t].float() if self.snr_gamma is not None else mse
         if v is not None:
             # the bound trains the variance only: the mean comes from a detached eps
-            vb = self.vb_terms(x0.float(), xt.float(), t, eps.detach(), v)
+            eps_hat = self.eps_from_prediction(xt.float(), t, eps.detach())
+            vb = self.vb_terms(x0.float(), xt.float(), t, eps_hat, v)
             losses["vb"] = vb
             losses["loss"] = weighted + vb
         else:

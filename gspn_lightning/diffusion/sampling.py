@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .gaussian import dit_scheduler
+from .gaussian import dit_scheduler, eps_from_prediction
 
 __all__ = ["SAMPLERS", "make_sampler", "per_sample_generators", "sample"]
 
@@ -47,8 +47,11 @@ def make_sampler(
     if name == "ddim":
         from diffusers import DDIMScheduler
 
-        # the last step lands on alpha_bar = 1 (the predicted x_0), as ADM's/DiT's DDIM does
-        return DDIMScheduler.from_config(base.config, set_alpha_to_one=True, **clip)
+        # the last step lands on alpha_bar = 1 (the predicted x_0), as ADM's/DiT's DDIM does; "trailing"
+        # steps (999, 999 - k, ..., k - 1 for k = 1000 / steps) start from pure noise and each step
+        # lands exactly on the next one's timestep (diffusers' DDIM with DiT's "linspace" spacing
+        # computes the previous timestep as t - k, which is not the next timestep it evaluates)
+        return DDIMScheduler.from_config(base.config, set_alpha_to_one=True, timestep_spacing="trailing", **clip)
     if name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 
@@ -86,6 +89,7 @@ def sample(
     learn_sigma: bool = True,
     clip_sample: float | None = None,
     progress: bool = False,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """Denoise ``noise`` ``(B, C, H, W)`` for ``labels`` ``(B,)``; returns x_0 ``(B, C, H, W)``.
 
@@ -101,6 +105,8 @@ def sample(
         clip_sample: clip each step's predicted x_0 to this range (pixels in [-1, 1]: 1.0; latents:
             ``None``), as :func:`make_sampler`.
         progress: show a tqdm bar over the steps.
+        prediction: what the model's first ``C`` channels predict (``"eps"``, ``"x0"`` or ``"v"``,
+            as it was trained); turned into eps before guidance and the solver step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -131,7 +137,8 @@ def sample(
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         t_in = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
         out = model(x_in, t_in, labels_in).float()
-        eps, rest = out[:, :C], out[:, C:]
+        eps = eps_from_prediction(prediction, scheduler.alphas_cumprod, x_in.float(), t_in, out[:, :C])
+        rest = out[:, C:]
         if guided:
             g = C if guidance_channels is None else guidance_channels
             cond, uncond = eps.chunk(2)
@@ -144,6 +151,10 @@ def sample(
             x = scheduler.step(model_output, t, x, generator=step_generators).prev_sample
         elif sampler == "ddpm":
             x = scheduler.step(eps, t, x, generator=step_generators).prev_sample
+        elif sampler == "ddim":
+            # with clipping, the step's eps is recomputed from the clipped x_0, as ADM's DDIM does (the
+            # diffusers default keeps the unclipped eps: x_0 and eps then disagree)
+            x = scheduler.step(eps, t, x, use_clipped_model_output=clip_sample is not None).prev_sample
         else:
             x = scheduler.step(eps, t, x).prev_sample
     return x

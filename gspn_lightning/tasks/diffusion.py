@@ -50,8 +50,10 @@ class DiffusionTask(TrainingTask):
         base_batch_size: scale ``lr`` by global batch / this (``None``: no scaling, as DiT).
         class_dropout: probability of training on the null class (classifier-free guidance).
         learn_sigma: the model predicts its variance too (DiT's hybrid loss).
-        snr_gamma: Min-SNR-gamma weighting of the eps MSE (``None``: DiT's plain MSE); see
+        snr_gamma: Min-SNR-gamma weighting of the MSE (``None``: DiT's plain MSE); see
             :class:`~gspn_lightning.diffusion.GaussianDiffusion`.
+        prediction: the model predicts ``"eps"`` (DiT's), ``"x0"`` or ``"v"``; saved with the
+            checkpoint, so sampling reads it back.
         ema_decay: decay of the weight EMA used for sampling (``None`` disables it).
         sample_every_n_steps: write a grid of EMA samples this often (0: only at the end of fit).
         sample_classes / sample_per_class: the grid's classes (the first k) and columns.
@@ -84,6 +86,7 @@ class DiffusionTask(TrainingTask):
         class_dropout: float = 0.1,
         learn_sigma: bool = True,
         snr_gamma: float | None = None,
+        prediction: str = "eps",
         ema_decay: float | None = 0.9999,
         sample_every_n_steps: int = 0,
         sample_classes: int = 10,
@@ -119,7 +122,7 @@ class DiffusionTask(TrainingTask):
             lr=lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
             warmup_steps=warmup_steps, schedule="constant",
         )  # fmt: skip
-        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma, snr_gamma=snr_gamma)
+        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma, snr_gamma=snr_gamma, prediction=prediction)
         self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")})
         self.init_sample_counts()
         self._vae = None
@@ -216,7 +219,7 @@ class DiffusionTask(TrainingTask):
         x = sample(
             net, labels, noise, sampler=hp.sampler, steps=hp.sample_steps, guidance_scale=hp.guidance_scale,
             guidance_channels=hp.guidance_channels, seeds=seeds, learn_sigma=hp.learn_sigma,
-            clip_sample=hp.get("clip_sample"),
+            clip_sample=hp.get("clip_sample"), prediction=hp.get("prediction", "eps"),
         )  # fmt: skip
         net.train(was_training)
         vae = self.vae()

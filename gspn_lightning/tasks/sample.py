@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
         args.batch_size, vae=vae, progress=not args.no_progress, sampler=args.sampler, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
-        clip_sample=clip,
+        clip_sample=clip, prediction=hp.get("prediction", "eps"),
     )  # fmt: skip
     if world > 1:
         import torch.distributed as dist
