@@ -3,7 +3,7 @@
 # GSPN-DiT and the DiT baseline run side by side, one thread and one core each, so both get the same
 # wall-clock budget under the same machine load (on a shared machine, two runs one after the other
 # would not). Each trains for 12 minutes on the CPU, draws 1,000 samples (100 per class, DDIM 25
-# steps, guidance 2, predicted x_0 clipped to the pixel range), then scores them: FID/KID against the
+# steps, guidance 4, predicted x_0 clipped to the pixel range), then scores them: FID/KID against the
 # 1,000 held-out digits, sample class accuracy under the classification demo's trained GSPN (trained
 # first if missing), and a 10x10 grid. Reports: runs/digits_{gspn_dit,dit}/report.json, logs beside
 # them (train.log, eval.log), and a summary table at the end (runs/digits_summary.md). A quick smoke run:
@@ -26,7 +26,7 @@ one() {  # one model: train, sample, score; all output in its run folder
   "$PY" cli.py fit "${cfg[@]}" "$@" > "$root/train.log" 2>&1
   echo "$(( $(date +%s) - start ))" > "$root/train_wall_s.txt"
   { "$PY" -m gspn_lightning.tasks.sample --ckpt "$root/checkpoints/last.ckpt" --out "$root/samples" \
-      --num-samples "${DEMO_SAMPLES:-1000}" --sampler ddim --steps 25 --guidance-scale 2.0 --batch-size 100 --no-progress
+      --num-samples "${DEMO_SAMPLES:-1000}" --sampler ddim --steps 25 --guidance-scale 4.0 --batch-size 100 --no-progress
     "$PY" -m gspn_lightning.tasks.evaluate_samples --samples "$root/samples/samples.npz" \
       --real data/demo_mnist/val --classifier runs/demo_mnist/checkpoints/last.ckpt \
       --grid "$root/grid.png" --out "$root/report.json" --no-progress
