@@ -249,3 +249,32 @@ def test_evaluate_samples_report_and_grid(latent_data, tmp_path):
     acc, pred = class_accuracy(np.concatenate([dark, mid, bright]), np.array([0, 1, 1]), ByMean(), 8,
                                [0.5] * 3, [0.5] * 3)  # fmt: skip
     assert pred.tolist() == [0, 1, 2] and acc == pytest.approx(2 / 3)
+
+
+class _ExactX0(torch.nn.Module):
+    """An x0-predicting model of a one-image distribution (every class the same image)."""
+
+    in_channels, learn_sigma, num_classes = 1, False, 2
+
+    def __init__(self, image: torch.Tensor):
+        super().__init__()
+        self.image = image
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, y):
+        return self.image.expand(x.shape[0], -1, -1, -1)
+
+
+def test_sampling_command_uses_the_checkpoints_prediction(tmp_path, monkeypatch):
+    """A checkpoint trained to predict x0 is sampled as x0: the exact model's image comes back."""
+    from gspn_lightning.tasks import sample as sample_cmd
+
+    image = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
+    hp = {"image_size": 4, "num_classes": 2, "prediction": "x0", "clip_sample": None, "vae": None}
+    monkeypatch.setattr(sample_cmd, "load_sampler_model", lambda *a, **k: (_ExactX0(image), hp, 7))
+    out = tmp_path / "s"
+    assert sample_cmd.main(["--ckpt", "x.ckpt", "--out", str(out), "--num-samples", "3", "--sampler", "ddim",
+                            "--steps", "5", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    got = np.load(out / "samples.npz")["arr_0"]
+    expect = ((image[0, 0] + 1) * 127.5).round().numpy()
+    assert got.shape == (3, 4, 4, 1) and np.abs(got[..., 0].astype(float) - expect).max() <= 1
