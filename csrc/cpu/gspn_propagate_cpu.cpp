@@ -501,12 +501,19 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 // (the weight and bias gradients in full, the proxy gradient for the batch elements its range
 // touches); the partials are added in task order afterwards, so results do not depend on scheduling.
 
-// 32-byte vectors of acc_t (GCC vector extensions: one AVX2 register, two SSE registers on the
-// baseline build), loaded and stored unaligned.
+// Vectors of acc_t for the hand-blocked loops (GCC vector extensions), loaded and stored unaligned:
+// 64 bytes where AVX-512 is available (one register), else 32 (one AVX2 register, two SSE registers
+// on the baseline build).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
 template <typename acc_t>
 struct Vec {
-  typedef acc_t type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(acc_t);
+  typedef acc_t type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
 };
 
 template <typename V, typename T>
