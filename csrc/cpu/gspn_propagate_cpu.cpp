@@ -583,42 +583,46 @@ void project_gates(const acc_t* P, const GateRows<acc_t>& rows, int64_t S, int64
   }
 }
 
+// The lanes of a vector of kBytes bytes added as a tree of halves (vector adds, a fixed order).
+template <typename acc_t, int kBytes>
+inline __attribute__((always_inline)) acc_t tree_sum(const void* v) {
+  if constexpr (kBytes == static_cast<int>(sizeof(acc_t))) {
+    acc_t t;
+    __builtin_memcpy(&t, v, sizeof(acc_t));
+    return t;
+  } else {
+    typedef acc_t H __attribute__((vector_size(kBytes / 2)));
+    H lo, hi;
+    __builtin_memcpy(&lo, v, kBytes / 2);
+    __builtin_memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
+    const H sum = lo + hi;
+    return tree_sum<acc_t, kBytes / 2>(&sum);
+  }
+}
+
 // Its adjoint, given the logit gradients `dg` (six planes, the layout of P): dP_s += sum_f w[s, f]
-// dg_f, and the sums over the plane dW[s * 6 + f] = sum dg_f P_s and db[f] = sum dg_f (written, not
-// accumulated).  The plane goes in blocks of kProjBlock pixels whose gradient and proxy planes stay
-// in L1 while every proxy channel passes over them; the sums are kept per vector lane across blocks
-// and added up in a fixed order at the end.
+// dg_f, dweight[r_f, s] += sum dg_f P_s and dbias[r_f] += sum dg_f over the plane.  The plane goes in
+// blocks of kProjBlock pixels whose gradient and proxy planes stay in L1 while every proxy channel
+// passes over them; the sums are kept per vector lane (`sums`, (S + 1) * 6 vectors of scratch; the
+// pixels that do not fill a vector go to lane 0) and the lanes added as a tree at the end.
 constexpr int64_t kProjBlock = 256;
 
 template <typename acc_t>
-struct ProjSums {
-  using V = typename Vec<acc_t>::type;
-  std::vector<V> dw;  // (S, 6) lane-wise partial sums
-  V db[kGateFields];
-};
-
-// The lanes of a vector added in lane order.
-template <typename acc_t>
-inline acc_t lane_sum(const typename Vec<acc_t>::type& v) {
-  acc_t t = 0;
-  for (int64_t l = 0; l < Vec<acc_t>::lanes; ++l) t += v[l];
-  return t;
-}
-
-template <typename acc_t>
 void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_t>& rows, int64_t S, int64_t HW,
-                            acc_t* dw, acc_t* db, acc_t* dP, ProjSums<acc_t>& sums) {
+                            acc_t* dP, int64_t r0, int64_t rstep, acc_t* dweight, acc_t* dbias,
+                            std::vector<typename Vec<acc_t>::type>& scratch) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = Vec<acc_t>::lanes;
   const acc_t* w = rows.w.data();
   const acc_t *g0 = dg, *g1 = dg + HW, *g2 = dg + 2 * HW, *g3 = dg + 3 * HW, *g4 = dg + 4 * HW, *g5 = dg + 5 * HW;
-  sums.dw.assign(S * kGateFields, V{});
-  for (int f = 0; f < kGateFields; ++f) sums.db[f] = V{};
+  scratch.assign((S + 1) * kGateFields, V{});
+  V* sums = scratch.data();
+  V* sb = sums + S * kGateFields;
   const int64_t HWv = HW / L * L;  // the part done in vectors
   for (int64_t i0 = 0; i0 < HWv; i0 += kProjBlock) {
     const int64_t i1 = std::min(HWv, i0 + kProjBlock);
     {
-      V b0 = sums.db[0], b1 = sums.db[1], b2 = sums.db[2], b3 = sums.db[3], b4 = sums.db[4], b5 = sums.db[5];
+      V b0 = sb[0], b1 = sb[1], b2 = sb[2], b3 = sb[3], b4 = sb[4], b5 = sb[5];
       for (int64_t i = i0; i < i1; i += L) {
         b0 += vload<V>(g0 + i);
         b1 += vload<V>(g1 + i);
@@ -627,10 +631,10 @@ void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_
         b4 += vload<V>(g4 + i);
         b5 += vload<V>(g5 + i);
       }
-      sums.db[0] = b0, sums.db[1] = b1, sums.db[2] = b2, sums.db[3] = b3, sums.db[4] = b4, sums.db[5] = b5;
+      sb[0] = b0, sb[1] = b1, sb[2] = b2, sb[3] = b3, sb[4] = b4, sb[5] = b5;
     }
     for (int64_t s = 0; s < S; ++s) {
-      V* a = sums.dw.data() + s * kGateFields;
+      V* a = sums + s * kGateFields;
       V a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5];
       const acc_t* ws = w + s * kGateFields;
       const acc_t w0 = ws[0], w1 = ws[1], w2 = ws[2], w3 = ws[3], w4 = ws[4], w5 = ws[5];
@@ -651,21 +655,23 @@ void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_
       a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5;
     }
   }
-  // the lanes in order, then the pixels left over
-  for (int f = 0; f < kGateFields; ++f) db[f] = lane_sum<acc_t>(sums.db[f]);
-  for (int64_t k = 0; k < S * kGateFields; ++k) dw[k] = lane_sum<acc_t>(sums.dw[k]);
   for (int64_t i = HWv; i < HW; ++i) {
     const acc_t d[kGateFields] = {g0[i], g1[i], g2[i], g3[i], g4[i], g5[i]};
-    for (int f = 0; f < kGateFields; ++f) db[f] += d[f];
+    for (int f = 0; f < kGateFields; ++f) sb[f][0] += d[f];
     for (int64_t s = 0; s < S; ++s) {
       const acc_t pi = P[s * HW + i];
       acc_t t = 0;
       for (int f = 0; f < kGateFields; ++f) {
-        dw[s * kGateFields + f] += d[f] * pi;
+        sums[s * kGateFields + f][0] += d[f] * pi;
         t += w[s * kGateFields + f] * d[f];
       }
       dP[s * HW + i] += t;
     }
+  }
+  for (int f = 0; f < kGateFields; ++f) {
+    const int64_t r = r0 + f * rstep;
+    dbias[r] += tree_sum<acc_t, kVecBytes>(&sb[f]);
+    for (int64_t s = 0; s < S; ++s) dweight[r * S + s] += tree_sum<acc_t, kVecBytes>(&sums[s * kGateFields + f]);
   }
 }
 
@@ -676,8 +682,7 @@ struct ProjWorkspace : Workspace<acc_t, acc_t> {
   std::vector<acc_t> pr, pc;   // the proxy of batch element `b`: (S, H, W) and transposed (S, W, H)
   std::vector<acc_t> dpc;      // dL/dproxy of `b` from the column directions, transposed layout
   GateRows<acc_t> proj;        // the projection rows of the current (channel, direction)
-  ProjSums<acc_t> sums;        // and the plane sums of their gradients
-  std::vector<acc_t> dwp;      // dL/dweight of those rows (S, 6), then dL/dbias (6)
+  std::vector<typename Vec<acc_t>::type> sums;  // lane-wise sums of project_gates_backward
   int64_t b = -1;
 
   void init_proj(int64_t HW, int64_t S, bool columns, bool backward) {
@@ -687,7 +692,6 @@ struct ProjWorkspace : Workspace<acc_t, acc_t> {
     pr.resize(S * HW);
     if (columns) pc.resize(S * HW);
     if (backward) {
-      dwp.resize((S + 1) * kGateFields);
       this->dgt.resize(kGateFields * HW);
       dyr.resize(HW);
       if (columns) dpc.assign(S * HW, acc_t(0));
@@ -825,15 +829,9 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
           dmo[n * a.K + k] = backward_direction(
               geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
               geo.columns ? ws.dyt.data() : ws.dyr.data(), geo.columns ? ws.cols.data() : ws.rows.data(), dg, ws.scan);
-          acc_t* dwr = ws.dwp.data();
-          acc_t* dbr = dwr + S * kGateFields;
-          project_gates_backward(P, ws.dgt.data(), ws.proj, S, HW, dwr, dbr,
-                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW, ws.sums);
-          for (int f = 0; f < kGateFields; ++f) {
-            const int64_t r = r0 + f * a.C;
-            db[r] += dbr[f];
-            for (int64_t s = 0; s < S; ++s) dw[r * S + s] += dwr[s * kGateFields + f];
-          }
+          project_gates_backward(P, ws.dgt.data(), ws.proj, S, HW,
+                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW,
+                                 r0, a.C, dw, db, ws.sums);
         }
         ws.finish(columns, a.H, a.W, dxo + n * HW);
       }
