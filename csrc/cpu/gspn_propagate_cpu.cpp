@@ -650,7 +650,8 @@ void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_
         a3 += d3 * pi;
         a4 += d4 * pi;
         a5 += d5 * pi;
-        vstore(dp + i, vload<V>(dp + i) + (w0 * d0 + w1 * d1 + w2 * d2 + w3 * d3 + w4 * d4 + w5 * d5));
+        // a tree, not a chain of six dependent multiply-adds
+        vstore(dp + i, vload<V>(dp + i) + ((w0 * d0 + w1 * d1) + (w2 * d2 + w3 * d3) + (w4 * d4 + w5 * d5)));
       }
       a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5;
     }
