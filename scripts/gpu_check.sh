@@ -54,8 +54,8 @@ else
   FLAG=
   # at most ~595 s in all (budgets + 10 s each), inside one 600 s device call; a typical run is well under that
   B_ENV=15; B_BUILD=140; B_TESTS=100; B_SCAN=55; B_BASE=30; B_MIXER=45; B_TRAIN=35; B_GEN=40; B_SDXL=45
-  TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_nn.py tests/test_models.py
-             tests/test_diffusion_models.py -m "not build")
+  TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
+             tests/test_models.py tests/test_diffusion_models.py -m "not build")
   # Build for the visible GPU only (fast), and let every later process (the tests) find the same
   # cached build: the architecture list is part of the build cache's key.
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then

@@ -319,16 +319,36 @@ def test_fallback_without_compiler(tmp_path):
 @pytest.mark.build
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes starting together on an empty cache (the ranks of a DDP job) both end up with a
-    working kernel, one build, and a later process loads it without building."""
+    working kernel, one build, and a later process loads it without building.
+
+    The build is for an instruction set below the machine's own (``GSPN_CPU_ISA``: avx2 on an AVX-512
+    machine, else the baseline), so the kernels' narrower vector paths, which the rest of the suite
+    does not reach on such a machine, are checked against the references here: the scan and the fused
+    op with the gate projection (forward and gradients, float32 and float64, a chunked odd shape)."""
+    isa = "avx2" if _build.cpu_isa() == "avx512" else "base"
     code = """
-        import torch
+        import os, torch
         from gspn_lightning.ops import gspn_scan, scan_reference, _build
+        from gspn_lightning.ops import DIRECTIONS, gspn_propagate_proj, propagate_proj_reference
+        assert _build.cpu_isa() == os.environ["GSPN_CPU_ISA"]
         ins = [torch.randn(2, 2, 6, 5, dtype=torch.float64) for _ in range(5)]
         out = gspn_scan(*ins, direction="b2t", chunk_size=2, backend="kernel")
         torch.testing.assert_close(out, scan_reference(*ins, direction="b2t", chunk_size=2))
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+            g = torch.Generator().manual_seed(0)
+            B, C, H, W, S = 2, 3, 19, 21, 4
+            shapes = [(B, C, H, W), (B, S, H, W), (4 * 6 * C, S), (4 * 6 * C,), (4, C)]
+            pin = [(torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+                   for s in shapes]
+            out = gspn_propagate_proj(*pin, DIRECTIONS, 5, backend="kernel")
+            ref = propagate_proj_reference(*pin, DIRECTIONS, 5)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+            go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+            for a, b in zip(torch.autograd.grad(out, pin, go), torch.autograd.grad(ref, pin, go)):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         print("KERNEL-OK")
     """
-    env = dict(os.environ, GSPN_EXTENSIONS_DIR=str(tmp_path / "cache"), GSPN_VERBOSE_BUILD="")
+    env = dict(os.environ, GSPN_EXTENSIONS_DIR=str(tmp_path / "cache"), GSPN_VERBOSE_BUILD="", GSPN_CPU_ISA=isa)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code)],
@@ -345,7 +365,8 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     builds = list((tmp_path / "cache").glob("gspn_lightning_cpu-*/DONE"))
     assert len(builds) == 1
     r = _run_python(
-        code, {"GSPN_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-c++")}
+        code,
+        {"GSPN_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-c++"), "GSPN_CPU_ISA": isa},
     )
     assert "KERNEL-OK" in r.stdout, r.stdout + r.stderr  # loaded from the cache: no compiler needed
 

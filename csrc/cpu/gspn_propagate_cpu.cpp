@@ -501,63 +501,178 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 // (the weight and bias gradients in full, the proxy gradient for the batch elements its range
 // touches); the partials are added in task order afterwards, so results do not depend on scheduling.
 
-// The six logits of one (channel, direction) over a plane of HW pixels: g + f*HW <- row r0 + f*rstep.
-template <typename scalar_t, typename acc_t>
-void project_gates(const acc_t* P, const scalar_t* weight, const scalar_t* bias, int64_t S, int64_t HW, int64_t r0,
-                   int64_t rstep, acc_t* g) {
-  for (int f = 0; f < kGateFields; ++f) {
-    const int64_t r = r0 + f * rstep;
-    acc_t* o = g + f * HW;
-    const acc_t b = static_cast<acc_t>(bias[r]);
-    for (int64_t i = 0; i < HW; ++i) o[i] = b;
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t w = static_cast<acc_t>(weight[r * S + s]);
-      const acc_t* p = P + s * HW;
-#pragma GCC ivdep
-      for (int64_t i = 0; i < HW; ++i) o[i] += w * p[i];
+// Vectors of acc_t for the hand-blocked loops (GCC vector extensions), loaded and stored unaligned:
+// 64 bytes where AVX-512 is available (one register), else 32 (one AVX2 register, two SSE registers
+// on the baseline build).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
+};
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) V vload(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) void vstore(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// The six projection rows of one (channel, direction), r_f = r0 + f * rstep, in acc_t: w[s * 6 + f]
+// (s-major, so that the six weights of one proxy channel are adjacent) and b[f].
+template <typename acc_t>
+struct GateRows {
+  std::vector<acc_t> w;
+  acc_t b[kGateFields];
+
+  template <typename scalar_t>
+  void load(const scalar_t* weight, const scalar_t* bias, int64_t S, int64_t r0, int64_t rstep) {
+    w.resize(S * kGateFields);
+    for (int f = 0; f < kGateFields; ++f) {
+      const int64_t r = r0 + f * rstep;
+      b[f] = static_cast<acc_t>(bias[r]);
+      for (int64_t s = 0; s < S; ++s) w[s * kGateFields + f] = static_cast<acc_t>(weight[r * S + s]);
     }
+  }
+};
+
+// The six logits of one (channel, direction) over a plane of HW pixels, g + f*HW = b_f + sum_s
+// w[s, f] P_s, from the proxy planes P (S planes of HW).  Two vectors of pixels at a time: their
+// twelve sums stay in registers while the S proxy planes stream through, so every plane is read and
+// every logit written once.
+template <typename acc_t>
+void project_gates(const acc_t* P, const GateRows<acc_t>& rows, int64_t S, int64_t HW, acc_t* g) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  const acc_t* w = rows.w.data();
+  int64_t i = 0;
+  for (; i + 2 * L <= HW; i += 2 * L) {
+    V o0[kGateFields], o1[kGateFields];
+    for (int f = 0; f < kGateFields; ++f) o0[f] = o1[f] = V{} + rows.b[f];
+    for (int64_t s = 0; s < S; ++s) {
+      const V p0 = vload<V>(P + s * HW + i), p1 = vload<V>(P + s * HW + i + L);
+      const acc_t* ws = w + s * kGateFields;
+      for (int f = 0; f < kGateFields; ++f) {
+        o0[f] += ws[f] * p0;
+        o1[f] += ws[f] * p1;
+      }
+    }
+    for (int f = 0; f < kGateFields; ++f) {
+      vstore(g + f * HW + i, o0[f]);
+      vstore(g + f * HW + i + L, o1[f]);
+    }
+  }
+  for (; i < HW; ++i) {
+    acc_t o[kGateFields];
+    for (int f = 0; f < kGateFields; ++f) o[f] = rows.b[f];
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t p = P[s * HW + i];
+      for (int f = 0; f < kGateFields; ++f) o[f] += w[s * kGateFields + f] * p;
+    }
+    for (int f = 0; f < kGateFields; ++f) g[f * HW + i] = o[f];
   }
 }
 
-// Its adjoint, given the logit gradients `dg` (six planes, the layout of P): dweight[r_f, s] and
-// dbias[r_f] accumulate, and dP_s += sum_f weight[r_f, s] dg_f.
-template <typename scalar_t, typename acc_t>
-void project_gates_backward(const acc_t* P, const acc_t* dg, const scalar_t* weight, int64_t S, int64_t HW, int64_t r0,
-                            int64_t rstep, acc_t* dweight, acc_t* dbias, acc_t* dP) {
-  const acc_t *g0 = dg, *g1 = dg + HW, *g2 = dg + 2 * HW, *g3 = dg + 3 * HW, *g4 = dg + 4 * HW, *g5 = dg + 5 * HW;
-  {
-    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5)
-    for (int64_t i = 0; i < HW; ++i) {
-      a0 += g0[i];
-      a1 += g1[i];
-      a2 += g2[i];
-      a3 += g3[i];
-      a4 += g4[i];
-      a5 += g5[i];
-    }
-    const acc_t sums[kGateFields] = {a0, a1, a2, a3, a4, a5};
-    for (int f = 0; f < kGateFields; ++f) dbias[r0 + f * rstep] += sums[f];
+// The lanes of a vector of kBytes bytes added as a tree of halves (vector adds, a fixed order).
+template <typename acc_t, int kBytes>
+inline __attribute__((always_inline)) acc_t tree_sum(const void* v) {
+  if constexpr (kBytes == static_cast<int>(sizeof(acc_t))) {
+    acc_t t;
+    __builtin_memcpy(&t, v, sizeof(acc_t));
+    return t;
+  } else {
+    typedef acc_t H __attribute__((vector_size(kBytes / 2)));
+    H lo, hi;
+    __builtin_memcpy(&lo, v, kBytes / 2);
+    __builtin_memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
+    const H sum = lo + hi;
+    return tree_sum<acc_t, kBytes / 2>(&sum);
   }
-  for (int64_t s = 0; s < S; ++s) {
-    acc_t w[kGateFields];
-    for (int f = 0; f < kGateFields; ++f) w[f] = static_cast<acc_t>(weight[(r0 + f * rstep) * S + s]);
-    const acc_t* p = P + s * HW;
-    acc_t* dp = dP + s * HW;
-    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5)
-    for (int64_t i = 0; i < HW; ++i) {
-      const acc_t pi = p[i];
-      a0 += g0[i] * pi;
-      a1 += g1[i] * pi;
-      a2 += g2[i] * pi;
-      a3 += g3[i] * pi;
-      a4 += g4[i] * pi;
-      a5 += g5[i] * pi;
-      dp[i] += w[0] * g0[i] + w[1] * g1[i] + w[2] * g2[i] + w[3] * g3[i] + w[4] * g4[i] + w[5] * g5[i];
+}
+
+// Its adjoint, given the logit gradients `dg` (six planes, the layout of P): dP_s += sum_f w[s, f]
+// dg_f, dweight[r_f, s] += sum dg_f P_s and dbias[r_f] += sum dg_f over the plane.  The plane goes in
+// blocks of kProjBlock pixels whose gradient and proxy planes stay in L1 while every proxy channel
+// passes over them; the sums are kept per vector lane (`sums`, (S + 1) * 6 vectors of scratch; the
+// pixels that do not fill a vector go to lane 0) and the lanes added as a tree at the end.
+constexpr int64_t kProjBlock = 256;
+
+template <typename acc_t>
+void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_t>& rows, int64_t S, int64_t HW,
+                            acc_t* dP, int64_t r0, int64_t rstep, acc_t* dweight, acc_t* dbias,
+                            std::vector<typename Vec<acc_t>::type>& scratch) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  const acc_t* w = rows.w.data();
+  const acc_t *g0 = dg, *g1 = dg + HW, *g2 = dg + 2 * HW, *g3 = dg + 3 * HW, *g4 = dg + 4 * HW, *g5 = dg + 5 * HW;
+  scratch.assign((S + 1) * kGateFields, V{});
+  V* sums = scratch.data();
+  V* sb = sums + S * kGateFields;
+  const int64_t HWv = HW / L * L;  // the part done in vectors
+  for (int64_t i0 = 0; i0 < HWv; i0 += kProjBlock) {
+    const int64_t i1 = std::min(HWv, i0 + kProjBlock);
+    {
+      V b0 = sb[0], b1 = sb[1], b2 = sb[2], b3 = sb[3], b4 = sb[4], b5 = sb[5];
+      for (int64_t i = i0; i < i1; i += L) {
+        b0 += vload<V>(g0 + i);
+        b1 += vload<V>(g1 + i);
+        b2 += vload<V>(g2 + i);
+        b3 += vload<V>(g3 + i);
+        b4 += vload<V>(g4 + i);
+        b5 += vload<V>(g5 + i);
+      }
+      sb[0] = b0, sb[1] = b1, sb[2] = b2, sb[3] = b3, sb[4] = b4, sb[5] = b5;
     }
-    const acc_t sums[kGateFields] = {a0, a1, a2, a3, a4, a5};
-    for (int f = 0; f < kGateFields; ++f) dweight[(r0 + f * rstep) * S + s] += sums[f];
+    for (int64_t s = 0; s < S; ++s) {
+      V* a = sums + s * kGateFields;
+      V a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5];
+      const acc_t* ws = w + s * kGateFields;
+      const acc_t w0 = ws[0], w1 = ws[1], w2 = ws[2], w3 = ws[3], w4 = ws[4], w5 = ws[5];
+      const acc_t* p = P + s * HW;
+      acc_t* dp = dP + s * HW;
+      for (int64_t i = i0; i < i1; i += L) {
+        const V pi = vload<V>(p + i);
+        const V d0 = vload<V>(g0 + i), d1 = vload<V>(g1 + i), d2 = vload<V>(g2 + i), d3 = vload<V>(g3 + i),
+                d4 = vload<V>(g4 + i), d5 = vload<V>(g5 + i);
+        a0 += d0 * pi;
+        a1 += d1 * pi;
+        a2 += d2 * pi;
+        a3 += d3 * pi;
+        a4 += d4 * pi;
+        a5 += d5 * pi;
+        // a tree, not a chain of six dependent multiply-adds
+        vstore(dp + i, vload<V>(dp + i) + ((w0 * d0 + w1 * d1) + (w2 * d2 + w3 * d3) + (w4 * d4 + w5 * d5)));
+      }
+      a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5;
+    }
+  }
+  for (int64_t i = HWv; i < HW; ++i) {
+    const acc_t d[kGateFields] = {g0[i], g1[i], g2[i], g3[i], g4[i], g5[i]};
+    for (int f = 0; f < kGateFields; ++f) sb[f][0] += d[f];
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t pi = P[s * HW + i];
+      acc_t t = 0;
+      for (int f = 0; f < kGateFields; ++f) {
+        sums[s * kGateFields + f][0] += d[f] * pi;
+        t += w[s * kGateFields + f] * d[f];
+      }
+      dP[s * HW + i] += t;
+    }
+  }
+  for (int f = 0; f < kGateFields; ++f) {
+    const int64_t r = r0 + f * rstep;
+    dbias[r] += tree_sum<acc_t, kVecBytes>(&sb[f]);
+    for (int64_t s = 0; s < S; ++s) dweight[r * S + s] += tree_sum<acc_t, kVecBytes>(&sums[s * kGateFields + f]);
   }
 }
 
@@ -567,6 +682,8 @@ struct ProjWorkspace : Workspace<acc_t, acc_t> {
   std::vector<acc_t> xr, dyr;  // x and dL/dy of the plane in acc_t (image layout)
   std::vector<acc_t> pr, pc;   // the proxy of batch element `b`: (S, H, W) and transposed (S, W, H)
   std::vector<acc_t> dpc;      // dL/dproxy of `b` from the column directions, transposed layout
+  GateRows<acc_t> proj;        // the projection rows of the current (channel, direction)
+  std::vector<typename Vec<acc_t>::type> sums;  // lane-wise sums of project_gates_backward
   int64_t b = -1;
 
   void init_proj(int64_t HW, int64_t S, bool columns, bool backward) {
@@ -635,8 +752,8 @@ void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
       ws.clear(columns);
       for (int64_t k = 0; k < a.K; ++k) {
         const PlaneGeometry geo = plane_geometry(a, k);
-        project_gates(geo.columns ? ws.pc.data() : ws.pr.data(), weight, bias, S, HW, k * kGateFields * a.C + c, a.C,
-                      ws.gt.data());
+        ws.proj.load(weight, bias, S, k * kGateFields * a.C + c, a.C);
+        project_gates(geo.columns ? ws.pc.data() : ws.pr.data(), ws.proj, S, HW, ws.gt.data());
         const acc_t* g[kGateFields];
         for (int f = 0; f < kGateFields; ++f) g[f] = ws.gt.data() + f * HW;
         forward_direction(geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
@@ -702,7 +819,8 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
           const PlaneGeometry geo = plane_geometry(a, k);
           const acc_t* P = geo.columns ? ws.pc.data() : ws.pr.data();
           const int64_t r0 = k * kGateFields * a.C + c;
-          project_gates(P, weight, bias, S, HW, r0, a.C, ws.gt.data());
+          ws.proj.load(weight, bias, S, r0, a.C);
+          project_gates(P, ws.proj, S, HW, ws.gt.data());
           const acc_t* g[kGateFields];
           acc_t* dg[kGateFields];
           for (int f = 0; f < kGateFields; ++f) {
@@ -712,8 +830,9 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
           dmo[n * a.K + k] = backward_direction(
               geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
               geo.columns ? ws.dyt.data() : ws.dyr.data(), geo.columns ? ws.cols.data() : ws.rows.data(), dg, ws.scan);
-          project_gates_backward(P, ws.dgt.data(), weight, S, HW, r0, a.C, dw, db,
-                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW);
+          project_gates_backward(P, ws.dgt.data(), ws.proj, S, HW,
+                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW,
+                                 r0, a.C, dw, db, ws.sums);
         }
         ws.finish(columns, a.H, a.W, dxo + n * HW);
       }
