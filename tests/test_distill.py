@@ -286,9 +286,11 @@ def test_sdxl_configs_instantiate(config, tiny_sdxl_dir, caption_shards, monkeyp
         f"--data.init_args.train_shards={caption_shards / 'train'}",
         f"--data.init_args.val_shards={caption_shards / 'val'}",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--model.init_args.gspn_options.chunk_size", "4",  # a command-line value arrives as a string
     ]  # fmt: skip
     cli = main(args=args, run=False)
     task, dm = cli.model, cli.datamodule
+    assert task.hparams.gspn_options["chunk_size"] == 4  # read as YAML, typed in the checkpoint
     assert type(task).__name__ == "DistillationTask" and type(dm).__name__ == "CaptionWebDataModule"
     assert (task.hparams.alpha, task.hparams.beta, task.hparams.trainable) == (0.5, 0.5, "gspn")
     if config == "distill.yaml":  # the real recipe: 1024^2, bf16-mixed, gradient checkpointing, DDP

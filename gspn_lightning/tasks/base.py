@@ -43,8 +43,9 @@ EMA_SCOPES = ("all", "trainable")
 
 
 def cli_values(kwargs: dict | None) -> dict:
-    """``model_kwargs`` with the string values read as YAML: a dict-valued argument set from the command
-    line (``--model.init_args.model_kwargs.adaln_blocks true``) arrives with every value a string,
+    """A dict of keyword options (a task's ``model_kwargs``, ``gspn_options``) with the string values
+    read as YAML: a dict-valued argument set from the command line
+    (``--model.init_args.model_kwargs.adaln_blocks true``) arrives with every value a string,
     where the same line in a config file would give ``True``; reading strings as YAML gives both the
     same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None)."""
     import yaml

@@ -66,7 +66,7 @@ from torchmetrics import MeanMetric
 from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
-from .base import OptimSettings, TrainingTask
+from .base import OptimSettings, TrainingTask, cli_values
 
 TRAINABLE = ("gspn", "all")
 UNCOND = ("zeros", "empty")
@@ -171,6 +171,8 @@ class DistillationTask(TrainingTask):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if gspn_options is not None:  # typed, as saved with the checkpoint
+            gspn_options = self.hparams.gspn_options = cli_values(gspn_options)
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         if trainable not in TRAINABLE:
             raise ValueError(f"model.init_args.trainable must be one of {TRAINABLE}, got {trainable!r}")
