@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen", "sdxl")
+SECTIONS = ("env", "build", "scan", "baseline", "mixer", "train", "gen", "sdxl", "profile")
 GIB = 1024**3
 
 
@@ -671,6 +671,81 @@ def section_sdxl(args, rec: Record) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# profile: where the time of one training step goes, kernel by kernel (torch.profiler, CUDA time)
+
+
+def _top_kernels(step, device: torch.device, top: int) -> tuple[float, list[dict]]:
+    """(total device ms, the ``top`` kernels by self device time) of one call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels and copies only: the CPU-side ops would count their kernels twice
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, attr) for e in events) / 1e3
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    rows = [
+        {"name": e.key[:110], "ms": getattr(e, attr) / 1e3, "calls": e.count,
+         "share": getattr(e, attr) / 1e3 / total if total else None}
+        for e in events[:top]
+    ]  # fmt: skip
+    return total, rows
+
+
+def section_profile(args, rec: Record) -> None:
+    """One GSPN-DiT-XL/2 training step (latent 32², batch 32, as in ``gen``) and one GSPN-T training
+    step (batch 64 at 224², as in ``train``), each after a warm-up step: their top kernels."""
+    from gspn_lightning.diffusion import GaussianDiffusion
+    from gspn_lightning.models import create_model
+
+    device = pick_device(args.rehearsal)
+    diffusion = GaussianDiffusion()
+    if args.rehearsal:
+        cases = [("gspn_dit_xl_2", dict(hidden_size=32, depth=2), 8, 2),
+                 ("gspn_t", dict(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), 64, 2)]  # fmt: skip
+    else:
+        cases = [("gspn_dit_xl_2", {}, 32, 32), ("gspn_t", {"num_classes": 1000}, 224, 64)]
+    for name, kw, size, batch in cases:
+        case = f"{name} {size}x{size} batch {batch}"
+        if not rec.time_left(reserve=5.0):
+            rec.skip(case, "section time budget spent")
+            continue
+        try:
+            torch.manual_seed(0)
+            model = create_model(name, **kw).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            if name.startswith("gspn_dit"):
+                x = torch.randn(batch, 4, size, size, device=device)
+                y = torch.randint(0, 1000, (batch,), device=device)
+                loss_fn = lambda m=model, x=x, y=y: diffusion.training_losses(m, x, y)["loss"].mean()
+            else:
+                x = torch.randn(batch, 3, size, size, device=device)
+                y = torch.randint(0, kw.get("num_classes", 1000), (batch,), device=device)
+                loss_fn = lambda m=model, x=x, y=y: torch.nn.functional.cross_entropy(m(x), y)
+
+            def step(loss_fn=loss_fn, opt=opt):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = loss_fn()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            step()
+            sync(device)
+            total, rows = _top_kernels(step, device, top=15)
+            rec.add(kind="profile", case=case, device_ms=total, top=rows)
+            del model, opt
+        except Exception as exc:  # noqa: BLE001
+            rec.error(case, exc)
+            if is_oom(exc) and device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
 # report: one JSON and one markdown table from the sections' files
 
 
@@ -815,6 +890,12 @@ def report(out: Path, tests: dict | None) -> str:
             ]
             ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
             lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
+    for r in sections["profile"].get("results", []):
+        lines += ["", f"**Profile** of one training step, {r['case']} (bf16 autocast): {r['device_ms']:.1f} ms "
+                      "of kernels; the top ones by self time", "", "| kernel | ms | share | calls |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for k in r["top"]:
+            lines.append(f"| `{k['name']}` | {k['ms']:.2f} | {_fmt(k['share'] and 100 * k['share'], 1)} % | {k['calls']} |")
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text

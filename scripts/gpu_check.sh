@@ -11,8 +11,10 @@
 #   bash scripts/gpu_check.sh --cpu-rehearsal    # the same script on the CPU, tiny sizes (a test runs it)
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python in a rehearsal, else python3),
-# OUT (results folder), GSPN_EXTENSIONS_DIR (build cache; default ./.gspn_cache on the GPU machine),
-# GPU_CHECK_SCALE (multiplies every time limit; default 1).
+# GPU_CHECK_OUT (results folder; default benchmarks/results/gpu_check, a temporary one in a rehearsal),
+# OUT (if set, as on the lent GPU machine, which brings back at most 8 files: gets gpu_check.tgz of the
+# whole results folder, gpu_check.md and gpu_check.json), GSPN_EXTENSIONS_DIR (build cache; default
+# ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +30,8 @@ done
 if [ -z "${PYTHON:-}" ]; then
   if [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if [ -n "${OUT:-}" ]; then
-  RESULTS="$OUT"
+if [ -n "${GPU_CHECK_OUT:-}" ]; then
+  RESULTS="$GPU_CHECK_OUT"
 elif [ "$REHEARSAL" = 1 ]; then
   RESULTS="$(mktemp -d -t gspn_gpu_check_rehearsal.XXXXXX)"  # a rehearsal never replaces real results
 else
@@ -48,14 +50,22 @@ SCALE="${GPU_CHECK_SCALE:-1}"
 if [ "$REHEARSAL" = 1 ]; then
   FLAG=--rehearsal
   B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40; B_SDXL=60
+  B_PROFILE=60
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
   export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
 else
   FLAG=
   # at most ~595 s in all (budgets + 10 s each), inside one 600 s device call; a typical run is well under that
-  B_ENV=15; B_BUILD=140; B_TESTS=100; B_SCAN=55; B_BASE=30; B_MIXER=45; B_TRAIN=35; B_GEN=40; B_SDXL=45
+  # The first H200 run (2026-11-26) took 37 s to build, 23 s for the scan, 14 s for the mixer, and
+  # its tests needed more than 100 s on one process: they now spread over pytest-xdist workers.
+  B_ENV=15; B_BUILD=90; B_TESTS=100; B_SCAN=45; B_BASE=20; B_MIXER=35; B_TRAIN=35; B_GEN=60; B_SDXL=45
+  B_PROFILE=40
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then
+    WORKERS=$(( $(nproc) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
+    TEST_ARGS+=(-n "$WORKERS")
+  fi
   # Build for the visible GPU only (fast), and let every later process (the tests) find the same
   # cached build: the architecture list is part of the build cache's key.
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -97,6 +107,7 @@ py_section mixer "$B_MIXER"
 py_section train "$B_TRAIN"
 py_section gen "$B_GEN"
 py_section sdxl "$B_SDXL"
+py_section profile "$B_PROFILE"
 
 echo "== report"
 "$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" \
@@ -104,4 +115,9 @@ echo "== report"
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"
+if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2>/dev/null && pwd)" != "$RESULTS" ]; then
+  mkdir -p "$OUT"
+  tar czf "$OUT/gpu_check.tgz" -C "$RESULTS" . && cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
+    && echo "packed into $OUT: gpu_check.tgz, gpu_check.md, gpu_check.json"
+fi
 exit $code

@@ -91,8 +91,12 @@ def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypat
 def test_cpu_rehearsal_end_to_end(tmp_path):
     """``bash scripts/gpu_check.sh --cpu-rehearsal``: every section runs on the CPU with tiny sizes,
     the Triton per-line baseline (in Triton's interpreter) and the kernel agree with the reference,
-    and the report is written."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    and the report is written; with ``OUT`` set (the lent machine's return folder, at most 8 files)
+    it also gets the whole results folder packed into one archive."""
+    import tarfile
+
+    back = tmp_path / "back"
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path), OUT=str(back), PYTHON=sys.executable)
     r = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--cpu-rehearsal"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -130,6 +134,14 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     text = (tmp_path / "gpu_check.md").read_text()
     assert "CPU rehearsal" in text and "Per-line baseline" in text and "SD-XL UNet step" in text
     assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
+    profiled = sections["profile"]["results"]
+    assert [r["case"].split()[0] for r in profiled] == ["gspn_dit_xl_2", "gspn_t"]
+    assert all(r["device_ms"] > 0 and r["top"] and r["top"][0]["ms"] > 0 for r in profiled)
+    assert "**Profile** of one training step" in text
+    assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
+    with tarfile.open(back / "gpu_check.tgz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {f"{name}.json" for name in gpu_check.SECTIONS} | {"tests.xml", "sections.tsv"} <= names
 
 
 def test_sdxl_step_configs():
