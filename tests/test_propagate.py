@@ -149,6 +149,33 @@ def assert_error_budget(names, run, dtype):
         assert err_k <= 2 * err_r + 1e-3 * scale, f"{name}: kernel {err_k:.3g} vs PyTorch {err_r:.3g}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's plane layouts need a GPU")
+@pytest.mark.parametrize(
+    "shape, dtype, chunk",
+    [
+        ((3, 5, 16, 16), torch.float32, None),  # staged: several planes per block, the last block short
+        ((2, 3, 14, 14), torch.bfloat16, 4),  # staged without 16-byte copies (a 14 x 14 map is 392 bytes)
+        ((1, 3, 9, 40), torch.float64, 3),  # staged, one plane per block, non-square
+        ((1, 2, 300, 7), torch.float32, None),  # lines of 300 positions: in place
+        ((1, 1, 80, 72), torch.float64, 5),  # a plane over the staging limit: in place
+    ],
+)
+def test_cuda_staged_and_in_place_planes(shape, dtype, chunk):
+    """The CUDA kernels stage small planes in shared memory (several per block) and read large ones in
+    place: both layouts, forward and every gradient, against the float64 reference."""
+    ins64 = rand_propagate_inputs(shape, DIRECTIONS, device="cuda", seed=21)
+    ins = [t.detach().to(dtype).requires_grad_() for t in ins64]
+    out = gspn_propagate(*ins, DIRECTIONS, chunk, backend="kernel")
+    ref = propagate_reference(*ins64, DIRECTIONS, chunk)
+    go = torch.randn(shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64).to("cuda")
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 5e-2}[dtype]
+    scale = ref.abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= tol * scale
+    for name, a, b in zip(("x", "gates", "merge"), grads(out, ins, go.to(dtype)), grads(ref, ins64, go)):
+        err = (a.double() - b).abs().max().item()
+        assert err <= tol * max(b.abs().max().item(), 1.0), f"grad {name}: {err:.3g}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_saturated_gates_stay_finite(device):
     """Logits far below the float32 range of exp (all three taps' sigmoids underflow) still give

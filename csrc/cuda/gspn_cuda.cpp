@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(const at::Tens
               "gspn propagate_bwd: grad_y must have the shape, dtype and device of x");
   const auto acc = a.x.options().dtype(at::toOpMathType(x.scalar_type()));
   at::Tensor dx = at::empty(a.x.sizes(), acc), dgates = at::empty_like(a.gates);
-  at::Tensor dm_partial = at::zeros({a.B, a.C, a.K}, acc), h_ws = at::empty(a.x.sizes(), acc);
-  if (x.numel() > 0) launch_propagate_bwd_cuda(a, grad_y.contiguous(), dx, dgates, dm_partial, h_ws);
+  at::Tensor dm_partial = at::zeros({a.B, a.C, a.K}, acc);
+  if (x.numel() > 0) launch_propagate_bwd_cuda(a, grad_y.contiguous(), dx, dgates, dm_partial);
   return {dx.to(x.scalar_type()), dgates, merge_grad(dm_partial, x.scalar_type())};
 }
 

@@ -12,9 +12,9 @@ void launch_scan_bwd_cuda(const ScanArgs& a, const at::Tensor& grad_h, const at:
                           at::Tensor& dlam, at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp);
 
 // The fused propagation (gspn_propagate_cuda.cu): y and dx in opmath precision, dm_partial (B, C, K)
-// zero-initialised, h_ws one opmath plane per (batch x channel) plane.
+// zero-initialised.
 void launch_propagate_fwd_cuda(const PropagateArgs& a, at::Tensor& y_acc);
 void launch_propagate_bwd_cuda(const PropagateArgs& a, const at::Tensor& grad_y, at::Tensor& dx_acc,
-                               at::Tensor& dgates, at::Tensor& dm_partial, at::Tensor& h_ws);
+                               at::Tensor& dgates, at::Tensor& dm_partial);
 
 }  // namespace gspn
