@@ -567,12 +567,26 @@ def section_train(args, rec: Record) -> None:
         raise RuntimeError("non-finite training loss")
 
 
+def training_diffusion():
+    """DiT's Gaussian diffusion (linear betas 1e-4..0.02 over 1000 steps, hybrid loss) for the training
+    steps.  Its default scheduler object comes from diffusers, which the lent GPU machine lacks;
+    training reads only the betas, so without diffusers the same betas are given directly."""
+    from gspn_lightning.diffusion import GaussianDiffusion
+
+    try:
+        import diffusers  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or failing to import against this transformers
+        from types import SimpleNamespace
+
+        return GaussianDiffusion(scheduler=SimpleNamespace(betas=torch.linspace(1e-4, 0.02, 1000)))
+    return GaussianDiffusion()
+
+
 # ----------------------------------------------------------------------------------------------------
 # gen: training-step throughput of GSPN-DiT-XL/2 and DiT-XL/2 at 256² and 512² (32² and 64² latents)
 
 
 def section_gen(args, rec: Record) -> None:
-    from gspn_lightning.diffusion import GaussianDiffusion
     from gspn_lightning.models import create_model
 
     device = pick_device(args.rehearsal)
@@ -585,7 +599,7 @@ def section_gen(args, rec: Record) -> None:
         ]
     else:
         cases = [(n, {}, s, b) for s, b in ((32, 32), (64, 8)) for n in ("gspn_dit_xl_2", "dit_xl_2")]
-    diffusion = GaussianDiffusion()
+    diffusion = training_diffusion()
     for name, kw, size, batch in cases:
         case = f"{name} latent {size}x{size} batch {batch}"
         if not rec.time_left(reserve=5.0):
@@ -699,11 +713,10 @@ def _top_kernels(step, device: torch.device, top: int) -> tuple[float, list[dict
 def section_profile(args, rec: Record) -> None:
     """One GSPN-DiT-XL/2 training step (latent 32², batch 32, as in ``gen``) and one GSPN-T training
     step (batch 64 at 224², as in ``train``), each after a warm-up step: their top kernels."""
-    from gspn_lightning.diffusion import GaussianDiffusion
     from gspn_lightning.models import create_model
 
     device = pick_device(args.rehearsal)
-    diffusion = GaussianDiffusion()
+    diffusion = training_diffusion()
     if args.rehearsal:
         cases = [("gspn_dit_xl_2", dict(hidden_size=32, depth=2), 8, 2),
                  ("gspn_t", dict(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), 64, 2)]  # fmt: skip

@@ -167,3 +167,19 @@ def test_sdxl_step_configs():
     assert len(swapped) == 11 and not any(
         type(m).__name__ == "GSPNSelfAttention" for m in models["sdpa"].modules()
     )
+
+
+def test_training_diffusion_without_diffusers_is_dits(monkeypatch):
+    """The gen and profile sections train without diffusers (the lent GPU machine lacks it) on the same
+    noise schedule as DiT's diffusers scheduler."""
+    import torch
+
+    from gspn_lightning.diffusion import GaussianDiffusion
+
+    reference = GaussianDiffusion()
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError):
+        GaussianDiffusion()
+    d = gpu_check.training_diffusion()
+    torch.testing.assert_close(d.alphas_cumprod, reference.alphas_cumprod)
+    assert d.learn_sigma and d.num_timesteps == 1000
