@@ -12,11 +12,16 @@
 //
 // Two paths:
 //   * tiled (lines x M <= 1024, i.e. M <= 1024): each thread owns one position j of one line.  The
-//     steps are taken in tiles of T: the thread first issues the loads of all T steps' inputs into
-//     register arrays, then runs the T steps from registers, and stores the T outputs at the tile's
-//     end.  T loads are in flight per thread and input instead of one, which hides the global-memory
-//     latency that bound the old per-step loop.  For column scans a thread's T values are contiguous
-//     (T = 8 float32: one 32-byte sector); for row scans each load is coalesced across the warp.
+//     steps are taken in tiles of T (kFwdTile / kBwdTile): the thread first issues the loads of all
+//     T steps' inputs into register arrays, then runs the T steps from registers (still one
+//     __syncthreads per step for the line buffer).  T loads per input are in flight per thread
+//     instead of one, which is meant to hide the global-memory latency that bound the old per-step
+//     loop.  Row scans load directly (each load coalesced across the warp) and store each step's
+//     output at once.  Column scans read a thread's T values from contiguous memory, but 32 threads
+//     reading their own would touch 32 cache lines per instruction; instead the warp reads them
+//     cooperatively (T lanes per pixel, one 32-byte sector for T = 8 float32) and moves them to
+//     their owners through a small per-warp stage in shared memory; outputs go the reverse way at
+//     the tile's end (see for_slots / slots_to_owners).
 //     The backward loads only its own position (grad, x, lam, the three gates and the previous
 //     line's h) and shares through shared memory what the neighbours need: this line's adjoint and
 //     gates (read by the line before it at j-1, j, j+1) and the previous line's h (read by this line
@@ -27,9 +32,12 @@
 // The backward is the reverse walk of the adjoint; it reads the incoming gradient and the saved
 // output, and writes only its own five outputs.
 //
-// Status: this version (in-place column scans, tiles in registers) has been compiled (sm_90, ptxas:
-// no spills in the tiled kernels) but not yet run on a GPU; the previous version, with transposed
-// copies for column scans and only the simple path, was the one measured.
+// Status: this version (in-place column scans, register tiles, cooperative column loads) has been
+// compiled for sm_90 (ptxas -v: no spills, at most 64 registers, in any kernel) and checked against
+// the reference in a host emulation of the kernels (a std::thread per CUDA thread, barriers for
+// __syncthreads / __syncwarp; float32 and float64), but NOT yet run on a GPU: its speed is
+// unmeasured.  The numbers measured so far are those of the previous version (transposed copies
+// for column scans, only the simple path).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -50,9 +58,10 @@ constexpr int kThreads = 256;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
-// Steps per register tile: 32 bytes of each input per thread for 4-byte types (one sector of a
-// column), fewer where 5 (forward) or 6 + 1 (backward) arrays of T values would not fit the 64
-// registers a thread has at 1024 threads per block.
+// Steps per register tile: 8 for the forward of 2- and 4-byte types (32 bytes of a float32 column:
+// one sector), fewer where the 5 (forward) or 7 (backward) arrays of T values would not fit the 64
+// registers a thread has at 1024 threads per block without spilling (ptxas -v, sm_90).  T divides 32
+// (the column slots of for_slots).
 template <typename scalar_t>
 constexpr int kFwdTile = sizeof(scalar_t) >= 8 ? 2 : 8;
 template <typename scalar_t>
@@ -63,6 +72,9 @@ constexpr int kBwdTile = sizeof(scalar_t) >= 8 ? 1 : 4;
 constexpr int kFwdFields = 1;
 constexpr int kBwdTiledFields = 5;
 constexpr int kBwdSimpleFields = 1;
+// Outputs per pixel that column tiles pass through the warp stage.
+constexpr int kFwdOutFields = 1;
+constexpr int kBwdOutFields = 5;
 
 // What the kernels are told about the scan and the launch.
 template <typename acc_t>
@@ -106,11 +118,14 @@ __device__ acc_t* line_buffer(const BlockShare<acc_t>& b, int lines, int fields,
 }
 
 // One thread's pixel in the tiled kernels: position j of line n0 + l, and the offset of its pixel
-// at scan step `step` of the block's chunk, origin + step * dstep.
+// at scan step `step` of the block's chunk, origin + step * dstep.  Thread i of the block owns block
+// pixel i = l M + j; those below `pixels` are pixels of the tensor, the others only synchronise.
 struct ThreadPixel {
   int l, j;
-  bool active;  // a pixel of the tensor (threads past the work or past the last line only synchronise)
-  int64_t origin, dstep;
+  int pixels;
+  bool active;  // threadIdx.x < pixels
+  int dstep;    // +-ss: at most M <= 1024 in the tiled kernels
+  int64_t origin;
 };
 
 template <typename acc_t>
@@ -118,21 +133,115 @@ __device__ ThreadPixel thread_pixel(const Geometry<acc_t>& geo, const BlockShare
   ThreadPixel t;
   const int i = threadIdx.x;
   const int M = static_cast<int>(geo.M);
-  t.l = i < b.work ? i / M : 0;
-  t.j = i < b.work ? i - t.l * M : 0;
-  const int64_t n = b.n0 + t.l;
-  t.active = i < b.work && n < geo.N;
+  const int l = i / M, j = i - l * M;
+  t.l = i < b.work ? l : 0;
+  t.j = i < b.work ? j : 0;
+  const int64_t lines_left = geo.N - b.n0;
+  t.pixels = lines_left < geo.lines ? static_cast<int>(lines_left) * M : b.work;
+  t.active = i < t.pixels;
   const int64_t first = geo.reverse ? b.s1 - 1 : b.s0;
-  t.origin = n * geo.L * geo.M + first * geo.ss + t.j * geo.sj;
-  t.dstep = geo.reverse ? -geo.ss : geo.ss;
+  // The formula for every thread, also those past the work: for column scans (ss = 1, sj = L) it is
+  // the block's first pixel + i L, which for_slots relies on.
+  t.origin = (b.n0 + l) * geo.L * geo.M + first * geo.ss + j * geo.sj;
+  t.dstep = static_cast<int>(geo.reverse ? -geo.ss : geo.ss);
   return t;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Tiled kernels (lines x M <= blockDim.x)
+//
+// A tile is the T steps t0 .. t0 + count - 1 of the walk; each thread holds its pixel's inputs for
+// all of them in registers, in[field][u] for tile step u.  Rows load them directly: at each u the
+// warp's 32 pixels are consecutive in memory.  Columns would read 32 cache lines per instruction
+// that way (a thread's T values are contiguous, its neighbours' L elements away), so the warp reads
+// cooperatively instead: in "slot" q a lane fetches tile step u = lane % T of the pixel of lane
+// q * 32/T + lane / T (T lanes read one pixel's T contiguous values, 32/T cache lines per
+// instruction), and the values then move to their owners through a per-warp stage in shared memory.
+// Column outputs take the reverse way at the tile's end; row outputs are stored at each step.
 // ---------------------------------------------------------------------------------------------------
 
-template <int T, typename scalar_t, typename acc_t>
+// Slot q of this lane: the lane whose pixel it fetches and the tile step.
+template <int T, bool kColumns>
+__device__ int slot_owner(int q, int lane) {
+  return kColumns ? q * (32 / T) + lane / T : lane;
+}
+template <int T, bool kColumns>
+__device__ int slot_step(int q, int lane) {
+  return kColumns ? lane % T : q;
+}
+
+// The lane index, read so that the compiler cannot hoist what is computed from it out of the tile
+// loop: at 64 registers a thread, T slot offsets kept across the loop spilled (the column forward).
+__device__ __forceinline__ int lane_id() {
+#if defined(__CUDA_ARCH__)
+  int lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+#else
+  return static_cast<int>(threadIdx.x % 32);
+#endif
+}
+
+// Calls fetch(q, offset, u) for every slot q of this lane whose pixel is a pixel of the tensor and
+// whose tile step u is < count.  This thread's pixel at tile step u is at base + u * ustep; in a
+// column scan the pixel of thread i + d is at base + d L (block pixel i lies i L after the block's
+// first, see thread_pixel), so the lanes find their slots' pixels without communicating.
+template <int T, bool kColumns, typename Fetch>
+__device__ __forceinline__ void for_slots(const ThreadPixel& px, int64_t base, int L, int ustep, int count,
+                                          Fetch&& fetch) {
+  const int i = threadIdx.x, lane = lane_id();
+  // Slot q's thread and offset from base advance by fixed strides from slot 0's (written out, so that
+  // the compiler keeps two values across the tiles rather than T offsets).  The offsets stay within
+  // 31 L + T M < 2^31 (plan_launch's limit on L).
+  const int u0 = slot_step<T, kColumns>(0, lane);
+  const int i_stride = slot_owner<T, kColumns>(1, lane) - slot_owner<T, kColumns>(0, lane);
+  const int u_stride = slot_step<T, kColumns>(1, lane) - u0;
+  int owner = i - lane + slot_owner<T, kColumns>(0, lane);
+  int rel = (owner - i) * L + u0 * ustep;
+  const int rel_stride = i_stride * L + u_stride * ustep;
+#pragma unroll
+  for (int q = 0; q < T; ++q) {
+    const int u = u0 + q * u_stride;
+    if (owner < px.pixels && u < count) fetch(q, base + rel, u);
+    owner += i_stride;
+    rel += rel_stride;
+  }
+}
+
+// This warp's stage (columns only): `fields` x 32 lanes x T values, padded to T + 1 against bank
+// conflicts.  at(f, lane, u) is value u of field f of lane `lane`'s pixel.
+template <int T, typename acc_t>
+struct WarpStage {
+  acc_t* p;
+  __device__ acc_t& at(int f, int lane, int u) const { return p[(f * 32 + lane) * (T + 1) + u]; }
+};
+
+template <int T, typename acc_t>
+__device__ WarpStage<T, acc_t> warp_stage(acc_t* stage_base, int fields) {
+  return {stage_base + (threadIdx.x / 32) * fields * 32 * (T + 1)};
+}
+
+// Columns: the fetched values in[f][q] (slot order) of the first `Moved` fields become in[f][u] (this
+// lane's pixel, tile step u).
+template <int T, bool kColumns, int Moved, int F, typename acc_t>
+__device__ __forceinline__ void slots_to_owners(acc_t (&in)[F][T], const WarpStage<T, acc_t>& st) {
+  static_assert(Moved <= F, "more fields to move than fetched");
+  if constexpr (kColumns) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int f = 0; f < Moved; ++f) {
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < T; ++q) st.at(0, slot_owner<T, true>(q, lane), slot_step<T, true>(q, lane)) = in[f][q];
+      __syncwarp();
+#pragma unroll
+      for (int u = 0; u < T; ++u) in[f][u] = st.at(0, lane, u);
+    }
+    __syncwarp();
+  }
+}
+
+template <int T, bool kColumns, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     gspn_scan_fwd_tiled(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
                         const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
@@ -140,37 +249,40 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ unsigned char smem_raw[];
   const BlockShare<acc_t> b = block_share<true>(geo, reinterpret_cast<acc_t*>(smem_raw));
   const ThreadPixel px = thread_pixel(geo, b);
+  const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kFwdOutFields);
   const int64_t len = b.s1 - b.s0;
-  const int j = px.j;
+  const int j = px.j, lane = threadIdx.x % 32;
   acc_t* prev = line_buffer(b, geo.lines, kFwdFields, 0, 0, px.l);
   acc_t* cur = line_buffer(b, geo.lines, kFwdFields, 1, 0, px.l);
-  for (int64_t t0 = 0; t0 < len; t0 += T) {
-    const int64_t base = px.origin + t0 * px.dstep;  // the pixel at step t0; step t0 + u at base + u dstep
-    // The tile's inputs, all loads issued before the first step uses them.
-    acc_t xs[T], ls[T], ns[T], ms[T], ps[T];
-#pragma unroll
-    for (int u = 0; u < T; ++u) {
-      const int64_t step = t0 + u, off = base + u * px.dstep;
-      xs[u] = ls[u] = ns[u] = ms[u] = ps[u] = acc_t(0);
-      if (px.active && step < len) {
-        xs[u] = x[off];
-        ls[u] = lam[off];
-        if (step > 0) {
-          ns[u] = wn[off];
-          ms[u] = wm[off];
-          ps[u] = wp[off];
-        }
+  int64_t base = px.origin;  // this thread's pixel at the tile's first step t0; step t0 + u at base + u dstep
+  for (int64_t t0 = 0; t0 < len; t0 += T, base += T * px.dstep) {
+    const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
+    // The tile's inputs, all loads issued before the first step: x (then lam x), w_neg, w_mid,
+    // w_pos and lam.
+    acc_t in[5][T] = {};
+    for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int u) {
+      in[0][q] = x[off];
+      in[4][q] = lam[off];
+      if (t0 + u > 0) {  // the first line of a group has no recurrence: its gates are unused
+        in[1][q] = wn[off];
+        in[2][q] = wm[off];
+        in[3][q] = wp[off];
       }
-    }
+    });
+    // lam x before the steps, so that the walk holds 4 values per step (and columns stage 4 fields).
+#pragma unroll
+    for (int q = 0; q < T; ++q) in[0][q] = forward_first<acc_t>(in[0][q], in[4][q]);
+    slots_to_owners<T, kColumns, 4>(in, st);
 #pragma unroll
     for (int u = 0; u < T; ++u) {
-      const int64_t step = t0 + u;
-      if (step >= len) break;  // the same for the whole block
-      const acc_t v = step == 0
-                          ? forward_first<acc_t>(xs[u], ls[u])
-                          : forward_step<acc_t>(xs[u], ls[u], ns[u], ms[u], ps[u], prev[j - 1], prev[j], prev[j + 1]);
-      if (px.active) {
-        cur[j] = v;
+      if (u >= count) break;  // the same for the whole block
+      const acc_t v = t0 + u == 0 ? in[0][u]
+                                  : forward_recur<acc_t>(in[0][u], in[1][u], in[2][u], in[3][u], prev[j - 1],
+                                                         prev[j], prev[j + 1]);
+      if (px.active) cur[j] = v;
+      if constexpr (kColumns) {
+        st.at(0, lane, u) = v;
+      } else if (px.active) {
         h[base + u * px.dstep] = static_cast<scalar_t>(v);
       }
       __syncthreads();
@@ -178,10 +290,17 @@ __global__ void __launch_bounds__(kMaxThreads)
       prev = cur;
       cur = tmp;
     }
+    if constexpr (kColumns) {
+      __syncwarp();
+      for_slots<T, true>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int) {
+        h[off] = static_cast<scalar_t>(st.at(0, slot_owner<T, true>(q, lane), slot_step<T, true>(q, lane)));
+      });
+      __syncwarp();
+    }
   }
 }
 
-template <int T, typename scalar_t, typename acc_t>
+template <int T, bool kColumns, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     gspn_scan_bwd_tiled(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
                         const scalar_t* __restrict__ lam, const scalar_t* __restrict__ wn,
@@ -192,61 +311,70 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ unsigned char smem_raw[];
   const BlockShare<acc_t> b = block_share<true>(geo, reinterpret_cast<acc_t*>(smem_raw));
   const ThreadPixel px = thread_pixel(geo, b);
+  const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kBwdOutFields);
   const int64_t len = b.s1 - b.s0;
-  const int j = px.j;
+  const int j = px.j, lane = threadIdx.x % 32;
   // Per half: the adjoint and the three gates of a line, and the output of the line before it.
   enum : int { kA = 0, kN = 1, kM = 2, kP = 3, kH = 4 };
   auto buffer = [&](int half, int field) { return line_buffer(b, geo.lines, kBwdTiledFields, half, field, px.l); };
+  scalar_t* const grads_out[kBwdOutFields] = {dx, dlam, dwn, dwm, dwp};
   int half = 0;  // the half this step writes; the other holds the next line in scan order
   // Tiles of steps t = t0 .. t0 + T - 1 against scan order: scan step len - 1 - t.
   for (int64_t t0 = 0; t0 < len; t0 += T) {
-    const int64_t base = px.origin + (len - 1 - t0) * px.dstep;  // scan step len - 1 - t0 - u at base - u dstep
-    acc_t gs[T], xs[T], ls[T], ns[T], ms[T], ps[T], hs[T];
-#pragma unroll
-    for (int u = 0; u < T; ++u) {
-      const int64_t step = len - 1 - (t0 + u), off = base - u * px.dstep;
-      gs[u] = xs[u] = ls[u] = ns[u] = ms[u] = ps[u] = hs[u] = acc_t(0);
-      if (px.active && step >= 0) {
-        gs[u] = gh[off];
-        xs[u] = x[off];
-        ls[u] = lam[off];
-        if (step > 0) {  // the first line of a group has no recurrence: its gates and h_p are unused
-          ns[u] = wn[off];
-          ms[u] = wm[off];
-          ps[u] = wp[off];
-          hs[u] = h[off - px.dstep];
-        }
+    const int64_t base = px.origin + (len - 1 - t0) * px.dstep;  // tile step u at base - u dstep
+    const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
+    // grad_h, x, lam, w_neg, w_mid, w_pos of the line and h of the line before it in scan order.
+    acc_t in[7][T] = {};
+    for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int u) {
+      in[0][q] = gh[off];
+      in[1][q] = x[off];
+      in[2][q] = lam[off];
+      if (len - 1 - t0 - u > 0) {  // the first line of a group has no recurrence: gates and h_p unused
+        in[3][q] = wn[off];
+        in[4][q] = wm[off];
+        in[5][q] = wp[off];
+        in[6][q] = h[off - px.dstep];
       }
-    }
+    });
+    slots_to_owners<T, kColumns, 7>(in, st);
 #pragma unroll
     for (int u = 0; u < T; ++u) {
-      const int64_t t = t0 + u;
-      if (t >= len) break;  // the same for the whole block
+      if (u >= count) break;  // the same for the whole block
       const acc_t* an = buffer(1 - half, kA);
-      acc_t a = gs[u];
-      if (t > 0) {
+      acc_t a = in[0][u];
+      if (t0 + u > 0) {
         a = adjoint_step<acc_t>(a, buffer(1 - half, kN)[j + 1], an[j + 1], buffer(1 - half, kM)[j], an[j],
                                 buffer(1 - half, kP)[j - 1], an[j - 1]);
       }
       acc_t* hb = buffer(half, kH);
       if (px.active) {
         buffer(half, kA)[j] = a;
-        buffer(half, kN)[j] = ns[u];
-        buffer(half, kM)[j] = ms[u];
-        buffer(half, kP)[j] = ps[u];
-        hb[j] = hs[u];
+        buffer(half, kN)[j] = in[3][u];
+        buffer(half, kM)[j] = in[4][u];
+        buffer(half, kP)[j] = in[5][u];
+        hb[j] = in[6][u];
       }
       __syncthreads();
-      if (px.active) {
-        const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[u], ls[u], hb[j - 1], hs[u], hb[j + 1]);
-        const int64_t off = base - u * px.dstep;
-        dx[off] = static_cast<scalar_t>(d.dx);
-        dlam[off] = static_cast<scalar_t>(d.dlam);
-        dwn[off] = static_cast<scalar_t>(d.dwn);
-        dwm[off] = static_cast<scalar_t>(d.dwm);
-        dwp[off] = static_cast<scalar_t>(d.dwp);
+      const StepGrads<acc_t> d = step_grads<acc_t>(a, in[1][u], in[2][u], hb[j - 1], in[6][u], hb[j + 1]);
+      const acc_t ds[kBwdOutFields] = {d.dx, d.dlam, d.dwn, d.dwm, d.dwp};
+#pragma unroll
+      for (int f = 0; f < kBwdOutFields; ++f) {
+        if constexpr (kColumns) {
+          st.at(f, lane, u) = ds[f];
+        } else if (px.active) {
+          grads_out[f][base - u * px.dstep] = static_cast<scalar_t>(ds[f]);
+        }
       }
       half = 1 - half;
+    }
+    if constexpr (kColumns) {
+      __syncwarp();
+      for_slots<T, true>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int) {
+        const int o = slot_owner<T, true>(q, lane), u = slot_step<T, true>(q, lane);
+#pragma unroll
+        for (int f = 0; f < kBwdOutFields; ++f) grads_out[f][off] = static_cast<scalar_t>(st.at(f, o, u));
+      });
+      __syncwarp();
     }
   }
 }
@@ -351,18 +479,34 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Launchers
 // ---------------------------------------------------------------------------------------------------
 
-struct LaunchPlan {
-  int lines;           // lines of the (batch x channel) axis per block
-  int threads;         // threads per block
-  int64_t blocks;      // line blocks x groups
-  int64_t groups;      // chunks along the scan axis
-  int64_t buf_floats;  // accumulator elements per block: two halves of `fields` padded buffers
-  bool tiled;          // one thread per pixel of the block's lines: the tiled kernels
-  bool global_ws;      // buffer in a global workspace instead of shared memory
+// What one of the two ops asks of the launch: its padded line buffers per half (tiled and simple
+// kernels), the outputs a column tile stages, and its tile length T for the dtype.
+struct ScanKind {
+  int tiled_fields, simple_fields, out_fields;
+  bool backward;
 };
 
-template <typename acc_t>
-LaunchPlan plan_launch(const ScanArgs& a, int tiled_fields, int simple_fields) {
+constexpr ScanKind kForward{kFwdFields, kFwdFields, kFwdOutFields, false};
+constexpr ScanKind kBackward{kBwdTiledFields, kBwdSimpleFields, kBwdOutFields, true};
+
+template <typename scalar_t>
+constexpr int tile_steps(const ScanKind& kind) {
+  return kind.backward ? kBwdTile<scalar_t> : kFwdTile<scalar_t>;
+}
+
+struct LaunchPlan {
+  int lines;            // lines of the (batch x channel) axis per block
+  int threads;          // threads per block
+  int64_t blocks;       // line blocks x groups
+  int64_t groups;       // chunks along the scan axis
+  int64_t buf_floats;   // accumulator elements per block: two halves of `fields` padded buffers
+  size_t shared_bytes;  // dynamic shared memory: the line buffers, then (column tiles) the warp stages
+  bool tiled;           // one thread per pixel of the block's lines: the tiled kernels
+  bool global_ws;       // line buffers in a global workspace instead of shared memory
+};
+
+template <typename scalar_t, typename acc_t>
+LaunchPlan plan_launch(const ScanArgs& a, const ScanKind& kind) {
   LaunchPlan p;
   const int64_t M = a.M;
   p.lines = M >= kThreads ? 1 : static_cast<int>(kThreads / M);
@@ -375,13 +519,21 @@ LaunchPlan plan_launch(const ScanArgs& a, int tiled_fields, int simple_fields) {
   TORCH_CHECK(p.blocks <= INT_MAX, "gspn scan: too many (batch x channel x chunk) blocks for one launch");
   const size_t max_shared =
       std::max<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin, kDefaultSharedBytes);
-  auto buffer_floats = [&](int fields) { return 2 * fields * static_cast<int64_t>(p.lines) * (M + 2); };
-  // The tiled kernels keep their buffers in shared memory; where those would not fit (float64 on a
-  // GPU with little shared memory) the simple kernels run instead.
-  p.tiled = work <= kMaxThreads &&
-            static_cast<size_t>(buffer_floats(tiled_fields)) * sizeof(acc_t) <= max_shared;
-  p.buf_floats = buffer_floats(p.tiled ? tiled_fields : simple_fields);
-  p.global_ws = static_cast<size_t>(p.buf_floats) * sizeof(acc_t) > max_shared;
+  auto buffer_bytes = [&](int fields) {
+    return 2 * fields * static_cast<size_t>(p.lines) * static_cast<size_t>(M + 2) * sizeof(acc_t);
+  };
+  const size_t stage_bytes =
+      a.columns ? static_cast<size_t>(p.threads) * (tile_steps<scalar_t>(kind) + 1) * kind.out_fields * sizeof(acc_t)
+                : 0;
+  // The tiled kernels keep everything in shared memory; where that would not fit (float64 on a GPU
+  // with little shared memory) the simple kernels run instead.
+  // (Column tiles also address a warp's pixels by 32-bit offsets of up to 33 L: L < 2^26.)
+  p.tiled = work <= kMaxThreads && buffer_bytes(kind.tiled_fields) + stage_bytes <= max_shared &&
+            (!a.columns || a.L < (int64_t{1} << 26));
+  const int fields = p.tiled ? kind.tiled_fields : kind.simple_fields;
+  p.buf_floats = 2 * fields * static_cast<int64_t>(p.lines) * (M + 2);
+  p.global_ws = buffer_bytes(fields) > max_shared;
+  p.shared_bytes = p.global_ws ? 0 : buffer_bytes(fields) + (p.tiled ? stage_bytes : 0);
   return p;
 }
 
@@ -397,16 +549,15 @@ void launch_kernel(void (*kernel)(Params...), unsigned int grid, int threads, si
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Plans the launch for `a` (with `tiled_fields` / `simple_fields` padded line buffers per half) and
-// calls `launch(scalar zero, plan, shared_bytes, stream, geometry)` for the dtype of the tensors, with
-// a global workspace when the line buffers do not fit in shared memory.
+// Plans the launch of `kind` for `a` and calls `launch(scalar zero, plan, stream, geometry)` for the
+// dtype of the tensors, with a global workspace when the line buffers do not fit in shared memory.
 template <typename Launch>
-void launch_scan(const ScanArgs& a, int tiled_fields, int simple_fields, Launch&& launch) {
+void launch_scan(const ScanArgs& a, const ScanKind& kind, Launch&& launch) {
   TORCH_CHECK(a.M <= (int64_t{1} << 30), "gspn scan: line length too large for the CUDA kernel");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "gspn_scan_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LaunchPlan p = plan_launch<acc_t>(a, tiled_fields, simple_fields);
+    const LaunchPlan p = plan_launch<scalar_t, acc_t>(a, kind);
     at::Tensor ws;
     if (p.global_ws) {
       ws = at::empty({p.blocks * p.buf_floats}, a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -415,21 +566,21 @@ void launch_scan(const ScanArgs& a, int tiled_fields, int simple_fields, Launch&
     const int64_t ss = a.columns ? 1 : a.M, sj = a.columns ? a.L : 1;
     const Geometry<acc_t> geo{a.N, a.L, a.M, a.k, p.groups, p.buf_floats, ss, sj, p.lines, a.reverse,
                               p.global_ws ? ws.mutable_data_ptr<acc_t>() : nullptr};
-    const size_t smem = p.global_ws ? 0 : static_cast<size_t>(p.buf_floats) * sizeof(acc_t);
-    launch(scalar_t(0), p, smem, stream, geo);
+    launch(scalar_t(0), p, stream, geo);
   });
 }
 
 }  // namespace
 
 void launch_scan_fwd_cuda(const ScanArgs& a, at::Tensor& h) {
-  launch_scan(a, kFwdFields, kFwdFields, [&](auto zero, const LaunchPlan& p, size_t smem, cudaStream_t stream,
-                                             const auto& geo) {
+  launch_scan(a, kForward, [&](auto zero, const LaunchPlan& p, cudaStream_t stream, const auto& geo) {
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = p.tiled ? gspn_scan_fwd_tiled<kFwdTile<scalar_t>, scalar_t, acc_t>
-                          : gspn_scan_fwd_simple<scalar_t, acc_t>;
-    launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, smem, stream,
+    constexpr int T = tile_steps<scalar_t>(kForward);
+    auto kernel = &gspn_scan_fwd_simple<scalar_t, acc_t>;
+    if (p.tiled && a.columns) kernel = &gspn_scan_fwd_tiled<T, true, scalar_t, acc_t>;
+    if (p.tiled && !a.columns) kernel = &gspn_scan_fwd_tiled<T, false, scalar_t, acc_t>;
+    launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, p.shared_bytes, stream,
                   a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(), a.wn.const_data_ptr<scalar_t>(),
                   a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
                   geo);
@@ -438,13 +589,14 @@ void launch_scan_fwd_cuda(const ScanArgs& a, at::Tensor& h) {
 
 void launch_scan_bwd_cuda(const ScanArgs& a, const at::Tensor& grad_h, const at::Tensor& h, at::Tensor& dx,
                           at::Tensor& dlam, at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp) {
-  launch_scan(a, kBwdTiledFields, kBwdSimpleFields, [&](auto zero, const LaunchPlan& p, size_t smem,
-                                                        cudaStream_t stream, const auto& geo) {
+  launch_scan(a, kBackward, [&](auto zero, const LaunchPlan& p, cudaStream_t stream, const auto& geo) {
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = p.tiled ? gspn_scan_bwd_tiled<kBwdTile<scalar_t>, scalar_t, acc_t>
-                          : gspn_scan_bwd_simple<scalar_t, acc_t>;
-    launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, smem, stream,
+    constexpr int T = tile_steps<scalar_t>(kBackward);
+    auto kernel = &gspn_scan_bwd_simple<scalar_t, acc_t>;
+    if (p.tiled && a.columns) kernel = &gspn_scan_bwd_tiled<T, true, scalar_t, acc_t>;
+    if (p.tiled && !a.columns) kernel = &gspn_scan_bwd_tiled<T, false, scalar_t, acc_t>;
+    launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, p.shared_bytes, stream,
                   grad_h.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
                   a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(),
                   h.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
