@@ -486,7 +486,9 @@ def _cuda_path_inputs(shape, direction, dtype):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     lam = torch.rand(shape, generator=g, dtype=torch.float64)
-    gates = normalize_gates(*(torch.randn(shape, generator=g, dtype=torch.float64) * 2 for _ in range(3)), direction)
+    gates = normalize_gates(
+        *(torch.randn(shape, generator=g, dtype=torch.float64) * 2 for _ in range(3)), direction
+    )
     go = torch.randn(shape, generator=g, dtype=torch.float64)
     return [t.to(dtype).double() for t in (x, lam, *gates, go)]
 
@@ -494,7 +496,11 @@ def _cuda_path_inputs(shape, direction, dtype):
 @pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 1, 3, 5])
-@pytest.mark.parametrize(("shape", "direction"), CUDA_PATH_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize(
+    ("shape", "direction"),
+    CUDA_PATH_CASES,
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+)
 def test_cuda_kernel_paths_match_reference(device, dtype, chunk, shape, direction):
     """Both CUDA kernel paths (register tiles for lines of up to 1024 pixels, the per-step loop beyond),
     rows and in-place columns, chunked and global, forward and all five gradients against autograd of
@@ -511,5 +517,9 @@ def test_cuda_kernel_paths_match_reference(device, dtype, chunk, shape, directio
     for name, a, b in zip(("h", "x", "lam", "w_neg", "w_mid", "w_pos"), [out, *got_g], [ref, *ref_g]):
         scale = max(b.abs().max().item(), 1.0)
         torch.testing.assert_close(
-            a.detach().double().cpu(), b.detach(), rtol=tol, atol=tol * scale, msg=lambda m, n=name: f"{n}: {m}"
+            a.detach().double().cpu(),
+            b.detach(),
+            rtol=tol,
+            atol=tol * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
         )

@@ -241,237 +241,227 @@ __device__ __forceinline__ void slots_to_owners(acc_t (&in)[F][T], const WarpSta
   }
 }
 
-template <int T, bool kColumns, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    gspn_scan_fwd_tiled(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
-                        const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
-                        const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, const Geometry<acc_t> geo) {
-  extern __shared__ unsigned char smem_raw[];
-  const BlockShare<acc_t> b = block_share<true>(geo, reinterpret_cast<acc_t*>(smem_raw));
-  const ThreadPixel px = thread_pixel(geo, b);
-  const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kFwdOutFields);
-  const int64_t len = b.s1 - b.s0;
-  const int j = px.j, lane = threadIdx.x % 32;
-  acc_t* prev = line_buffer(b, geo.lines, kFwdFields, 0, 0, px.l);
-  acc_t* cur = line_buffer(b, geo.lines, kFwdFields, 1, 0, px.l);
-  int64_t base = px.origin;  // this thread's pixel at the tile's first step t0; step t0 + u at base + u dstep
-  for (int64_t t0 = 0; t0 < len; t0 += T, base += T * px.dstep) {
-    const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
-    // The tile's inputs, all loads issued before the first step: x (then lam x), w_neg, w_mid,
-    // w_pos and lam.
-    acc_t in[5][T] = {};
-    for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int u) {
-      in[0][q] = x[off];
-      in[4][q] = lam[off];
-      if (t0 + u > 0) {  // the first line of a group has no recurrence: its gates are unused
-        in[1][q] = wn[off];
-        in[2][q] = wm[off];
-        in[3][q] = wp[off];
-      }
-    });
-    // lam x before the steps, so that the walk holds 4 values per step (and columns stage 4 fields).
-#pragma unroll
-    for (int q = 0; q < T; ++q) in[0][q] = forward_first<acc_t>(in[0][q], in[4][q]);
-    slots_to_owners<T, kColumns, 4>(in, st);
-#pragma unroll
-    for (int u = 0; u < T; ++u) {
-      if (u >= count) break;  // the same for the whole block
-      const acc_t v = t0 + u == 0 ? in[0][u]
-                                  : forward_recur<acc_t>(in[0][u], in[1][u], in[2][u], in[3][u], prev[j - 1],
-                                                         prev[j], prev[j + 1]);
-      if (px.active) cur[j] = v;
-      if constexpr (kColumns) {
-        st.at(0, lane, u) = v;
-      } else if (px.active) {
-        h[base + u * px.dstep] = static_cast<scalar_t>(v);
-      }
-      __syncthreads();
-      acc_t* tmp = prev;
-      prev = cur;
-      cur = tmp;
-    }
-    if constexpr (kColumns) {
-      __syncwarp();
-      for_slots<T, true>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int) {
-        h[off] = static_cast<scalar_t>(st.at(0, slot_owner<T, true>(q, lane), slot_step<T, true>(q, lane)));
-      });
-      __syncwarp();
-    }
-  }
-}
-
-template <int T, bool kColumns, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    gspn_scan_bwd_tiled(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
-                        const scalar_t* __restrict__ lam, const scalar_t* __restrict__ wn,
-                        const scalar_t* __restrict__ wm, const scalar_t* __restrict__ wp,
-                        const scalar_t* __restrict__ h, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
-                        scalar_t* __restrict__ dwn, scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp,
-                        const Geometry<acc_t> geo) {
-  extern __shared__ unsigned char smem_raw[];
-  const BlockShare<acc_t> b = block_share<true>(geo, reinterpret_cast<acc_t*>(smem_raw));
-  const ThreadPixel px = thread_pixel(geo, b);
-  const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kBwdOutFields);
-  const int64_t len = b.s1 - b.s0;
-  const int j = px.j, lane = threadIdx.x % 32;
-  // Per half: the adjoint and the three gates of a line, and the output of the line before it.
-  enum : int { kA = 0, kN = 1, kM = 2, kP = 3, kH = 4 };
-  auto buffer = [&](int half, int field) { return line_buffer(b, geo.lines, kBwdTiledFields, half, field, px.l); };
-  scalar_t* const grads_out[kBwdOutFields] = {dx, dlam, dwn, dwm, dwp};
-  int half = 0;  // the half this step writes; the other holds the next line in scan order
-  // Tiles of steps t = t0 .. t0 + T - 1 against scan order: scan step len - 1 - t.
-  for (int64_t t0 = 0; t0 < len; t0 += T) {
-    const int64_t base = px.origin + (len - 1 - t0) * px.dstep;  // tile step u at base - u dstep
-    const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
-    // grad_h, x, lam, w_neg, w_mid, w_pos of the line and h of the line before it in scan order.
-    acc_t in[7][T] = {};
-    for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int u) {
-      in[0][q] = gh[off];
-      in[1][q] = x[off];
-      in[2][q] = lam[off];
-      if (len - 1 - t0 - u > 0) {  // the first line of a group has no recurrence: gates and h_p unused
-        in[3][q] = wn[off];
-        in[4][q] = wm[off];
-        in[5][q] = wp[off];
-        in[6][q] = h[off - px.dstep];
-      }
-    });
-    slots_to_owners<T, kColumns, 7>(in, st);
-#pragma unroll
-    for (int u = 0; u < T; ++u) {
-      if (u >= count) break;  // the same for the whole block
-      const acc_t* an = buffer(1 - half, kA);
-      acc_t a = in[0][u];
-      if (t0 + u > 0) {
-        a = adjoint_step<acc_t>(a, buffer(1 - half, kN)[j + 1], an[j + 1], buffer(1 - half, kM)[j], an[j],
-                                buffer(1 - half, kP)[j - 1], an[j - 1]);
-      }
-      acc_t* hb = buffer(half, kH);
-      if (px.active) {
-        buffer(half, kA)[j] = a;
-        buffer(half, kN)[j] = in[3][u];
-        buffer(half, kM)[j] = in[4][u];
-        buffer(half, kP)[j] = in[5][u];
-        hb[j] = in[6][u];
-      }
-      __syncthreads();
-      const StepGrads<acc_t> d = step_grads<acc_t>(a, in[1][u], in[2][u], hb[j - 1], in[6][u], hb[j + 1]);
-      const acc_t ds[kBwdOutFields] = {d.dx, d.dlam, d.dwn, d.dwm, d.dwp};
-#pragma unroll
-      for (int f = 0; f < kBwdOutFields; ++f) {
-        if constexpr (kColumns) {
-          st.at(f, lane, u) = ds[f];
-        } else if (px.active) {
-          grads_out[f][base - u * px.dstep] = static_cast<scalar_t>(ds[f]);
-        }
-      }
-      half = 1 - half;
-    }
-    if constexpr (kColumns) {
-      __syncwarp();
-      for_slots<T, true>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int) {
-        const int o = slot_owner<T, true>(q, lane), u = slot_step<T, true>(q, lane);
-#pragma unroll
-        for (int f = 0; f < kBwdOutFields; ++f) grads_out[f][off] = static_cast<scalar_t>(st.at(f, o, u));
-      });
-      __syncwarp();
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
-// Simple kernels (longer lines): threads stride over the block's pixels at every step.
+// The kernels.  Each has two walks: the tiled one above (kTiled), and the simple one for longer
+// lines, where the threads stride over the block's pixels at every step.
 // ---------------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t>
+// The forward: the tiled walk (kTiled: lines x M <= blockDim.x, T steps a tile) or the simple one.
+template <int T, bool kTiled, bool kColumns, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    gspn_scan_fwd_simple(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
+    gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
                          const scalar_t* __restrict__ wn, const scalar_t* __restrict__ wm,
                          const scalar_t* __restrict__ wp, scalar_t* __restrict__ h, const Geometry<acc_t> geo) {
   extern __shared__ unsigned char smem_raw[];
-  const BlockShare<acc_t> b = block_share<false>(geo, reinterpret_cast<acc_t*>(smem_raw));
-  const int64_t M = geo.M, P = b.P;
-  acc_t* prev = line_buffer(b, geo.lines, kFwdFields, 0, 0, 0);
-  acc_t* cur = line_buffer(b, geo.lines, kFwdFields, 1, 0, 0);
-  for (int64_t step = 0; step < b.s1 - b.s0; ++step) {
-    const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
-    for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
-      const int l = i / static_cast<int>(M);
-      const int j = i - l * static_cast<int>(M);
-      const int64_t n = b.n0 + l;
-      if (n >= geo.N) continue;
-      const int64_t off = n * geo.L * M + s * geo.ss + j * geo.sj;
-      const acc_t* p = prev + l * P;
-      acc_t v;
-      if (step == 0) {
-        v = forward_first<acc_t>(x[off], lam[off]);
-      } else {
-        v = forward_step<acc_t>(x[off], lam[off], wn[off], wm[off], wp[off], p[j - 1], p[j], p[j + 1]);
+  const BlockShare<acc_t> b = block_share<kTiled>(geo, reinterpret_cast<acc_t*>(smem_raw));
+  if constexpr (kTiled) {
+    const ThreadPixel px = thread_pixel(geo, b);
+    const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kFwdOutFields);
+    const int64_t len = b.s1 - b.s0;
+    const int j = px.j, lane = threadIdx.x % 32;
+    acc_t* prev = line_buffer(b, geo.lines, kFwdFields, 0, 0, px.l);
+    acc_t* cur = line_buffer(b, geo.lines, kFwdFields, 1, 0, px.l);
+    int64_t base = px.origin;  // this thread's pixel at the tile's first step t0; step t0 + u at base + u dstep
+    for (int64_t t0 = 0; t0 < len; t0 += T, base += T * px.dstep) {
+      const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
+      // The tile's inputs, all loads issued before the first step: x (then lam x), w_neg, w_mid,
+      // w_pos and lam.
+      acc_t in[5][T] = {};
+      for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int u) {
+        in[0][q] = x[off];
+        in[4][q] = lam[off];
+        if (t0 + u > 0) {  // the first line of a group has no recurrence: its gates are unused
+          in[1][q] = wn[off];
+          in[2][q] = wm[off];
+          in[3][q] = wp[off];
+        }
+      });
+      // lam x before the steps, so that the walk holds 4 values per step (and columns stage 4 fields).
+#pragma unroll
+      for (int q = 0; q < T; ++q) in[0][q] = forward_first<acc_t>(in[0][q], in[4][q]);
+      slots_to_owners<T, kColumns, 4>(in, st);
+#pragma unroll
+      for (int u = 0; u < T; ++u) {
+        if (u >= count) break;  // the same for the whole block
+        const acc_t v = t0 + u == 0 ? in[0][u]
+                                    : forward_recur<acc_t>(in[0][u], in[1][u], in[2][u], in[3][u], prev[j - 1],
+                                                           prev[j], prev[j + 1]);
+        if (px.active) cur[j] = v;
+        if constexpr (kColumns) {
+          st.at(0, lane, u) = v;
+        } else if (px.active) {
+          h[base + u * px.dstep] = static_cast<scalar_t>(v);
+        }
+        __syncthreads();
+        acc_t* tmp = prev;
+        prev = cur;
+        cur = tmp;
       }
-      cur[l * P + j] = v;
-      h[off] = static_cast<scalar_t>(v);
+      if constexpr (kColumns) {
+        __syncwarp();
+        for_slots<T, true>(px, base, static_cast<int>(geo.L), px.dstep, count, [&](int q, int64_t off, int) {
+          h[off] = static_cast<scalar_t>(st.at(0, slot_owner<T, true>(q, lane), slot_step<T, true>(q, lane)));
+        });
+        __syncwarp();
+      }
     }
-    __syncthreads();
-    acc_t* t = prev;
-    prev = cur;
-    cur = t;
+  } else {
+    const int64_t M = geo.M, P = b.P;
+    acc_t* prev = line_buffer(b, geo.lines, kFwdFields, 0, 0, 0);
+    acc_t* cur = line_buffer(b, geo.lines, kFwdFields, 1, 0, 0);
+    for (int64_t step = 0; step < b.s1 - b.s0; ++step) {
+      const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
+      for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
+        const int l = i / static_cast<int>(M);
+        const int j = i - l * static_cast<int>(M);
+        const int64_t n = b.n0 + l;
+        if (n >= geo.N) continue;
+        const int64_t off = n * geo.L * M + s * geo.ss + j * geo.sj;
+        const acc_t* p = prev + l * P;
+        acc_t v;
+        if (step == 0) {
+          v = forward_first<acc_t>(x[off], lam[off]);
+        } else {
+          v = forward_step<acc_t>(x[off], lam[off], wn[off], wm[off], wp[off], p[j - 1], p[j], p[j + 1]);
+        }
+        cur[l * P + j] = v;
+        h[off] = static_cast<scalar_t>(v);
+      }
+      __syncthreads();
+      acc_t* t = prev;
+      prev = cur;
+      cur = t;
+    }
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// The backward: the tiled walk (kTiled: lines x M <= blockDim.x, T steps a tile) or the simple one.
+template <int T, bool kTiled, bool kColumns, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    gspn_scan_bwd_simple(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
+    gspn_scan_bwd_kernel(const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
                          const scalar_t* __restrict__ lam, const scalar_t* __restrict__ wn,
                          const scalar_t* __restrict__ wm, const scalar_t* __restrict__ wp,
                          const scalar_t* __restrict__ h, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
                          scalar_t* __restrict__ dwn, scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp,
                          const Geometry<acc_t> geo) {
   extern __shared__ unsigned char smem_raw[];
-  const BlockShare<acc_t> b = block_share<false>(geo, reinterpret_cast<acc_t*>(smem_raw));
-  const int64_t M = geo.M, P = b.P, len = b.s1 - b.s0, sj = geo.sj;
-  // `nxt` holds the adjoint of the next line in scan order, `cur` receives this line's.
-  acc_t* nxt = line_buffer(b, geo.lines, kBwdSimpleFields, 0, 0, 0);
-  acc_t* cur = line_buffer(b, geo.lines, kBwdSimpleFields, 1, 0, 0);
-  const acc_t zero(0);
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t step = len - 1 - t;  // position of this line in scan order
-    const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
-    const int64_t sn = t > 0 ? line_at(step + 1, b.s0, b.s1, geo.reverse) : 0;
-    const int64_t sp = step > 0 ? line_at(step - 1, b.s0, b.s1, geo.reverse) : 0;
-    for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
-      const int l = i / static_cast<int>(M);
-      const int j = i - l * static_cast<int>(M);
-      const int64_t n = b.n0 + l;
-      if (n >= geo.N) continue;
-      const int64_t pix = n * geo.L * M + j * sj;  // position j of line 0 of plane n
-      const int64_t off = pix + s * geo.ss;
-      const bool has_left = j > 0, has_right = j + 1 < M;
-      acc_t a = gh[off];
-      if (t > 0) {
-        const int64_t on = pix + sn * geo.ss;
-        const acc_t* an = nxt + l * P;
-        a = adjoint_step<acc_t>(a, has_right ? acc_t(wn[on + sj]) : zero, an[j + 1], wm[on], an[j],
-                                has_left ? acc_t(wp[on - sj]) : zero, an[j - 1]);
+  const BlockShare<acc_t> b = block_share<kTiled>(geo, reinterpret_cast<acc_t*>(smem_raw));
+  if constexpr (kTiled) {
+    const ThreadPixel px = thread_pixel(geo, b);
+    const WarpStage<T, acc_t> st = warp_stage<T>(b.buf + geo.buf_floats, kBwdOutFields);
+    const int64_t len = b.s1 - b.s0;
+    const int j = px.j, lane = threadIdx.x % 32;
+    // Per half: the adjoint and the three gates of a line, and the output of the line before it.
+    enum : int { kA = 0, kN = 1, kM = 2, kP = 3, kH = 4 };
+    auto buffer = [&](int half, int field) {
+      return line_buffer(b, geo.lines, kBwdTiledFields, half, field, px.l);
+    };
+    scalar_t* const grads_out[kBwdOutFields] = {dx, dlam, dwn, dwm, dwp};
+    int half = 0;  // the half this step writes; the other holds the next line in scan order
+    // Tiles of steps t = t0 .. t0 + T - 1 against scan order: scan step len - 1 - t.
+    for (int64_t t0 = 0; t0 < len; t0 += T) {
+      const int64_t base = px.origin + (len - 1 - t0) * px.dstep;  // tile step u at base - u dstep
+      const int count = static_cast<int>(len - t0 < T ? len - t0 : T);
+      // grad_h, x, lam, w_neg, w_mid, w_pos of the line and h of the line before it in scan order.
+      acc_t in[7][T] = {};
+      for_slots<T, kColumns>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int u) {
+        in[0][q] = gh[off];
+        in[1][q] = x[off];
+        in[2][q] = lam[off];
+        if (len - 1 - t0 - u > 0) {  // the first line of a group has no recurrence: gates and h_p unused
+          in[3][q] = wn[off];
+          in[4][q] = wm[off];
+          in[5][q] = wp[off];
+          in[6][q] = h[off - px.dstep];
+        }
+      });
+      slots_to_owners<T, kColumns, 7>(in, st);
+#pragma unroll
+      for (int u = 0; u < T; ++u) {
+        if (u >= count) break;  // the same for the whole block
+        const acc_t* an = buffer(1 - half, kA);
+        acc_t a = in[0][u];
+        if (t0 + u > 0) {
+          a = adjoint_step<acc_t>(a, buffer(1 - half, kN)[j + 1], an[j + 1], buffer(1 - half, kM)[j], an[j],
+                                  buffer(1 - half, kP)[j - 1], an[j - 1]);
+        }
+        acc_t* hb = buffer(half, kH);
+        if (px.active) {
+          buffer(half, kA)[j] = a;
+          buffer(half, kN)[j] = in[3][u];
+          buffer(half, kM)[j] = in[4][u];
+          buffer(half, kP)[j] = in[5][u];
+          hb[j] = in[6][u];
+        }
+        __syncthreads();
+        const StepGrads<acc_t> d = step_grads<acc_t>(a, in[1][u], in[2][u], hb[j - 1], in[6][u], hb[j + 1]);
+        const acc_t ds[kBwdOutFields] = {d.dx, d.dlam, d.dwn, d.dwm, d.dwp};
+#pragma unroll
+        for (int f = 0; f < kBwdOutFields; ++f) {
+          if constexpr (kColumns) {
+            st.at(f, lane, u) = ds[f];
+          } else if (px.active) {
+            grads_out[f][base - u * px.dstep] = static_cast<scalar_t>(ds[f]);
+          }
+        }
+        half = 1 - half;
       }
-      cur[l * P + j] = a;
-      acc_t hn = zero, hm = zero, hp = zero;
-      if (step > 0) {
-        const int64_t op = pix + sp * geo.ss;
-        hm = h[op];
-        if (has_left) hn = h[op - sj];
-        if (has_right) hp = h[op + sj];
+      if constexpr (kColumns) {
+        __syncwarp();
+        for_slots<T, true>(px, base, static_cast<int>(geo.L), -px.dstep, count, [&](int q, int64_t off, int) {
+          const int o = slot_owner<T, true>(q, lane), u = slot_step<T, true>(q, lane);
+#pragma unroll
+          for (int f = 0; f < kBwdOutFields; ++f) grads_out[f][off] = static_cast<scalar_t>(st.at(f, o, u));
+        });
+        __syncwarp();
       }
-      const StepGrads<acc_t> d = step_grads<acc_t>(a, x[off], lam[off], hn, hm, hp);
-      dx[off] = static_cast<scalar_t>(d.dx);
-      dlam[off] = static_cast<scalar_t>(d.dlam);
-      dwn[off] = static_cast<scalar_t>(d.dwn);
-      dwm[off] = static_cast<scalar_t>(d.dwm);
-      dwp[off] = static_cast<scalar_t>(d.dwp);
     }
-    __syncthreads();
-    acc_t* tmp = nxt;
-    nxt = cur;
-    cur = tmp;
+  } else {
+    const int64_t M = geo.M, P = b.P, len = b.s1 - b.s0, sj = geo.sj;
+    // `nxt` holds the adjoint of the next line in scan order, `cur` receives this line's.
+    acc_t* nxt = line_buffer(b, geo.lines, kBwdSimpleFields, 0, 0, 0);
+    acc_t* cur = line_buffer(b, geo.lines, kBwdSimpleFields, 1, 0, 0);
+    const acc_t zero(0);
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t step = len - 1 - t;  // position of this line in scan order
+      const int64_t s = line_at(step, b.s0, b.s1, geo.reverse);
+      const int64_t sn = t > 0 ? line_at(step + 1, b.s0, b.s1, geo.reverse) : 0;
+      const int64_t sp = step > 0 ? line_at(step - 1, b.s0, b.s1, geo.reverse) : 0;
+      for (int i = threadIdx.x; i < b.work; i += blockDim.x) {
+        const int l = i / static_cast<int>(M);
+        const int j = i - l * static_cast<int>(M);
+        const int64_t n = b.n0 + l;
+        if (n >= geo.N) continue;
+        const int64_t pix = n * geo.L * M + j * sj;  // position j of line 0 of plane n
+        const int64_t off = pix + s * geo.ss;
+        const bool has_left = j > 0, has_right = j + 1 < M;
+        acc_t a = gh[off];
+        if (t > 0) {
+          const int64_t on = pix + sn * geo.ss;
+          const acc_t* an = nxt + l * P;
+          a = adjoint_step<acc_t>(a, has_right ? acc_t(wn[on + sj]) : zero, an[j + 1], wm[on], an[j],
+                                  has_left ? acc_t(wp[on - sj]) : zero, an[j - 1]);
+        }
+        cur[l * P + j] = a;
+        acc_t hn = zero, hm = zero, hp = zero;
+        if (step > 0) {
+          const int64_t op = pix + sp * geo.ss;
+          hm = h[op];
+          if (has_left) hn = h[op - sj];
+          if (has_right) hp = h[op + sj];
+        }
+        const StepGrads<acc_t> d = step_grads<acc_t>(a, x[off], lam[off], hn, hm, hp);
+        dx[off] = static_cast<scalar_t>(d.dx);
+        dlam[off] = static_cast<scalar_t>(d.dlam);
+        dwn[off] = static_cast<scalar_t>(d.dwn);
+        dwm[off] = static_cast<scalar_t>(d.dwm);
+        dwp[off] = static_cast<scalar_t>(d.dwp);
+      }
+      __syncthreads();
+      acc_t* tmp = nxt;
+      nxt = cur;
+      cur = tmp;
+    }
   }
 }
 
@@ -522,9 +512,9 @@ LaunchPlan plan_launch(const ScanArgs& a, const ScanKind& kind) {
   auto buffer_bytes = [&](int fields) {
     return 2 * fields * static_cast<size_t>(p.lines) * static_cast<size_t>(M + 2) * sizeof(acc_t);
   };
-  const size_t stage_bytes =
-      a.columns ? static_cast<size_t>(p.threads) * (tile_steps<scalar_t>(kind) + 1) * kind.out_fields * sizeof(acc_t)
-                : 0;
+  const size_t stage_floats =
+      a.columns ? static_cast<size_t>(p.threads) * (tile_steps<scalar_t>(kind) + 1) * kind.out_fields : 0;
+  const size_t stage_bytes = stage_floats * sizeof(acc_t);
   // The tiled kernels keep everything in shared memory; where that would not fit (float64 on a GPU
   // with little shared memory) the simple kernels run instead.
   // (Column tiles also address a warp's pixels by 32-bit offsets of up to 33 L: L < 2^26.)
@@ -543,7 +533,8 @@ template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), unsigned int grid, int threads, size_t smem, cudaStream_t stream,
                    Args&&... args) {
   if (smem > kDefaultSharedBytes) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -577,13 +568,13 @@ void launch_scan_fwd_cuda(const ScanArgs& a, at::Tensor& h) {
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int T = tile_steps<scalar_t>(kForward);
-    auto kernel = &gspn_scan_fwd_simple<scalar_t, acc_t>;
-    if (p.tiled && a.columns) kernel = &gspn_scan_fwd_tiled<T, true, scalar_t, acc_t>;
-    if (p.tiled && !a.columns) kernel = &gspn_scan_fwd_tiled<T, false, scalar_t, acc_t>;
+    auto kernel = &gspn_scan_fwd_kernel<1, false, false, scalar_t, acc_t>;  // the simple walk
+    if (p.tiled && a.columns) kernel = &gspn_scan_fwd_kernel<T, true, true, scalar_t, acc_t>;
+    if (p.tiled && !a.columns) kernel = &gspn_scan_fwd_kernel<T, true, false, scalar_t, acc_t>;
     launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, p.shared_bytes, stream,
-                  a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(), a.wn.const_data_ptr<scalar_t>(),
-                  a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
-                  geo);
+                  a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
+                  a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(),
+                  a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), geo);
   });
 }
 
@@ -593,13 +584,14 @@ void launch_scan_bwd_cuda(const ScanArgs& a, const at::Tensor& grad_h, const at:
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int T = tile_steps<scalar_t>(kBackward);
-    auto kernel = &gspn_scan_bwd_simple<scalar_t, acc_t>;
-    if (p.tiled && a.columns) kernel = &gspn_scan_bwd_tiled<T, true, scalar_t, acc_t>;
-    if (p.tiled && !a.columns) kernel = &gspn_scan_bwd_tiled<T, false, scalar_t, acc_t>;
+    auto kernel = &gspn_scan_bwd_kernel<1, false, false, scalar_t, acc_t>;  // the simple walk
+    if (p.tiled && a.columns) kernel = &gspn_scan_bwd_kernel<T, true, true, scalar_t, acc_t>;
+    if (p.tiled && !a.columns) kernel = &gspn_scan_bwd_kernel<T, true, false, scalar_t, acc_t>;
     launch_kernel(kernel, static_cast<unsigned int>(p.blocks), p.threads, p.shared_bytes, stream,
-                  grad_h.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
-                  a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(),
-                  h.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
+                  grad_h.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                  a.lam.const_data_ptr<scalar_t>(), a.wn.const_data_ptr<scalar_t>(),
+                  a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                  dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
                   dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(),
                   dwp.mutable_data_ptr<scalar_t>(), geo);
   });
