@@ -148,7 +148,7 @@ __device__ ThreadPixel thread_pixel(const Geometry<acc_t>& geo, const BlockShare
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tiled kernels (lines x M <= blockDim.x)
+// The tiled walk (lines x M <= blockDim.x): helpers
 //
 // A tile is the T steps t0 .. t0 + count - 1 of the walk; each thread holds its pixel's inputs for
 // all of them in registers, in[field][u] for tile step u.  Rows load them directly: at each u the
@@ -191,8 +191,8 @@ __device__ __forceinline__ void for_slots(const ThreadPixel& px, int64_t base, i
                                           Fetch&& fetch) {
   const int i = threadIdx.x, lane = lane_id();
   // Slot q's thread and offset from base advance by fixed strides from slot 0's (written out, so that
-  // the compiler keeps two values across the tiles rather than T offsets).  The offsets stay within
-  // 31 L + T M < 2^31 (plan_launch's limit on L).
+  // the compiler keeps two values across the tiles rather than T offsets).  |rel| stays below
+  // 33 L + T M < 2^31 (plan_launch's limit on L for column tiles).
   const int u0 = slot_step<T, kColumns>(0, lane);
   const int i_stride = slot_owner<T, kColumns>(1, lane) - slot_owner<T, kColumns>(0, lane);
   const int u_stride = slot_step<T, kColumns>(1, lane) - u0;
@@ -517,9 +517,9 @@ LaunchPlan plan_launch(const ScanArgs& a, const ScanKind& kind) {
   const size_t stage_bytes = stage_floats * sizeof(acc_t);
   // The tiled kernels keep everything in shared memory; where that would not fit (float64 on a GPU
   // with little shared memory) the simple kernels run instead.
-  // (Column tiles also address a warp's pixels by 32-bit offsets of up to 33 L: L < 2^26.)
+  // (Column tiles also address a warp's pixels by 32-bit offsets of up to 33 L: L < 2^25.)
   p.tiled = work <= kMaxThreads && buffer_bytes(kind.tiled_fields) + stage_bytes <= max_shared &&
-            (!a.columns || a.L < (int64_t{1} << 26));
+            (!a.columns || a.L < (int64_t{1} << 25));
   const int fields = p.tiled ? kind.tiled_fields : kind.simple_fields;
   p.buf_floats = 2 * fields * static_cast<int64_t>(p.lines) * (M + 2);
   p.global_ws = buffer_bytes(fields) > max_shared;
