@@ -472,12 +472,17 @@ CUDA_DEVICES = [d for d in DEVICES if d != "cpu"]
 
 # (shape, direction): lines of M = 7, 13, 11, 33, 9, 200 pixels take the tiled kernels (several lines
 # per block where M is small; scan lengths 13, 11, 9, 7, 33, 200, 5: not all multiples of the tile
-# of 8 / 4 steps), M = 1100 the simple kernels, for rows and for columns.
-CUDA_PATH_CASES = [
-    (shape, direction)
-    for shape in [(2, 3, 13, 7), (1, 3, 11, 33), (1, 2, 9, 200)]
-    for direction in DIRECTIONS
-] + [((1, 2, 5, 1100), "t2b"), ((1, 2, 5, 1100), "b2t"), ((1, 2, 1100, 5), "l2r"), ((1, 2, 1100, 5), "r2l")]
+# of 8 / 4 steps), M = 1100 the simple kernels, for rows and for columns.  37 lines of 12 pixels fill
+# one block of 21 lines and leave a second one partly idle (threads past the last line).
+CUDA_PATH_CASES = (
+    [
+        (shape, direction)
+        for shape in [(2, 3, 13, 7), (1, 3, 11, 33), (1, 2, 9, 200)]
+        for direction in DIRECTIONS
+    ]
+    + [((1, 2, 5, 1100), "t2b"), ((1, 2, 5, 1100), "b2t"), ((1, 2, 1100, 5), "l2r"), ((1, 2, 1100, 5), "r2l")]
+    + [((1, 37, 5, 12), "t2b"), ((1, 37, 12, 5), "r2l")]
+)
 
 
 def _cuda_path_inputs(shape, direction, dtype):
