@@ -464,3 +464,67 @@ def test_column_tiles_float32(direction, chunk):
     go = torch.randn(shape, generator=g)
     for a, b in zip(grads(out, ins, go), grads(ref, ins, go)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ CUDA kernel paths (issue: column scans)
+
+CUDA_DEVICES = [d for d in DEVICES if d != "cpu"]
+
+# (shape, direction): lines of M = 7, 13, 11, 33, 9, 200 pixels take the tiled kernels (several lines
+# per block where M is small; scan lengths 13, 11, 9, 7, 33, 200, 5: not all multiples of the tile
+# of 8 / 4 steps), M = 1100 the simple kernels, for rows and for columns.  37 lines of 12 pixels fill
+# one block of 21 lines and leave a second one partly idle (threads past the last line).
+CUDA_PATH_CASES = (
+    [
+        (shape, direction)
+        for shape in [(2, 3, 13, 7), (1, 3, 11, 33), (1, 2, 9, 200)]
+        for direction in DIRECTIONS
+    ]
+    + [((1, 2, 5, 1100), "t2b"), ((1, 2, 5, 1100), "b2t"), ((1, 2, 1100, 5), "l2r"), ((1, 2, 1100, 5), "r2l")]
+    + [((1, 37, 5, 12), "t2b"), ((1, 37, 12, 5), "r2l")]
+)
+
+
+def _cuda_path_inputs(shape, direction, dtype):
+    """Inputs (x, lam, row-stochastic gates) and an incoming gradient, rounded to `dtype` and returned
+    as float64 CPU tensors."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    lam = torch.rand(shape, generator=g, dtype=torch.float64)
+    gates = normalize_gates(
+        *(torch.randn(shape, generator=g, dtype=torch.float64) * 2 for _ in range(3)), direction
+    )
+    go = torch.randn(shape, generator=g, dtype=torch.float64)
+    return [t.to(dtype).double() for t in (x, lam, *gates, go)]
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 5])
+@pytest.mark.parametrize(
+    ("shape", "direction"),
+    CUDA_PATH_CASES,
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+)
+def test_cuda_kernel_paths_match_reference(device, dtype, chunk, shape, direction):
+    """Both CUDA kernel paths (register tiles for lines of up to 1024 pixels, the per-step loop beyond),
+    rows and in-place columns, chunked and global, forward and all five gradients against autograd of
+    the float64 reference on the same (rounded) inputs."""
+    *ins64, go64 = _cuda_path_inputs(shape, direction, dtype)
+    ref_ins = [t.clone().requires_grad_() for t in ins64]
+    ref = scan_reference(*ref_ins, direction=direction, chunk_size=chunk)
+    ref_g = grads(ref, ref_ins, go64)
+    ins = [t.to(device, dtype).requires_grad_() for t in ins64]
+    out = gspn_scan(*ins, direction=direction, chunk_size=chunk, backend="kernel")
+    assert out.dtype == dtype and out.device.type == device
+    got_g = grads(out, ins, go64.to(device, dtype))
+    tol = {torch.float64: 1e-12, torch.float32: 5e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b in zip(("h", "x", "lam", "w_neg", "w_mid", "w_pos"), [out, *got_g], [ref, *ref_g]):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(
+            a.detach().double().cpu(),
+            b.detach(),
+            rtol=tol,
+            atol=tol * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
