@@ -155,8 +155,7 @@ def assert_error_budget(names, run, dtype):
     [
         ((3, 5, 16, 16), torch.float32, None),  # staged: several planes per block, the last block short
         ((2, 3, 14, 14), torch.bfloat16, 4),  # staged without 16-byte copies (a 14 x 14 map is 392 bytes)
-        ((1, 3, 9, 40), torch.float64, 3),  # staged, non-square, float64
-        ((1, 3, 9, 200), torch.float32, 3),  # forward staged one plane per block; backward over the limit
+        ((1, 3, 9, 40), torch.float64, 3),  # staged, one plane per block, non-square
         ((1, 2, 300, 7), torch.float32, None),  # lines of 300 positions: in place
         ((1, 1, 80, 72), torch.float64, 5),  # a plane over the staging limit: in place
     ],

@@ -1,10 +1,10 @@
 // CUDA kernels of the fused GSPN mixer propagation (the math is in gspn_step.h, second part).
 //
 // One launch for all directions.  A thread block owns one (batch x channel) plane, or, for planes that
-// fit in shared memory, `ppb` planes ("staged"): the block copies each plane's x (and, in the
-// backward, dL/dy) and, direction by direction, its six gate maps into shared memory with 16-byte
-// coalesced loads, runs the directions there, and writes the results (y; dx and each direction's six
-// gate gradients) back with coalesced stores.  Staging takes the column directions' strided reads off global memory and
+// fit in shared memory, `ppb` planes ("staged"): the block first copies each plane's operands (x, its
+// 6 K gate maps and, in the backward, dL/dy) into shared memory with 16-byte coalesced loads, runs
+// every direction there, and writes the results (y; dx and each direction's six gate gradients) back
+// with coalesced stores.  Staging takes the column directions' strided reads off global memory and
 // puts several small planes (a 16 x 16 DiT grid, say) in one block so its threads are not idle.
 // Larger planes are read in place: column directions (l2r/r2l) then read their lines with a stride
 // of W (uncoalesced).  Either way the block walks each direction's chunks line by line with one
@@ -46,7 +46,8 @@ struct StagedLayout {
   int64_t map;                                       // bytes between two scalar maps
 };
 
-GSPN_HD StagedLayout staged_layout(bool backward, int64_t P, int64_t HW, int64_t acc_size, int64_t scalar_size) {
+GSPN_HD StagedLayout staged_layout(bool backward, int64_t P, int64_t HW, int64_t K, int64_t acc_size,
+                                   int64_t scalar_size) {
   StagedLayout s{};
   const int64_t acc_map = round16(HW * acc_size);
   s.map = round16(HW * scalar_size);
@@ -62,7 +63,7 @@ GSPN_HD StagedLayout staged_layout(bool backward, int64_t P, int64_t HW, int64_t
   s.gy = o;
   o += backward ? s.map : 0;
   s.gates = o;
-  o += kGateFields * s.map;  // the current direction's six gate maps
+  o += kGateFields * K * s.map;
   s.dg = o;
   o += backward ? kGateFields * s.map : 0;
   s.total = o;
@@ -228,7 +229,8 @@ __device__ PlaneView<scalar_t, acc_t> plane_view(unsigned char* smem, const Prop
     v.g0 = reinterpret_cast<const scalar_t*>(base + geo.st.gates);
     v.dg0 = reinterpret_cast<scalar_t*>(base + geo.st.dg);
     v.f_stride = geo.st.map / static_cast<int64_t>(sizeof(scalar_t));
-    v.k_stride = v.dk_stride = 0;  // one direction's six maps at a time (gates staged, gradients written back)
+    v.k_stride = kGateFields * v.f_stride;
+    v.dk_stride = 0;  // one direction's six maps at a time, written back after each direction
     v.acc0 = reinterpret_cast<acc_t*>(base + geo.st.acc0);
     v.acc1 = reinterpret_cast<acc_t*>(base + geo.st.acc1);
     v.buf = reinterpret_cast<acc_t*>(base + geo.st.buf);
@@ -246,30 +248,26 @@ __device__ PlaneView<scalar_t, acc_t> plane_view(unsigned char* smem, const Prop
   return v;
 }
 
-// Staged blocks: x (and dL/dy, unless null) of every plane into shared memory.
+// Staged blocks: x (and dL/dy) and the 6 K gate maps of every plane into shared memory.
 template <typename scalar_t>
-__device__ void stage_planes(unsigned char* smem, const PropagateGeometry& geo, int64_t n0, int nb,
-                             const scalar_t* x, const scalar_t* gy) {
+__device__ void stage_inputs(unsigned char* smem, const PropagateGeometry& geo, int64_t n0, int nb,
+                             const scalar_t* x, const scalar_t* gy, const scalar_t* gates) {
   const int64_t HW = geo.H * geo.W;
-  copy_maps<scalar_t, true>(
-      nb, gy == nullptr ? 1 : 2, HW, geo.vec,
-      [&](int p, int m) { return const_cast<scalar_t*>((m == 0 ? x : gy) + (n0 + p) * HW); },
-      [&](int p, int m) {
-        return reinterpret_cast<scalar_t*>(staged_plane(smem, geo, p) + (m == 0 ? geo.st.x : geo.st.gy));
-      });
-}
-
-// Staged blocks: the six gate maps of direction `dir` of every plane into shared memory (one
-// direction at a time, so that a plane takes less shared memory and more planes fit).
-template <typename scalar_t>
-__device__ void stage_gates(unsigned char* smem, const PropagateGeometry& geo, int64_t n0, int nb,
-                            const scalar_t* gates, int64_t dir) {
-  copy_maps<scalar_t, true>(
-      nb, kGateFields, geo.H * geo.W, geo.vec,
-      [&](int p, int f) { return const_cast<scalar_t*>(gate_map(gates, geo, n0 + p, dir, f)); },
-      [&](int p, int f) {
-        return reinterpret_cast<scalar_t*>(staged_plane(smem, geo, p) + geo.st.gates + f * geo.st.map);
-      });
+  const int first_gate = gy == nullptr ? 1 : 2, maps = first_gate + kGateFields * static_cast<int>(geo.K);
+  auto global = [&](int p, int m) -> scalar_t* {
+    const int64_t n = n0 + p;
+    if (m == 0) return const_cast<scalar_t*>(x + n * HW);
+    if (m < first_gate) return const_cast<scalar_t*>(gy + n * HW);
+    const int g = m - first_gate;
+    return const_cast<scalar_t*>(gate_map(gates, geo, n, g / kGateFields, g % kGateFields));
+  };
+  auto shared = [&](int p, int m) -> scalar_t* {
+    unsigned char* base = staged_plane(smem, geo, p);
+    if (m == 0) return reinterpret_cast<scalar_t*>(base + geo.st.x);
+    if (m < first_gate) return reinterpret_cast<scalar_t*>(base + geo.st.gy);
+    return reinterpret_cast<scalar_t*>(base + geo.st.gates + (m - first_gate) * geo.st.map);
+  };
+  copy_maps<scalar_t, true>(nb, maps, HW, geo.vec, global, shared);
 }
 
 // Staged blocks: one float map per plane (y or dx, at `offset` in the plane) back to global memory.
@@ -293,7 +291,7 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads)
   const PlaneView<scalar_t, acc_t> v = plane_view<scalar_t, acc_t, kStaged>(
       smem_raw, geo, t, x, nullptr, gates, nullptr, y, nullptr, ws);
   if constexpr (kStaged) {
-    stage_planes(smem_raw, geo, n0, t.nb, x, static_cast<const scalar_t*>(nullptr));
+    stage_inputs(smem_raw, geo, n0, t.nb, x, static_cast<const scalar_t*>(nullptr), gates);
     zero_staged_floats<acc_t>(smem_raw, geo, t.nb);
   } else {
     zero_fill(v.acc0, geo.H * geo.W);
@@ -301,10 +299,6 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads)
   acc_t* yp = v.acc0;
   for (int64_t dir = 0; dir < geo.K; ++dir) {
     const DirectionView d(geo, dir);
-    if constexpr (kStaged) {
-      __syncthreads();  // the last direction's reads of the staged gates are done
-      stage_gates(smem_raw, geo, n0, t.nb, gates, dir);  // visible after the group's first barrier
-    }
     const scalar_t* g[kGateFields];
     for (int f = 0; f < kGateFields; ++f) g[f] = v.g0 + dir * v.k_stride + f * v.f_stride;
     const acc_t m = t.live ? static_cast<acc_t>(merge[dir * geo.C + c]) : acc_t(0);
@@ -352,7 +346,7 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads)
   const PlaneView<scalar_t, acc_t> v = plane_view<scalar_t, acc_t, kStaged>(
       smem_raw, geo, t, x, gy, gates, dgates, hws, dx, ws);
   if constexpr (kStaged) {
-    stage_planes(smem_raw, geo, n0, t.nb, x, gy);
+    stage_inputs(smem_raw, geo, n0, t.nb, x, gy, gates);
     zero_staged_floats<acc_t>(smem_raw, geo, t.nb);
   } else {
     zero_fill(v.acc1, HW);
@@ -362,10 +356,6 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads)
   const acc_t zero(0);
   for (int64_t dir = 0; dir < geo.K; ++dir) {
     const DirectionView d(geo, dir);
-    if constexpr (kStaged) {
-      __syncthreads();  // the last direction's reads of the staged gates are done
-      stage_gates(smem_raw, geo, n0, t.nb, gates, dir);  // visible after the group's first barrier
-    }
     const scalar_t* g[kGateFields];
     scalar_t* dg[kGateFields];
     for (int f = 0; f < kGateFields; ++f) {
@@ -477,7 +467,7 @@ void plan_propagate(const PropagateArgs& a, bool backward, std::initializer_list
   const int64_t side = std::max(a.H, a.W);
   TORCH_CHECK(side <= INT_MAX / 2, "gspn propagate: lines too long for the CUDA kernel");
   geo.side = static_cast<int>(side);
-  geo.st = staged_layout(backward, geo.P, HW, sizeof(acc_t), sizeof(scalar_t));
+  geo.st = staged_layout(backward, geo.P, HW, a.K, sizeof(acc_t), sizeof(scalar_t));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (staging_enabled() && side <= kStagedThreads && static_cast<size_t>(geo.st.total) <= kStagedShared) {
     const int64_t by_threads = std::max<int64_t>(1, kStagedThreads / side);
