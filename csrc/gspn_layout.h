@@ -4,9 +4,8 @@
 //   t2b: lines are rows (L = H, M = W), forwards     b2t: the same, backwards
 //   l2r: lines are columns (L = W, M = H), forwards  r2l: the same, backwards
 // Tensors are made contiguous (B*C planes).  For column scans a backend either asks for a transposed
-// copy (`transpose_copy`: planes become (W, H), lines contiguous; no backend does now) or keeps the
-// image layout and handles the strided lines itself (`ScanArgs::columns`; the CPU kernels tile them,
-// the CUDA kernels read them in place).
+// copy (`transpose_copy`: planes become (W, H), lines contiguous; the CUDA path) or keeps the
+// image layout and handles the strided lines itself (`ScanArgs::columns`; the CPU path tiles them).
 #pragma once
 
 #include <ATen/ATen.h>

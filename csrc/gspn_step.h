@@ -27,24 +27,17 @@
 
 namespace gspn {
 
-// Output of the first line of a group in scan order: no recurrence term.  Also the input term of
-// every other line.
-template <typename acc_t>
-GSPN_HD acc_t forward_first(acc_t x, acc_t lam) {
-  return lam * x;
-}
-
-// Output of a line with a previous line in its group, from its input term lam x.
-template <typename acc_t>
-GSPN_HD acc_t forward_recur(acc_t input, acc_t wn, acc_t wm, acc_t wp, acc_t h_neg, acc_t h_mid, acc_t h_pos) {
-  return input + wn * h_neg + wm * h_mid + wp * h_pos;
-}
-
 // Output of a line with a previous line in its group.
 template <typename acc_t>
 GSPN_HD acc_t forward_step(acc_t x, acc_t lam, acc_t wn, acc_t wm, acc_t wp, acc_t h_neg, acc_t h_mid,
                            acc_t h_pos) {
-  return forward_recur<acc_t>(forward_first<acc_t>(x, lam), wn, wm, wp, h_neg, h_mid, h_pos);
+  return lam * x + wn * h_neg + wm * h_mid + wp * h_pos;
+}
+
+// Output of the first line of a group in scan order: no recurrence term.
+template <typename acc_t>
+GSPN_HD acc_t forward_first(acc_t x, acc_t lam) {
+  return lam * x;
 }
 
 // Adjoint of h at one pixel: its own incoming gradient plus what the three pixels of the next line
