@@ -21,6 +21,7 @@ per case group, interleaved with the cases.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -533,6 +534,52 @@ def section_mixer(args, rec: Record) -> None:
 # train: one training step of gspn_t at 224x224, batch 64, bf16 autocast
 
 
+def adamw_step(model: torch.nn.Module, loss_fn, device: torch.device, losses: list | None = None):
+    """One bf16-autocast training step of ``model`` on ``loss_fn()`` with AdamW (lr 1e-4), as a closure;
+    each step's loss is appended to ``losses``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if losses is not None:
+            losses.append(loss.detach())
+
+    return step
+
+
+def budgeted_models(rec: Record, cases, label, device: torch.device):
+    """``(name, kwargs, size, batch, case, model)`` for each ``(name, kwargs, size, batch)`` of ``cases``
+    while the section's budget lasts (later ones are recorded as skipped), the model built on
+    ``device`` from seed 0."""
+    from gspn_lightning.models import create_model
+
+    for name, kw, size, batch in cases:
+        case = label(name, size, batch)
+        if not rec.time_left(reserve=5.0):
+            rec.skip(case, "section time budget spent")
+            continue
+        with recorded(rec, case, device):
+            torch.manual_seed(0)
+            model = create_model(name, **kw).to(device)
+            yield name, kw, size, batch, case, model
+
+
+@contextlib.contextmanager
+def recorded(rec: Record, case: str, device: torch.device):
+    """Records an exception of the block as the case's error and goes on (freeing the cache after an
+    out-of-memory)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - record and go on with the next case
+        rec.error(case, exc)
+        if is_oom(exc) and device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def section_train(args, rec: Record) -> None:
     from gspn_lightning.models import create_model
 
@@ -543,19 +590,10 @@ def section_train(args, rec: Record) -> None:
         model_kw, batch, size, steps = {}, 64, 224, 8
     torch.manual_seed(0)
     model = create_model("gspn_t", num_classes=1000, **model_kw).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     losses = []
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-
+    step = adamw_step(model, lambda: torch.nn.functional.cross_entropy(model(images), labels), device, losses)
     step()
     peak_reset(device)
     t = time_ms(step, device, steps, warmup=1)
@@ -587,8 +625,6 @@ def training_diffusion():
 
 
 def section_gen(args, rec: Record) -> None:
-    from gspn_lightning.models import create_model
-
     device = pick_device(args.rehearsal)
     if args.rehearsal:
         cases = [
@@ -600,27 +636,15 @@ def section_gen(args, rec: Record) -> None:
     else:
         cases = [(n, {}, s, b) for s, b in ((32, 32), (64, 8)) for n in ("gspn_dit_xl_2", "dit_xl_2")]
     diffusion = training_diffusion()
-    for name, kw, size, batch in cases:
-        case = f"{name} latent {size}x{size} batch {batch}"
-        if not rec.time_left(reserve=5.0):
-            rec.skip(case, "section time budget spent")
-            continue
-        try:
-            torch.manual_seed(0)
-            model = create_model(name, **kw).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    label = lambda name, size, batch: f"{name} latent {size}x{size} batch {batch}"
+    for name, _, size, batch, case, model in budgeted_models(rec, cases, label, device):
+        step = None
+        with recorded(rec, case, device):
             x = torch.randn(batch, 4, size, size, device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
             losses = []
-
-            def step(model=model, opt=opt, x=x, y=y, losses=losses):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = diffusion.training_losses(model, x, y)["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach())
-
+            loss_fn = lambda m=model, x=x, y=y: diffusion.training_losses(m, x, y)["loss"].mean()
+            step = adamw_step(model, loss_fn, device, losses)
             step()
             peak_reset(device)
             t = time_ms(step, device, 2 if args.rehearsal else 5, warmup=1)
@@ -628,11 +652,7 @@ def section_gen(args, rec: Record) -> None:
                     images_per_s=batch / (t["ms"] * 1e-3), peak_mib=peak_mib(device),
                     loss_finite=all(bool(torch.isfinite(v)) for v in losses),
                     params_m=sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
-            del model, opt
-        except Exception as exc:  # noqa: BLE001
-            rec.error(case, exc)
-            if is_oom(exc) and device.type == "cuda":
-                torch.cuda.empty_cache()
+        del model, step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,8 +733,6 @@ def _top_kernels(step, device: torch.device, top: int) -> tuple[float, list[dict
 def section_profile(args, rec: Record) -> None:
     """One GSPN-DiT-XL/2 training step (latent 32², batch 32, as in ``gen``) and one GSPN-T training
     step (batch 64 at 224², as in ``train``), each after a warm-up step: their top kernels."""
-    from gspn_lightning.models import create_model
-
     device = pick_device(args.rehearsal)
     diffusion = training_diffusion()
     if args.rehearsal:
@@ -722,15 +740,10 @@ def section_profile(args, rec: Record) -> None:
                  ("gspn_t", dict(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), 64, 2)]  # fmt: skip
     else:
         cases = [("gspn_dit_xl_2", {}, 32, 32), ("gspn_t", {"num_classes": 1000}, 224, 64)]
-    for name, kw, size, batch in cases:
-        case = f"{name} {size}x{size} batch {batch}"
-        if not rec.time_left(reserve=5.0):
-            rec.skip(case, "section time budget spent")
-            continue
-        try:
-            torch.manual_seed(0)
-            model = create_model(name, **kw).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    label = lambda name, size, batch: f"{name} {size}x{size} batch {batch}"
+    for name, kw, size, batch, case, model in budgeted_models(rec, cases, label, device):
+        step = None
+        with recorded(rec, case, device):
             if name.startswith("gspn_dit"):
                 x = torch.randn(batch, 4, size, size, device=device)
                 y = torch.randint(0, 1000, (batch,), device=device)
@@ -739,23 +752,12 @@ def section_profile(args, rec: Record) -> None:
                 x = torch.randn(batch, 3, size, size, device=device)
                 y = torch.randint(0, kw.get("num_classes", 1000), (batch,), device=device)
                 loss_fn = lambda m=model, x=x, y=y: torch.nn.functional.cross_entropy(m(x), y)
-
-            def step(loss_fn=loss_fn, opt=opt):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = loss_fn()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
+            step = adamw_step(model, loss_fn, device)
             step()
             sync(device)
             total, rows = _top_kernels(step, device, top=15)
             rec.add(kind="profile", case=case, device_ms=total, top=rows)
-            del model, opt
-        except Exception as exc:  # noqa: BLE001
-            rec.error(case, exc)
-            if is_oom(exc) and device.type == "cuda":
-                torch.cuda.empty_cache()
+        del model, step
 
 
 # ----------------------------------------------------------------------------------------------------
