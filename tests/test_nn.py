@@ -172,6 +172,21 @@ def test_grn():
     torch.testing.assert_close(grn(x), 0.5 * x * nx + 0.1 + x)
 
 
+def test_grn_gradients_match_formula():
+    """GRN (computed as x * (gamma N + 1) + beta) against gamma * (x * N) + beta + x: output and the
+    gradients of x, gamma and beta, per-channel random parameters, float64."""
+    grn = randomize_(GRN(6), seed=1)
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    g = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+    ref = grn.gamma * (x * (g / (g.mean(dim=1, keepdim=True) + grn.eps))) + grn.beta + x
+    out = grn(x)
+    torch.testing.assert_close(out, ref)
+    params = (x, grn.gamma, grn.beta)
+    for a, b in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(ref, params, go), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_drop_path():
     dp = DropPath(0.5)
     x = torch.ones(64, 3, 2, 2)

@@ -11,4 +11,10 @@ from .norm import GRN, LayerNorm2d
 __all__ = [
     "GRN",
     "DepthwiseConv2d",
-    "DropPath", "GSPNBlock", "GSPNMixer", "GSPNTokenMixer", "LayerNorm2d", "Mlp"]
+    "DropPath",
+    "GSPNBlock",
+    "GSPNMixer",
+    "GSPNTokenMixer",
+    "LayerNorm2d",
+    "Mlp",
+]
