@@ -172,6 +172,21 @@ def test_grn():
     torch.testing.assert_close(grn(x), 0.5 * x * nx + 0.1 + x)
 
 
+def test_grn_gradients_match_formula():
+    """GRN (computed as x * (gamma N + 1) + beta) against gamma * (x * N) + beta + x: output and the
+    gradients of x, gamma and beta, per-channel random parameters, float64."""
+    grn = randomize_(GRN(6), seed=1)
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    g = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+    ref = grn.gamma * (x * (g / (g.mean(dim=1, keepdim=True) + grn.eps))) + grn.beta + x
+    out = grn(x)
+    torch.testing.assert_close(out, ref)
+    params = (x, grn.gamma, grn.beta)
+    for a, b in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(ref, params, go), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_drop_path():
     dp = DropPath(0.5)
     x = torch.ones(64, 3, 2, 2)
@@ -199,3 +214,29 @@ def test_mlp_and_block():
     assert torch.isfinite(x.grad).all()
     block.eval()
     torch.testing.assert_close(block(x), block(x))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_conv2d_matches_conv2d(k, bias):
+    """DepthwiseConv2d (its own CPU backward) against nn.Conv2d: output and all gradients, on an odd,
+    non-square map smaller than the kernel along one side, in float64; gradcheck and double backward."""
+    from gspn_lightning.nn import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(5, k, bias=bias).double()
+    ref = torch.nn.Conv2d(5, 5, k, padding=k // 2, groups=5, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 5, 4, 9, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(3, 5, 4, 9, dtype=torch.float64)
+    y, yr = conv(x), ref(x)
+    torch.testing.assert_close(y, yr)
+    params = [x, *conv.parameters()]
+    grads = torch.autograd.grad(y, params, go)
+    grads_ref = torch.autograd.grad(yr, [x, *ref.parameters()], go)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.autograd.gradcheck(lambda x: conv(x), (x,))
+    torch.autograd.gradgradcheck(lambda x: conv(x), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), yr)

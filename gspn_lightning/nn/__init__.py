@@ -4,7 +4,17 @@ Imports only ``torch`` and :mod:`gspn_lightning.ops`.
 """
 
 from .blocks import DropPath, GSPNBlock, Mlp
+from .conv import DepthwiseConv2d
 from .mixer import GSPNMixer, GSPNTokenMixer
 from .norm import GRN, LayerNorm2d
 
-__all__ = ["GRN", "DropPath", "GSPNBlock", "GSPNMixer", "GSPNTokenMixer", "LayerNorm2d", "Mlp"]
+__all__ = [
+    "GRN",
+    "DepthwiseConv2d",
+    "DropPath",
+    "GSPNBlock",
+    "GSPNMixer",
+    "GSPNTokenMixer",
+    "LayerNorm2d",
+    "Mlp",
+]

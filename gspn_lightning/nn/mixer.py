@@ -51,6 +51,7 @@ from ..ops import (
     gspn_scan,
     propagate_reference,
 )
+from .conv import DepthwiseConv2d
 from .norm import GRN, LayerNorm2d
 
 __all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "check_scan_options"]
@@ -123,7 +124,7 @@ class GSPNMixer(nn.Module):
         self.fuse_gates = bool(fuse_gates)
 
         self.in_proj = nn.Conv2d(dim, d_inner, 1)
-        self.dwconv = nn.Conv2d(d_inner, d_inner, dw_kernel, padding=dw_kernel // 2, groups=d_inner)
+        self.dwconv = DepthwiseConv2d(d_inner, dw_kernel)
         self.act = nn.SiLU()
         self.proxy = nn.Conv2d(d_inner, d_state, 1)
         self.gates = nn.Conv2d(d_state, len(directions) * len(GATE_FIELDS) * d_inner, 1)
