@@ -14,6 +14,9 @@
 // in opmath precision (float32 for 16-bit inputs), each pixel by one thread at a time.  The backward
 // recomputes a direction's h for the plane (shared memory when staged, else a global float
 // workspace of one plane per block) and walks it backwards.
+//
+// Status: run on an NVIDIA H200 (2026-11-26), where the CUDA tests pass, staged and in-place layouts
+// both; the staged path's speed against the in-place one (GSPN_CUDA_STAGE=0) is not yet measured.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
