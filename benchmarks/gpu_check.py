@@ -605,26 +605,14 @@ def section_train(args, rec: Record) -> None:
         raise RuntimeError("non-finite training loss")
 
 
-def training_diffusion():
-    """DiT's Gaussian diffusion (linear betas 1e-4..0.02 over 1000 steps, hybrid loss) for the training
-    steps.  Its default scheduler object comes from diffusers, which the lent GPU machine lacks;
-    training reads only the betas, so without diffusers the same betas are given directly."""
-    from gspn_lightning.diffusion import GaussianDiffusion
-
-    try:
-        import diffusers  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing, or failing to import against this transformers
-        from types import SimpleNamespace
-
-        return GaussianDiffusion(scheduler=SimpleNamespace(betas=torch.linspace(1e-4, 0.02, 1000)))
-    return GaussianDiffusion()
-
 
 # ----------------------------------------------------------------------------------------------------
 # gen: training-step throughput of GSPN-DiT-XL/2 and DiT-XL/2 at 256² and 512² (32² and 64² latents)
 
 
 def section_gen(args, rec: Record) -> None:
+    from gspn_lightning.diffusion import GaussianDiffusion
+
     device = pick_device(args.rehearsal)
     if args.rehearsal:
         cases = [
@@ -635,7 +623,7 @@ def section_gen(args, rec: Record) -> None:
         ]
     else:
         cases = [(n, {}, s, b) for s, b in ((32, 32), (64, 8)) for n in ("gspn_dit_xl_2", "dit_xl_2")]
-    diffusion = training_diffusion()
+    diffusion = GaussianDiffusion()  # DiT's betas; needs no diffusers
     label = lambda name, size, batch: f"{name} latent {size}x{size} batch {batch}"
     for name, _, size, batch, case, model in budgeted_models(rec, cases, label, device):
         step = None
@@ -733,8 +721,10 @@ def _top_kernels(step, device: torch.device, top: int) -> tuple[float, list[dict
 def section_profile(args, rec: Record) -> None:
     """One GSPN-DiT-XL/2 training step (latent 32², batch 32, as in ``gen``) and one GSPN-T training
     step (batch 64 at 224², as in ``train``), each after a warm-up step: their top kernels."""
+    from gspn_lightning.diffusion import GaussianDiffusion
+
     device = pick_device(args.rehearsal)
-    diffusion = training_diffusion()
+    diffusion = GaussianDiffusion()  # DiT's betas; needs no diffusers
     if args.rehearsal:
         cases = [("gspn_dit_xl_2", dict(hidden_size=32, depth=2), 8, 2),
                  ("gspn_t", dict(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10), 64, 2)]  # fmt: skip

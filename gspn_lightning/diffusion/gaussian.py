@@ -21,17 +21,28 @@ import math
 
 import torch
 
-__all__ = ["PREDICTIONS", "GaussianDiffusion", "dit_scheduler", "eps_from_prediction"]
+__all__ = ["PREDICTIONS", "GaussianDiffusion", "dit_betas", "dit_scheduler", "eps_from_prediction"]
+
+
+def _dit_beta_range(num_train_timesteps: int) -> tuple[float, float]:
+    return 1e-4 * 1000 / num_train_timesteps, 0.02 * 1000 / num_train_timesteps
+
+
+def dit_betas(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DiT's linear betas in float32, as :func:`dit_scheduler` computes them, without diffusers."""
+    start, end = _dit_beta_range(num_train_timesteps)
+    return torch.linspace(start, end, num_train_timesteps, dtype=torch.float32)
 
 
 def dit_scheduler(num_train_timesteps: int = 1000, learn_sigma: bool = True):
     """The ``diffusers.DDPMScheduler`` DiT trains and samples with."""
     from diffusers import DDPMScheduler
 
+    start, end = _dit_beta_range(num_train_timesteps)
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
-        beta_start=1e-4 * 1000 / num_train_timesteps,
-        beta_end=0.02 * 1000 / num_train_timesteps,
+        beta_start=start,
+        beta_end=end,
         beta_schedule="linear",
         variance_type="learned_range" if learn_sigma else "fixed_small",
         clip_sample=False,
@@ -87,7 +98,9 @@ class GaussianDiffusion:
     """Tables of a DDPM schedule (in float64) and DiT's training loss.
 
     Args:
-        scheduler: a diffusers scheduler with ``betas`` (default :func:`dit_scheduler`).
+        scheduler: a diffusers scheduler with ``betas`` (default :func:`dit_scheduler`, built only when
+            the ``scheduler`` attribute is read: the tables and the loss need only :func:`dit_betas`,
+            so training runs without diffusers).
         learn_sigma: the model outputs ``2 C`` channels (eps and the variance interpolation ``v``).
         snr_gamma: Min-SNR-gamma weighting of the MSE (Hang et al., 2023), so the nearly clean steps,
             easy and many, stop dominating the gradient: with ``SNR_t = abar_t / (1 - abar_t)`` each
@@ -113,10 +126,10 @@ class GaussianDiffusion:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
-        self.scheduler = scheduler if scheduler is not None else dit_scheduler(learn_sigma=learn_sigma)
+        self._scheduler = scheduler
         self.learn_sigma = learn_sigma
         self.snr_gamma = snr_gamma
-        betas = self.scheduler.betas.double()
+        betas = (scheduler.betas if scheduler is not None else dit_betas()).double()
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, 0)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
@@ -138,6 +151,13 @@ class GaussianDiffusion:
         else:
             per_target = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[prediction]
             self.mse_weight = snr.clamp(max=snr_gamma) / per_target
+
+    @property
+    def scheduler(self):
+        """The diffusers scheduler given, else DiT's (:func:`dit_scheduler`, made on first read)."""
+        if self._scheduler is None:
+            self._scheduler = dit_scheduler(len(self.betas), self.learn_sigma)
+        return self._scheduler
 
     @staticmethod
     def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
