@@ -508,9 +508,11 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 // into one contiguous range per task (at most one task per thread), each with its own partial sums,
 // added in task order afterwards, so results do not depend on scheduling.
 
-// Vectors of acc_t for the hand-blocked loops (GCC vector extensions), loaded and stored unaligned:
-// 64 bytes where AVX-512 is available (one register), else 32 (one AVX2 register, two SSE registers
-// on the baseline build).
+// The lane vectors of acc_t (GCC vector extensions): 64 bytes where AVX-512 is available (one
+// register), else 32 (one AVX2 register, two SSE registers on the baseline build).  Measured, not
+// better: two registers per vector (16 float lanes on AVX2: GCC lowered parts of it to scalar code,
+// ~7x slower), and a separate projection pass or projecting the next pixel ahead of this one's
+// exps and divisions (no gain or slower).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #else
@@ -522,18 +524,6 @@ struct Vec {
   typedef acc_t type __attribute__((vector_size(kVecBytes)));
   static constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
 };
-
-template <typename V, typename T>
-inline __attribute__((always_inline)) V vload(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline __attribute__((always_inline)) void vstore(T* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
 
 // The lanes of a vector of kBytes bytes added as a tree of halves (vector adds, a fixed order).
 template <typename acc_t, int kBytes>
