@@ -89,6 +89,10 @@ GSPN_HD int64_t line_at(int64_t step, int64_t s0, int64_t s1, bool reverse) {
 //
 // again without cancellation.  The sigmoids of lam and u use sigmoid(v) = 1 / (1 + e^-v) and
 // 1 - sigmoid(v) = e^-v sigmoid(v).
+//
+// acc_t is float or double, or on the CPU a GCC vector of them (the projection op's kernel holds one
+// channel per lane), so constants are written as plain literals and acc_t{} (a vector cannot be
+// constructed from a scalar) and selects on acc_t comparisons work lane by lane.
 // ---------------------------------------------------------------------------------------------------
 
 // The six logits of a direction, in the channel order of the mixer's gate projection.
@@ -99,12 +103,15 @@ constexpr int kGateFields = 6;
 // exp for float on the host, written in plain arithmetic so the compiler vectorises the loops that
 // call it (libm's expf is not inlined): range reduction by ln 2 and a degree-7 polynomial, relative
 // error below 2e-7.  Inputs are clamped to [-87, 88] (results stay normal floats); NaN propagates.
-inline __attribute__((always_inline)) float exp_approx(float v) {
-  v = v < -87.0f ? -87.0f : v;
-  v = v > 88.0f ? 88.0f : v;
-  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
-  const float r = (v - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
+// `T` is float or a GCC vector of floats (the CPU kernel's channel lanes); `n` gets round(v / ln 2)
+// and the result is e^r with r = v - n ln 2, so that e^v = result * 2^n.
+template <typename T>
+inline __attribute__((always_inline)) T exp_reduced(T v, T& n) {
+  v = v < -87.0f ? T{} - 87.0f : v;
+  v = v > 88.0f ? T{} + 88.0f : v;
+  n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
+  const T r = (v - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  T p = T{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -112,6 +119,11 @@ inline __attribute__((always_inline)) float exp_approx(float v) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  return p;
+}
+inline __attribute__((always_inline)) float exp_approx(float v) {
+  float n;
+  const float p = exp_reduced(v, n);
   union {
     int32_t i;
     float f;
@@ -120,6 +132,25 @@ inline __attribute__((always_inline)) float exp_approx(float v) {
   return p * scale.f;
 }
 inline double exp_approx(double v) { return std::exp(v < -708.0 ? -708.0 : (v > 709.0 ? 709.0 : v)); }
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+// The same lane by lane for a GCC vector of floats (the polynomial, vectorised) or of doubles (libm).
+template <typename V>
+inline __attribute__((always_inline)) V exp_approx(V v) {
+  constexpr int kLanes = sizeof(V) / sizeof(v[0]);
+  if constexpr (sizeof(v[0]) == sizeof(float)) {
+    typedef int32_t I __attribute__((vector_size(sizeof(V))));
+    V n;
+    const V p = exp_reduced(v, n);
+    const I bits = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n
+    V scale;
+    __builtin_memcpy(&scale, &bits, sizeof(V));
+    return p * scale;
+  } else {
+    for (int i = 0; i < kLanes; ++i) v[i] = exp_approx(static_cast<double>(v[i]));
+    return v;
+  }
+}
+#endif
 #endif
 
 // exp clamped to finite, normal results (e^-87..e^88 in float, e^-708..e^709 in double), so that
@@ -150,13 +181,13 @@ GSPN_HD Taps<acc_t> normalize_taps(acc_t gn, acc_t gm, acc_t gp, bool has_neg, b
   acc_t mx = gm;
   if (has_neg) mx = gn > mx ? gn : mx;
   if (has_pos) mx = gp > mx ? gp : mx;
-  const acc_t c = mx < acc_t(0) ? mx : acc_t(0);
+  const acc_t c = mx < 0 ? mx : acc_t{};
   const acc_t ec = gexp(c);
   const acc_t en = gexp(c - gn), em = gexp(c - gm), ep = gexp(c - gp);
-  const acc_t sn = has_neg ? acc_t(1) / (ec + en) : acc_t(0);
-  const acc_t sm = acc_t(1) / (ec + em);
-  const acc_t sp = has_pos ? acc_t(1) / (ec + ep) : acc_t(0);
-  const acc_t inv = acc_t(1) / (sn + sm + sp);
+  const acc_t sn = has_neg ? 1 / (ec + en) : acc_t{};
+  const acc_t sm = 1 / (ec + em);
+  const acc_t sp = has_pos ? 1 / (ec + ep) : acc_t{};
+  const acc_t inv = 1 / (sn + sm + sp);
   return {sn * inv, sm * inv, sp * inv, en * sn, em * sm, ep * sp};
 }
 
@@ -181,13 +212,13 @@ struct Sigmoid {
 template <typename acc_t>
 GSPN_HD Sigmoid<acc_t> sigmoid_and_grad(acc_t v) {
   const acc_t e = gexp(-v);
-  const acc_t s = acc_t(1) / (acc_t(1) + e);
+  const acc_t s = 1 / (1 + e);
   return {s, s * (e * s)};
 }
 
 template <typename acc_t>
 GSPN_HD acc_t sigmoid(acc_t v) {
-  return acc_t(1) / (acc_t(1) + gexp(-v));
+  return 1 / (1 + gexp(-v));
 }
 
 // h of one pixel of the fused op from its raw logits and the previous line's three neighbours.
@@ -236,7 +267,7 @@ GSPN_HD FusedGrads<acc_t> fused_backward_with(acc_t dy, acc_t m, acc_t x, const 
   r.dm = dy * (u.s * h + gd * x);
   r.taps = taps;
   if (first) {
-    r.dgn = r.dgm = r.dgp = acc_t(0);
+    r.dgn = r.dgm = r.dgp = acc_t{};
   } else {
     const TapGrads<acc_t> tg = normalize_taps_backward(taps, d.dwn, d.dwm, d.dwp);
     r.dgn = tg.dgn;
@@ -251,7 +282,7 @@ GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, a
                                          acc_t gu, acc_t gd, acc_t h, acc_t hn, acc_t hm, acc_t hp, acc_t wn_r,
                                          acc_t a_r, acc_t wm_c, acc_t a_c, acc_t wp_l, acc_t a_l, bool has_neg,
                                          bool has_pos, bool first) {
-  const Taps<acc_t> zero = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  const Taps<acc_t> zero = {};
   const Taps<acc_t> taps = first ? zero : normalize_taps(gn, gm, gp, has_neg, has_pos);
   return fused_backward_with(dy, m, x, taps, sigmoid_and_grad(gl), gu, gd, h, hn, hm, hp, wn_r, a_r, wm_c, a_c,
                              wp_l, a_l, first);

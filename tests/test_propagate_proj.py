@@ -74,14 +74,17 @@ def test_long_lines():
     check_against_reference(ins, DIRECTIONS, 5, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("chunk", [None, 5])
-def test_float32_tasks_sharing_a_batch_element(chunk):
-    """float32 planes with whole 8 x 8 transpose blocks and leftovers (19 x 21), B=3 and C=3, so the
-    backward's two tasks (2 threads) split batch element 1 between them: their partial proxy, weight
-    and bias gradients are added correctly, and two runs give bit-identical gradients."""
-    ins = [t.detach().float().requires_grad_() for t in rand_proj_inputs((3, 3, 19, 21), 4, DIRECTIONS, seed=11)]
-    check_against_reference(ins, DIRECTIONS, chunk, rtol=2e-5, atol=2e-5)
-    go = torch.randn(3, 3, 19, 21, generator=torch.Generator().manual_seed(2))
+def test_tasks_sharing_a_batch_element(chunk, dtype):
+    """B=3, C=19 on 19 x 21 planes: the CPU kernel's units of 8 (float32) or 4 (float64) channels
+    give every batch element whole units and a partly filled one (padding lanes), and the backward's
+    two tasks (2 threads) split batch element 1 between them: their partial proxy, weight and bias
+    gradients are added correctly, and two runs give bit-identical gradients."""
+    ins = [t.detach().to(dtype).requires_grad_() for t in rand_proj_inputs((3, 19, 19, 21), 4, DIRECTIONS, seed=11)]
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    check_against_reference(ins, DIRECTIONS, chunk, rtol=tol, atol=tol)
+    go = torch.randn(3, 19, 19, 21, generator=torch.Generator().manual_seed(2), dtype=dtype)
     first, second = (grads(gspn_propagate_proj(*ins, DIRECTIONS, chunk, backend="kernel"), ins, go) for _ in range(2))
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"

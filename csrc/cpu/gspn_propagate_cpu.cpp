@@ -489,21 +489,30 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 
 // ---- The fused op with the low-rank gate projection (propagate_proj_fwd / propagate_proj_bwd) ----
 //
-// The six logit planes of (plane b, c; direction k) are computed on the fly from the proxy of batch
-// element b, g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s], r_f = (k*6 + f)*C + c, into a
-// thread-local float32 (float64) buffer in the direction's canonical layout; the proxy is converted
-// (and transposed for the column directions) once per batch element a thread meets.  Everything the
-// scans read is then in acc_t, so the line kernels above run with scalar_t = acc_t.
+// Vectorised across channels: a task takes a *unit*, a group of `lanes` channels of one batch
+// element, and runs every direction over it with one channel per vector lane, so every operation
+// works on whole vectors whatever the line length (along a line, a 14-pixel line was one vector and a
+// 4 + 2 remainder, ~40 % of the forward's time), and the column directions index the image layout
+// directly (no transposes).  The unit's x (and dL/dy) are interleaved into [pixel][lane] vectors
+// once; the six logits of a pixel are projected on the fly from the proxy of batch element b
+// (converted once per b that a thread meets, [pixel][S], S zero-padded to a multiple of 4) with the
+// unit's projection rows as vectors, g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s],
+// r_f = (k*6 + f)*C + c.  The lanes past C in a batch element's last unit are padding: zero x,
+// dL/dy, weights, bias and merge weight, so they stay finite and contribute nothing; their outputs
+// are dropped.  The math is gspn_step.h's, instantiated on the vector type.
 //
-// The backward reduces the logit gradients of each plane and direction into dL/dweight and dL/dbias
-// (sums over batch and pixels) and dL/dproxy (sums over channels and directions).  Planes are split
-// into one contiguous range per task (at most one task per thread), each with its own partial sums
-// (the weight and bias gradients in full, the proxy gradient for the batch elements its range
-// touches); the partials are added in task order afterwards, so results do not depend on scheduling.
+// The backward recomputes one group (chunk) of lines at a time, keeping per pixel h, the taps,
+// sigmoid(lam) and the u, d logits, walks the group backwards, then reduces the group's logit
+// gradients into dL/dweight, dL/dbias (per-lane sums) and dL/dproxy (lane-partial sums per batch
+// element, added over the lanes when the thread moves to another batch element).  Units are split
+// into one contiguous range per task (at most one task per thread), each with its own partial sums,
+// added in task order afterwards, so results do not depend on scheduling.
 
-// Vectors of acc_t for the hand-blocked loops (GCC vector extensions), loaded and stored unaligned:
-// 64 bytes where AVX-512 is available (one register), else 32 (one AVX2 register, two SSE registers
-// on the baseline build).
+// The lane vectors of acc_t (GCC vector extensions): 64 bytes where AVX-512 is available (one
+// register), else 32 (one AVX2 register, two SSE registers on the baseline build).  Measured, not
+// better: two registers per vector (16 float lanes on AVX2: GCC lowered parts of it to scalar code,
+// ~7x slower), and a separate projection pass or projecting the next pixel ahead of this one's
+// exps and divisions (no gain or slower).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #else
@@ -515,73 +524,6 @@ struct Vec {
   typedef acc_t type __attribute__((vector_size(kVecBytes)));
   static constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
 };
-
-template <typename V, typename T>
-inline __attribute__((always_inline)) V vload(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline __attribute__((always_inline)) void vstore(T* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
-
-// The six projection rows of one (channel, direction), r_f = r0 + f * rstep, in acc_t: w[s * 6 + f]
-// (s-major, so that the six weights of one proxy channel are adjacent) and b[f].
-template <typename acc_t>
-struct GateRows {
-  std::vector<acc_t> w;
-  acc_t b[kGateFields];
-
-  template <typename scalar_t>
-  void load(const scalar_t* weight, const scalar_t* bias, int64_t S, int64_t r0, int64_t rstep) {
-    w.resize(S * kGateFields);
-    for (int f = 0; f < kGateFields; ++f) {
-      const int64_t r = r0 + f * rstep;
-      b[f] = static_cast<acc_t>(bias[r]);
-      for (int64_t s = 0; s < S; ++s) w[s * kGateFields + f] = static_cast<acc_t>(weight[r * S + s]);
-    }
-  }
-};
-
-// The six logits of one (channel, direction) over a plane of HW pixels, g + f*HW = b_f + sum_s
-// w[s, f] P_s, from the proxy planes P (S planes of HW).  Two vectors of pixels at a time: their
-// twelve sums stay in registers while the S proxy planes stream through, so every plane is read and
-// every logit written once.
-template <typename acc_t>
-void project_gates(const acc_t* P, const GateRows<acc_t>& rows, int64_t S, int64_t HW, acc_t* g) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = Vec<acc_t>::lanes;
-  const acc_t* w = rows.w.data();
-  int64_t i = 0;
-  for (; i + 2 * L <= HW; i += 2 * L) {
-    V o0[kGateFields], o1[kGateFields];
-    for (int f = 0; f < kGateFields; ++f) o0[f] = o1[f] = V{} + rows.b[f];
-    for (int64_t s = 0; s < S; ++s) {
-      const V p0 = vload<V>(P + s * HW + i), p1 = vload<V>(P + s * HW + i + L);
-      const acc_t* ws = w + s * kGateFields;
-      for (int f = 0; f < kGateFields; ++f) {
-        o0[f] += ws[f] * p0;
-        o1[f] += ws[f] * p1;
-      }
-    }
-    for (int f = 0; f < kGateFields; ++f) {
-      vstore(g + f * HW + i, o0[f]);
-      vstore(g + f * HW + i + L, o1[f]);
-    }
-  }
-  for (; i < HW; ++i) {
-    acc_t o[kGateFields];
-    for (int f = 0; f < kGateFields; ++f) o[f] = rows.b[f];
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t p = P[s * HW + i];
-      for (int f = 0; f < kGateFields; ++f) o[f] += w[s * kGateFields + f] * p;
-    }
-    for (int f = 0; f < kGateFields; ++f) g[f * HW + i] = o[f];
-  }
-}
 
 // The lanes of a vector of kBytes bytes added as a tree of halves (vector adds, a fixed order).
 template <typename acc_t, int kBytes>
@@ -600,124 +542,32 @@ inline __attribute__((always_inline)) acc_t tree_sum(const void* v) {
   }
 }
 
-// Its adjoint, given the logit gradients `dg` (six planes, the layout of P): dP_s += sum_f w[s, f]
-// dg_f, dweight[r_f, s] += sum dg_f P_s and dbias[r_f] += sum dg_f over the plane.  The plane goes in
-// blocks of kProjBlock pixels whose gradient and proxy planes stay in L1 while every proxy channel
-// passes over them; the sums are kept per vector lane (`sums`, (S + 1) * 6 vectors of scratch; the
-// pixels that do not fill a vector go to lane 0) and the lanes added as a tree at the end.
-constexpr int64_t kProjBlock = 256;
+template <bool kValue>
+using Bool = std::integral_constant<bool, kValue>;
 
-template <typename acc_t>
-void project_gates_backward(const acc_t* P, const acc_t* dg, const GateRows<acc_t>& rows, int64_t S, int64_t HW,
-                            acc_t* dP, int64_t r0, int64_t rstep, acc_t* dweight, acc_t* dbias,
-                            std::vector<typename Vec<acc_t>::type>& scratch) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = Vec<acc_t>::lanes;
-  const acc_t* w = rows.w.data();
-  const acc_t *g0 = dg, *g1 = dg + HW, *g2 = dg + 2 * HW, *g3 = dg + 3 * HW, *g4 = dg + 4 * HW, *g5 = dg + 5 * HW;
-  scratch.assign((S + 1) * kGateFields, V{});
-  V* sums = scratch.data();
-  V* sb = sums + S * kGateFields;
-  const int64_t HWv = HW / L * L;  // the part done in vectors
-  for (int64_t i0 = 0; i0 < HWv; i0 += kProjBlock) {
-    const int64_t i1 = std::min(HWv, i0 + kProjBlock);
-    {
-      V b0 = sb[0], b1 = sb[1], b2 = sb[2], b3 = sb[3], b4 = sb[4], b5 = sb[5];
-      for (int64_t i = i0; i < i1; i += L) {
-        b0 += vload<V>(g0 + i);
-        b1 += vload<V>(g1 + i);
-        b2 += vload<V>(g2 + i);
-        b3 += vload<V>(g3 + i);
-        b4 += vload<V>(g4 + i);
-        b5 += vload<V>(g5 + i);
-      }
-      sb[0] = b0, sb[1] = b1, sb[2] = b2, sb[3] = b3, sb[4] = b4, sb[5] = b5;
-    }
-    for (int64_t s = 0; s < S; ++s) {
-      V* a = sums + s * kGateFields;
-      V a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5];
-      const acc_t* ws = w + s * kGateFields;
-      const acc_t w0 = ws[0], w1 = ws[1], w2 = ws[2], w3 = ws[3], w4 = ws[4], w5 = ws[5];
-      const acc_t* p = P + s * HW;
-      acc_t* dp = dP + s * HW;
-      for (int64_t i = i0; i < i1; i += L) {
-        const V pi = vload<V>(p + i);
-        const V d0 = vload<V>(g0 + i), d1 = vload<V>(g1 + i), d2 = vload<V>(g2 + i), d3 = vload<V>(g3 + i),
-                d4 = vload<V>(g4 + i), d5 = vload<V>(g5 + i);
-        a0 += d0 * pi;
-        a1 += d1 * pi;
-        a2 += d2 * pi;
-        a3 += d3 * pi;
-        a4 += d4 * pi;
-        a5 += d5 * pi;
-        // a tree, not a chain of six dependent multiply-adds
-        vstore(dp + i, vload<V>(dp + i) + ((w0 * d0 + w1 * d1) + (w2 * d2 + w3 * d3) + (w4 * d4 + w5 * d5)));
-      }
-      a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5;
-    }
+// f(has_neg, has_pos, j) over the positions of a line of M pixels, the boundary flags as constants.
+template <typename F>
+inline __attribute__((always_inline)) void for_line(int64_t M, F&& f) {
+  if (M == 1) {
+    f(Bool<false>{}, Bool<false>{}, 0);
+    return;
   }
-  for (int64_t i = HWv; i < HW; ++i) {
-    const acc_t d[kGateFields] = {g0[i], g1[i], g2[i], g3[i], g4[i], g5[i]};
-    for (int f = 0; f < kGateFields; ++f) sb[f][0] += d[f];
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t pi = P[s * HW + i];
-      acc_t t = 0;
-      for (int f = 0; f < kGateFields; ++f) {
-        sums[s * kGateFields + f][0] += d[f] * pi;
-        t += w[s * kGateFields + f] * d[f];
-      }
-      dP[s * HW + i] += t;
-    }
-  }
-  for (int f = 0; f < kGateFields; ++f) {
-    const int64_t r = r0 + f * rstep;
-    dbias[r] += tree_sum<acc_t, kVecBytes>(&sb[f]);
-    for (int64_t s = 0; s < S; ++s) dweight[r * S + s] += tree_sum<acc_t, kVecBytes>(&sums[s * kGateFields + f]);
-  }
+  f(Bool<false>{}, Bool<true>{}, 0);
+  for (int64_t j = 1; j < M - 1; ++j) f(Bool<true>{}, Bool<true>{}, j);
+  f(Bool<true>{}, Bool<false>{}, M - 1);
 }
 
-// Per-thread buffers of the projection kernels, on top of the plain op's (with scalar_t = acc_t).
-template <typename scalar_t, typename acc_t>
-struct ProjWorkspace : Workspace<acc_t, acc_t> {
-  std::vector<acc_t> xr, dyr;  // x and dL/dy of the plane in acc_t (image layout)
-  std::vector<acc_t> pr, pc;   // the proxy of batch element `b`: (S, H, W) and transposed (S, W, H)
-  std::vector<acc_t> dpc;      // dL/dproxy of `b` from the column directions, transposed layout
-  GateRows<acc_t> proj;        // the projection rows of the current (channel, direction)
-  std::vector<typename Vec<acc_t>::type> sums;  // lane-wise sums of project_gates_backward
-  int64_t b = -1;
-
-  void init_proj(int64_t HW, int64_t S, bool columns, bool backward) {
-    this->init(HW, columns, backward);
-    this->gt.resize(kGateFields * HW);  // the logits of every direction are computed into gt
-    xr.resize(HW);
-    pr.resize(S * HW);
-    if (columns) pc.resize(S * HW);
-    if (backward) {
-      this->dgt.resize(kGateFields * HW);
-      dyr.resize(HW);
-      if (columns) dpc.assign(S * HW, acc_t(0));
-    }
-  }
-
-  // Load (convert, transpose) the proxy of batch element `bb` unless it is the current one.
-  void load_proxy(const scalar_t* proxy, int64_t bb, int64_t S, int64_t H, int64_t W, bool columns) {
-    if (bb == b) return;
-    b = bb;
-    const int64_t HW = H * W;
-    const scalar_t* src = proxy + bb * S * HW;
-    for (int64_t i = 0; i < S * HW; ++i) pr[i] = static_cast<acc_t>(src[i]);
-    if (columns) {
-      for (int64_t s = 0; s < S; ++s) transpose_copy(pr.data() + s * HW, pc.data() + s * HW, H, W);
-    }
-  }
-
-  // x (and dL/dy) of plane n in acc_t, transposed too where a column direction needs them.
-  void load_plane(const scalar_t* src, std::vector<acc_t>& rows_out, std::vector<acc_t>& cols_out, int64_t H,
-                  int64_t W, bool columns) {
-    for (int64_t i = 0; i < H * W; ++i) rows_out[i] = static_cast<acc_t>(src[i]);
-    if (columns) transpose_copy(rows_out.data(), cols_out.data(), H, W);
-  }
+// Direction k over the image layout: pixel (line s, position j) at s * ls + j * ps.
+struct LaneGeometry {
+  PlaneGeometry g;
+  int64_t ls, ps;
+  int64_t pixel(int64_t s, int64_t j) const { return s * ls + j * ps; }
 };
+
+inline LaneGeometry lane_geometry(const PropagateArgs& a, int64_t k) {
+  const PlaneGeometry g = plane_geometry(a, k);
+  return {g, g.columns ? 1 : a.W, g.columns ? a.W : 1};
+}
 
 // The inputs' data of the projection op.
 template <typename scalar_t>
@@ -731,35 +581,285 @@ struct ProjInputs {
         merge(pa.p.merge.const_data_ptr<scalar_t>()) {}
 };
 
+// The six logits of one pixel for the unit's lanes: g_f = b[f] + sum_s w[s * 6 + f] p[s].
+template <typename V, typename acc_t>
+inline __attribute__((always_inline)) void project_pixel(const V* w, const V* b, const acc_t* p, int64_t Sp,
+                                                         V (&g)[kGateFields]) {
+  for (int f = 0; f < kGateFields; ++f) g[f] = b[f];
+  for (int64_t s = 0; s < Sp; ++s) {
+    const V ps = V{} + p[s];
+    const V* ws = w + s * kGateFields;
+    for (int f = 0; f < kGateFields; ++f) g[f] += ws[f] * ps;
+  }
+}
+
+// What the backward keeps of a pixel between its recomputation and its adjoint.
+template <typename V>
+struct LaneKept {
+  Taps<V> taps;
+  Sigmoid<V> lam;
+  V gu, gd;
+};
+
+// Thread-local buffers of the projection op.
+template <typename acc_t>
+struct LaneWorkspace {
+  using V = typename Vec<acc_t>::type;
+  static constexpr int64_t lanes = Vec<acc_t>::lanes;
+  int64_t HW = 0, S = 0, Sp = 0, b = -1;
+  std::vector<acc_t> p;                // proxy of batch element b, [HW][Sp]
+  std::vector<V> x, dy, acc;           // the unit's x, dL/dy and its y or dL/dx accumulator, [HW]
+  std::vector<V> w, bias, merge;       // projection rows [K][Sp][6], biases [K][6], merge weights [K]
+  std::vector<V> lines, h, zero;       // padded lines: two (forward h, backward adjoints), a group's h, zeros
+  std::vector<LaneKept<V>> kept, zkept;  // a group's kept values (padded lines), a zero line
+  std::vector<V> dg;                   // a group's logit gradients [pixel][6]
+  std::vector<int64_t> qs;             // a group's pixels, in group order
+  std::vector<V> dpl, dwb;             // lane-partial dL/dproxy of b [HW][Sp]; dL/dweight [Sp][6], dL/dbias [6]
+
+  void init(const PropagateArgs& a, int64_t S_, bool backward) {
+    HW = a.H * a.W;
+    S = S_;
+    Sp = (S + 3) / 4 * 4;
+    p.assign(HW * Sp, acc_t(0));
+    x.resize(HW);
+    acc.resize(HW);
+    w.resize(a.K * Sp * kGateFields);
+    bias.resize(a.K * kGateFields);
+    merge.resize(a.K);
+    const int64_t side = std::max(a.H, a.W);
+    lines.assign(2 * (side + 2), V{});
+    if (!backward) return;
+    dy.resize(HW);
+    h.resize(HW + 2 * side);
+    zero.assign(side + 2, V{});
+    kept.resize(HW + 2 * side);
+    zkept.assign(side + 2, LaneKept<V>{});
+    dg.resize(HW * kGateFields);
+    qs.resize(HW);
+    dpl.assign(HW * Sp, V{});
+    dwb.resize((Sp + 1) * kGateFields);
+  }
+
+  // Convert (and lay out [pixel][s]) the proxy of batch element `bb` unless it is the current one.
+  template <typename scalar_t>
+  void load_proxy(const scalar_t* proxy, int64_t bb) {
+    if (bb == b) return;
+    b = bb;
+    const scalar_t* src = proxy + bb * S * HW;
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t q = 0; q < HW; ++q) p[q * Sp + s] = static_cast<acc_t>(src[s * HW + q]);
+    }
+  }
+
+  // The projection rows, biases and merge weights of channels [c0, c0 + nc), zero in the lanes past nc.
+  template <typename scalar_t>
+  void load_rows(const ProjInputs<scalar_t>& in, const PropagateArgs& a, int64_t c0, int64_t nc) {
+    std::fill(w.begin(), w.end(), V{});
+    std::fill(bias.begin(), bias.end(), V{});
+    std::fill(merge.begin(), merge.end(), V{});
+    for (int64_t k = 0; k < a.K; ++k) {
+      for (int64_t l = 0; l < nc; ++l) {
+        const int64_t c = c0 + l;
+        merge[k][l] = static_cast<acc_t>(in.merge[k * a.C + c]);
+        for (int f = 0; f < kGateFields; ++f) {
+          const int64_t r = (k * kGateFields + f) * a.C + c;
+          bias[k * kGateFields + f][l] = static_cast<acc_t>(in.bias[r]);
+          for (int64_t s = 0; s < S; ++s) {
+            w[(k * Sp + s) * kGateFields + f][l] = static_cast<acc_t>(in.weight[r * S + s]);
+          }
+        }
+      }
+    }
+  }
+
+  // dst[q][l] = the plane of channel l at pixel q (`src`: nc planes of HW), zero in the lanes past nc.
+  template <typename scalar_t>
+  void interleave(const scalar_t* src, int64_t nc, std::vector<V>& dst) const {
+    if (nc < lanes) std::fill(dst.begin(), dst.begin() + HW, V{});
+    for (int64_t l = 0; l < nc; ++l) {
+      for (int64_t q = 0; q < HW; ++q) dst[q][l] = static_cast<acc_t>(src[l * HW + q]);
+    }
+  }
+
+  // The accumulator's first nc lanes written out as nc planes.
+  template <typename scalar_t>
+  void deinterleave(int64_t nc, scalar_t* dst) const {
+    for (int64_t l = 0; l < nc; ++l) {
+      for (int64_t q = 0; q < HW; ++q) dst[l * HW + q] = static_cast<scalar_t>(acc[q][l]);
+    }
+  }
+};
+
+// Forward of direction k over the unit: m * (sigmoid(u) h + d x) added to ws.acc.
+template <typename acc_t>
+void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
+  using V = typename Vec<acc_t>::type;
+  const int64_t M = lg.g.M, Sp = ws.Sp;
+  const V m = ws.merge[k];
+  const V *w = ws.w.data() + k * Sp * kGateFields, *bias = ws.bias.data() + k * kGateFields, *X = ws.x.data();
+  const acc_t* P = ws.p.data();
+  V* Y = ws.acc.data();
+  V* prev = ws.lines.data() + 1;
+  V* cur = prev + M + 2;
+  prev[-1] = prev[M] = cur[-1] = cur[M] = V{};
+  for (int64_t grp = 0; grp < num_groups(lg.g.L, lg.g.k); ++grp) {
+    const int64_t s0 = group_begin(grp, lg.g.k), s1 = group_end(grp, lg.g.k, lg.g.L);
+    for (int64_t step = 0; step < s1 - s0; ++step) {
+      const int64_t s = line_at(step, s0, s1, lg.g.reverse);
+      for_line(M, [&](auto neg, auto pos, int64_t j) {
+        const int64_t q = lg.pixel(s, j);
+        V g[kGateFields];
+        project_pixel(w, bias, P + q * Sp, Sp, g);
+        const V xv = X[q];
+        const V hv = fused_h<V>(xv, g[kGateNeg], g[kGateMid], g[kGatePos], g[kGateLam], prev[j - 1], prev[j],
+                                prev[j + 1], neg, pos, step == 0);
+        cur[j] = hv;
+        Y[q] += m * fused_y<V>(hv, xv, g[kGateU], g[kGateD]);
+      });
+      std::swap(prev, cur);
+    }
+  }
+}
+
+constexpr int64_t kSumBlock = 32;
+
+// Backward of direction k over the unit: adds this direction's share of dL/dx to ws.acc, its dL/dproxy
+// to ws.dpl, sets ws.dwb to its dL/dweight, dL/dbias per lane and returns dL/dmerge per lane.
+template <typename acc_t>
+typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
+  using V = typename Vec<acc_t>::type;
+  const int64_t M = lg.g.M, P2 = M + 2, Sp = ws.Sp;
+  const V m = ws.merge[k];
+  const V *w = ws.w.data() + k * Sp * kGateFields, *bias = ws.bias.data() + k * kGateFields, *X = ws.x.data(),
+          *DY = ws.dy.data();
+  const acc_t* P = ws.p.data();
+  V* DX = ws.acc.data();
+  V* dg = ws.dg.data();
+  int64_t* qs = ws.qs.data();
+  auto hline = [&](int64_t step) { return ws.h.data() + step * P2 + 1; };
+  auto kline = [&](int64_t step) { return ws.kept.data() + step * P2 + 1; };
+  const V* zh = ws.zero.data() + 1;
+  const LaneKept<V>* zk = ws.zkept.data() + 1;
+  for (int64_t i = 0; i < lg.g.k; ++i) {  // the pads stay 0
+    hline(i)[-1] = hline(i)[M] = V{};
+    kline(i)[-1] = kline(i)[M] = LaneKept<V>{};
+  }
+  std::fill(ws.dwb.begin(), ws.dwb.end(), V{});
+  V dm{};
+  for (int64_t grp = 0; grp < num_groups(lg.g.L, lg.g.k); ++grp) {
+    const int64_t s0 = group_begin(grp, lg.g.k), s1 = group_end(grp, lg.g.k, lg.g.L), len = s1 - s0;
+    // recompute the group's h, keeping what the adjoint needs
+    for (int64_t step = 0; step < len; ++step) {
+      const int64_t s = line_at(step, s0, s1, lg.g.reverse);
+      V* hc = hline(step);
+      const V* hp = step > 0 ? hline(step - 1) : zh;
+      LaneKept<V>* kc = kline(step);
+      for_line(M, [&](auto neg, auto pos, int64_t j) {
+        const int64_t q = lg.pixel(s, j);
+        qs[step * M + j] = q;
+        V g[kGateFields];
+        project_pixel(w, bias, P + q * Sp, Sp, g);
+        LaneKept<V>& kp = kc[j];
+        kp.lam = sigmoid_and_grad<V>(g[kGateLam]);
+        kp.gu = g[kGateU];
+        kp.gd = g[kGateD];
+        if (step == 0) {
+          kp.taps = Taps<V>{};
+          hc[j] = forward_first<V>(X[q], kp.lam.s);
+        } else {
+          kp.taps = normalize_taps<V>(g[kGateNeg], g[kGateMid], g[kGatePos], neg, pos);
+          hc[j] = forward_step<V>(X[q], kp.lam.s, kp.taps.wn, kp.taps.wm, kp.taps.wp, hp[j - 1], hp[j], hp[j + 1]);
+        }
+      });
+    }
+    // walk it backwards; the next line's adjoint is in `an` (0 after the last line)
+    V* an = ws.lines.data() + 1;
+    V* ac = an + P2;
+    std::fill(ws.lines.begin(), ws.lines.begin() + 2 * P2, V{});
+    for (int64_t step = len - 1; step >= 0; --step) {
+      const V* hc = hline(step);
+      const V* hp = step > 0 ? hline(step - 1) : zh;
+      const LaneKept<V>* kc = kline(step);
+      const LaneKept<V>* kn = step + 1 < len ? kline(step + 1) : zk;
+      V dml{};  // this line's part of dL/dm (summed per line: short chains)
+      for (int64_t j = 0; j < M; ++j) {
+        const int64_t i = step * M + j, q = qs[i];
+        const LaneKept<V>& kp = kc[j];
+        const FusedGrads<V> r = fused_backward_with<V>(DY[q], m, X[q], kp.taps, kp.lam, kp.gu, kp.gd, hc[j], hp[j - 1],
+                                                       hp[j], hp[j + 1], kn[j + 1].taps.wn, an[j + 1], kn[j].taps.wm,
+                                                       an[j], kn[j - 1].taps.wp, an[j - 1], step == 0);
+        ac[j] = r.a;
+        DX[q] += r.dx;
+        dml += r.dm;
+        const V grads[kGateFields] = {r.dgn, r.dgm, r.dgp, r.dgl, r.dgu, r.dgd};  // GateField order
+        std::copy(grads, grads + kGateFields, dg + i * kGateFields);
+      }
+      dm += dml;
+      std::swap(an, ac);
+    }
+    // the adjoint of the projection: dL/dproxy (lane-partial), dL/dweight and dL/dbias (per lane)
+    const int64_t n = len * M;
+    V* dpl = ws.dpl.data();
+    for (int64_t i = 0; i < n; ++i) {
+      const V* d = dg + i * kGateFields;
+      V* dp = dpl + qs[i] * Sp;
+      for (int64_t s = 0; s < Sp; ++s) {
+        const V* ws_ = w + s * kGateFields;
+        // a tree, not a chain of six dependent multiply-adds
+        dp[s] += (ws_[0] * d[0] + ws_[1] * d[1]) + (ws_[2] * d[2] + ws_[3] * d[3]) + (ws_[4] * d[4] + ws_[5] * d[5]);
+      }
+    }
+    // (in blocks of kSumBlock pixels whose sums are then added: short chains, a float32 error like a
+    // pairwise sum's for planes of a few thousand pixels)
+    V* dwv = ws.dwb.data();
+    for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+      const int64_t i1 = std::min(n, i0 + kSumBlock);
+      for (int f = 0; f < kGateFields; ++f) {
+        V sb{};
+        for (int64_t i = i0; i < i1; ++i) sb += dg[i * kGateFields + f];
+        dwv[Sp * kGateFields + f] += sb;
+        for (int64_t s0 = 0; s0 < Sp; s0 += 4) {
+          V a0{}, a1{}, a2{}, a3{};
+          for (int64_t i = i0; i < i1; ++i) {
+            const V d = dg[i * kGateFields + f];
+            const acc_t* p = P + qs[i] * Sp + s0;
+            a0 += d * p[0];
+            a1 += d * p[1];
+            a2 += d * p[2];
+            a3 += d * p[3];
+          }
+          dwv[(s0 + 0) * kGateFields + f] += a0;
+          dwv[(s0 + 1) * kGateFields + f] += a1;
+          dwv[(s0 + 2) * kGateFields + f] += a2;
+          dwv[(s0 + 3) * kGateFields + f] += a3;
+        }
+      }
+    }
+  }
+  return dm;
+}
+
 template <typename scalar_t>
 void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t NL = Vec<acc_t>::lanes;
   const PropagateArgs& a = pa.p;
   const ProjInputs<scalar_t> in(pa);
-  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
-  const int64_t HW = a.H * a.W, N = a.B * a.C, S = pa.S;
-  const bool columns = any_columns(a);
-  const int64_t grain = parallel_grain(HW * a.K * (1 + S / 4));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  const int64_t HW = a.H * a.W, S = pa.S, G = (a.C + NL - 1) / NL, U = a.B * G;
+  const int64_t grain = parallel_grain(HW * a.K * NL * (1 + S / 4));
+  at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    ProjWorkspace<scalar_t, acc_t> ws;
-    ws.init_proj(HW, S, columns, /*backward=*/false);
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / a.C, c = n % a.C;
-      ws.load_proxy(proxy, b, S, a.H, a.W, columns);
-      ws.load_plane(x + n * HW, ws.xr, ws.xt, a.H, a.W, columns);
-      ws.clear(columns);
-      for (int64_t k = 0; k < a.K; ++k) {
-        const PlaneGeometry geo = plane_geometry(a, k);
-        ws.proj.load(weight, bias, S, k * kGateFields * a.C + c, a.C);
-        project_gates(geo.columns ? ws.pc.data() : ws.pr.data(), ws.proj, S, HW, ws.gt.data());
-        const acc_t* g[kGateFields];
-        for (int f = 0; f < kGateFields; ++f) g[f] = ws.gt.data() + f * HW;
-        forward_direction(geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
-                          geo.columns ? ws.cols.data() : ws.rows.data(), ws.scan);
-      }
-      ws.finish(columns, a.H, a.W, out + n * HW);
+    LaneWorkspace<acc_t> ws;
+    ws.init(a, S, /*backward=*/false);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / G, c0 = (u % G) * NL, nc = std::min(NL, a.C - c0);
+      ws.load_proxy(in.proxy, b);
+      ws.load_rows(in, a, c0, nc);
+      ws.interleave(in.x + (b * a.C + c0) * HW, nc, ws.x);
+      std::fill(ws.acc.begin(), ws.acc.end(), typename Vec<acc_t>::type{});
+      for (int64_t k = 0; k < a.K; ++k) lane_forward(lane_geometry(a, k), k, ws);
+      ws.deinterleave(nc, out + (b * a.C + c0) * HW);
     }
   });
 }
@@ -768,73 +868,68 @@ template <typename scalar_t>
 void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, at::Tensor& dx, at::Tensor& dproxy,
                                  at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dm_partial) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t NL = Vec<acc_t>::lanes;
   const PropagateArgs& a = pa.p;
   const ProjInputs<scalar_t> in(pa);
-  const scalar_t *x = in.x, *proxy = in.proxy, *weight = in.weight, *bias = in.bias, *merge = in.merge;
   const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
   scalar_t* dxo = dx.mutable_data_ptr<scalar_t>();
   acc_t* dmo = dm_partial.mutable_data_ptr<acc_t>();
-  const int64_t HW = a.H * a.W, N = a.B * a.C, S = pa.S, R = a.K * kGateFields * a.C;
-  const bool columns = any_columns(a);
-  // tasks: contiguous plane ranges, at most one per thread, none smaller than the grain
-  const int64_t grain = parallel_grain(3 * HW * a.K * (1 + S / 4));
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain));
-  auto task_begin = [&](int64_t t) { return N * t / tasks; };
+  const int64_t HW = a.H * a.W, S = pa.S, R = a.K * kGateFields * a.C;
+  const int64_t G = (a.C + NL - 1) / NL, U = a.B * G;
+  // tasks: contiguous unit ranges, at most one per thread, none smaller than the grain
+  const int64_t grain = parallel_grain(3 * HW * a.K * NL * (1 + S / 4));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (U + grain - 1) / grain));
+  auto task_begin = [&](int64_t t) { return U * t / tasks; };
   const auto acc_opts = a.x.options().dtype(at::toOpMathType(a.x.scalar_type()));
   // per task: dweight (R, S) and dbias (R) partials; dproxy for batch elements [b_first, b_last]
   at::Tensor dwb = at::zeros({tasks, R * (S + 1)}, acc_opts);
   std::vector<at::Tensor> dprox(tasks);
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t n0 = task_begin(t), n1 = task_begin(t + 1);
-    const int64_t nb = n1 > n0 ? (n1 - 1) / a.C - n0 / a.C + 1 : 0;
+    const int64_t u0 = task_begin(t), u1 = task_begin(t + 1);
+    const int64_t nb = u1 > u0 ? (u1 - 1) / G - u0 / G + 1 : 0;
     dprox[t] = at::zeros({nb, S, HW}, acc_opts);
   }
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const FlushDenormals ftz;
-    ProjWorkspace<scalar_t, acc_t> ws;
-    ws.init_proj(HW, S, columns, /*backward=*/true);
-    ws.scan.init_backward(std::max(a.H, a.W));
+    LaneWorkspace<acc_t> ws;
+    ws.init(a, S, /*backward=*/true);
+    const int64_t Sp = ws.Sp;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = task_begin(t), n1 = task_begin(t + 1), b0 = n0 / a.C;
+      const int64_t u0 = task_begin(t), u1 = task_begin(t + 1), b0 = u0 / G;
       acc_t* dw = dwb[t].mutable_data_ptr<acc_t>();
       acc_t* db = dw + R * S;
       acc_t* dp = dprox[t].mutable_data_ptr<acc_t>();
-      // the column directions' dL/dproxy of the current batch element, transposed into place
+      // the lane-partial dL/dproxy of the current batch element, added over the lanes into place
       auto flush = [&]() {
-        if (!columns || ws.b < 0) return;
-        for (int64_t s = 0; s < S; ++s) {
-          transpose_add(ws.dpc.data() + s * HW, dp + ((ws.b - b0) * S + s) * HW, a.W, a.H);
+        if (ws.b < 0) return;
+        acc_t* dst = dp + (ws.b - b0) * S * HW;
+        for (int64_t q = 0; q < HW; ++q) {
+          for (int64_t s = 0; s < S; ++s) dst[s * HW + q] += tree_sum<acc_t, kVecBytes>(&ws.dpl[q * Sp + s]);
         }
-        std::fill(ws.dpc.begin(), ws.dpc.end(), acc_t(0));
+        std::fill(ws.dpl.begin(), ws.dpl.end(), typename Vec<acc_t>::type{});
       };
       ws.b = -1;
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t b = n / a.C, c = n % a.C;
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / G, c0 = (u % G) * NL, nc = std::min(NL, a.C - c0);
         if (b != ws.b) flush();
-        ws.load_proxy(proxy, b, S, a.H, a.W, columns);
-        ws.load_plane(x + n * HW, ws.xr, ws.xt, a.H, a.W, columns);
-        ws.load_plane(gy + n * HW, ws.dyr, ws.dyt, a.H, a.W, columns);
-        ws.clear(columns);
+        ws.load_proxy(in.proxy, b);
+        ws.load_rows(in, a, c0, nc);
+        ws.interleave(in.x + (b * a.C + c0) * HW, nc, ws.x);
+        ws.interleave(gy + (b * a.C + c0) * HW, nc, ws.dy);
+        std::fill(ws.acc.begin(), ws.acc.end(), typename Vec<acc_t>::type{});
         for (int64_t k = 0; k < a.K; ++k) {
-          const PlaneGeometry geo = plane_geometry(a, k);
-          const acc_t* P = geo.columns ? ws.pc.data() : ws.pr.data();
-          const int64_t r0 = k * kGateFields * a.C + c;
-          ws.proj.load(weight, bias, S, r0, a.C);
-          project_gates(P, ws.proj, S, HW, ws.gt.data());
-          const acc_t* g[kGateFields];
-          acc_t* dg[kGateFields];
-          for (int f = 0; f < kGateFields; ++f) {
-            g[f] = ws.gt.data() + f * HW;
-            dg[f] = ws.dgt.data() + f * HW;
+          const auto dm = lane_backward(lane_geometry(a, k), k, ws);
+          for (int64_t l = 0; l < nc; ++l) {
+            const int64_t c = c0 + l;
+            dmo[(b * a.C + c) * a.K + k] = dm[l];
+            for (int f = 0; f < kGateFields; ++f) {
+              const int64_t r = (k * kGateFields + f) * a.C + c;
+              db[r] += ws.dwb[Sp * kGateFields + f][l];
+              for (int64_t s = 0; s < S; ++s) dw[r * S + s] += ws.dwb[s * kGateFields + f][l];
+            }
           }
-          dmo[n * a.K + k] = backward_direction(
-              geo, static_cast<acc_t>(merge[k * a.C + c]), geo.columns ? ws.xt.data() : ws.xr.data(), g,
-              geo.columns ? ws.dyt.data() : ws.dyr.data(), geo.columns ? ws.cols.data() : ws.rows.data(), dg, ws.scan);
-          project_gates_backward(P, ws.dgt.data(), ws.proj, S, HW,
-                                 geo.columns ? ws.dpc.data() : dp + (b - b0) * S * HW,
-                                 r0, a.C, dw, db, ws.sums);
         }
-        ws.finish(columns, a.H, a.W, dxo + n * HW);
+        ws.deinterleave(nc, dxo + (b * a.C + c0) * HW);
       }
       flush();
     }
@@ -845,7 +940,7 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
   dbias.copy_(dwb_sum.narrow(0, R * S, R));
   at::Tensor dp_acc = at::zeros({a.B, S, HW}, acc_opts);
   for (int64_t t = 0; t < tasks; ++t) {
-    if (dprox[t].size(0) > 0) dp_acc.narrow(0, task_begin(t) / a.C, dprox[t].size(0)).add_(dprox[t]);
+    if (dprox[t].size(0) > 0) dp_acc.narrow(0, task_begin(t) / G, dprox[t].size(0)).add_(dprox[t]);
   }
   dproxy.copy_(dp_acc.view(dproxy.sizes()));
 }
