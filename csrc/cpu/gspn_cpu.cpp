@@ -78,6 +78,8 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
 // written for one row would map onto one or two L1 sets and evict each other.
 constexpr int64_t kTile = 16;
 constexpr int64_t kPad = 16;
+// Rows ahead that the column gathers and scatters prefetch (see move_columns).
+constexpr int64_t kAhead = 32;
 
 #if defined(__AVX2__)
 // The tile lines of the 8 columns cols[h .. h + 7], which must be consecutive (ascending or
@@ -117,7 +119,20 @@ void move_columns(T* __restrict__ plane, T* __restrict__ tile, const int64_t* co
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     if (consecutive_columns(cols, tn)) {
+      const int64_t c_lo = std::min(cols[0], cols[tn - 1]), c_hi = std::max(cols[0], cols[tn - 1]);
       for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
+        if (j0 + kAhead + 8 <= M) {
+          for (int i = 0; i < 8; ++i) {
+            T* row = plane + (j0 + kAhead + i) * L;
+            if (kScatter) {
+              __builtin_prefetch(row + c_lo, 1, 3);
+              __builtin_prefetch(row + c_hi, 1, 3);
+            } else {
+              __builtin_prefetch(row + c_lo, 0, 3);
+              __builtin_prefetch(row + c_hi, 0, 3);
+            }
+          }
+        }
         for (int64_t h = 0; h < tn; h += 8) {
           const ColumnBlock blk = column_block(cols, h);
           __m256 r[8];
