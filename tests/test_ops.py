@@ -449,10 +449,11 @@ def test_huge_chunk_size_is_the_global_scan(backend):
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 @pytest.mark.parametrize("chunk", [None, 8, 5])
-def test_column_tiles_float32(direction, chunk):
+@pytest.mark.parametrize("shape", [(2, 3, 21, 37), (1, 2, 75, 37)])
+def test_column_tiles_float32(direction, chunk, shape):
     """Column scans long enough for whole 16-line tiles and 8-row blocks (the CPU kernel moves those
-    through registers), with partial tiles and rows left over: float32 kernel against reference."""
-    shape = (2, 3, 21, 37)
+    through registers), with partial tiles and rows left over: float32 kernel against reference.  The
+    taller plane has more rows than the gathers' prefetch distance (kAhead), so that path runs too."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g)
     lam = torch.rand(shape, generator=g)

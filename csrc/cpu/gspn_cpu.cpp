@@ -45,28 +45,41 @@ void forward_line(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ 
 }
 
 // One line of the backward: the adjoint from the next line's (a_n, w*_n), the five gradients, and
-// this line's adjoint and gates stored for the line before it.
+// this line's adjoint.  Only the adjoints live in zero-padded buffers (a_n[-1] = a_n[M] = 0); the
+// next line's gates and the previous line's output h_p are read where they are (the inputs, a column
+// tile, or a line of zeros), so the first and last positions, whose outer taps are 0, are done apart.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void backward_point(
+    int64_t j, acc_t wn_r, acc_t wp_l, acc_t h_neg, acc_t h_pos, const scalar_t* gs, const scalar_t* xs,
+    const scalar_t* ls, const acc_t* a_n, const scalar_t* wm_n, const scalar_t* h_p, acc_t* a_c, scalar_t* dx,
+    scalar_t* dlam, scalar_t* dwn, scalar_t* dwm, scalar_t* dwp) {
+  const acc_t a = adjoint_step<acc_t>(gs[j], wn_r, a_n[j + 1], wm_n[j], a_n[j], wp_l, a_n[j - 1]);
+  const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[j], ls[j], h_neg, h_p[j], h_pos);
+  dx[j] = static_cast<scalar_t>(d.dx);
+  dlam[j] = static_cast<scalar_t>(d.dlam);
+  dwn[j] = static_cast<scalar_t>(d.dwn);
+  dwm[j] = static_cast<scalar_t>(d.dwm);
+  dwp[j] = static_cast<scalar_t>(d.dwp);
+  a_c[j] = a;
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ xs,
-                   const scalar_t* __restrict__ ls, const scalar_t* __restrict__ ns,
-                   const scalar_t* __restrict__ ms, const scalar_t* __restrict__ ps,
-                   const acc_t* __restrict__ a_n, const acc_t* __restrict__ wn_n, const acc_t* __restrict__ wm_n,
-                   const acc_t* __restrict__ wp_n, const acc_t* __restrict__ h_p, acc_t* __restrict__ a_c,
-                   acc_t* __restrict__ wn_c, acc_t* __restrict__ wm_c, acc_t* __restrict__ wp_c,
+                   const scalar_t* __restrict__ ls, const acc_t* __restrict__ a_n,
+                   const scalar_t* __restrict__ wn_n, const scalar_t* __restrict__ wm_n,
+                   const scalar_t* __restrict__ wp_n, const scalar_t* __restrict__ h_p, acc_t* __restrict__ a_c,
                    scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam, scalar_t* __restrict__ dwn,
                    scalar_t* __restrict__ dwm, scalar_t* __restrict__ dwp, int64_t M) {
-  for (int64_t j = 0; j < M; ++j) {
-    const acc_t a = adjoint_step<acc_t>(gs[j], wn_n[j + 1], a_n[j + 1], wm_n[j], a_n[j], wp_n[j - 1], a_n[j - 1]);
-    const StepGrads<acc_t> d = step_grads<acc_t>(a, xs[j], ls[j], h_p[j - 1], h_p[j], h_p[j + 1]);
-    dx[j] = static_cast<scalar_t>(d.dx);
-    dlam[j] = static_cast<scalar_t>(d.dlam);
-    dwn[j] = static_cast<scalar_t>(d.dwn);
-    dwm[j] = static_cast<scalar_t>(d.dwm);
-    dwp[j] = static_cast<scalar_t>(d.dwp);
-    a_c[j] = a;
-    wn_c[j] = ns[j];
-    wm_c[j] = ms[j];
-    wp_c[j] = ps[j];
+  const acc_t zero(0);
+  backward_point<scalar_t, acc_t>(0, M > 1 ? acc_t(wn_n[1]) : zero, zero, zero, M > 1 ? acc_t(h_p[1]) : zero, gs,
+                                  xs, ls, a_n, wm_n, h_p, a_c, dx, dlam, dwn, dwm, dwp);
+  for (int64_t j = 1; j < M - 1; ++j) {
+    backward_point<scalar_t, acc_t>(j, wn_n[j + 1], wp_n[j - 1], h_p[j - 1], h_p[j + 1], gs, xs, ls, a_n, wm_n, h_p,
+                                    a_c, dx, dlam, dwn, dwm, dwp);
+  }
+  if (M > 1) {
+    backward_point<scalar_t, acc_t>(M - 1, zero, wp_n[M - 2], h_p[M - 2], zero, gs, xs, ls, a_n, wm_n, h_p, a_c, dx,
+                                    dlam, dwn, dwm, dwp);
   }
 }
 
@@ -78,6 +91,8 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
 // written for one row would map onto one or two L1 sets and evict each other.
 constexpr int64_t kTile = 16;
 constexpr int64_t kPad = 16;
+// Rows ahead that the column gathers and scatters prefetch (see move_columns).
+constexpr int64_t kAhead = 32;
 
 #if defined(__AVX2__)
 // The tile lines of the 8 columns cols[h .. h + 7], which must be consecutive (ascending or
@@ -117,7 +132,20 @@ void move_columns(T* __restrict__ plane, T* __restrict__ tile, const int64_t* co
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     if (consecutive_columns(cols, tn)) {
+      const int64_t c_lo = std::min(cols[0], cols[tn - 1]), c_hi = std::max(cols[0], cols[tn - 1]);
       for (int64_t j0 = 0; j0 + 8 <= M; j0 += 8) {
+        if (j0 + kAhead + 8 <= M) {
+          for (int i = 0; i < 8; ++i) {
+            T* row = plane + (j0 + kAhead + i) * L;
+            if (kScatter) {
+              __builtin_prefetch(row + c_lo, 1, 3);
+              __builtin_prefetch(row + c_hi, 1, 3);
+            } else {
+              __builtin_prefetch(row + c_lo, 0, 3);
+              __builtin_prefetch(row + c_hi, 0, 3);
+            }
+          }
+        }
         for (int64_t h = 0; h < tn; h += 8) {
           const ColumnBlock blk = column_block(cols, h);
           __m256 r[8];
@@ -213,10 +241,14 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
   const int64_t P = M + 2;
   const int64_t Mp = M + kPad, TM = kTile * Mp;
   at::parallel_for(0, N * G, parallel_grain(3 * L / G * M), [&](int64_t begin, int64_t end) {
-    // Zero-padded lines (index 0 and M + 1 stay 0): the adjoint and the three gates of the next
-    // line in scan order (read), the same for this line (written; the halves swap every step), and
-    // the previous line's output.
-    std::vector<acc_t> buf(9 * P, acc_t(0));
+    // Zero-padded lines (index 0 and M + 1 stay 0): the adjoint of the next line in scan order
+    // (read) and of this line (written; the two swap every step).  A line of zeros stands for the
+    // gates of the line after a group's last and the output of the line before its first; the next
+    // line's gates are read in place, except at a column tile's edge, where they are kept in `edge`
+    // before the next tile is gathered over them.
+    std::vector<acc_t> buf(2 * P, acc_t(0));
+    std::vector<scalar_t> zeros(M, scalar_t(0));
+    std::vector<scalar_t> edge(columns ? 3 * M : 0);
     // Column scans: tiles of the six inputs (grad, x, lam, w_neg, w_mid, w_pos), the five gradients,
     // and the outputs of the previous lines.
     std::vector<scalar_t> tile(columns ? 12 * TM : 0);
@@ -227,9 +259,9 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
       const scalar_t* in[6] = {gh + plane, x + plane, lam + plane, wn + plane, wm + plane, wp + plane};
       scalar_t* grad[5] = {dx + plane, dlam + plane, dwn + plane, dwm + plane, dwp + plane};
       std::fill(buf.begin(), buf.end(), acc_t(0));
-      acc_t* nxt = buf.data() + 1;          // a, wn, wm, wp of the next line at nxt + {0,1,2,3} * P
-      acc_t* cur = buf.data() + 4 * P + 1;  // the same for this line
-      acc_t* h_p = buf.data() + 8 * P + 1;
+      acc_t* a_nxt = buf.data() + 1;
+      acc_t* a_cur = buf.data() + P + 1;
+      const scalar_t* w_nxt[3] = {zeros.data(), zeros.data(), zeros.data()};
       // Tiles [t_lo, t_hi) of scan steps, walked against scan order.
       for (int64_t t_hi = len; t_hi > 0;) {
         const int64_t t_lo = columns ? std::max<int64_t>(0, t_hi - kTile) : 0;
@@ -245,7 +277,7 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
         for (int64_t step = t_hi - 1; step >= t_lo; --step) {
           const scalar_t* p[6];
           scalar_t* d[5];
-          const scalar_t* hp = nullptr;
+          const scalar_t* hp = zeros.data();
           if (columns) {
             const int64_t t = step - t_lo;
             for (int a = 0; a < 6; ++a) p[a] = tile.data() + a * TM + t * Mp;
@@ -257,15 +289,16 @@ void backward_cpu_kernel(const scalar_t* gh, const scalar_t* x, const scalar_t* 
             for (int a = 0; a < 5; ++a) d[a] = grad[a] + off;
             if (step > 0) hp = h + plane + line_at(step - 1, s0, s1, reverse) * M;
           }
-          if (hp != nullptr) {
-            for (int64_t j = 0; j < M; ++j) h_p[j] = hp[j];
-          } else {
-            std::fill(h_p, h_p + M, acc_t(0));
+          backward_line<scalar_t, acc_t>(p[0], p[1], p[2], a_nxt, w_nxt[0], w_nxt[1], w_nxt[2], hp, a_cur, d[0],
+                                         d[1], d[2], d[3], d[4], M);
+          std::swap(a_nxt, a_cur);
+          for (int a = 0; a < 3; ++a) w_nxt[a] = p[3 + a];
+        }
+        if (columns && t_lo > 0) {
+          for (int a = 0; a < 3; ++a) {
+            std::copy(w_nxt[a], w_nxt[a] + M, edge.data() + a * M);
+            w_nxt[a] = edge.data() + a * M;
           }
-          backward_line<scalar_t, acc_t>(p[0], p[1], p[2], p[3], p[4], p[5], nxt, nxt + P, nxt + 2 * P, nxt + 3 * P,
-                                         h_p, cur, cur + P, cur + 2 * P, cur + 3 * P, d[0], d[1], d[2], d[3], d[4],
-                                         M);
-          std::swap(nxt, cur);
         }
         if (columns) {
           for (int a = 0; a < 5; ++a) scatter_columns(grad[a], tile.data() + (6 + a) * TM, cols, tn, L, M, Mp);
