@@ -465,3 +465,26 @@ def test_column_tiles_float32(direction, chunk, shape):
     go = torch.randn(shape, generator=g)
     for a, b in zip(grads(out, ins, go), grads(ref, ins, go)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["t2b", "b2t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 2, 16, 17, 18, 37])
+def test_row_lines_walked_backwards(direction, dtype, width):
+    """Row scans whose lines the CPU kernel walks from their end in 16-element blocks (b2t's forward,
+    t2b's backward), with one, a whole and a partial block and the two end positions: forward and all
+    gradients against the reference, global and chunked."""
+    g = torch.Generator().manual_seed(4)
+    shape = (2, 3, 9, width)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    lam = torch.rand(shape, generator=g, dtype=dtype)
+    gates = normalize_gates(*(torch.randn(shape, generator=g, dtype=dtype) * 2 for _ in range(3)), direction)
+    ins = [t.clone().requires_grad_() for t in (x, lam, *gates)]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for chunk in (None, 4):
+        out = gspn_scan(*ins, direction=direction, chunk_size=chunk, backend="kernel")
+        ref = scan_reference(*ins, direction=direction, chunk_size=chunk)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        go = torch.randn(shape, generator=g, dtype=dtype)
+        for a, b in zip(grads(out, ins, go), grads(ref, ins, go)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
