@@ -320,7 +320,7 @@ def _run(args, timeout=900):
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env=dict(os.environ),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),  # tiny models: a second thread's barriers only cost
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -136,9 +136,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# One torch thread per process (and per rank): the tiny models gain nothing from a second one, and OpenMP
+# barriers between two threads are slow on a busy 2-core machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def _run(args, env=None, timeout=600):
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        [sys.executable, *args], cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})}, capture_output=True,
+        text=True,
         timeout=timeout,
     )  # fmt: skip
 
@@ -181,6 +187,7 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path):
             cwd=ROOT,
             env={
                 **os.environ,
+                **ONE_THREAD,
                 "RANK": str(rank),
                 "WORLD_SIZE": "2",
                 "LOCAL_RANK": "0",
