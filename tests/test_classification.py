@@ -2,6 +2,7 @@
 resumes, validates and runs two-process DDP on the MNIST demo shards (subprocesses, CPU, gloo)."""
 
 import csv
+import json
 import math
 import os
 import re
@@ -19,8 +20,13 @@ DEBUG = REPO / "configs" / "classification" / "debug_mnist.yaml"
 REFERENCE_PARAMS = {"gspn_t": 31.5, "gspn_s": 50.8, "gspn_b": 93.1}
 
 
+# One torch thread per cli.py process: the debug models are tiny, and two threads' OpenMP barriers on a
+# busy 2-core machine made a 32-batch test run take 50 s instead of 18 s.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args, cwd, timeout=900, env_extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD, **(env_extra or {}))
     r = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *map(str, args)],
         cwd=cwd,
@@ -35,6 +41,37 @@ def run_cli(*args, cwd, timeout=900, env_extra=None):
     return r.stdout + r.stderr
 
 
+# Runs several cli.py commands one after another in one interpreter: each process start imports
+# lightning (~12 s on the 2-core CI machine), which dwarfs a debug-config command's own work.
+_CHAIN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from cli import main
+for args in json.loads(sys.argv[2]):
+    print("=== cli.py " + " ".join(args), flush=True)
+    main(args=args)
+"""
+
+
+def run_cli_chain(*commands, cwd, timeout=900):
+    """Run each command (a list of cli.py arguments) in turn in one fresh process; their outputs
+    (stdout and stderr together), in order."""
+    commands = [[str(a) for a in c] for c in commands]
+    r = subprocess.run(
+        [sys.executable, "-c", _CHAIN, str(REPO), json.dumps(commands)],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, f"cli.py chain {commands} failed:\n{r.stdout[-8000:]}"
+    outs = r.stdout.split("=== cli.py ")[1:]
+    assert len(outs) == len(commands), r.stdout[-8000:]
+    return outs
+
+
 def data_args(shards):
     return [
         f"--data.init_args.train_shards={shards / 'train'}",
@@ -43,10 +80,12 @@ def data_args(shards):
     ]
 
 
-def last_metrics(root: Path) -> dict:
-    """Merge all rows of the newest CSVLogger metrics.csv under ``root`` (last value wins)."""
-    files = sorted(root.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    assert files, f"no metrics.csv under {root}"
+def last_metrics(root: Path, version: int | None = None) -> dict:
+    """Merge all rows of the newest CSVLogger metrics.csv under ``root`` (or of run ``version``; last
+    value wins)."""
+    pattern = f"lightning_logs/version_{'*' if version is None else version}/metrics.csv"
+    files = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    assert files, f"no {pattern} under {root}"
     merged = {}
     with open(files[-1]) as f:
         for row in csv.DictReader(f):
@@ -89,7 +128,14 @@ def test_fit_resume_validate(mnist_shards, tmp_path):
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
     assert (root / "lightning_logs" / "version_0" / "config.yaml").exists()  # resolved config saved
 
-    out = run_cli("fit", *common, "--trainer.max_steps=6", "--ckpt_path=last", cwd=tmp_path)
+    # the resumed fit in a new process, then validate, test and predict after it in that same process
+    out, val_out, _, _ = run_cli_chain(
+        ["fit", *common, "--trainer.max_steps=6", "--ckpt_path=last"],
+        ["validate", *common, "--ckpt_path=last"],
+        ["test", *common, "--ckpt_path=last"],
+        ["predict", *common, f"--data.init_args.predict_shards={mnist_shards / 'val'}", "--ckpt_path=last"],
+        cwd=tmp_path,
+    )
     assert "Restoring states from the checkpoint" in out or "Restored all states" in out
     ckpt2 = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt2["global_step"] == 6  # continued from step 3, not restarted
@@ -101,23 +147,14 @@ def test_fit_resume_validate(mnist_shards, tmp_path):
     assert ema.keys() == model.keys()
     assert any(not torch.equal(ema[k], model[k]) for k in model)  # the EMA is its own average
 
-    out = run_cli("validate", *common, "--ckpt_path=last", cwd=tmp_path)
-    top1 = re.search(r"val/top1\s*│?\s*([0-9.]+)", out)
-    assert top1 and 0.0 <= float(top1.group(1)) <= 1.0, out[-3000:]
-    metrics = last_metrics(root)
+    top1 = re.search(r"val/top1\s*│?\s*([0-9.]+)", val_out)
+    assert top1 and 0.0 <= float(top1.group(1)) <= 1.0, val_out[-3000:]
+    metrics = last_metrics(root, version=2)  # runs 0 and 1 were the two fits
     assert metrics["val/samples"] == 1000  # every validation sample exactly once
     assert "val_ema/top1" in metrics and "val/top5" in metrics
 
-    run_cli("test", *common, "--ckpt_path=last", cwd=tmp_path)
-    metrics = last_metrics(root)
+    metrics = last_metrics(root, version=3)
     assert metrics["test/samples"] == 1000 and 0.0 <= metrics["test/top1"] <= 1.0
-    run_cli(
-        "predict",
-        *common,
-        f"--data.init_args.predict_shards={mnist_shards / 'val'}",
-        "--ckpt_path=last",
-        cwd=tmp_path,
-    )
     pred = torch.load(root / "predictions" / "predictions-rank0.pt")
     assert pred["pred"].shape == (1000,) and pred["topk"].shape == (1000, 5)
     # predict uses the EMA weights: its accuracy is the test's EMA top-1 on the same samples
