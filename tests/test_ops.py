@@ -488,3 +488,27 @@ def test_row_lines_walked_backwards(direction, dtype, width):
         go = torch.randn(shape, generator=g, dtype=dtype)
         for a, b in zip(grads(out, ins, go), grads(ref, ins, go)):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_a_build_leaves_the_cache_key_flags_alone(tmp_path, monkeypatch):
+    """torch's ``cpp_extension.load`` appends to the flag lists it is given; the builder must hand it
+    copies, since its own lists are part of every later build's cache key (a CPU build once changed
+    the CUDA build's key in the same process, so CI's tests rebuilt what its set-up had just built)."""
+    from torch.utils import cpp_extension
+
+    def fake_load(**kw):
+        for key in ("extra_cflags", "extra_cuda_cflags", "extra_ldflags"):
+            kw[key].append("-DFAKE")
+        raise RuntimeError("fake build stops here")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("GSPN_EXTENSIONS_DIR", str(tmp_path))
+    lists = (_build._CPU_CFLAGS, _build._CPU_LDFLAGS, _build._CUDA_CFLAGS, _build._CUDA_NVCC_FLAGS)
+    before = [list(x) for x in lists]
+    builds = [("gspn_lightning_cpu", _build._CPU_SOURCES, False)]
+    if _build.find_cuda_home() is not None:
+        builds.append(("gspn_lightning_cuda", _build._CUDA_SOURCES, True))
+    for name, sources, cuda in builds:
+        with pytest.raises(RuntimeError, match="fake build"):
+            _build._load(name, sources, cuda=cuda, verbose=False)
+    assert [list(x) for x in lists] == before

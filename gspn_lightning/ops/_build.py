@@ -190,12 +190,15 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
                     cpp_extension.CUDA_HOME = cuda_home
                 if verbose or os.environ.get("GSPN_VERBOSE_BUILD"):
                     print(f"gspn_lightning: building {name} in {build_dir} (first use only)", file=sys.stderr)
+                # Copies: load() appends to the lists it is given, and these module-level ones are
+                # part of the next build's cache key (a CPU build used to change the CUDA build's
+                # key in the same process, so CI's tests rebuilt what its set-up had just built).
                 cpp_extension.load(
                     name=name,
                     sources=[str(CSRC / s) for s in sources],
-                    extra_cflags=_CUDA_CFLAGS if cuda else cpu_cflags,
-                    extra_cuda_cflags=_CUDA_NVCC_FLAGS,
-                    extra_ldflags=[] if cuda else _CPU_LDFLAGS,
+                    extra_cflags=list(_CUDA_CFLAGS if cuda else cpu_cflags),
+                    extra_cuda_cflags=list(_CUDA_NVCC_FLAGS),
+                    extra_ldflags=[] if cuda else list(_CPU_LDFLAGS),
                     extra_include_paths=extra_include,
                     build_directory=str(build_dir),
                     is_python_module=False,
