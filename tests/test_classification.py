@@ -2,7 +2,6 @@
 resumes, validates and runs two-process DDP on the MNIST demo shards (subprocesses, CPU, gloo)."""
 
 import csv
-import json
 import math
 import os
 import re
@@ -13,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import ONE_THREAD, run_cli_chain
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "classification").glob("*.yaml"))
 DEBUG = REPO / "configs" / "classification" / "debug_mnist.yaml"
 # Parameter counts of the paper's reference configuration, in units of 10^6.
 REFERENCE_PARAMS = {"gspn_t": 31.5, "gspn_s": 50.8, "gspn_b": 93.1}
-
-
-# One torch thread per cli.py process: the debug models are tiny, and two threads' OpenMP barriers on a
-# busy 2-core machine made a 32-batch test run take 50 s instead of 18 s.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def run_cli(*args, cwd, timeout=900, env_extra=None):
@@ -39,37 +35,6 @@ def run_cli(*args, cwd, timeout=900, env_extra=None):
         f"cli.py {' '.join(map(str, args))} failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
     )
     return r.stdout + r.stderr
-
-
-# Runs several cli.py commands one after another in one interpreter: each process start imports
-# lightning (~12 s on the 2-core CI machine), which dwarfs a debug-config command's own work.
-_CHAIN = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from cli import main
-for args in json.loads(sys.argv[2]):
-    print("=== cli.py " + " ".join(args), flush=True)
-    main(args=args)
-"""
-
-
-def run_cli_chain(*commands, cwd, timeout=900):
-    """Run each command (a list of cli.py arguments) in turn in one fresh process; their outputs
-    (stdout and stderr together), in order."""
-    commands = [[str(a) for a in c] for c in commands]
-    r = subprocess.run(
-        [sys.executable, "-c", _CHAIN, str(REPO), json.dumps(commands)],
-        cwd=cwd,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    assert r.returncode == 0, f"cli.py chain {commands} failed:\n{r.stdout[-8000:]}"
-    outs = r.stdout.split("=== cli.py ")[1:]
-    assert len(outs) == len(commands), r.stdout[-8000:]
-    return outs
 
 
 def data_args(shards):

@@ -30,7 +30,7 @@ from gspn_lightning.models.sdxl import (
 from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 from gspn_lightning.tasks.base import param_groups
 from gspn_lightning.tasks.distill import DistillationTask
-from tests.test_classification import run_cli_chain
+from tests.cli_helpers import ONE_THREAD, run_cli_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(96, 64), (64, 112)]  # portrait and landscape sources, cropped to 64x64
@@ -321,7 +321,7 @@ def _run(args, timeout=900):
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),  # tiny models: a second thread's barriers only cost
+        env=dict(os.environ, **ONE_THREAD),
         capture_output=True,
         text=True,
         timeout=timeout,

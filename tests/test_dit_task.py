@@ -20,6 +20,7 @@ from PIL import Image
 from gspn_lightning.data.latents import LatentWebDataModule, adm_center_crop, encode_shards
 from gspn_lightning.data.write_shards import write_shards
 from gspn_lightning.diffusion.vae import load_vae, tiny_vae
+from tests.cli_helpers import ONE_THREAD
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_CONFIGS = sorted((ROOT / "configs" / "dit").glob("*.yaml"))
@@ -134,11 +135,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# One torch thread per process (and per rank): the tiny models gain nothing from a second one, and OpenMP
-# barriers between two threads are slow on a busy 2-core machine.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _run(args, env=None, timeout=600):
