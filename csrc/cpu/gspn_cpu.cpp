@@ -30,6 +30,20 @@ namespace {
 // order changes no result.
 constexpr int64_t kBlock = 16;
 
+// Calls span(j0, j1) on [lo, hi): once, or (kDesc) on blocks of kBlock from hi down to lo.  The spans
+// are always-inline functions taking the pointers as __restrict__ arguments, so that their loops
+// vectorise although the call goes through a lambda.
+template <bool kDesc, typename Span>
+inline __attribute__((always_inline)) void walk_line(int64_t lo, int64_t hi, Span&& span) {
+  if constexpr (kDesc) {
+    int64_t j = hi;
+    for (; j - kBlock >= lo; j -= kBlock) span(j - kBlock, j);
+    if (j > lo) span(lo, j);
+  } else {
+    span(lo, hi);
+  }
+}
+
 // One line of the forward.  Separate functions with __restrict__ pointers (a lambda's captures lose
 // the qualifier) so that the compiler vectorises the loops over the line.
 template <typename scalar_t, typename acc_t>
@@ -57,15 +71,9 @@ void forward_line(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ 
                   const scalar_t* __restrict__ ns, const scalar_t* __restrict__ ms,
                   const scalar_t* __restrict__ ps, const acc_t* __restrict__ prev, acc_t* __restrict__ cur,
                   scalar_t* __restrict__ hs, int64_t M, bool first) {
-  if constexpr (kDesc) {
-    int64_t j = M;
-    for (; j >= kBlock; j -= kBlock) {
-      forward_span<scalar_t, acc_t>(xs, ls, ns, ms, ps, prev, cur, hs, j - kBlock, j, first);
-    }
-    if (j > 0) forward_span<scalar_t, acc_t>(xs, ls, ns, ms, ps, prev, cur, hs, 0, j, first);
-  } else {
-    forward_span<scalar_t, acc_t>(xs, ls, ns, ms, ps, prev, cur, hs, 0, M, first);
-  }
+  walk_line<kDesc>(0, M, [&](int64_t j0, int64_t j1) {
+    forward_span<scalar_t, acc_t>(xs, ls, ns, ms, ps, prev, cur, hs, j0, j1, first);
+  });
 }
 
 // One line of the backward: the adjoint from the next line's (a_n, w*_n), the five gradients, and
@@ -115,22 +123,11 @@ void backward_line(const scalar_t* __restrict__ gs, const scalar_t* __restrict__
                                     j > 0 ? acc_t(h_p[j - 1]) : zero, j + 1 < M ? acc_t(h_p[j + 1]) : zero, gs, xs,
                                     ls, a_n, wm_n, h_p, a_c, dx, dlam, dwn, dwm, dwp);
   };
-  if constexpr (kDesc) {
-    end_point(M - 1);
-    int64_t hi = M - 1;
-    for (; hi - kBlock >= 1; hi -= kBlock) {
-      backward_span<scalar_t, acc_t>(gs, xs, ls, a_n, wn_n, wm_n, wp_n, h_p, a_c, dx, dlam, dwn, dwm, dwp,
-                                     hi - kBlock, hi);
-    }
-    if (hi > 1) {
-      backward_span<scalar_t, acc_t>(gs, xs, ls, a_n, wn_n, wm_n, wp_n, h_p, a_c, dx, dlam, dwn, dwm, dwp, 1, hi);
-    }
-    if (M > 1) end_point(0);
-  } else {
-    end_point(0);
-    backward_span<scalar_t, acc_t>(gs, xs, ls, a_n, wn_n, wm_n, wp_n, h_p, a_c, dx, dlam, dwn, dwm, dwp, 1, M - 1);
-    if (M > 1) end_point(M - 1);
-  }
+  end_point(kDesc ? M - 1 : 0);
+  walk_line<kDesc>(1, M - 1, [&](int64_t j0, int64_t j1) {
+    backward_span<scalar_t, acc_t>(gs, xs, ls, a_n, wn_n, wm_n, wp_n, h_p, a_c, dx, dlam, dwn, dwm, dwp, j0, j1);
+  });
+  if (M > 1) end_point(kDesc ? 0 : M - 1);
 }
 
 // Column scans (l2r / r2l) keep the image layout: line s of a plane is its column s, element j at
