@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Tests run on 2 cores; keep torch from oversubscribing them when xdist or subprocesses run too.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on 2 cores; keep torch from oversubscribing them when xdist or subprocesses run too: one
+# thread per xdist worker (two workers on two cores), else up to two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -27,6 +28,16 @@ def tiny_sdxl_dir(tmp_path_factory):
     from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads for one test that needs the kernels' multi-task paths, whatever the worker's
+    default (one under xdist)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

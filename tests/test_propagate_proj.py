@@ -76,7 +76,7 @@ def test_long_lines():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("chunk", [None, 5])
-def test_tasks_sharing_a_batch_element(chunk, dtype):
+def test_tasks_sharing_a_batch_element(chunk, dtype, two_torch_threads):
     """B=3, C=19 on 19 x 21 planes: the CPU kernel's units of 8 (float32) or 4 (float64) channels
     give every batch element whole units and a partly filled one (padding lanes), and the backward's
     two tasks (2 threads) split batch element 1 between them: their partial proxy, weight and bias
