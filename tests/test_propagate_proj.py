@@ -90,6 +90,18 @@ def test_tasks_sharing_a_batch_element(chunk, dtype, two_torch_threads):
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 
 
+@pytest.mark.parametrize("directions", [("l2r",), ("r2l", "b2t")], ids="-".join)
+@pytest.mark.parametrize("shape", [(2, 10, 18, 35), (1, 9, 37, 17)], ids=str)
+def test_column_directions_on_planes_wider_than_a_transpose_block(shape, directions):
+    """The CPU kernel's column directions run on copies of x, dL/dy and the proxy in the transposed
+    pixel order, moved in blocks of 16 x 16 pixels, and their parts of y, dL/dx and dL/dproxy are
+    transposed back: planes with partial blocks on both sides, several units per batch element
+    (C > 4 float64 lanes), column directions alone and beside a row direction."""
+    ins = rand_proj_inputs(shape, 3, directions, seed=17)
+    check_against_reference(ins, directions, None, rtol=1e-10, atol=1e-10)
+    check_against_reference(ins, directions, 4, rtol=1e-10, atol=1e-10)
+
+
 def test_float32_strided_inputs():
     """Non-contiguous views (x and proxy transposed, weight a transposed view) are accepted."""
     directions = ("t2b", "l2r")
