@@ -503,8 +503,8 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 //
 // The backward recomputes one group (chunk) of lines at a time, keeping per pixel h, the taps,
 // sigmoid(lam) and the u, d logits, walks the group backwards, then reduces the group's logit
-// gradients into dL/dweight, dL/dbias (per-lane sums) and dL/dproxy (lane-partial sums per batch
-// element, added over the lanes when the thread moves to another batch element).  Units are split
+// gradients into dL/dweight, dL/dbias (per-lane sums) and dL/dproxy (summed over the lanes per pixel,
+// kept per batch element and added into place when the thread moves to another one).  Units are split
 // into one contiguous range per task (at most one task per thread), each with its own partial sums,
 // added in task order afterwards, so results do not depend on scheduling.
 
@@ -630,7 +630,8 @@ struct LaneData {
   using V = typename Vec<acc_t>::type;
   const acc_t* p;
   const V *x, *dy;
-  V *acc, *dpl;
+  V* acc;
+  acc_t* dps;
 };
 
 // Thread-local buffers of the projection op.  The column directions work on transposed copies of the
@@ -645,13 +646,15 @@ struct LaneWorkspace {
   bool cols = false;                   // some direction is a column scan: the transposed copies exist
   std::vector<acc_t> p, pt;            // proxy of batch element b, [HW][Sp]
   std::vector<V> x, dy, acc;           // the unit's x, dL/dy and its y or dL/dx accumulator, [HW]
-  std::vector<V> xt, dyt, acct, dplt;  // the transposed x, dL/dy, accumulator and dL/dproxy partials
+  std::vector<V> xt, dyt, acct;        // the transposed x, dL/dy and accumulator
+  std::vector<acc_t> dpst;             // the transposed dL/dproxy sums
   std::vector<V> w, bias, merge;       // projection rows [K][Sp][6], biases [K][6], merge weights [K]
   std::vector<V> lines, h, zero;       // padded lines: two (forward h, backward adjoints), a group's h, zeros
   std::vector<LaneKept<V>> kept, zkept;  // a group's kept values (padded lines), a zero line
   std::vector<V> dg;                   // a group's logit gradients [pixel][6]
   std::vector<int64_t> qs;             // a group's pixels, in group order
-  std::vector<V> dpl, dwb;             // lane-partial dL/dproxy of b [HW][Sp]; dL/dweight [Sp][6], dL/dbias [6]
+  std::vector<acc_t> dps;              // dL/dproxy of b, summed over the lanes of its units so far [HW][Sp]
+  std::vector<V> dwb;                  // dL/dweight [Sp][6], dL/dbias [6] per lane
 
   void init(const PropagateArgs& a, int64_t S_, bool backward) {
     H = a.H;
@@ -681,18 +684,18 @@ struct LaneWorkspace {
     zkept.assign(side + 2, LaneKept<V>{});
     dg.resize(HW * kGateFields);
     qs.resize(HW);
-    dpl.assign(HW * Sp, V{});
+    dps.assign(HW * Sp, acc_t(0));
     dwb.resize((Sp + 1) * kGateFields);
     if (cols) {
       dyt.resize(HW);
-      dplt.assign(HW * Sp, V{});
+      dpst.assign(HW * Sp, acc_t(0));
     }
   }
 
   // The arrays of a row (image layout) or column (transposed) direction.
   LaneData<acc_t> data(bool columns) {
-    if (columns) return {pt.data(), xt.data(), dyt.data(), acct.data(), dplt.data()};
-    return {p.data(), x.data(), dy.data(), acc.data(), dpl.data()};
+    if (columns) return {pt.data(), xt.data(), dyt.data(), acct.data(), dpst.data()};
+    return {p.data(), x.data(), dy.data(), acc.data(), dps.data()};
   }
 
   // A new unit: its x (and dL/dy) interleaved, transposed where needed, the accumulators zeroed.
@@ -714,11 +717,11 @@ struct LaneWorkspace {
     deinterleave(nc, dst);
   }
 
-  // The lane-partial dL/dproxy of both layouts, in the image layout (the transposed part zeroed).
-  void gather_dpl() {
+  // The dL/dproxy sums of both layouts, in the image layout (the transposed part zeroed).
+  void gather_dps() {
     if (!cols) return;
-    transpose_records<true>(dplt.data(), dpl.data(), W, H, Sp);
-    std::fill(dplt.begin(), dplt.end(), V{});
+    transpose_records<true>(dpst.data(), dps.data(), W, H, Sp);
+    std::fill(dpst.begin(), dpst.end(), acc_t(0));
   }
 
   // Convert (and lay out [pixel][s]) the proxy of batch element `bb` unless it is the current one.
@@ -807,7 +810,7 @@ void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
 constexpr int64_t kSumBlock = 32;
 
 // Backward of direction k over the unit: adds this direction's share of dL/dx to ws.acc, its dL/dproxy
-// to ws.dpl, sets ws.dwb to its dL/dweight, dL/dbias per lane and returns dL/dmerge per lane.
+// to ws.dps, sets ws.dwb to its dL/dweight, dL/dbias per lane and returns dL/dmerge per lane.
 template <typename acc_t>
 typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
   using V = typename Vec<acc_t>::type;
@@ -881,16 +884,17 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
       dm += dml;
       std::swap(an, ac);
     }
-    // the adjoint of the projection: dL/dproxy (lane-partial), dL/dweight and dL/dbias (per lane)
+    // the adjoint of the projection: dL/dproxy (summed over the lanes at once: a scalar per pixel and
+    // proxy channel to keep, not a vector), dL/dweight and dL/dbias (per lane)
     const int64_t n = len * M;
-    V* dpl = ld.dpl;
     for (int64_t i = 0; i < n; ++i) {
       const V* d = dg + i * kGateFields;
-      V* dp = dpl + qs[i] * Sp;
+      acc_t* dp = ld.dps + qs[i] * Sp;
       for (int64_t s = 0; s < Sp; ++s) {
         const V* ws_ = w + s * kGateFields;
         // a tree, not a chain of six dependent multiply-adds
-        dp[s] += (ws_[0] * d[0] + ws_[1] * d[1]) + (ws_[2] * d[2] + ws_[3] * d[3]) + (ws_[4] * d[4] + ws_[5] * d[5]);
+        const V v = (ws_[0] * d[0] + ws_[1] * d[1]) + (ws_[2] * d[2] + ws_[3] * d[3]) + (ws_[4] * d[4] + ws_[5] * d[5]);
+        dp[s] += tree_sum<acc_t, kVecBytes>(&v);
       }
     }
     // (in blocks of kSumBlock pixels whose sums are then added: short chains, a float32 error like a
@@ -982,15 +986,15 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
       acc_t* dw = dwb[t].mutable_data_ptr<acc_t>();
       acc_t* db = dw + R * S;
       acc_t* dp = dprox[t].mutable_data_ptr<acc_t>();
-      // the lane-partial dL/dproxy of the current batch element, added over the lanes into place
+      // the dL/dproxy sums of the current batch element added into place
       auto flush = [&]() {
         if (ws.b < 0) return;
-        ws.gather_dpl();
+        ws.gather_dps();
         acc_t* dst = dp + (ws.b - b0) * S * HW;
         for (int64_t q = 0; q < HW; ++q) {
-          for (int64_t s = 0; s < S; ++s) dst[s * HW + q] += tree_sum<acc_t, kVecBytes>(&ws.dpl[q * Sp + s]);
+          for (int64_t s = 0; s < S; ++s) dst[s * HW + q] += ws.dps[q * Sp + s];
         }
-        std::fill(ws.dpl.begin(), ws.dpl.end(), typename Vec<acc_t>::type{});
+        std::fill(ws.dps.begin(), ws.dps.end(), acc_t(0));
       };
       ws.b = -1;
       for (int64_t u = u0; u < u1; ++u) {
