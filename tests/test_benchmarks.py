@@ -21,3 +21,29 @@ def test_strided_reads_reads_every_element_and_writes_results(tmp_path):
     assert [r["width"] for r in first["reads"]] == [16, 24, 40, 16, 24, 40]
     assert all(r["GBps"]["median"] > 0 for r in first["reads"])
     assert len(list(tmp_path.glob("*.md"))) == 2
+
+
+def test_revisions_times_head_against_the_working_tree(tmp_path):
+    """HEAD (extracted with git archive) against the working tree, one pair on a tiny case: both
+    children load their own copy of the package, and a run writes both result files. With the kernels
+    of HEAD and the working tree alike, both load the build already in the test's extension cache."""
+    from benchmarks import revisions
+    from gspn_lightning.ops import _build
+
+    args = ["HEAD", ".", "--pairs", "1", "--reps", "1", "--cases", "tiny", "--cache", str(_build.cache_dir())]
+    assert revisions.main([*args, "--out", str(tmp_path)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert result["base"] == revisions.git("rev-parse", "--short", "HEAD")
+    assert result["new"].startswith(result["base"])
+    assert [(r["case"], r["metric"]) for r in result["rows"]] == [("tiny", "fwd_ms"), ("tiny", "fwdbwd_ms")]
+    assert all(r["ratio"]["median"] > 0 and len(r["base_ms"]) == 1 for r in result["rows"])
+    assert len(list(tmp_path.glob("*.md"))) == 1
+
+
+def test_revisions_refuses_revisions_that_disagree():
+    from benchmarks import revisions
+
+    a = {"rows": {"tiny": {"sums": [1.0, 2.0], "abs_sums": [3.0, 4.0]}}}
+    revisions.check_agreement(a, {"rows": {"tiny": {"sums": [1.0, 2.0 + 1e-5], "abs_sums": [3.0, 4.0]}}}, ("a", "b"))
+    with pytest.raises(RuntimeError, match="sum of dx differs"):
+        revisions.check_agreement(a, {"rows": {"tiny": {"sums": [1.0, 2.01], "abs_sums": [3.0, 4.0]}}}, ("a", "b"))
