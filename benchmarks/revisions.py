@@ -123,7 +123,8 @@ def checkout(rev: str, tmp: Path) -> tuple[Path, str]:
     dest = tmp / sha
     if not dest.exists():
         dest.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", sha], check=True, capture_output=True)
+        cmd = ["git", "-C", str(ROOT), "archive", "--format=tar", sha]
+        archive = subprocess.run(cmd, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest, sha
 
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             a = [r["rows"][case][metric] for r in runs[label_a]]
             b = [r["rows"][case][metric] for r in runs[label_b]]
             ratio = ratios(a, b)
-            rows.append({"case": case, "shape": CASES[case], "metric": metric, "base_ms": a, "new_ms": b, "ratio": ratio})
+            row = {"case": case, "shape": CASES[case], "metric": metric, "base_ms": a, "new_ms": b, "ratio": ratio}
+            rows.append(row)
             md.append(
                 f"| {case} {CASES[case]} | {metric[:-3].replace('fwdbwd', 'fwd+bwd')} | {statistics.median(a):.1f} | "
                 f"{statistics.median(b):.1f} | {fmt(ratio)} |"

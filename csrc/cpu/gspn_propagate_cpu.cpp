@@ -494,10 +494,10 @@ void propagate_backward_cpu(const PropagateArgs& a, const at::Tensor& grad_y, at
 // works on whole vectors whatever the line length (along a line, a 14-pixel line was one vector and a
 // 4 + 2 remainder, ~40 % of the forward's time).  The unit's x (and dL/dy) are interleaved into
 // [pixel][lane] vectors once, and where a column direction runs, copied once more in the transposed
-// pixel order (whole vectors, in cache-sized blocks), as is the proxy; the six logits of a pixel are projected on the fly from the proxy of batch element b
-// (converted once per b that a thread meets, [pixel][S], S zero-padded to a multiple of 4) with the
-// unit's projection rows as vectors, g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s],
-// r_f = (k*6 + f)*C + c.  The lanes past C in a batch element's last unit are padding: zero x,
+// pixel order (whole vectors, in cache-sized blocks), as is the proxy.  The six logits of a pixel are
+// projected on the fly from the proxy of batch element b (converted once per b that a thread meets,
+// [pixel][S], S zero-padded to a multiple of 4) with the unit's projection rows as vectors,
+// g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s], r_f = (k*6 + f)*C + c.  The lanes past C in a batch element's last unit are padding: zero x,
 // dL/dy, weights, bias and merge weight, so they stay finite and contribute nothing; their outputs
 // are dropped.  The math is gspn_step.h's, instantiated on the vector type.
 //
