@@ -173,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or tmp / "extensions"
         (src_a, label_a), (src_b, label_b) = checkout(args.base, tmp), checkout(args.new, tmp)
         print(f"base {label_a} ({src_a}), new {label_b} ({src_b}); building / loading both")
-        runs = {label_a: [], label_b: []}
-        first = {label_a: run_child(src_a, cache, args), label_b: run_child(src_b, cache, args)}
-        check_agreement(first[label_a], first[label_b], (label_a, label_b))
+        # keyed by role, not label: a clean working tree has HEAD's label
+        runs = {"base": [], "new": []}
+        first = {"base": run_child(src_a, cache, args), "new": run_child(src_b, cache, args)}
+        check_agreement(first["base"], first["new"], (label_a, label_b))
         for i in range(args.pairs):
-            order = [(label_a, src_a), (label_b, src_b)]
-            for label, src in order if i % 2 == 0 else order[::-1]:
-                runs[label].append(run_child(src, cache, args))
+            order = [("base", src_a), ("new", src_b)]
+            for role, src in order if i % 2 == 0 else order[::-1]:
+                runs[role].append(run_child(src, cache, args))
             print(f"pair {i + 1}/{args.pairs} done", flush=True)
 
     rows = []
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--threads {args.threads}`: {args.pairs} pairs of processes, the revisions' order alternating; "
         f"each process times every case's forward and forward + backward {args.reps} times (thread CPU "
         f"time, median). Four directions, d_state {D_STATE}, float32. Kernels built for "
-        f"{first[label_a]['isa']} / {first[label_b]['isa']}. Ratio: base / new per pair (above 1: new is "
+        f"{first['base']['isa']} / {first['new']['isa']}. Ratio: base / new per pair (above 1: new is "
         f"faster). Outputs and gradients agree (sums within 1e-4 relative).",
         "",
         "| case (B, C, H, W, chunk) | metric | base ms (median of pairs) | new ms | base / new per pair |",
@@ -199,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for case in args.cases:
         for metric in ("fwd_ms", "fwdbwd_ms"):
-            a = [r["rows"][case][metric] for r in runs[label_a]]
-            b = [r["rows"][case][metric] for r in runs[label_b]]
+            a = [r["rows"][case][metric] for r in runs["base"]]
+            b = [r["rows"][case][metric] for r in runs["new"]]
             ratio = ratios(a, b)
             row = {"case": case, "shape": CASES[case], "metric": metric, "base_ms": a, "new_ms": b, "ratio": ratio}
             rows.append(row)

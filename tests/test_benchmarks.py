@@ -36,7 +36,7 @@ def test_revisions_times_head_against_the_working_tree(tmp_path):
     assert result["base"] == revisions.git("rev-parse", "--short", "HEAD")
     assert result["new"].startswith(result["base"])
     assert [(r["case"], r["metric"]) for r in result["rows"]] == [("tiny", "fwd_ms"), ("tiny", "fwdbwd_ms")]
-    assert all(r["ratio"]["median"] > 0 and len(r["base_ms"]) == 1 for r in result["rows"])
+    assert all(len(r["base_ms"]) == len(r["new_ms"]) == 1 and r["ratio"]["median"] > 0 for r in result["rows"])
     assert len(list(tmp_path.glob("*.md"))) == 1
 
 
