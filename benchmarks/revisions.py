@@ -10,8 +10,9 @@ next run; builds are keyed by their sources, so two revisions with the same kern
 Two builds of the same operators cannot live in one process (both register ``gspn_lightning::*``), so
 every measurement is a child process that imports one revision and times
 ``gspn_propagate_proj`` (four directions, d_state 8, float32) on each case: the forward (no grad) and
-the forward + backward, ``--reps`` times each, thread CPU time, median.  Children run in pairs, BASE
-then NEW, then NEW then BASE in the next pair, and so on, so that neither revision always runs first;
+the forward + backward, ``--reps`` times each (thread CPU time at one thread, wall time at more),
+median.  Children run in pairs, BASE then NEW, then NEW then BASE in the next pair, and so on, so that
+neither revision always runs first;
 the ratio BASE / NEW is formed per pair (above 1: NEW is faster) and reported as median [min-max].
 Both revisions must compute the same function: the sums of y and of every gradient are compared
 (relative 1e-4) and a disagreement fails the run.  Results go to a new
@@ -50,7 +51,7 @@ D_STATE = 8
 DIRECTIONS = ("t2b", "b2t", "l2r", "r2l")
 
 
-def time_case(op, name: str, reps: int) -> dict:
+def time_case(op, name: str, reps: int, clock) -> dict:
     """Forward and forward + backward of ``op`` (a revision's ``gspn_propagate_proj``) on one case."""
     B, C, H, W, chunk = CASES[name]
     K = len(DIRECTIONS)
@@ -79,12 +80,12 @@ def time_case(op, name: str, reps: int) -> dict:
     forward()
     fwd, fwdbwd = [], []
     for _ in range(reps):
-        t = time.thread_time()
+        t = clock()
         forward()
-        fwd.append(time.thread_time() - t)
-        t = time.thread_time()
+        fwd.append(clock() - t)
+        t = clock()
         forward_backward()
-        fwdbwd.append(time.thread_time() - t)
+        fwdbwd.append(clock() - t)
     return {
         "fwd_ms": statistics.median(fwd) * 1e3,
         "fwdbwd_ms": statistics.median(fwdbwd) * 1e3,
@@ -105,7 +106,10 @@ def child(src: str, cases: list[str], reps: int, threads: int) -> dict:
     if _build.build_error("cpu"):
         raise RuntimeError(f"the CPU kernels of {src} did not build: {_build.build_error('cpu')}")
     torch.set_num_threads(threads)
-    rows = {name: time_case(gspn_propagate_proj, name, reps) for name in cases}
+    # one thread: its CPU time (what the machine's other load disturbs least); more: wall time, since
+    # the calling thread's CPU time leaves out the other threads' work
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    rows = {name: time_case(gspn_propagate_proj, name, reps, clock) for name in cases}
     return {"isa": _build.cpu_isa(), "rows": rows}
 
 
@@ -190,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/revisions.py {args.base} {args.new} --pairs {args.pairs} --reps {args.reps} "
         f"--threads {args.threads}`: {args.pairs} pairs of processes, the revisions' order alternating; "
-        f"each process times every case's forward and forward + backward {args.reps} times (thread CPU "
-        f"time, median). Four directions, d_state {D_STATE}, float32. Kernels built for "
+        f"each process times every case's forward and forward + backward {args.reps} times ("
+        f"{'thread CPU time' if args.threads == 1 else 'wall time'}, median). Four directions, d_state "
+        f"{D_STATE}, float32. Kernels built for "
         f"{first['base']['isa']} / {first['new']['isa']}. Ratio: base / new per pair (above 1: new is "
         f"faster). Outputs and gradients agree (sums within 1e-4 relative).",
         "",
