@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -30,14 +31,23 @@ def tiny_sdxl_dir(tmp_path_factory):
     return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``n`` torch threads inside the block, the previous number restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_torch_threads():
     """Two torch threads for one test that needs the kernels' multi-task paths, whatever the worker's
     default (one under xdist)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,5 @@ def torch_one_thread():
     """One torch thread for a module of tiny-model tests: OpenMP barriers between two threads cost more
     than such work (measured 100x slower on a loaded 2-core machine). Use with
     ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

@@ -21,6 +21,7 @@ from gspn_lightning.data.latents import LatentWebDataModule, adm_center_crop, en
 from gspn_lightning.data.write_shards import write_shards
 from gspn_lightning.diffusion.vae import load_vae, tiny_vae
 from tests.cli_helpers import ONE_THREAD
+from tests.conftest import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_CONFIGS = sorted((ROOT / "configs" / "dit").glob("*.yaml"))
@@ -177,13 +178,9 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     one = tmp_path / "one"
-    try:
+    with torch_threads(1):
         assert sample_main([*sample[2:], "--out", str(one)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     two = tmp_path / "two"
     port = str(_free_port())
     procs = [

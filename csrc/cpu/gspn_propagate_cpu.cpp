@@ -43,6 +43,20 @@ struct FlushDenormals {
 #endif
 };
 
+// f(i, j) over [ib, ie) x [jb, je) in blocks of 16 x 16, so that a transpose's reads and writes both
+// stay in cache.
+template <typename F>
+void for_blocks(int64_t ib, int64_t ie, int64_t jb, int64_t je, F&& f) {
+  constexpr int64_t T = 16;
+  for (int64_t i0 = ib; i0 < ie; i0 += T) {
+    for (int64_t j0 = jb; j0 < je; j0 += T) {
+      for (int64_t j = j0; j < std::min(je, j0 + T); ++j) {
+        for (int64_t i = i0; i < std::min(ie, i0 + T); ++i) f(i, j);
+      }
+    }
+  }
+}
+
 // dst[j * R + i] = src[i * C + j] (kAdd: +=): a (R, C) plane transposed.  float planes move 8 x 8
 // blocks through registers where AVX2 is available; the rest goes in 16 x 16 blocks element by element.
 template <bool kAdd, typename D, typename S>
@@ -72,19 +86,9 @@ void transpose_plane(const S* __restrict__ src, D* __restrict__ dst, int64_t R, 
     }
   }
 #endif
-  // the rest, in 16 x 16 blocks: the columns right of C8 (all rows), the rows below R8 (left of C8)
-  auto region = [&](int64_t ib, int64_t ie, int64_t jb, int64_t je) {
-    constexpr int64_t T = 16;
-    for (int64_t i0 = ib; i0 < ie; i0 += T) {
-      for (int64_t j0 = jb; j0 < je; j0 += T) {
-        for (int64_t j = j0; j < std::min(je, j0 + T); ++j) {
-          for (int64_t i = i0; i < std::min(ie, i0 + T); ++i) put(i, j);
-        }
-      }
-    }
-  };
-  region(0, R, C8, C);
-  region(R8, R, 0, C8);
+  // the rest: the columns right of C8 (all rows), the rows below R8 (left of C8)
+  for_blocks(0, R, C8, C, put);
+  for_blocks(R8, R, 0, C8, put);
 }
 
 template <typename D, typename S>
@@ -567,29 +571,20 @@ struct LaneGeometry {
 inline LaneGeometry lane_geometry(const PropagateArgs& a, int64_t k) { return {plane_geometry(a, k)}; }
 
 // dst[(j * R + i) * n + e] = src[(i * C + j) * n + e] (kAdd: +=): an (R, C) grid of n-element records
-// transposed, in blocks of 16 x 16 records so that both sides stay in cache.
+// transposed, in blocks of 16 x 16 records.
 template <bool kAdd, typename T>
 void transpose_records(const T* __restrict__ src, T* __restrict__ dst, int64_t R, int64_t C, int64_t n) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t i0 = 0; i0 < R; i0 += kBlock) {
-    const int64_t i1 = std::min(R, i0 + kBlock);
-    for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
-      const int64_t j1 = std::min(C, j0 + kBlock);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const T* s = src + (i * C + j) * n;
-          T* d = dst + (j * R + i) * n;
-          for (int64_t e = 0; e < n; ++e) {
-            if constexpr (kAdd) {
-              d[e] += s[e];
-            } else {
-              d[e] = s[e];
-            }
-          }
-        }
+  for_blocks(0, R, 0, C, [&](int64_t i, int64_t j) {
+    const T* s = src + (i * C + j) * n;
+    T* d = dst + (j * R + i) * n;
+    for (int64_t e = 0; e < n; ++e) {
+      if constexpr (kAdd) {
+        d[e] += s[e];
+      } else {
+        d[e] = s[e];
       }
     }
-  }
+  });
 }
 
 // The inputs' data of the projection op.
