@@ -605,7 +605,6 @@ def section_train(args, rec: Record) -> None:
         raise RuntimeError("non-finite training loss")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # gen: training-step throughput of GSPN-DiT-XL/2 and DiT-XL/2 at 256² and 512² (32² and 64² latents)
 
@@ -900,7 +899,9 @@ def report(out: Path, tests: dict | None) -> str:
                       "of kernels; the top ones by self time", "", "| kernel | ms | share | calls |",
                   "|---|---:|---:|---:|"]  # fmt: skip
         for k in r["top"]:
-            lines.append(f"| `{k['name']}` | {k['ms']:.2f} | {_fmt(k['share'] and 100 * k['share'], 1)} % | {k['calls']} |")
+            lines.append(
+                f"| `{k['name']}` | {k['ms']:.2f} | {_fmt(k['share'] and 100 * k['share'], 1)} % | {k['calls']} |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text
@@ -935,22 +936,124 @@ def parse_junit(path: Path, log: Path | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# compare: one tree against others (scripts/gpu_pending.sh: main against each pending patch)
+
+
+def _load_section(folder: Path, name: str) -> dict:
+    p = folder / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else {"section": name, "status": "missing"}
+
+
+def compare(out: Path, trees: list[tuple[str, Path]]) -> str:
+    """Side by side, the first tree against each other: build, tests, the scan's correctness checks and
+    timings (ms per case and direction, and the first tree's time over the other's: above 1 is faster),
+    and the GSPN mixer's timings.  Writes ``out/compare.{json,md}`` and returns the markdown."""
+    data = {}
+    for name, folder in trees:
+        xml, log = folder / "tests.xml", folder / "tests.log"
+        data[name] = {
+            "folder": str(folder),
+            "build": _load_section(folder, "build"),
+            "scan": _load_section(folder, "scan"),
+            "mixer": _load_section(folder, "mixer"),
+            "tests": parse_junit(xml, log) if xml.exists() or log.exists() else None,
+        }
+    (out / "compare.json").write_text(json.dumps(data, indent=1, default=str))
+    names = [n for n, _ in trees]
+    base = names[0]
+    rehearsal = any(d[s].get("rehearsal") for d in data.values() for s in ("scan", "mixer"))
+    lines = [f"# {base} against {', '.join(names[1:])}", ""]
+    if rehearsal:
+        lines += ["**CPU rehearsal: tiny sizes on the CPU; none of these figures describes a GPU.**", ""]
+    lines += ["| tree | build | tests | scan checks (worst rel. err) |", "|---|---|---|---|"]
+    for n in names:
+        d = data[n]
+        build = d["build"].get("results", [])
+        b = (
+            ", ".join(f"{r['extension']} {'ok' if r['ok'] else 'FAILED'} {r['seconds']} s" for r in build)
+            or "-"
+        )
+        checks = [r for r in d["scan"].get("results", []) if r.get("kind") == "check"]
+        c = (f"{sum(r['ok'] for r in checks)}/{len(checks)} ok ({max(r['rel_err'] for r in checks):.1e})"
+             if checks else "-")  # fmt: skip
+        t = d["tests"]["summary"] if d["tests"] else "not run"
+        lines.append(f"| {n} | {b} | {t} | {c} |")
+    for n in names:
+        for section in ("build", "scan", "mixer"):
+            for e in data[n][section].get("errors", []):
+                lines.append(f"- error, {n} / {section} / {e['case']}: {e['error'][:300]}")
+        if data[n]["tests"]:
+            for f in data[n]["tests"].get("failures", [])[:10]:
+                lines.append(f"- FAILED ({n}) {f}")
+
+    def rows(name, section, kind, key):
+        return {key(r): r for r in data[name][section].get("results", []) if r.get("kind") == kind}
+
+    others = names[1:]
+    scan_key = lambda r: ("x".join(map(str, r["shape"])), r["dtype"], r["chunk"] or "global", r["phase"],  # noqa: E731
+                          r["direction"])  # fmt: skip
+    scans = {n: rows(n, "scan", "scan", scan_key) for n in names}
+    if scans[base] and any(scans[n] for n in others):
+        head = " | ".join(f"{n} ms | {base} / {n}" for n in others)
+        lines += ["", "**Scan** (ms, median; fraction of the copy bandwidth in brackets)", "",
+                  f"| case | dtype | chunk | phase | dir | {base} ms | {head} |",
+                  "|---|---|---|---|---|---:|" + "---:|---:|" * len(others)]  # fmt: skip
+        for k, r in scans[base].items():
+            cells = []
+            for n in others:
+                o = scans[n].get(k)
+                cells += ([f"{o['ms']:.3g} ({o['frac_of_copy']:.0%})", f"{r['ms'] / o['ms']:.2f}x"] if o
+                          else ["-", "-"])  # fmt: skip
+            lines.append(f"| {' | '.join(map(str, k))} | {r['ms']:.3g} ({r['frac_of_copy']:.0%}) | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    mix_key = lambda r: (r["layer"], f"{r['grid']}x{r['grid']}", r["phase"])  # noqa: E731
+    mixers = {n: rows(n, "mixer", "layer", mix_key) for n in names}
+    if mixers[base] and any(mixers[n] for n in others):
+        head = " | ".join(f"{n} ms | {base} / {n}" for n in others)
+        lines += ["", "**Mixer** (ms, median; peak MiB in brackets)", "",
+                  f"| layer | grid | phase | {base} ms | {head} |",
+                  "|---|---|---|---:|" + "---:|---:|" * len(others)]  # fmt: skip
+        for k, r in mixers[base].items():
+            if k[0] != "gspn":
+                continue
+            cells = []
+            for n in others:
+                o = mixers[n].get(k)
+                cells += ([f"{o['ms']:.3g} ({_fmt(o['peak_mib'], 0)})", f"{r['ms'] / o['ms']:.2f}x"] if o
+                          else ["-", "-"])  # fmt: skip
+            lines.append(
+                f"| {' | '.join(k)} | {r['ms']:.3g} ({_fmt(r['peak_mib'], 0)}) | " + " | ".join(cells) + " |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("section", choices=[*SECTIONS, "report"])
+    parser.add_argument("section", choices=[*SECTIONS, "report", "compare"])
     parser.add_argument("--out", type=Path, required=True, help="folder for the section's JSON")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds this section may take")
     parser.add_argument("--rehearsal", action="store_true", help="CPU dry run with tiny sizes")
     parser.add_argument("--junit", type=Path, help="report: the test run's junit XML")
     parser.add_argument("--test-log", type=Path, help="report: the test run's log (if it has no junit XML)")
     parser.add_argument("--test-files", default="", help="report: which test files ran")
+    parser.add_argument("--trees", nargs="+", default=[], metavar="NAME=DIR",
+                        help="compare: result folders, the first one the base")  # fmt: skip
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(4, os.cpu_count() or 1) if not args.rehearsal else 1)
+    if args.section == "compare":
+        trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1])) for t in args.trees]
+        if len(trees) < 2 or any("=" not in t for t in args.trees):
+            parser.error("compare needs --trees NAME=DIR NAME=DIR [...]")
+        print(compare(args.out, trees))
+        return 0
     if args.section == "report":
         tests = None
         if args.junit is not None:

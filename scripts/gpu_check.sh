@@ -14,7 +14,10 @@
 # GPU_CHECK_OUT (results folder; default benchmarks/results/gpu_check, a temporary one in a rehearsal),
 # OUT (if set, as on the lent GPU machine, which brings back at most 8 files: gets gpu_check.tgz of the
 # whole results folder, gpu_check.md and gpu_check.json), GSPN_EXTENSIONS_DIR (build cache; default
-# ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1).
+# ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1),
+# GPU_CHECK_SECTIONS (the sections to run, space-separated; default all: env build tests scan baseline
+# mixer train gen sdxl profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split,
+# in place of the default list; scripts/gpu_pending.sh uses both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +25,7 @@ REHEARSAL=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-rehearsal) REHEARSAL=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (only --cpu-rehearsal)" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +48,15 @@ if [ "$REHEARSAL" = 0 ]; then
 fi
 export PYTHONDONTWRITEBYTECODE=1
 SCALE="${GPU_CHECK_SCALE:-1}"
+ALL_SECTIONS="env build tests scan baseline mixer train gen sdxl profile"
+SECTIONS_WANTED="${GPU_CHECK_SECTIONS:-$ALL_SECTIONS}"
+for s in $SECTIONS_WANTED; do
+  case " $ALL_SECTIONS " in
+    *" $s "*) ;;
+    *) echo "gpu_check.sh: unknown section '$s' in GPU_CHECK_SECTIONS (sections: $ALL_SECTIONS)" >&2; exit 2 ;;
+  esac
+done
+wanted() { case " $SECTIONS_WANTED " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 : > "$RESULTS/sections.tsv"
 
 if [ "$REHEARSAL" = 1 ]; then
@@ -52,6 +64,8 @@ if [ "$REHEARSAL" = 1 ]; then
   B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40; B_SDXL=60
   B_PROFILE=60
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
+  # shellcheck disable=SC2206
+  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS)
   export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
 else
   FLAG=
@@ -62,6 +76,8 @@ else
   B_PROFILE=40
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
+  # shellcheck disable=SC2206  # word-split on purpose: files and options
+  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS)
   if "$PYTHON" -c "import xdist" 2>/dev/null; then
     WORKERS=$(( $(nproc) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
     TEST_ARGS+=(-n "$WORKERS")
@@ -98,13 +114,14 @@ run_section() {  # name budget command...
 
 py_section() {  # name budget
   local budget
+  wanted "$1" || return 0
   budget=$(awk -v b="$2" -v s="$SCALE" 'BEGIN { printf "%d", b * s }')
   run_section "$1" "$2" "$PYTHON" benchmarks/gpu_check.py "$1" --out "$RESULTS" --budget "$budget" $FLAG
 }
 
 py_section env "$B_ENV"
 py_section build "$B_BUILD"
-run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+wanted tests && run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
   "${TEST_ARGS[@]}"
 py_section scan "$B_SCAN"
 py_section baseline "$B_BASE"
@@ -115,8 +132,9 @@ py_section sdxl "$B_SDXL"
 py_section profile "$B_PROFILE"
 
 echo "== report"
-"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" \
-  --test-files "${TEST_ARGS[*]}" > "$RESULTS/report.log" 2>&1
+REPORT_TESTS=()
+wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" --test-files "${TEST_ARGS[*]}")
+"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" "${REPORT_TESTS[@]}" > "$RESULTS/report.log" 2>&1
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"

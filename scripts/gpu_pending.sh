@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The pending CUDA patches (docs/pending/cuda-*.patch, or the ones named) against main on a lent GPU, in
+# one call.  Each patch is applied to its own copy of the working tree; main and every copy are built at
+# once (one process each, into one build cache: its key is a hash of the sources, so the builds cannot
+# collide); then, one tree at a time, the copies run the CUDA tests of the test files their patch
+# touches (30 s per test), and every tree runs the same sections of scripts/gpu_check.sh (default: scan
+# and mixer) under the same budgets.  `benchmarks/gpu_check.py compare` puts the trees side by side in
+# compare.md (main's time over the patch's: above 1, the patch is faster).
+#
+#   bash scripts/gpu_pending.sh [PATCH ...]                   # on the GPU machine, after gpu_check.sh
+#   bash scripts/gpu_pending.sh --cpu-rehearsal [PATCH ...]   # the same flow on the CPU, tiny sizes
+#
+# Environment: PYTHON, GSPN_EXTENSIONS_DIR and OUT as for gpu_check.sh (OUT gets gpu_pending.tgz of all
+# results and compare.md); GPU_PENDING_OUT (results; default benchmarks/results/gpu_pending, a
+# temporary folder in a rehearsal); GPU_PENDING_SECTIONS (default "scan mixer"); GPU_PENDING_SCALE
+# (gpu_check.sh's time budgets times this; default 0.5: about 50 s of tests, 22 s of scan and 17 s of
+# mixer per tree); GPU_PENDING_K (the tests' -k selection; default cuda).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+REHEARSAL=0
+PATCHES=()
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-rehearsal) REHEARSAL=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -*) echo "gpu_pending.sh: unknown option '$arg' (only --cpu-rehearsal)" >&2; exit 2 ;;
+    *) PATCHES+=("$(cd "$(dirname "$arg")" && pwd)/$(basename "$arg")") ;;
+  esac
+done
+if [ ${#PATCHES[@]} -eq 0 ]; then
+  for p in "$ROOT"/docs/pending/cuda-*.patch; do [ -e "$p" ] && PATCHES+=("$p"); done
+fi
+if [ ${#PATCHES[@]} -eq 0 ]; then echo "gpu_pending.sh: no patches to try" >&2; exit 2; fi
+for p in "${PATCHES[@]}"; do
+  [ -f "$p" ] || { echo "gpu_pending.sh: no such patch: $p" >&2; exit 2; }
+done
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHON
+if [ -n "${GPU_PENDING_OUT:-}" ]; then
+  RESULTS="$GPU_PENDING_OUT"
+elif [ "$REHEARSAL" = 1 ]; then
+  RESULTS="$(mktemp -d -t gspn_gpu_pending_rehearsal.XXXXXX)"
+else
+  RESULTS="$ROOT/benchmarks/results/gpu_pending"
+fi
+mkdir -p "$RESULTS"
+RESULTS="$(cd "$RESULTS" && pwd)"
+# One cache for every tree (on the GPU machine, main's from gpu_check.sh; elsewhere the usual one).
+[ "$REHEARSAL" = 0 ] && export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$ROOT/.gspn_cache}"
+SECTIONS="${GPU_PENDING_SECTIONS:-scan mixer}"
+export GPU_CHECK_SCALE="${GPU_PENDING_SCALE:-0.5}"
+REH_FLAG=()
+[ "$REHEARSAL" = 1 ] && REH_FLAG=(--cpu-rehearsal)
+WORK="$(mktemp -d -t gspn_gpu_pending.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+echo "== gspn pending patches: ${#PATCHES[@]} against main; python=$PYTHON out=$RESULTS rehearsal=$REHEARSAL"
+
+apply_patch() {  # dir patch
+  if command -v git > /dev/null; then
+    (cd "$1" && git apply --whitespace=nowarn "$2")
+  elif command -v patch > /dev/null; then
+    patch -s -p1 --forward -d "$1" < "$2"
+  else
+    echo "neither git nor patch is installed" >&2
+    return 1
+  fi
+}
+
+# The trees: main (the working tree itself) and a copy per patch that applies.
+NAMES=(main)
+DIRS=("$ROOT")
+TESTS=("")
+: > "$RESULTS/trees.tsv"
+for p in "${PATCHES[@]}"; do
+  name="$(basename "$p" .patch)"
+  dst="$WORK/$name"
+  mkdir -p "$dst"
+  tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./.gspn_cache --exclude=./benchmarks/results \
+    -cf - . | tar -C "$dst" -xf -
+  if ! apply_patch "$dst" "$p" > "$RESULTS/$name.apply.log" 2>&1; then
+    echo "== [$name] does not apply to this tree: skipped (see $name.apply.log)"
+    printf '%s\tdoes not apply\n' "$name" >> "$RESULTS/trees.tsv"
+    continue
+  fi
+  # the patch's own test files, else the kernel test files
+  files="$(sed -n 's|^+++ b/\(tests/[^ ]*\.py\)$|\1|p' "$p" | sort -u | tr '\n' ' ')"
+  files="${files% }"
+  [ -n "$files" ] || files="tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py"
+  NAMES+=("$name")
+  DIRS+=("$dst")
+  TESTS+=("$files")
+  printf '%s\tapplied\t%s\n' "$name" "$files" >> "$RESULTS/trees.tsv"
+done
+
+run_check() {  # index sections
+  local i="$1" sections="$2"
+  (
+    unset OUT
+    cd "${DIRS[$i]}" || exit 1
+    GPU_CHECK_OUT="$RESULTS/${NAMES[$i]}" GPU_CHECK_SECTIONS="$sections" \
+      GPU_CHECK_TESTS="${TESTS[$i]} -k ${GPU_PENDING_K:-cuda}" bash scripts/gpu_check.sh "${REH_FLAG[@]}"
+  )
+}
+
+echo "== building ${#NAMES[@]} trees at once"
+t0=$(date +%s)
+pids=()
+for i in "${!NAMES[@]}"; do
+  run_check "$i" build > "$RESULTS/${NAMES[$i]}.build.log" 2>&1 &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"
+  echo "== [${NAMES[$i]}] build exit $?"
+done
+echo "== builds took $(( $(date +%s) - t0 )) s"
+
+for i in "${!NAMES[@]}"; do
+  sections="$SECTIONS"
+  [ "$i" -gt 0 ] && sections="tests $SECTIONS"
+  echo "== [${NAMES[$i]}] $sections"
+  # keep the build section's record: each run of gpu_check.sh rewrites only its own sections' files
+  run_check "$i" "$sections" > "$RESULTS/${NAMES[$i]}.log" 2>&1
+  echo "== [${NAMES[$i]}] exit $?"
+done
+
+trees=()
+for i in "${!NAMES[@]}"; do trees+=("${NAMES[$i]}=$RESULTS/${NAMES[$i]}"); done
+"$PYTHON" benchmarks/gpu_check.py compare --out "$RESULTS" --trees "${trees[@]}" > "$RESULTS/compare.log" 2>&1
+code=$?
+cat "$RESULTS/compare.log"
+echo "results in $RESULTS"
+if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2>/dev/null && pwd)" != "$RESULTS" ]; then
+  mkdir -p "$OUT"
+  tar czf "$OUT/gpu_pending.tgz" -C "$RESULTS" . && cp "$RESULTS/compare.md" "$OUT/" \
+    && echo "packed into $OUT: gpu_pending.tgz, compare.md"
+fi
+exit $code
