@@ -14,7 +14,8 @@
 # results and compare.md); GPU_PENDING_OUT (results; default benchmarks/results/gpu_pending, a
 # temporary folder in a rehearsal); GPU_PENDING_SECTIONS (default "scan mixer"); GPU_PENDING_SCALE
 # (gpu_check.sh's time budgets times this; default 0.5: about 50 s of tests, 22 s of scan and 17 s of
-# mixer per tree); GPU_PENDING_K (the tests' -k selection; default cuda).
+# mixer per tree); GPU_PENDING_K (the tests' -k selection, one word; default cuda); GPU_PENDING_APPLY
+# (git, patch or python: how patches are applied; default the first one installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,7 +25,7 @@ PATCHES=()
 for arg in "$@"; do
   case "$arg" in
     --cpu-rehearsal) REHEARSAL=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) echo "gpu_pending.sh: unknown option '$arg' (only --cpu-rehearsal)" >&2; exit 2 ;;
     *) PATCHES+=("$(cd "$(dirname "$arg")" && pwd)/$(basename "$arg")") ;;
   esac
@@ -60,15 +61,19 @@ WORK="$(mktemp -d -t gspn_gpu_pending.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 echo "== gspn pending patches: ${#PATCHES[@]} against main; python=$PYTHON out=$RESULTS rehearsal=$REHEARSAL"
 
+# git apply, else patch, else scripts/apply_patch.py (exact hunks, offsets allowed, no fuzz: the GPU
+# image may lack both tools); GPU_PENDING_APPLY=git|patch|python picks one.
+APPLY="${GPU_PENDING_APPLY:-}"
+if [ -z "$APPLY" ]; then
+  if command -v git > /dev/null; then APPLY=git; elif command -v patch > /dev/null; then APPLY=patch; else APPLY=python; fi
+fi
 apply_patch() {  # dir patch
-  if command -v git > /dev/null; then
-    (cd "$1" && git apply --whitespace=nowarn "$2")
-  elif command -v patch > /dev/null; then
-    patch -s -p1 --forward -d "$1" < "$2"
-  else
-    echo "neither git nor patch is installed" >&2
-    return 1
-  fi
+  case "$APPLY" in
+    git) (cd "$1" && git apply --whitespace=nowarn "$2") ;;
+    patch) patch -s -p1 --forward -d "$1" < "$2" ;;
+    python) "$PYTHON" "$ROOT/scripts/apply_patch.py" "$1" "$2" ;;
+    *) echo "GPU_PENDING_APPLY must be git, patch or python, not '$APPLY'" >&2; return 1 ;;
+  esac
 }
 
 # The trees: main (the working tree itself) and a copy per patch that applies.

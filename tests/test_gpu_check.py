@@ -231,6 +231,7 @@ def test_pending_patches_rehearsal(tmp_path):
     bad.write_text(_patch_adding_a_line("tests/test_ops.py", "x = 1").replace("\n ", "\n #no such line ", 1))
     out = tmp_path / "out"
     env = dict(os.environ, GPU_PENDING_OUT=str(out), PYTHON=sys.executable, GPU_PENDING_K="huge_chunk_size")
+    env["GPU_PENDING_APPLY"] = "python"  # the fallback for a machine without git or patch
     env.pop("OUT", None)
     r = subprocess.run(
         ["bash", "scripts/gpu_pending.sh", "--cpu-rehearsal", str(good), str(bad)],
