@@ -990,40 +990,33 @@ def compare(out: Path, trees: list[tuple[str, Path]]) -> str:
         return {key(r): r for r in data[name][section].get("results", []) if r.get("kind") == kind}
 
     others = names[1:]
-    scan_key = lambda r: ("x".join(map(str, r["shape"])), r["dtype"], r["chunk"] or "global", r["phase"],  # noqa: E731
-                          r["direction"])  # fmt: skip
-    scans = {n: rows(n, "scan", "scan", scan_key) for n in names}
-    if scans[base] and any(scans[n] for n in others):
+
+    def side_by_side(title, cols, per_tree, show, keep=lambda k: True):
+        """One table: a row per key of the base tree, its cell, then each other tree's cell and the base's
+        time over that tree's."""
+        if not per_tree[base] or not any(per_tree[n] for n in others):
+            return
         head = " | ".join(f"{n} ms | {base} / {n}" for n in others)
-        lines += ["", "**Scan** (ms, median; fraction of the copy bandwidth in brackets)", "",
-                  f"| case | dtype | chunk | phase | dir | {base} ms | {head} |",
-                  "|---|---|---|---|---|---:|" + "---:|---:|" * len(others)]  # fmt: skip
-        for k, r in scans[base].items():
-            cells = []
-            for n in others:
-                o = scans[n].get(k)
-                cells += ([f"{o['ms']:.3g} ({o['frac_of_copy']:.0%})", f"{r['ms'] / o['ms']:.2f}x"] if o
-                          else ["-", "-"])  # fmt: skip
-            lines.append(f"| {' | '.join(map(str, k))} | {r['ms']:.3g} ({r['frac_of_copy']:.0%}) | "
-                         + " | ".join(cells) + " |")  # fmt: skip
-    mix_key = lambda r: (r["layer"], f"{r['grid']}x{r['grid']}", r["phase"])  # noqa: E731
-    mixers = {n: rows(n, "mixer", "layer", mix_key) for n in names}
-    if mixers[base] and any(mixers[n] for n in others):
-        head = " | ".join(f"{n} ms | {base} / {n}" for n in others)
-        lines += ["", "**Mixer** (ms, median; peak MiB in brackets)", "",
-                  f"| layer | grid | phase | {base} ms | {head} |",
-                  "|---|---|---|---:|" + "---:|---:|" * len(others)]  # fmt: skip
-        for k, r in mixers[base].items():
-            if k[0] != "gspn":
+        lines.extend(["", title, "", f"| {' | '.join(cols)} | {base} ms | {head} |",
+                      "|" + "---|" * len(cols) + "---:|" + "---:|---:|" * len(others)])  # fmt: skip
+        for k, r in per_tree[base].items():
+            if not keep(k):
                 continue
             cells = []
             for n in others:
-                o = mixers[n].get(k)
-                cells += ([f"{o['ms']:.3g} ({_fmt(o['peak_mib'], 0)})", f"{r['ms'] / o['ms']:.2f}x"] if o
-                          else ["-", "-"])  # fmt: skip
-            lines.append(
-                f"| {' | '.join(k)} | {r['ms']:.3g} ({_fmt(r['peak_mib'], 0)}) | " + " | ".join(cells) + " |"
-            )
+                o = per_tree[n].get(k)
+                cells += [show(o), f"{r['ms'] / o['ms']:.2f}x"] if o else ["-", "-"]
+            lines.append(f"| {' | '.join(map(str, k))} | {show(r)} | " + " | ".join(cells) + " |")
+
+    scan_key = lambda r: ("x".join(map(str, r["shape"])), r["dtype"], r["chunk"] or "global", r["phase"],  # noqa: E731
+                          r["direction"])  # fmt: skip
+    side_by_side("**Scan** (ms, median; fraction of the copy bandwidth in brackets)",
+                 ("case", "dtype", "chunk", "phase", "dir"), {n: rows(n, "scan", "scan", scan_key) for n in names},
+                 lambda r: f"{r['ms']:.3g} ({r['frac_of_copy']:.0%})")  # fmt: skip
+    mix_key = lambda r: (r["layer"], f"{r['grid']}x{r['grid']}", r["phase"])  # noqa: E731
+    side_by_side("**Mixer** (ms, median; peak MiB in brackets)", ("layer", "grid", "phase"),
+                 {n: rows(n, "mixer", "layer", mix_key) for n in names},
+                 lambda r: f"{r['ms']:.3g} ({_fmt(r['peak_mib'], 0)})", keep=lambda k: k[0] == "gspn")  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(text)
     return text
