@@ -761,11 +761,14 @@ def _fmt(v, nd=2):
     return str(v)
 
 
-def report(out: Path, tests: dict | None) -> str:
+def report(out: Path, tests: dict | None, requested: list[str] | None = None) -> str:
+    """gpu_check.{json,md} from the sections' JSON in ``out``; a section without one is 'missing', or
+    'not requested' when ``requested`` (GPU_CHECK_SECTIONS) leaves it out."""
     sections = {}
     for name in SECTIONS:
         p = out / f"{name}.json"
-        sections[name] = json.loads(p.read_text()) if p.exists() else {"section": name, "status": "missing"}
+        absent = "missing" if requested is None or name in requested else "not requested"
+        sections[name] = json.loads(p.read_text()) if p.exists() else {"section": name, "status": absent}
     status_file = out / "sections.tsv"
     exits = {}
     if status_file.exists():
@@ -963,6 +966,11 @@ def compare(out: Path, trees: list[tuple[str, Path]]) -> str:
     base = names[0]
     rehearsal = any(d[s].get("rehearsal") for d in data.values() for s in ("scan", "mixer"))
     lines = [f"# {base} against {', '.join(names[1:])}", ""]
+    info = _load_section(trees[0][1], "env").get("info", {})
+    lines += [
+        f"- device: {info.get('gpu', 'cpu')}; torch {info.get('torch')} (CUDA {info.get('torch_cuda')})",
+        "",
+    ]
     if rehearsal:
         lines += ["**CPU rehearsal: tiny sizes on the CPU; none of these figures describes a GPU.**", ""]
     lines += ["| tree | build | tests | scan checks (worst rel. err) |", "|---|---|---|---|"]
@@ -1036,6 +1044,7 @@ def main(argv=None) -> int:
     parser.add_argument("--junit", type=Path, help="report: the test run's junit XML")
     parser.add_argument("--test-log", type=Path, help="report: the test run's log (if it has no junit XML)")
     parser.add_argument("--test-files", default="", help="report: which test files ran")
+    parser.add_argument("--sections", default=None, help="report: the sections asked for (space-separated)")
     parser.add_argument("--trees", nargs="+", default=[], metavar="NAME=DIR",
                         help="compare: result folders, the first one the base")  # fmt: skip
     args = parser.parse_args(argv)
@@ -1052,7 +1061,7 @@ def main(argv=None) -> int:
         if args.junit is not None:
             tests = parse_junit(args.junit, args.test_log)
             tests["files"] = args.test_files
-        print(report(args.out, tests))
+        print(report(args.out, tests, None if args.sections is None else args.sections.split()))
         return 0
     rec = Record(args.out, args.section, args.budget, args.rehearsal)
     fn = globals()[f"section_{args.section}"]

@@ -134,7 +134,8 @@ py_section profile "$B_PROFILE"
 echo "== report"
 REPORT_TESTS=()
 wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" --test-files "${TEST_ARGS[*]}")
-"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" "${REPORT_TESTS[@]}" > "$RESULTS/report.log" 2>&1
+"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --sections "$SECTIONS_WANTED" "${REPORT_TESTS[@]}" \
+  > "$RESULTS/report.log" 2>&1
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"

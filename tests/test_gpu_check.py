@@ -64,6 +64,9 @@ def test_report_marks_killed_and_missing_sections(tmp_path):
     assert "FAILED tests/test_ops.py::test_a[cuda-t2b]" in text
     merged = json.loads((tmp_path / "gpu_check.json").read_text())
     assert merged["exits"]["scan"]["exit"] == 124
+    # GPU_CHECK_SECTIONS="env scan": the others were not asked for, which is not the same as missing
+    text = gpu_check.report(tmp_path, None, requested=["env", "scan", "train"])
+    assert "| train | missing |" in text and "| gen | not requested |" in text
 
 
 def test_fit_exponent():
@@ -232,6 +235,7 @@ def test_pending_patches_rehearsal(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, GPU_PENDING_OUT=str(out), PYTHON=sys.executable, GPU_PENDING_K="huge_chunk_size")
     env["GPU_PENDING_APPLY"] = "python"  # the fallback for a machine without git or patch
+    env["GPU_PENDING_SECTIONS"] = "scan"  # the mixer table: test_compare_puts_trees_side_by_side
     env.pop("OUT", None)
     r = subprocess.run(
         ["bash", "scripts/gpu_pending.sh", "--cpu-rehearsal", str(good), str(bad)],
@@ -248,7 +252,8 @@ def test_pending_patches_rehearsal(tmp_path):
         assert data[name]["build"]["results"][0]["ok"]
         checks = [row for row in data[name]["scan"]["results"] if row["kind"] == "check"]
         assert len(checks) == 8 and all(row["ok"] for row in checks)
-        assert {row["layer"] for row in data[name]["mixer"]["results"]} == {"gspn", "sdpa"}
+        assert data[name]["mixer"]["status"] == "missing"
     text = (out / "compare.md").read_text()
-    assert "CPU rehearsal" in text and "**Scan**" in text and "**Mixer**" in text
+    assert "CPU rehearsal" in text and "**Scan**" in text and "**Mixer**" not in text
+    assert "- device: cpu; torch 2." in text  # main's env section ran with its build
     assert "main / good" in text
