@@ -64,8 +64,8 @@ if [ "$REHEARSAL" = 1 ]; then
   B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40; B_SDXL=60
   B_PROFILE=60
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
-  # shellcheck disable=SC2206
-  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS)
+  # shellcheck disable=SC2206  # the build section builds; tests marked `build` would build again
+  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS -m "not build")
   export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
 else
   FLAG=
@@ -77,7 +77,7 @@ else
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
   # shellcheck disable=SC2206  # word-split on purpose: files and options
-  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS)
+  [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS -m "not build")
   if "$PYTHON" -c "import xdist" 2>/dev/null; then
     WORKERS=$(( $(nproc) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
     TEST_ARGS+=(-n "$WORKERS")
