@@ -761,14 +761,19 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _load_section(folder: Path, name: str, absent: str = "missing") -> dict:
+    """A section's JSON in ``folder``, or a stand-in whose status says it is ``absent``."""
+    p = folder / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else {"section": name, "status": absent}
+
+
 def report(out: Path, tests: dict | None, requested: list[str] | None = None) -> str:
     """gpu_check.{json,md} from the sections' JSON in ``out``; a section without one is 'missing', or
     'not requested' when ``requested`` (GPU_CHECK_SECTIONS) leaves it out."""
     sections = {}
     for name in SECTIONS:
-        p = out / f"{name}.json"
         absent = "missing" if requested is None or name in requested else "not requested"
-        sections[name] = json.loads(p.read_text()) if p.exists() else {"section": name, "status": absent}
+        sections[name] = _load_section(out, name, absent)
     status_file = out / "sections.tsv"
     exits = {}
     if status_file.exists():
@@ -940,11 +945,6 @@ def parse_junit(path: Path, log: Path | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # compare: one tree against others (scripts/gpu_pending.sh: main against each pending patch)
-
-
-def _load_section(folder: Path, name: str) -> dict:
-    p = folder / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else {"section": name, "status": "missing"}
 
 
 def compare(out: Path, trees: list[tuple[str, Path]]) -> str:

@@ -30,18 +30,10 @@ for arg in "$@"; do
   esac
 done
 
-if [ -z "${PYTHON:-}" ]; then
-  if [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ -n "${GPU_CHECK_OUT:-}" ]; then
-  RESULTS="$GPU_CHECK_OUT"
-elif [ "$REHEARSAL" = 1 ]; then
-  RESULTS="$(mktemp -d -t gspn_gpu_check_rehearsal.XXXXXX)"  # a rehearsal never replaces real results
-else
-  RESULTS="benchmarks/results/gpu_check"
-fi
-mkdir -p "$RESULTS"
-RESULTS="$(cd "$RESULTS" && pwd)"
+# shellcheck source=scripts/gpu_lib.sh
+. scripts/gpu_lib.sh
+PYTHON="$(gpu_python "$REHEARSAL")"
+RESULTS="$(gpu_results "${GPU_CHECK_OUT:-}" "$REHEARSAL" benchmarks/results/gpu_check gpu_check)" || exit 1
 if [ "$REHEARSAL" = 0 ]; then
   # in the working tree, so a warm device machine keeps the build between calls
   export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$PWD/.gspn_cache}"
@@ -139,9 +131,5 @@ wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"
-if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2>/dev/null && pwd)" != "$RESULTS" ]; then
-  mkdir -p "$OUT"
-  tar czf "$OUT/gpu_check.tgz" -C "$RESULTS" . && cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
-    && echo "packed into $OUT: gpu_check.tgz, gpu_check.md, gpu_check.json"
-fi
+gpu_pack "$RESULTS" gpu_check gpu_check.md gpu_check.json
 exit $code

@@ -39,19 +39,11 @@ for p in "${PATCHES[@]}"; do
   [ -f "$p" ] || { echo "gpu_pending.sh: no such patch: $p" >&2; exit 2; }
 done
 
-if [ -z "${PYTHON:-}" ]; then
-  if [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHON
-if [ -n "${GPU_PENDING_OUT:-}" ]; then
-  RESULTS="$GPU_PENDING_OUT"
-elif [ "$REHEARSAL" = 1 ]; then
-  RESULTS="$(mktemp -d -t gspn_gpu_pending_rehearsal.XXXXXX)"
-else
-  RESULTS="$ROOT/benchmarks/results/gpu_pending"
-fi
-mkdir -p "$RESULTS"
-RESULTS="$(cd "$RESULTS" && pwd)"
+# shellcheck source=scripts/gpu_lib.sh
+. scripts/gpu_lib.sh
+PYTHON="$(gpu_python "$REHEARSAL")"
+export PYTHON  # the trees' copies have no .venv
+RESULTS="$(gpu_results "${GPU_PENDING_OUT:-}" "$REHEARSAL" benchmarks/results/gpu_pending gpu_pending)" || exit 1
 # One cache for every tree (on the GPU machine, main's from gpu_check.sh; elsewhere the usual one).
 [ "$REHEARSAL" = 0 ] && export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$ROOT/.gspn_cache}"
 SECTIONS="${GPU_PENDING_SECTIONS:-scan mixer}"
@@ -144,9 +136,5 @@ for i in "${!NAMES[@]}"; do trees+=("${NAMES[$i]}=$RESULTS/${NAMES[$i]}"); done
 code=$?
 cat "$RESULTS/compare.log"
 echo "results in $RESULTS"
-if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2>/dev/null && pwd)" != "$RESULTS" ]; then
-  mkdir -p "$OUT"
-  tar czf "$OUT/gpu_pending.tgz" -C "$RESULTS" . && cp "$RESULTS/compare.md" "$OUT/" \
-    && echo "packed into $OUT: gpu_pending.tgz, compare.md"
-fi
+gpu_pack "$RESULTS" gpu_pending compare.md
 exit $code
