@@ -944,7 +944,7 @@ def parse_junit(path: Path, log: Path | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# compare: one tree against others (scripts/gpu_pending.sh: main against each pending patch)
+# compare: the results of one tree against others' (an A/B of two revisions on the same GPU)
 
 
 def compare(out: Path, trees: list[tuple[str, Path]]) -> str:

@@ -17,7 +17,7 @@
 # ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1),
 # GPU_CHECK_SECTIONS (the sections to run, space-separated; default all: env build tests scan baseline
 # mixer train gen sdxl profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split,
-# in place of the default list; scripts/gpu_pending.sh uses both).
+# in place of the default list).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,10 +30,19 @@ for arg in "$@"; do
   esac
 done
 
-# shellcheck source=scripts/gpu_lib.sh
-. scripts/gpu_lib.sh
-PYTHON="$(gpu_python "$REHEARSAL")"
-RESULTS="$(gpu_results "${GPU_CHECK_OUT:-}" "$REHEARSAL" benchmarks/results/gpu_check gpu_check)" || exit 1
+# The interpreter: $PYTHON, else in a rehearsal the project's .venv, else python3.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ] && PYTHON="$PWD/.venv/bin/python"
+fi
+# The results folder, as an absolute path: $GPU_CHECK_OUT, else a new temporary folder in a rehearsal
+# (a rehearsal never replaces real results), else benchmarks/results/gpu_check.
+RESULTS="${GPU_CHECK_OUT:-}"
+if [ -z "$RESULTS" ]; then
+  RESULTS=benchmarks/results/gpu_check
+  [ "$REHEARSAL" = 1 ] && RESULTS="$(mktemp -d -t gspn_gpu_check_rehearsal.XXXXXX)"
+fi
+mkdir -p "$RESULTS" && RESULTS="$(cd "$RESULTS" && pwd)" || exit 1
 if [ "$REHEARSAL" = 0 ]; then
   # in the working tree, so a warm device machine keeps the build between calls
   export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$PWD/.gspn_cache}"
@@ -131,5 +140,11 @@ wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"
-gpu_pack "$RESULTS" gpu_check gpu_check.md gpu_check.json
+# $OUT (the lent machine's return folder, which brings back at most 8 files), unless it is the results
+# folder itself: gpu_check.tgz of the whole results folder, gpu_check.md and gpu_check.json.
+if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2> /dev/null && pwd)" != "$RESULTS" ]; then
+  mkdir -p "$OUT"
+  tar czf "$OUT/gpu_check.tgz" -C "$RESULTS" . && cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
+    && echo "packed into $OUT: gpu_check.tgz gpu_check.md gpu_check.json"
+fi
 exit $code

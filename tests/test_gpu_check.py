@@ -188,15 +188,6 @@ def test_training_diffusion_without_diffusers_is_dits(monkeypatch):
         d.scheduler  # noqa: B018 - the diffusers object itself is only made on request
 
 
-def _patch_adding_a_line(path: str, line: str) -> str:
-    """A unified diff (as ``git diff`` writes one) that adds ``line`` after the first line of ``path``."""
-    import difflib
-
-    old = (ROOT / path).read_text().splitlines(keepends=True)
-    new = old[:1] + [line + "\n"] + old[1:]
-    return "".join(difflib.unified_diff(old, new, f"a/{path}", f"b/{path}"))
-
-
 def test_compare_puts_trees_side_by_side(tmp_path):
     """``gpu_check.py compare``: the base tree's scan and mixer times against each other tree's, as the
     base's time over the other's, with what is missing shown as '-'."""
@@ -221,39 +212,3 @@ def test_compare_puts_trees_side_by_side(tmp_path):
     assert "| gspn | 32x32 | fwd | 4 (10) | 2 (10) | 2.00x |" in text
     assert "| tiles | - | not run | 1/1 ok (1.0e-07) |" in text
     assert json.loads((tmp_path / "compare.json").read_text())["tiles"]["scan"]["status"] == "ok"
-
-
-@pytest.mark.slow
-def test_pending_patches_rehearsal(tmp_path):
-    """``bash scripts/gpu_pending.sh --cpu-rehearsal``: a patch is applied to a copy of the tree, built and
-    tested there (the test files it touches) and measured beside main; a patch that does not apply is
-    reported and skipped, not fatal."""
-    good = tmp_path / "good.patch"
-    good.write_text(_patch_adding_a_line("tests/test_ops.py", "# added by the pending-patch rehearsal"))
-    bad = tmp_path / "stale.patch"
-    bad.write_text(_patch_adding_a_line("tests/test_ops.py", "x = 1").replace("\n ", "\n #no such line ", 1))
-    out = tmp_path / "out"
-    env = dict(os.environ, GPU_PENDING_OUT=str(out), PYTHON=sys.executable, GPU_PENDING_K="huge_chunk_size")
-    env["GPU_PENDING_APPLY"] = "python"  # the fallback for a machine without git or patch
-    env["GPU_PENDING_SECTIONS"] = "scan"  # the mixer table: test_compare_puts_trees_side_by_side
-    env.pop("OUT", None)
-    r = subprocess.run(
-        ["bash", "scripts/gpu_pending.sh", "--cpu-rehearsal", str(good), str(bad)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    trees = (out / "trees.tsv").read_text()
-    assert "good\tapplied\ttests/test_ops.py" in trees and "stale\tdoes not apply" in trees
-    data = json.loads((out / "compare.json").read_text())
-    assert list(data) == ["main", "good"]
-    assert data["good"]["tests"]["counts"]["passed"] == 2 and data["good"]["tests"]["counts"]["failures"] == 0
-    assert data["main"]["tests"] is None
-    for name in data:
-        assert data[name]["build"]["results"][0]["ok"]
-        checks = [row for row in data[name]["scan"]["results"] if row["kind"] == "check"]
-        assert len(checks) == 8 and all(row["ok"] for row in checks)
-        assert data[name]["mixer"]["status"] == "missing"
-    text = (out / "compare.md").read_text()
-    assert "CPU rehearsal" in text and "**Scan**" in text and "**Mixer**" not in text
-    assert "- device: cpu; torch 2." in text  # main's env section ran with its build
-    assert "main / good" in text
