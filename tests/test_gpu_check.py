@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import log_slope
+from benchmarks.gpu_check import SECTIONS, sdxl
+from benchmarks.gpu_check.compare import compare
+from benchmarks.gpu_check.harness import Record
+from benchmarks.gpu_check.report import parse_junit, report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
 
 # torch-fidelity is missing there too, but torchmetrics probes it by its installed metadata and then
 # imports it, so hiding the module alone cannot imitate its absence; the package must not import it
@@ -47,6 +51,20 @@ def test_package_imports_without_the_packages_the_gpu_machine_lacks():
     assert "IMPORT-OK" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_section_runs_from_a_plain_checkout(tmp_path):
+    """As scripts/gpu_check.sh runs a section on the GPU machine: ``python -m benchmarks.gpu_check`` from
+    the repository root, nothing on PYTHONPATH; the section's record is written and says it ran."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "env", "--out", str(tmp_path), "--budget", "20", "--rehearsal"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[env] ok" in r.stdout
+    data = json.loads((tmp_path / "env.json").read_text())
+    assert data["status"] == "ok" and data["rehearsal"] is True and data["info"]["torch"]
+
+
 def test_report_marks_killed_and_missing_sections(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps({"section": "env", "status": "ok", "info": {"torch": "x"}}))
     (tmp_path / "scan.json").write_text(
@@ -55,23 +73,23 @@ def test_report_marks_killed_and_missing_sections(tmp_path):
     (tmp_path / "sections.tsv").write_text("env\t0\t1.0\nscan\t124\t70.0\n")
     log = tmp_path / "tests.log"
     log.write_text("....F.s.       [ 80%]\n..\nFAILED tests/test_ops.py::test_a[cuda-t2b] - boom\n")
-    tests = gpu_check.parse_junit(tmp_path / "tests.xml", log)
+    tests = parse_junit(tmp_path / "tests.xml", log)
     assert not tests["finished"]
     assert "8 passed, 1 failed, 1 skipped" in tests["summary"]
-    text = gpu_check.report(tmp_path, tests)
+    text = report(tmp_path, tests)
     assert "| scan | running (killed at its time limit) | 124 |" in text
     assert "| train | missing |" in text
     assert "FAILED tests/test_ops.py::test_a[cuda-t2b]" in text
     merged = json.loads((tmp_path / "gpu_check.json").read_text())
     assert merged["exits"]["scan"]["exit"] == 124
     # GPU_CHECK_SECTIONS="env scan": the others were not asked for, which is not the same as missing
-    text = gpu_check.report(tmp_path, None, requested=["env", "scan", "train"])
+    text = report(tmp_path, None, requested=["env", "scan", "train"])
     assert "| train | missing |" in text and "| gen | not requested |" in text
 
 
-def test_fit_exponent():
-    assert gpu_check.fit_exponent([10, 100, 1000], [3.0, 300.0, 30000.0]) == pytest.approx(2.0)
-    assert gpu_check.fit_exponent([10], [1.0]) is None
+def test_log_slope():
+    assert log_slope([10, 100, 1000], [3.0, 300.0, 30000.0]) == pytest.approx(2.0)
+    assert log_slope([10], [1.0]) is None
 
 
 def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypatch):
@@ -79,14 +97,14 @@ def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypat
 
     # as on the GPU machine: import diffusers -> ImportError
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    rec = gpu_check.Record(tmp_path, "sdxl", budget=10, rehearsal=True)
-    gpu_check.section_sdxl(argparse.Namespace(rehearsal=True), rec)
+    rec = Record(tmp_path, "sdxl", budget=10, rehearsal=True)
+    sdxl.run(argparse.Namespace(rehearsal=True), rec)
     rec.finish()
     data = json.loads((tmp_path / "sdxl.json").read_text())
     assert data["status"] == "ok" and data["results"] == []
     assert "diffusers cannot be imported" in data["skipped_reason"]
     assert data["skipped"][0]["case"] == "sdxl"
-    text = gpu_check.report(tmp_path, None)
+    text = report(tmp_path, None)
     assert "**SD-XL UNet step**: not measured: diffusers cannot be imported" in text
 
 
@@ -105,7 +123,7 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for name in gpu_check.SECTIONS:
+    for name in SECTIONS:
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["status"] == "ok", (name, data.get("errors"))
         assert data["rehearsal"] is True
@@ -144,7 +162,7 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
     with tarfile.open(back / "gpu_check.tgz") as tar:
         names = {n.lstrip("./") for n in tar.getnames()}
-    assert {f"{name}.json" for name in gpu_check.SECTIONS} | {"tests.xml", "sections.tsv"} <= names
+    assert {f"{name}.json" for name in SECTIONS} | {"tests.xml", "sections.tsv"} <= names
 
 
 def test_sdxl_step_configs():
@@ -189,8 +207,8 @@ def test_training_diffusion_without_diffusers_is_dits(monkeypatch):
 
 
 def test_compare_puts_trees_side_by_side(tmp_path):
-    """``gpu_check.py compare``: the base tree's scan and mixer times against each other tree's, as the
-    base's time over the other's, with what is missing shown as '-'."""
+    """``python -m benchmarks.gpu_check compare``: the base tree's scan and mixer times against each
+    other tree's, as the base's time over the other's, with what is missing shown as '-'."""
 
     def tree(name, scan_ms, mixer_ms):
         d = tmp_path / name
@@ -206,7 +224,7 @@ def test_compare_puts_trees_side_by_side(tmp_path):
         return name, d
 
     trees = [tree("main", {"t2b": 2.0, "l2r": 8.0}, 4.0), tree("tiles", {"t2b": 2.0, "l2r": 2.0}, 2.0)]
-    text = gpu_check.compare(tmp_path, trees)
+    text = compare(tmp_path, trees)
     assert "| 2x3x8x8 | float32 | global | fwd | l2r | 8 (50%) | 2 (50%) | 4.00x |" in text
     assert "| 2x3x8x8 | float32 | global | fwd | t2b | 2 (50%) | 2 (50%) | 1.00x |" in text
     assert "| gspn | 32x32 | fwd | 4 (10) | 2 (10) | 2.00x |" in text
