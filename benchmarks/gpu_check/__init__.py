@@ -10,9 +10,11 @@ visible GPU, timed), ``scan`` (the scan against the copy roofline), ``baseline``
 kernel as the paper describes it, in Triton), ``mixer`` (a GSPN mixer against flash attention),
 ``train`` (a gspn_t training step), ``gen`` (GSPN-DiT-XL/2 and DiT-XL/2 training steps), ``sdxl`` (an
 SD-XL UNet step with GSPN against SDPA self-attention) and ``profile`` (the top kernels of two training
-steps).  The tests section is pytest itself, run by the script.  ``harness`` holds what the sections
-share (the record, timing, memory, budgeted case loops); ``report`` makes ``gpu_check.{json,md}`` of
-the sections' files, and ``compare`` puts the results of two or more trees side by side.
+steps).  Each has ``run(args, rec)``, which measures into the section's record, and (but ``env``)
+``table(data)``, its lines of the report.  The tests section is pytest itself, run by the script.
+``harness`` holds what the sections share (the record, timing, memory, budgeted case loops);
+``report`` makes ``gpu_check.{json,md}`` of the sections' files, and ``compare`` puts the results of
+two or more trees side by side.
 
 Every section writes ``DIR/<section>.json`` after each case it finishes, so a section that is killed
 by its time limit still leaves what it measured.  ``--rehearsal`` runs the same code on the CPU with

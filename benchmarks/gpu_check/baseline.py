@@ -102,3 +102,17 @@ def run(args, rec: Record) -> None:
         rec.add(kind="timing", impl=name, shape=list(shape), direction="t2b", phase="fwd", dtype="float32", **t,
                 gb_s=gbs, frac_of_copy=gbs / bw, copy_gb_s=bw)  # fmt: skip
     rec.set(speedup_vs_best_baseline=best_baseline / t_ours["ms"])
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record."""
+    if not data.get("results"):
+        return []
+    lines = ["", "**Per-line baseline** (t2b forward, float32)", "", "| impl | ms | GB/s | of copy |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for r in data["results"]:
+        if r.get("kind") == "timing":
+            lines.append(f"| {r['impl']} | {r['ms']:.3g} | {r['gb_s']:.0f} | {r['frac_of_copy']:.0%} |")
+    if "speedup_vs_best_baseline" in data:
+        lines.append(f"\nkernel speed-up over the fastest baseline: {data['speedup_vs_best_baseline']:.1f}x")
+    return lines

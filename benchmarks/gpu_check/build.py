@@ -33,3 +33,12 @@ def run(args, rec: Record) -> None:
         return
     if not _timed(rec, "cuda", lambda: _build.load_cuda(verbose=True, force=True)):
         raise RuntimeError(f"CUDA extension failed: {_build.build_error('cuda')}")
+
+
+def table(data: dict) -> list[str]:
+    """The report's line for this section's record."""
+    build = data.get("results", [])
+    if not build:
+        return []
+    return ["", "**Build**: " + ", ".join(f"{r['extension']} {'ok' if r['ok'] else 'FAILED'} in {r['seconds']} s"
+                                          for r in build)]  # fmt: skip

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.gpu_check.report import fmt_value, load_section, parse_junit
+from benchmarks.gpu_check.harness import fmt_value
+from benchmarks.gpu_check.report import load_section, parse_junit
 
 
 def compare(out: Path, trees: list[tuple[str, Path]]) -> str:

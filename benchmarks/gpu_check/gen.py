@@ -7,6 +7,7 @@ from benchmarks.gpu_check.harness import (
     Record,
     budgeted_models,
     diffusion_loss,
+    fmt_value,
     pick_device,
     recorded,
     time_training,
@@ -35,3 +36,16 @@ def run(args, rec: Record) -> None:
             row = time_training(model, loss_fn, batch, device, 2 if args.rehearsal else 5)
             rec.add(kind="gen_step", model=name, latent=size, image=8 * size, batch=batch, **row)
         del model, loss_fn
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record: a row per model and size."""
+    gen = data.get("results", [])
+    if not gen:
+        return []
+    lines = ["", "**Generation training step** (bf16 autocast, AdamW, DiT's hybrid loss)", "",
+             "| model | image | batch | ms/step | img/s | peak MiB |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in gen:
+        lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {r['image']}² | {r['batch']} | {r['ms']:.1f} | "
+                     f"{r['images_per_s']:.1f} | {fmt_value(r['peak_mib'], 0)} |")  # fmt: skip
+    return lines

@@ -84,6 +84,15 @@ class Record:
         os.replace(tmp, self.path)
 
 
+def fmt_value(v, nd=2) -> str:
+    """A float with ``nd`` decimals, None as '-', anything else as it prints."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
 def pick_device(rehearsal: bool) -> torch.device:
     if rehearsal:
         return torch.device("cpu")

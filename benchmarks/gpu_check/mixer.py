@@ -10,6 +10,7 @@ from benchmarks.gpu_check.harness import (
     Record,
     budgeted_cases,
     case_failed,
+    fmt_value,
     peak_mib,
     peak_reset,
     pick_device,
@@ -83,3 +84,23 @@ def run(args, rec: Record) -> None:
             rows = [r for r in rec.data["results"] if r["layer"] == name and r["phase"] == phase]
             fits[f"{name} {phase}"] = log_slope([r["tokens"] for r in rows], [r["ms"] for r in rows])
     rec.set(time_exponents=fits)
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record: ms / peak MiB per grid, layer and phase."""
+    rows = data.get("results", [])
+    if not rows:
+        return []
+    lines = ["", f"**Mixer vs SDPA** (width {data.get('dim')}, {data.get('heads')} heads, batch {data.get('batch')}, "
+                 f"bf16; {data.get('sdpa_backend')}): ms / peak MiB", "",
+             "| grid | gspn fwd | sdpa fwd | gspn fwd+bwd | sdpa fwd+bwd |", "|---|---|---|---|---|"]  # fmt: skip
+    for g in sorted({r["grid"] for r in rows}):
+        cells = []
+        for phase in ("fwd", "fwd+bwd"):
+            for layer in ("gspn", "sdpa"):
+                m = [r for r in rows if (r["grid"], r["layer"], r["phase"]) == (g, layer, phase)]
+                cells.append(f"{m[0]['ms']:.3g} / {fmt_value(m[0]['peak_mib'], 0)}" if m else "-")
+        lines.append(f"| {g}x{g} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    fits = data.get("time_exponents", {})
+    lines.append("\ntime ~ tokens^p: " + ", ".join(f"{k} p={fmt_value(v)}" for k, v in fits.items()))
+    return lines

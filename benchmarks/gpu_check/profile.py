@@ -11,6 +11,7 @@ from benchmarks.gpu_check.harness import (
     budgeted_models,
     classification_loss,
     diffusion_loss,
+    fmt_value,
     pick_device,
     recorded,
 )
@@ -64,3 +65,17 @@ def run(args, rec: Record) -> None:
             total, rows = _top_kernels(step, device, top=15)
             rec.add(kind="profile", case=case, device_ms=total, top=rows)
         del model, step
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record: the top kernels of each profiled step."""
+    lines = []
+    for r in data.get("results", []):
+        lines += ["", f"**Profile** of one training step, {r['case']} (bf16 autocast): {r['device_ms']:.1f} ms "
+                      "of kernels; the top ones by self time", "", "| kernel | ms | share | calls |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for k in r["top"]:
+            lines.append(
+                f"| `{k['name']}` | {k['ms']:.2f} | {fmt_value(k['share'] and 100 * k['share'], 1)} % | {k['calls']} |"
+            )
+    return lines

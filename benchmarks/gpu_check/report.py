@@ -3,27 +3,25 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
-import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from benchmarks.gpu_check import SECTIONS
-
-
-def fmt_value(v, nd=2):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+from benchmarks.gpu_check.harness import fmt_value
 
 
 def load_section(folder: Path, name: str, absent: str = "missing") -> dict:
     """A section's JSON in ``folder``, or a stand-in whose status says it is ``absent``."""
     p = folder / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else {"section": name, "status": absent}
+
+
+def table_of(section: str, data: dict) -> list[str]:
+    """The report's lines for one section's record, made by its module's ``table``."""
+    return importlib.import_module(f"benchmarks.gpu_check.{section}").table(data)
 
 
 def report(out: Path, tests: dict | None, requested: list[str] | None = None) -> str:
@@ -67,109 +65,12 @@ def report(out: Path, tests: dict | None, requested: list[str] | None = None) ->
         lines += ["", f"**Tests** ({tests.get('files')}): {tests.get('summary')}"]
         for f in tests.get("failures", [])[:20]:
             lines.append(f"- FAILED {f}")
-    build = sections["build"].get("results", [])
-    if build:
-        lines += ["", "**Build**: " + ", ".join(f"{r['extension']} {'ok' if r['ok'] else 'FAILED'} in {r['seconds']} s"
-                                              for r in build)]  # fmt: skip
+    lines += table_of("build", sections["build"])
     errors = [(n, e) for n, s in sections.items() for e in s.get("errors", [])]
     if errors:
         lines += ["", "**Errors**:"] + [f"- {n} / {e['case']}: {e['error'][:300]}" for n, e in errors]
-
-    scan = [r for r in sections["scan"].get("results", []) if r.get("kind") == "scan"]
-    checks = [r for r in sections["scan"].get("results", []) if r.get("kind") == "check"]
-    if checks:
-        worst = max(r["rel_err"] for r in checks)
-        lines += ["", f"**Scan correctness** (kernel vs float64 reference, realistic gates, {len(checks)} cases): "
-                      f"worst relative error {worst:.2e}, all finite: {all(r['finite'] for r in checks)}"]  # fmt: skip
-    if scan:
-        lines += ["", "**Scan** (fraction of the measured copy bandwidth; ms median)", "",
-                  "| case | dtype | chunk | phase | t2b | b2t | l2r | r2l |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        keys = []
-        for r in scan:
-            k = (tuple(r["shape"]), r["dtype"], r["chunk"], r["phase"])
-            if k not in keys:
-                keys.append(k)
-        for shape, dtype, chunk, phase in keys:
-            cells = []
-            for d in ("t2b", "b2t", "l2r", "r2l"):
-                m = [r for r in scan if (tuple(r["shape"]), r["dtype"], r["chunk"], r["phase"], r["direction"])
-                     == (shape, dtype, chunk, phase, d)]  # fmt: skip
-                cells.append(f"{m[0]['frac_of_copy']:.0%} ({m[0]['ms']:.3g})" if m else "-")
-            lines.append(
-                f"| {'x'.join(map(str, shape))} | {dtype} | {chunk or 'global'} | {phase} | "
-                + " | ".join(cells)
-                + " |"
-            )
-        lines.append(
-            f"\ncopy bandwidth: {statistics.median(r['copy_gb_s'] for r in scan):.0f} GB/s (median over groups)"
-        )
-
-    base = sections["baseline"]
-    if base.get("results"):
-        lines += ["", "**Per-line baseline** (t2b forward, float32)", "", "| impl | ms | GB/s | of copy |",
-                  "|---|---:|---:|---:|"]  # fmt: skip
-        for r in base["results"]:
-            if r.get("kind") == "timing":
-                lines.append(f"| {r['impl']} | {r['ms']:.3g} | {r['gb_s']:.0f} | {r['frac_of_copy']:.0%} |")
-        if "speedup_vs_best_baseline" in base:
-            lines.append(
-                f"\nkernel speed-up over the fastest baseline: {base['speedup_vs_best_baseline']:.1f}x"
-            )
-
-    mix = sections["mixer"]
-    rows = mix.get("results", [])
-    if rows:
-        lines += ["", f"**Mixer vs SDPA** (width {mix.get('dim')}, {mix.get('heads')} heads, batch {mix.get('batch')}, "
-                      f"bf16; {mix.get('sdpa_backend')}): ms / peak MiB", "",
-                  "| grid | gspn fwd | sdpa fwd | gspn fwd+bwd | sdpa fwd+bwd |", "|---|---|---|---|---|"]  # fmt: skip
-        for g in sorted({r["grid"] for r in rows}):
-            cells = []
-            for phase in ("fwd", "fwd+bwd"):
-                for layer in ("gspn", "sdpa"):
-                    m = [r for r in rows if (r["grid"], r["layer"], r["phase"]) == (g, layer, phase)]
-                    cells.append(f"{m[0]['ms']:.3g} / {fmt_value(m[0]['peak_mib'], 0)}" if m else "-")
-            lines.append(f"| {g}x{g} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
-        fits = mix.get("time_exponents", {})
-        lines.append("\ntime ~ tokens^p: " + ", ".join(f"{k} p={fmt_value(v)}" for k, v in fits.items()))
-
-    tr = sections["train"].get("results", [])
-    if tr:
-        r = tr[0]
-        lines += ["", f"**Training step** gspn_t ({r['params_m']:.1f}M), batch {r['batch']} at {r['image']}², "
-                      f"bf16 autocast: {r['images_per_s']:.0f} img/s ({r['ms']:.1f} ms/step), "
-                      f"peak {fmt_value(r['peak_mib'], 0)} MiB"]  # fmt: skip
-    gen = sections["gen"].get("results", [])
-    if gen:
-        lines += ["", "**Generation training step** (bf16 autocast, AdamW, DiT's hybrid loss)", "",
-                  "| model | image | batch | ms/step | img/s | peak MiB |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-        for r in gen:
-            lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {r['image']}² | {r['batch']} | {r['ms']:.1f} | "
-                         f"{r['images_per_s']:.1f} | {fmt_value(r['peak_mib'], 0)} |")  # fmt: skip
-    sd = sections["sdxl"]
-    if sd.get("skipped_reason"):
-        lines += ["", f"**SD-XL UNet step**: not measured: {sd['skipped_reason']}"]
-    elif sd.get("results"):
-        rows = sd["results"]
-        lines += ["", f"**SD-XL UNet step** (width {sd.get('channels')}, {sd.get('self_attention_layers')} "
-                      f"self-attention layers, bf16, batch 1, inference forward; teacher "
-                      f"{sd.get('teacher_attention')}): ms / peak MiB", "",
-                  "| latent | pixels | SDPA | GSPN | SDPA / GSPN time |", "|---|---|---|---|---:|"]  # fmt: skip
-        for size in sorted({r["latent"] for r in rows}):
-            m = {r["variant"]: r for r in rows if r["latent"] == size}
-            cells = [
-                f"{m[v]['ms']:.4g} / {fmt_value(m[v]['peak_mib'], 0)}" if v in m else "-"
-                for v in ("sdpa", "gspn")
-            ]
-            ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
-            lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
-    for r in sections["profile"].get("results", []):
-        lines += ["", f"**Profile** of one training step, {r['case']} (bf16 autocast): {r['device_ms']:.1f} ms "
-                      "of kernels; the top ones by self time", "", "| kernel | ms | share | calls |",
-                  "|---|---:|---:|---:|"]  # fmt: skip
-        for k in r["top"]:
-            lines.append(
-                f"| `{k['name']}` | {k['ms']:.2f} | {fmt_value(k['share'] and 100 * k['share'], 1)} % | {k['calls']} |"
-            )
+    for name in SECTIONS[SECTIONS.index("build") + 1 :]:
+        lines += table_of(name, sections[name])
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     return text

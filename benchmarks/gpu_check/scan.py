@@ -11,6 +11,7 @@ per case group, interleaved with the cases.
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -103,3 +104,38 @@ def run(args, rec: Record) -> None:
                         rec.add(kind="scan", case=label, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
                                 direction=direction, chunk=chunk, phase=phase, **t, gb_s=gbs, copy_gb_s=bw,
                                 frac_of_copy=gbs / bw, finite=finite, peak_mib=peak_mib(device))  # fmt: skip
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record: the checks' worst error, then per case, dtype, chunk
+    and phase the fraction of the copy bandwidth (and ms) of each direction."""
+    lines = []
+    scan = [r for r in data.get("results", []) if r.get("kind") == "scan"]
+    checks = [r for r in data.get("results", []) if r.get("kind") == "check"]
+    if checks:
+        worst = max(r["rel_err"] for r in checks)
+        lines += ["", f"**Scan correctness** (kernel vs float64 reference, realistic gates, {len(checks)} cases): "
+                      f"worst relative error {worst:.2e}, all finite: {all(r['finite'] for r in checks)}"]  # fmt: skip
+    if scan:
+        lines += ["", "**Scan** (fraction of the measured copy bandwidth; ms median)", "",
+                  "| case | dtype | chunk | phase | t2b | b2t | l2r | r2l |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        keys = []
+        for r in scan:
+            k = (tuple(r["shape"]), r["dtype"], r["chunk"], r["phase"])
+            if k not in keys:
+                keys.append(k)
+        for shape, dtype, chunk, phase in keys:
+            cells = []
+            for d in ("t2b", "b2t", "l2r", "r2l"):
+                m = [r for r in scan if (tuple(r["shape"]), r["dtype"], r["chunk"], r["phase"], r["direction"])
+                     == (shape, dtype, chunk, phase, d)]  # fmt: skip
+                cells.append(f"{m[0]['frac_of_copy']:.0%} ({m[0]['ms']:.3g})" if m else "-")
+            lines.append(
+                f"| {'x'.join(map(str, shape))} | {dtype} | {chunk or 'global'} | {phase} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append(
+            f"\ncopy bandwidth: {statistics.median(r['copy_gb_s'] for r in scan):.0f} GB/s (median over groups)"
+        )
+    return lines

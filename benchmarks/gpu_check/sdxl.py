@@ -10,6 +10,7 @@ from benchmarks.gpu_check.harness import (
     Record,
     budgeted_cases,
     case_failed,
+    fmt_value,
     peak_mib,
     peak_reset,
     pick_device,
@@ -60,3 +61,25 @@ def run(args, rec: Record) -> None:
             del out, step
         except Exception as exc:  # noqa: BLE001
             case_failed(rec, case, name, exc, dead, device)
+
+
+def table(data: dict) -> list[str]:
+    """The report's lines for this section's record: why it measured nothing, or a row per latent size."""
+    if data.get("skipped_reason"):
+        return ["", f"**SD-XL UNet step**: not measured: {data['skipped_reason']}"]
+    rows = data.get("results")
+    if not rows:
+        return []
+    lines = ["", f"**SD-XL UNet step** (width {data.get('channels')}, {data.get('self_attention_layers')} "
+                 f"self-attention layers, bf16, batch 1, inference forward; teacher "
+                 f"{data.get('teacher_attention')}): ms / peak MiB", "",
+             "| latent | pixels | SDPA | GSPN | SDPA / GSPN time |", "|---|---|---|---|---:|"]  # fmt: skip
+    for size in sorted({r["latent"] for r in rows}):
+        m = {r["variant"]: r for r in rows if r["latent"] == size}
+        cells = [
+            f"{m[v]['ms']:.4g} / {fmt_value(m[v]['peak_mib'], 0)}" if v in m else "-"
+            for v in ("sdpa", "gspn")
+        ]
+        ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
+        lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
+    return lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.gpu_check.harness import Record, classification_loss, pick_device, time_training
+from benchmarks.gpu_check.harness import Record, classification_loss, fmt_value, pick_device, time_training
 
 
 def run(args, rec: Record) -> None:
@@ -21,3 +21,13 @@ def run(args, rec: Record) -> None:
     rec.add(kind="train_step", model="gspn_t", batch=batch, image=size, dtype="bf16-autocast", **row)
     if not row["loss_finite"]:
         raise RuntimeError("non-finite training loss")
+
+
+def table(data: dict) -> list[str]:
+    """The report's line for this section's record."""
+    if not data.get("results"):
+        return []
+    r = data["results"][0]
+    return ["", f"**Training step** gspn_t ({r['params_m']:.1f}M), batch {r['batch']} at {r['image']}², "
+                f"bf16 autocast: {r['images_per_s']:.0f} img/s ({r['ms']:.1f} ms/step), "
+                f"peak {fmt_value(r['peak_mib'], 0)} MiB"]  # fmt: skip
