@@ -234,8 +234,8 @@ def adamw_step(model: torch.nn.Module, loss_fn, device: torch.device, losses: li
 
 
 def time_training(model: torch.nn.Module, loss_fn, batch: int, device: torch.device, reps: int) -> dict:
-    """A warm-up step, then ``reps`` timed :func:`adamw_step` s of ``model`` on ``loss_fn``: the timing,
-    images per second, the peak MiB, whether every loss was finite and the millions of parameters."""
+    """A warm-up step, then ``reps`` timed steps (:func:`adamw_step`) of ``model`` on ``loss_fn``: the
+    timing, images per second, the peak MiB, whether every loss was finite, millions of parameters."""
     losses = []
     step = adamw_step(model, loss_fn, device, losses)
     step()
