@@ -118,12 +118,18 @@ def write_results(path_stem: Path, result: dict, markdown: list[str]) -> None:
     print(f"wrote {path_stem}.json and .md")
 
 
+def log_slope(xs, ys) -> float | None:
+    """Least-squares slope p of log(y) against log(x), y ~ x ** p; None for fewer than two points."""
+    if len(xs) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
 def fit_exponent(sizes, times) -> float:
     """Least-squares slope p of log(time) against log(size ** 2): time ~ pixels ** p for square sizes."""
-    xs = [math.log(s * s) for s in sizes]
-    ys = [math.log(t) for t in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return log_slope([s * s for s in sizes], times)
 
 
 # Peak memory on the CPU: the growth of a fresh process's resident set over one step, with glibc serving

@@ -3,9 +3,12 @@
 # run every op/layer/model test (the CUDA-parametrised cases included), time the scan against the copy
 # roofline and against a per-line baseline, a GSPN mixer against flash attention, a gspn_t
 # training step, GSPN-DiT-XL/2 / DiT-XL/2 training steps at 256² and 512², and one SD-XL UNet step with
-# GSPN against SDPA self-attention at 1024² to 4096² (needs diffusers on PYTHONPATH, else skipped); write JSON + a markdown table into $OUT (or benchmarks/results/gpu_check/) and print
-# the short table last.  Each section runs in its own process under its own time limit, so a slow or
-# failing section cannot eat the others; a failure never stops the later sections.
+# GSPN against SDPA self-attention at 1024² to 4096² (needs diffusers on PYTHONPATH, else skipped); write
+# JSON + a markdown table into the results folder and print the short table last.  Each section runs in
+# its own process under its own time limit, so a slow or failing section cannot eat the others; a
+# failure never stops the later sections.  The sections are benchmarks/gpu_check/<section>.py, run as
+# `python -m benchmarks.gpu_check SECTION` from the repository root (no install needed); the tests
+# section is pytest.
 #
 #   bash scripts/gpu_check.sh                    # on a GPU machine (its own python3 is used)
 #   bash scripts/gpu_check.sh --cpu-rehearsal    # the same script on the CPU, tiny sizes (a test runs it)
@@ -17,7 +20,8 @@
 # ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1),
 # GPU_CHECK_SECTIONS (the sections to run, space-separated; default all: env build tests scan baseline
 # mixer train gen sdxl profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split,
-# in place of the default list; scripts/gpu_pending.sh uses both).
+# in place of the default list).  To compare two trees, run the check in each into its own
+# GPU_CHECK_OUT, then `python -m benchmarks.gpu_check compare --out DIR --trees a=DIR_A b=DIR_B`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,15 +29,24 @@ REHEARSAL=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-rehearsal) REHEARSAL=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (only --cpu-rehearsal)" >&2; exit 2 ;;
   esac
 done
 
-# shellcheck source=scripts/gpu_lib.sh
-. scripts/gpu_lib.sh
-PYTHON="$(gpu_python "$REHEARSAL")"
-RESULTS="$(gpu_results "${GPU_CHECK_OUT:-}" "$REHEARSAL" benchmarks/results/gpu_check gpu_check)" || exit 1
+# The interpreter: $PYTHON, else in a rehearsal the project's .venv, else python3.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  [ "$REHEARSAL" = 1 ] && [ -x .venv/bin/python ] && PYTHON="$PWD/.venv/bin/python"
+fi
+# The results folder, as an absolute path: $GPU_CHECK_OUT, else a new temporary folder in a rehearsal
+# (a rehearsal never replaces real results), else benchmarks/results/gpu_check.
+RESULTS="${GPU_CHECK_OUT:-}"
+if [ -z "$RESULTS" ]; then
+  RESULTS=benchmarks/results/gpu_check
+  [ "$REHEARSAL" = 1 ] && RESULTS="$(mktemp -d -t gspn_gpu_check_rehearsal.XXXXXX)"
+fi
+mkdir -p "$RESULTS" && RESULTS="$(cd "$RESULTS" && pwd)" || exit 1
 if [ "$REHEARSAL" = 0 ]; then
   # in the working tree, so a warm device machine keeps the build between calls
   export GSPN_EXTENSIONS_DIR="${GSPN_EXTENSIONS_DIR:-$PWD/.gspn_cache}"
@@ -108,7 +121,7 @@ py_section() {  # name budget
   local budget
   wanted "$1" || return 0
   budget=$(awk -v b="$2" -v s="$SCALE" 'BEGIN { printf "%d", b * s }')
-  run_section "$1" "$2" "$PYTHON" benchmarks/gpu_check.py "$1" --out "$RESULTS" --budget "$budget" $FLAG
+  run_section "$1" "$2" "$PYTHON" -m benchmarks.gpu_check "$1" --out "$RESULTS" --budget "$budget" $FLAG
 }
 
 py_section env "$B_ENV"
@@ -126,10 +139,16 @@ py_section profile "$B_PROFILE"
 echo "== report"
 REPORT_TESTS=()
 wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/tests.log" --test-files "${TEST_ARGS[*]}")
-"$PYTHON" benchmarks/gpu_check.py report --out "$RESULTS" --sections "$SECTIONS_WANTED" "${REPORT_TESTS[@]}" \
+"$PYTHON" -m benchmarks.gpu_check report --out "$RESULTS" --sections "$SECTIONS_WANTED" "${REPORT_TESTS[@]}" \
   > "$RESULTS/report.log" 2>&1
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"
-gpu_pack "$RESULTS" gpu_check gpu_check.md gpu_check.json
+# $OUT (the lent machine's return folder, which brings back at most 8 files), unless it is the results
+# folder itself: gpu_check.tgz of the whole results folder, gpu_check.md and gpu_check.json.
+if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2> /dev/null && pwd)" != "$RESULTS" ]; then
+  mkdir -p "$OUT"
+  tar czf "$OUT/gpu_check.tgz" -C "$RESULTS" . && cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
+    && echo "packed into $OUT: gpu_check.tgz gpu_check.md gpu_check.json"
+fi
 exit $code

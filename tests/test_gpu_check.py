@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import log_slope
+from benchmarks.gpu_check import SECTIONS, sdxl
+from benchmarks.gpu_check.compare import compare
+from benchmarks.gpu_check.harness import Record
+from benchmarks.gpu_check.report import parse_junit, report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
 
 # torch-fidelity is missing there too, but torchmetrics probes it by its installed metadata and then
 # imports it, so hiding the module alone cannot imitate its absence; the package must not import it
@@ -47,6 +51,20 @@ def test_package_imports_without_the_packages_the_gpu_machine_lacks():
     assert "IMPORT-OK" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_section_runs_from_a_plain_checkout(tmp_path):
+    """As scripts/gpu_check.sh runs a section on the GPU machine: ``python -m benchmarks.gpu_check`` from
+    the repository root, nothing on PYTHONPATH; the section's record is written and says it ran."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "env", "--out", str(tmp_path), "--budget", "20", "--rehearsal"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[env] ok" in r.stdout
+    data = json.loads((tmp_path / "env.json").read_text())
+    assert data["status"] == "ok" and data["rehearsal"] is True and data["info"]["torch"]
+
+
 def test_report_marks_killed_and_missing_sections(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps({"section": "env", "status": "ok", "info": {"torch": "x"}}))
     (tmp_path / "scan.json").write_text(
@@ -55,23 +73,23 @@ def test_report_marks_killed_and_missing_sections(tmp_path):
     (tmp_path / "sections.tsv").write_text("env\t0\t1.0\nscan\t124\t70.0\n")
     log = tmp_path / "tests.log"
     log.write_text("....F.s.       [ 80%]\n..\nFAILED tests/test_ops.py::test_a[cuda-t2b] - boom\n")
-    tests = gpu_check.parse_junit(tmp_path / "tests.xml", log)
+    tests = parse_junit(tmp_path / "tests.xml", log)
     assert not tests["finished"]
     assert "8 passed, 1 failed, 1 skipped" in tests["summary"]
-    text = gpu_check.report(tmp_path, tests)
+    text = report(tmp_path, tests)
     assert "| scan | running (killed at its time limit) | 124 |" in text
     assert "| train | missing |" in text
     assert "FAILED tests/test_ops.py::test_a[cuda-t2b]" in text
     merged = json.loads((tmp_path / "gpu_check.json").read_text())
     assert merged["exits"]["scan"]["exit"] == 124
     # GPU_CHECK_SECTIONS="env scan": the others were not asked for, which is not the same as missing
-    text = gpu_check.report(tmp_path, None, requested=["env", "scan", "train"])
+    text = report(tmp_path, None, requested=["env", "scan", "train"])
     assert "| train | missing |" in text and "| gen | not requested |" in text
 
 
-def test_fit_exponent():
-    assert gpu_check.fit_exponent([10, 100, 1000], [3.0, 300.0, 30000.0]) == pytest.approx(2.0)
-    assert gpu_check.fit_exponent([10], [1.0]) is None
+def test_log_slope():
+    assert log_slope([10, 100, 1000], [3.0, 300.0, 30000.0]) == pytest.approx(2.0)
+    assert log_slope([10], [1.0]) is None
 
 
 def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypatch):
@@ -79,14 +97,14 @@ def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypat
 
     # as on the GPU machine: import diffusers -> ImportError
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    rec = gpu_check.Record(tmp_path, "sdxl", budget=10, rehearsal=True)
-    gpu_check.section_sdxl(argparse.Namespace(rehearsal=True), rec)
+    rec = Record(tmp_path, "sdxl", budget=10, rehearsal=True)
+    sdxl.run(argparse.Namespace(rehearsal=True), rec)
     rec.finish()
     data = json.loads((tmp_path / "sdxl.json").read_text())
     assert data["status"] == "ok" and data["results"] == []
     assert "diffusers cannot be imported" in data["skipped_reason"]
     assert data["skipped"][0]["case"] == "sdxl"
-    text = gpu_check.report(tmp_path, None)
+    text = report(tmp_path, None)
     assert "**SD-XL UNet step**: not measured: diffusers cannot be imported" in text
 
 
@@ -105,7 +123,7 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for name in gpu_check.SECTIONS:
+    for name in SECTIONS:
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["status"] == "ok", (name, data.get("errors"))
         assert data["rehearsal"] is True
@@ -144,7 +162,7 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
     with tarfile.open(back / "gpu_check.tgz") as tar:
         names = {n.lstrip("./") for n in tar.getnames()}
-    assert {f"{name}.json" for name in gpu_check.SECTIONS} | {"tests.xml", "sections.tsv"} <= names
+    assert {f"{name}.json" for name in SECTIONS} | {"tests.xml", "sections.tsv"} <= names
 
 
 def test_sdxl_step_configs():
@@ -188,18 +206,9 @@ def test_training_diffusion_without_diffusers_is_dits(monkeypatch):
         d.scheduler  # noqa: B018 - the diffusers object itself is only made on request
 
 
-def _patch_adding_a_line(path: str, line: str) -> str:
-    """A unified diff (as ``git diff`` writes one) that adds ``line`` after the first line of ``path``."""
-    import difflib
-
-    old = (ROOT / path).read_text().splitlines(keepends=True)
-    new = old[:1] + [line + "\n"] + old[1:]
-    return "".join(difflib.unified_diff(old, new, f"a/{path}", f"b/{path}"))
-
-
 def test_compare_puts_trees_side_by_side(tmp_path):
-    """``gpu_check.py compare``: the base tree's scan and mixer times against each other tree's, as the
-    base's time over the other's, with what is missing shown as '-'."""
+    """``python -m benchmarks.gpu_check compare``: the base tree's scan and mixer times against each
+    other tree's, as the base's time over the other's, with what is missing shown as '-'."""
 
     def tree(name, scan_ms, mixer_ms):
         d = tmp_path / name
@@ -215,45 +224,9 @@ def test_compare_puts_trees_side_by_side(tmp_path):
         return name, d
 
     trees = [tree("main", {"t2b": 2.0, "l2r": 8.0}, 4.0), tree("tiles", {"t2b": 2.0, "l2r": 2.0}, 2.0)]
-    text = gpu_check.compare(tmp_path, trees)
+    text = compare(tmp_path, trees)
     assert "| 2x3x8x8 | float32 | global | fwd | l2r | 8 (50%) | 2 (50%) | 4.00x |" in text
     assert "| 2x3x8x8 | float32 | global | fwd | t2b | 2 (50%) | 2 (50%) | 1.00x |" in text
     assert "| gspn | 32x32 | fwd | 4 (10) | 2 (10) | 2.00x |" in text
     assert "| tiles | - | not run | 1/1 ok (1.0e-07) |" in text
     assert json.loads((tmp_path / "compare.json").read_text())["tiles"]["scan"]["status"] == "ok"
-
-
-@pytest.mark.slow
-def test_pending_patches_rehearsal(tmp_path):
-    """``bash scripts/gpu_pending.sh --cpu-rehearsal``: a patch is applied to a copy of the tree, built and
-    tested there (the test files it touches) and measured beside main; a patch that does not apply is
-    reported and skipped, not fatal."""
-    good = tmp_path / "good.patch"
-    good.write_text(_patch_adding_a_line("tests/test_ops.py", "# added by the pending-patch rehearsal"))
-    bad = tmp_path / "stale.patch"
-    bad.write_text(_patch_adding_a_line("tests/test_ops.py", "x = 1").replace("\n ", "\n #no such line ", 1))
-    out = tmp_path / "out"
-    env = dict(os.environ, GPU_PENDING_OUT=str(out), PYTHON=sys.executable, GPU_PENDING_K="huge_chunk_size")
-    env["GPU_PENDING_APPLY"] = "python"  # the fallback for a machine without git or patch
-    env["GPU_PENDING_SECTIONS"] = "scan"  # the mixer table: test_compare_puts_trees_side_by_side
-    env.pop("OUT", None)
-    r = subprocess.run(
-        ["bash", "scripts/gpu_pending.sh", "--cpu-rehearsal", str(good), str(bad)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    trees = (out / "trees.tsv").read_text()
-    assert "good\tapplied\ttests/test_ops.py" in trees and "stale\tdoes not apply" in trees
-    data = json.loads((out / "compare.json").read_text())
-    assert list(data) == ["main", "good"]
-    assert data["good"]["tests"]["counts"]["passed"] == 2 and data["good"]["tests"]["counts"]["failures"] == 0
-    assert data["main"]["tests"] is None
-    for name in data:
-        assert data[name]["build"]["results"][0]["ok"]
-        checks = [row for row in data[name]["scan"]["results"] if row["kind"] == "check"]
-        assert len(checks) == 8 and all(row["ok"] for row in checks)
-        assert data[name]["mixer"]["status"] == "missing"
-    text = (out / "compare.md").read_text()
-    assert "CPU rehearsal" in text and "**Scan**" in text and "**Mixer**" not in text
-    assert "- device: cpu; torch 2." in text  # main's env section ran with its build
-    assert "main / good" in text
