@@ -318,6 +318,7 @@ def test_fallback_without_compiler(tmp_path):
     assert "FALLBACK-OK" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.build
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes starting together on an empty cache (the ranks of a DDP job) both end up with a
