@@ -23,6 +23,7 @@ def test_strided_reads_reads_every_element_and_writes_results(tmp_path):
     assert len(list(tmp_path.glob("*.md"))) == 2
 
 
+@pytest.mark.slow
 def test_revisions_times_head_against_the_working_tree(tmp_path):
     """HEAD (extracted with git archive) against the working tree, one pair on a tiny case: both
     children load their own copy of the package, and a run writes both result files. With the kernels

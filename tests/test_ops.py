@@ -1,11 +1,13 @@
 """The GSPN scan op: reference against a per-pixel loop, kernels against the reference, the
 torch.library registration, 16-bit accuracy, stability of normalised gates, and input checking."""
 
+import ast
 import itertools
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,6 +318,7 @@ def test_fallback_without_compiler(tmp_path):
     assert "FALLBACK-OK" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.build
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes starting together on an empty cache (the ranks of a DDP job) both end up with a
@@ -512,3 +515,96 @@ def test_a_build_leaves_the_cache_key_flags_alone(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="fake build"):
             _build._load(name, sources, cuda=cuda, verbose=False)
     assert [list(x) for x in lists] == before
+
+
+OPS_DIR = Path(__file__).resolve().parents[1] / "gspn_lightning" / "ops"
+OPS_MODULES = sorted(p.stem for p in OPS_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _ops_imports(module: str) -> list[tuple[str, bool]]:
+    """(imported ops module, whether the import is inside a function) for every import of ``module``
+    that targets the ops package; ``"__init__"`` stands for the package itself."""
+    tree = ast.parse((OPS_DIR / f"{module}.py").read_text())
+    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(f) if n is not f}  # fmt: skip
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                base = node.module
+            elif node.level == 0 and (node.module or "").startswith("gspn_lightning.ops"):
+                base = node.module[len("gspn_lightning.ops") + 1 :] or None
+            else:
+                continue
+            if base is None:  # from . import a, b: submodules, or names of the package's __init__
+                targets = [a.name if a.name in OPS_MODULES else "__init__" for a in node.names]
+            else:
+                targets = [base.split(".")[0]]
+        elif isinstance(node, ast.Import):
+            targets = [a.name.split(".")[2] if a.name.count(".") >= 2 else "__init__"
+                       for a in node.names if a.name.startswith("gspn_lightning.ops")]  # fmt: skip
+        else:
+            continue
+        found += [(t, id(node) in local) for t in targets]
+    return found
+
+
+def test_ops_modules_import_each_other_without_a_cycle():
+    """Inside gspn_lightning/ops the imports form a DAG: no module imports the package's __init__ (which
+    only re-exports), and no import of an ops module hides in a function (where a cycle would only
+    show at call time)."""
+    graph = {}
+    for module in OPS_MODULES:
+        imports = _ops_imports(module)
+        assert all(not inside for _, inside in imports), f"{module}: function-local ops import {imports}"
+        assert all(t != "__init__" for t, _ in imports), f"{module} imports the package __init__: {imports}"
+        graph[module] = {t for t, _ in imports}
+    assert graph["propagate"] >= {"scan", "_backend", "_checks"}  # the parser finds real edges
+    done: set[str] = set()
+
+    def visit(module, path):
+        assert module not in path, f"import cycle: {' -> '.join([*path, module])}"
+        if module not in done:
+            for t in sorted(graph[module]):
+                visit(t, [*path, module])
+            done.add(module)
+
+    for module in OPS_MODULES:
+        visit(module, [])
+
+
+def test_each_ops_module_imports_first_in_a_fresh_interpreter():
+    """Whichever ops module a process imports first (then the rest, forwards or backwards), all import
+    and the package exports its API."""
+    code = f"""
+        import importlib, sys
+        modules = {OPS_MODULES!r}
+        for first in modules:
+            for rest in (modules, modules[::-1]):
+                for name in [n for n in sys.modules if n.startswith("gspn_lightning")]:
+                    del sys.modules[name]
+                for m in [first, *rest]:
+                    importlib.import_module("gspn_lightning.ops." + m)
+                ops = sys.modules["gspn_lightning.ops"]
+                assert all(hasattr(ops, n) for n in ops.__all__), first
+        print("IMPORTS-OK", len(modules))
+    """
+    r = _run_python(code, {}, timeout=300)
+    assert f"IMPORTS-OK {len(OPS_MODULES)}" in r.stdout, r.stdout + r.stderr
+
+
+def test_ops_package_keeps_its_public_names():
+    import gspn_lightning.ops as ops
+
+    names = {
+        "DIRECTIONS", "GATE_FIELDS", "gspn_propagate", "gspn_propagate_proj", "gspn_scan", "kernel_available",
+        "normalize_gates", "project_gates", "propagate_proj_reference", "propagate_reference",
+        "scan_geometry", "scan_reference",
+    }  # fmt: skip
+    assert names <= set(ops.__all__)
+    body = ast.parse((OPS_DIR / "__init__.py").read_text()).body
+    kinds = {type(n).__name__ for n in body[1:]}  # after the docstring: imports and __all__ only
+    assert kinds <= {"ImportFrom", "Assign"}, kinds
+    assert all(n.targets[0].id == "__all__" for n in body if isinstance(n, ast.Assign))
+    assert all(callable(getattr(ops, n)) or n.isupper() for n in names)
+    assert ops.gspn_scan.__module__ == "gspn_lightning.ops.scan"

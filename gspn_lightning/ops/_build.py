@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import _registry
+
 
 def _find_csrc() -> Path:
     """The kernel sources: the checkout's top-level ``csrc/`` (editable installs, the repository), else
@@ -43,9 +45,20 @@ def _find_csrc() -> Path:
 
 CSRC = _find_csrc()
 
-_CPU_SOURCES = ["gspn_ops.cpp", "cpu/gspn_cpu.cpp", "cpu/gspn_propagate_cpu.cpp"]
+_CPU_SOURCES = [
+    "gspn_ops.cpp",
+    "cpu/gspn_cpu.cpp",
+    "cpu/gspn_propagate_cpu.cpp",
+    "cpu/gspn_propagate_proj_cpu.cpp",
+]
 _CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
-_HEADERS = ["gspn_step.h", "gspn_layout.h", "cpu/gspn_transpose.h", "cuda/gspn_cuda.h"]
+_HEADERS = [
+    "gspn_step.h",
+    "gspn_layout.h",
+    "cpu/gspn_propagate_common.h",
+    "cpu/gspn_transpose.h",
+    "cuda/gspn_cuda.h",
+]
 # -fno-trapping-math lets GCC if-convert the float clamps and selects of the fused kernel's loops
 # (so they vectorise); the kernels never rely on floating-point exceptions.
 _CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
@@ -53,7 +66,7 @@ _CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 # AVX-512 machines the compiler's own loop vectorisation stays 256 bits wide (short lines and masked
 # tails lose with 16 lanes; measured slower), but every loop gets 32 vector registers (fewer spills in
 # the fused kernel's wide loops) and AVX-512 instructions, and the hand-blocked gate projection uses
-# 512-bit vectors (csrc/cpu/gspn_propagate_cpu.cpp, Vec).
+# 512-bit vectors (csrc/cpu/gspn_propagate_proj_cpu.cpp, Vec).
 _ISA_CFLAGS = {
     "base": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -220,8 +233,6 @@ def load_cpu(verbose: bool = False) -> bool:
         if _STATE.cpu is None:
             try:
                 _load("gspn_lightning_cpu", _CPU_SOURCES, cuda=False, verbose=verbose)
-                from . import _registry
-
                 _registry.register()
                 _STATE.cpu = True
             except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"

@@ -1,8 +1,9 @@
 """torch.library registration of the compiled op: fake (meta) implementations and autograd.
 
-The schemas and the CPU/CUDA kernels come from the C++ extensions (``csrc/gspn_ops.cpp`` and one
-kernel file per backend); this module adds what lets ``torch.compile`` trace the op
-(fake tensors) and what lets autograd differentiate it (the backward is another op, ``scan_bwd``).
+The schemas and the CPU/CUDA kernels come from the C++ extensions (``csrc/gspn_ops.cpp`` and the
+kernel files under ``csrc/cpu`` and ``csrc/cuda``); this module adds what lets ``torch.compile`` trace
+the op (fake tensors) and what lets autograd differentiate it (the backward is another op,
+``scan_bwd``).
 For CUDA tensors ``propagate_proj_fwd``/``_bwd`` are implemented here, in Python, by materialising the
 gate logits and calling the fused CUDA op (no CUDA kernel computes the projection on the fly yet).
 Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error

@@ -28,7 +28,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ._backend import resolve_backend
+from ._checks import check_chunk_size, check_direction, check_tensors
 from .reference import DIRECTIONS, scan_reference
+from .scan import normalize_gates
 
 __all__ = [
     "GATE_FIELDS",
@@ -54,8 +57,6 @@ def propagate_reference(
     """The fused op's definition, term by term with :func:`normalize_gates` and a scan (``scan``:
     a function with :func:`gspn_scan`'s signature; default the pure-PyTorch :func:`scan_reference`).
     No input checking."""
-    from . import normalize_gates  # the package defines it; imported here to avoid an import cycle
-
     scan = scan_reference if scan is None else scan
     y = None
     for k, direction in enumerate(directions):
@@ -68,13 +69,11 @@ def propagate_reference(
 
 
 def _check_directions(directions) -> tuple[str, ...]:
-    from . import _check_direction
-
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     if not 1 <= len(directions) <= len(DIRECTIONS) or len(set(directions)) != len(directions):
         raise ValueError(f"directions must be 1 to 4 distinct members of {DIRECTIONS}, got {directions!r}")
     for d in directions:
-        _check_direction(d)
+        check_direction(d)
     return directions
 
 
@@ -92,9 +91,7 @@ def _check_like_x(x, named, context: str) -> None:
 
 
 def _check_propagate_inputs(x, gates, merge, directions) -> tuple[str, ...]:
-    from . import _check_tensors
-
-    _check_tensors(("x",), (x,))
+    check_tensors(("x",), (x,))
     directions = _check_directions(directions)
     B, C, H, W = x.shape
     K = len(directions)
@@ -125,13 +122,11 @@ def gspn_propagate(
     All three tensors share one floating dtype and device; 16-bit inputs accumulate in float32.
     Differentiable in ``x``, ``gates`` and ``merge``.
     """
-    from . import _check_chunk_size, _resolve_backend
-
     directions = _check_propagate_inputs(x, gates, merge, directions)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
         chunk_size = None  # a chunk covering every scan axis is the global scan (any size of k)
-    if _resolve_backend(backend, x.device) == "reference":
+    if resolve_backend(backend, x.device) == "reference":
         return propagate_reference(x, gates, merge, directions, chunk_size)
     return torch.ops.gspn_lightning.propagate_fwd(x, gates, merge, list(directions), chunk_size or 0)
 
@@ -161,9 +156,7 @@ def propagate_proj_reference(
 
 
 def _check_proj_inputs(x, proxy, weight, bias, merge, directions) -> tuple[str, ...]:
-    from . import _check_tensors
-
-    _check_tensors(("x",), (x,))
+    check_tensors(("x",), (x,))
     directions = _check_directions(directions)
     B, C, H, W = x.shape
     K = len(directions)
@@ -220,13 +213,11 @@ def gspn_propagate_proj(
     convolution) and runs the fused :func:`gspn_propagate` CUDA kernel, so it is correct there but
     saves no memory or time over calling the two yourself.
     """
-    from . import _check_chunk_size, _resolve_backend
-
     directions = _check_proj_inputs(x, proxy, weight, bias, merge, directions)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
         chunk_size = None  # a chunk covering every scan axis is the global scan (any size of k)
-    if _resolve_backend(backend, x.device) == "reference":
+    if resolve_backend(backend, x.device) == "reference":
         return propagate_proj_reference(x, proxy, weight, bias, merge, directions, chunk_size)
     return torch.ops.gspn_lightning.propagate_proj_fwd(
         x, proxy, weight, bias, merge, list(directions), chunk_size or 0
