@@ -14,7 +14,8 @@ PROG = "gspn encode-latents"
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Encode image shards into VAE latent shards (see gspn_lightning/data/latents.py)."
+        prog=PROG,
+        description="Encode image shards into VAE latent shards (see gspn_lightning/data/latents.py).",
     )
     p.add_argument("src", help="image shards: a folder with index.json, an index.json, or a brace pattern")
     p.add_argument("out", help="output folder for the latent shards")
