@@ -10,11 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m gspn_lightning.data.mnist_demo --out data/demo_mnist
+.venv/bin/python -m gspn_lightning.cli write-demo-mnist --out data/demo_mnist
 if [ "${1:-}" = "dit" ]; then
   shift
   exec bash scripts/demo_dit.sh "$@"
 fi
-.venv/bin/python cli.py fit --config configs/classification/demo_mnist.yaml "$@"
+.venv/bin/python -m gspn_lightning.cli fit --config configs/classification/demo_mnist.yaml "$@"
 echo "== validating the last checkpoint (raw weights and their EMA)"
-.venv/bin/python cli.py validate --config configs/classification/demo_mnist.yaml --ckpt_path last "$@"
+.venv/bin/python -m gspn_lightning.cli validate --config configs/classification/demo_mnist.yaml --ckpt_path last "$@"

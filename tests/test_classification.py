@@ -60,7 +60,7 @@ def last_metrics(root: Path, version: int | None = None) -> dict:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_and_instantiates(config, monkeypatch):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     with torch.device("meta"):  # full-size models cost nothing here

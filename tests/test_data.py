@@ -212,17 +212,17 @@ def test_writer_cli_refuses_without_overwrite(tmp_path):
         (src / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (4, 4), (i, 0, 0)).save(src / cls / f"{cls}{i}.png")
-    module = "gspn_lightning.data.write_shards"
+    module = ("gspn_lightning.cli", "write-shards")
     write_shards(src, out, maxcount=2, progress=False)  # the same code the command runs
     index = json.loads((out / "index.json").read_text())
     assert index["total"] == 6 and [s["count"] for s in index["shards"]] == [2, 2, 2]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    refused = run_module(module, str(src), str(out), "--maxcount", "4", "--quiet")
+    refused = run_module(*module, str(src), str(out), "--maxcount", "4", "--quiet")
     assert refused.returncode != 0 and "--overwrite" in refused.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    again = run_module(module, str(src), str(out), "--maxcount", "4", "--overwrite", "--quiet")
+    again = run_module(*module, str(src), str(out), "--maxcount", "4", "--overwrite", "--quiet")
     assert again.returncode == 0, again.stderr
     index = json.loads((out / "index.json").read_text())
     assert [s["count"] for s in index["shards"]] == [4, 2]
@@ -271,7 +271,7 @@ def test_mnist_demo_rerun_and_refusal(mnist_demo):
     assert build_mnist_demo(mnist_demo, val_fraction=0.2, seed=0, progress=False) is None  # complete
     with pytest.raises(FileExistsError):
         build_mnist_demo(mnist_demo, val_fraction=0.2, seed=1, progress=False)
-    rerun = run_module("gspn_lightning.data.mnist_demo", "--out", str(mnist_demo), "--quiet")
+    rerun = run_module("gspn_lightning.cli", "write-demo-mnist", "--out", str(mnist_demo), "--quiet")
     assert rerun.returncode == 0 and "already complete" in rerun.stdout
 
 

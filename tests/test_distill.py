@@ -277,9 +277,14 @@ def caption_shards(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "distill.yaml"])
+#: the SD-XL configs the tests below instantiate (tests/test_cli.py checks every shipped one is covered)
+SDXL_CONFIGS = ["tiny.yaml", "distill.yaml"]
+SDXL_OVERLAYS = ["overlays/fsdp.yaml"]
+
+
+@pytest.mark.parametrize("config", SDXL_CONFIGS)
 def test_sdxl_configs_instantiate(config, tiny_sdxl_dir, caption_shards, monkeypatch):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     args = [
@@ -302,11 +307,11 @@ def test_sdxl_configs_instantiate(config, tiny_sdxl_dir, caption_shards, monkeyp
 
 
 def test_fsdp_overlay_parses(tiny_sdxl_dir, caption_shards, monkeypatch):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     args = [
-        "--config", str(ROOT / "configs/sdxl/distill.yaml"), "--config", str(ROOT / "configs/sdxl/overlays/fsdp.yaml"),
+        "--config", str(ROOT / "configs/sdxl/distill.yaml"), "--config", str(ROOT / "configs/sdxl" / SDXL_OVERLAYS[0]),
         f"--model.init_args.pretrained={tiny_sdxl_dir}", f"--data.init_args.train_shards={caption_shards / 'train'}",
     ]  # fmt: skip
     if torch.cuda.is_available():
@@ -388,8 +393,8 @@ def test_fit_lowers_the_loss_resume_continues_exactly_and_exports(tiny_sdxl_dir,
     r = _run(
         [
             "-m",
-            "gspn_lightning.tasks.distill",
-            "export",
+            "gspn_lightning.cli",
+            "distill-export",
             str(run / "checkpoints/last.ckpt"),
             str(tmp_path / "x"),
         ]

@@ -19,7 +19,8 @@ from PIL import Image
 
 from gspn_lightning.data.latents import LatentWebDataModule, adm_center_crop, encode_shards
 from gspn_lightning.data.write_shards import write_shards
-from gspn_lightning.diffusion.vae import load_vae, tiny_vae
+from gspn_lightning.diffusion.vae import load_vae
+from gspn_lightning.testing import tiny_vae
 from tests.cli_helpers import ONE_THREAD
 from tests.conftest import torch_threads
 
@@ -116,7 +117,7 @@ def overlay_base(overlay: Path) -> Path:
     ids=[c.stem for c in DIT_CONFIGS] + [f"{overlay_base(o).stem}+{o.stem}" for o in OVERLAYS],
 )
 def test_dit_configs_instantiate(configs, monkeypatch):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     args = [a for c in configs for a in ("--config", str(c))]
@@ -171,16 +172,16 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     assert ckpt["global_step"] == 6
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
 
-    sample = ["-m", "gspn_lightning.tasks.sample", "--ckpt", str(run / "checkpoints/last.ckpt"),
+    sample = ["-m", "gspn_lightning.cli", "sample", "--ckpt", str(run / "checkpoints/last.ckpt"),
               "--num-samples", "6", "--sampler", "ddpm", "--steps", "3", "--batch-size", "2", "--no-progress"]  # fmt: skip
     # the one-process draw and its restart run in this process (two fewer ~12 s interpreter start-ups)
-    from gspn_lightning.tasks.sample import main as sample_main
+    from gspn_lightning.cli.sample import main as sample_main
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     one = tmp_path / "one"
     with torch_threads(1):
-        assert sample_main([*sample[2:], "--out", str(one)]) == 0
+        assert sample_main([*sample[3:], "--out", str(one)]) == 0
     two = tmp_path / "two"
     port = str(_free_port())
     procs = [
@@ -214,14 +215,14 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     assert protocol["sampler"] == "ddpm" and protocol["steps"] == 3 and protocol["weights"] == "ema"
     # a restart draws nothing already there
     capsys.readouterr()
-    assert sample_main([*sample[2:], "--out", str(one)]) == 0
+    assert sample_main([*sample[3:], "--out", str(one)]) == 0
     assert "drew 0" in capsys.readouterr().out
 
 
 def test_reference_statistics_from_shards(latent_data, tmp_path):
+    from gspn_lightning.cli.stats import main as reference_stats
+    from gspn_lightning.data.latents import real_images_from_shards
     from gspn_lightning.metrics import compute_fid
-    from gspn_lightning.tasks.evaluate_samples import real_images_from_shards
-    from gspn_lightning.tasks.reference_stats import main as reference_stats
 
     out = tmp_path / "ref.npz"
     assert reference_stats([str(latent_data / "img/val"), str(out), "--size", "16", "--center-crop",
@@ -233,7 +234,9 @@ def test_reference_statistics_from_shards(latent_data, tmp_path):
 
 
 def test_evaluate_samples_report_and_grid(latent_data, tmp_path):
-    from gspn_lightning.tasks.evaluate_samples import class_accuracy, main, sample_grid
+    from gspn_lightning.cli.evaluate import main
+    from gspn_lightning.diffusion.samples import sample_grid
+    from gspn_lightning.metrics.accuracy import class_accuracy
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
@@ -277,7 +280,7 @@ class _ExactX0(torch.nn.Module):
 
 def test_sampling_command_uses_the_checkpoints_prediction(tmp_path, monkeypatch):
     """A checkpoint trained to predict x0 is sampled as x0: the exact model's image comes back."""
-    from gspn_lightning.tasks import sample as sample_cmd
+    from gspn_lightning.cli import sample as sample_cmd
 
     image = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
     hp = {"image_size": 4, "num_classes": 2, "prediction": "x0", "clip_sample": None, "vae": None}

@@ -454,7 +454,7 @@ def test_bad_task_args_name_the_key():
 
 
 def test_cli_rejects_unknown_trainer_key_before_any_work(monkeypatch, capsys):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     config = REPO / "configs" / "classification" / "debug_mnist.yaml"

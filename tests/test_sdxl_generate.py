@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gspn_lightning.cli.generate import main
 from gspn_lightning.models.sdxl import (
     GSPNSelfAttention,
     gspn_state_dict,
@@ -18,7 +19,7 @@ from gspn_lightning.models.sdxl import (
     saved_gspn_options,
     swap_self_attention,
 )
-from gspn_lightning.models.sdxl_generate import build_pipeline, generate, main, read_prompts
+from gspn_lightning.models.sdxl_generate import build_pipeline, generate, read_prompts
 from gspn_lightning.models.sdxl_pipeline import load_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_command_line(tiny_sdxl_dir, gspn_file, tmp_path):
     prompts.write_text("a photo of a cat\na blue house with a tree\n")
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "gspn_lightning.models.sdxl_generate", "--sdxl", str(tiny_sdxl_dir),
+        sys.executable, "-m", "gspn_lightning.cli", "generate", "--sdxl", str(tiny_sdxl_dir),
         "--prompts-file", str(prompts), "--prompt", "the sun", "--width", "192", "--height", "64",
         "--steps", "2", "--seed", "3", "--gspn-weights", str(gspn_file[0]), "--out", str(out),
     ]  # fmt: skip

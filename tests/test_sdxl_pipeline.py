@@ -10,15 +10,14 @@ import torch
 from gspn_lightning.models.sdxl import GSPNSelfAttention, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import (
     PARTS,
-    TINY_UNET_CONFIG,
     added_cond_kwargs,
     check_sdxl_folder,
     encode_prompt,
     load_sdxl,
-    make_tiny_sdxl,
     time_ids,
     tokenize,
 )
+from gspn_lightning.testing import TINY_UNET_CONFIG, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from gspn_lightning.cli.sdxl_swap import main
 from gspn_lightning.models.sdxl import (
     GSPNSelfAttention,
     attention_errors,
     example_inputs,
     gspn_state_dict,
     load_gspn_weights,
-    main,
     relative_error,
     save_gspn_weights,
     saved_gspn_options,

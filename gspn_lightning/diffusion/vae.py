@@ -4,8 +4,8 @@
 ``diffusion_pytorch_model.safetensors``/``.bin``), e.g. the SD VAE DiT uses (``sd-vae-ft-ema``) or the
 ``vae/`` folder of an SD-XL checkout.  ``encode`` returns latents multiplied by the VAE's own
 ``scaling_factor`` (the form the diffusion model trains on and the latent shards store); ``decode``
-divides it out again and returns images in [-1, 1].  ``tiny_vae`` builds a small randomly initialised
-VAE from a config, for tests and demos where no pretrained weights exist.
+divides it out again and returns images in [-1, 1].  (A small random VAE for tests and demos, where no
+pretrained weights exist, is :func:`gspn_lightning.testing.tiny_vae`.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["decode", "encode", "load_vae", "tiny_vae", "to_uint8"]
+__all__ = ["decode", "encode", "load_vae", "to_uint8"]
 
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -37,25 +37,6 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
 
     vae = AutoencoderKL.from_pretrained(str(root), torch_dtype=dtype, low_cpu_mem_usage=False)
     return vae.to(device).eval().requires_grad_(False)
-
-
-def tiny_vae(in_channels: int = 3, latent_channels: int = 4, width: int = 16, scaling_factor: float = 0.5):
-    """A small random ``AutoencoderKL`` (downsampling 2x per extra block; two blocks: 2x)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=in_channels,
-        out_channels=in_channels,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(width, 2 * width),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=scaling_factor,
-    ).eval()
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ torch and numpy but not torch-fidelity, which is imported when features or KID a
 
 - :func:`compute_fid`, :func:`compute_kid`, :func:`compute_metrics`: metrics between two image sources;
 - :func:`compute_statistics`, :class:`Statistics`: reference statistics, computed once and saved;
-- ``python -m gspn_lightning.metrics.convert_inception``: the one-time, offline weight conversion;
-- ``python -m gspn_lightning.metrics {stats,fid}``: the same from the command line.
+- :mod:`.convert_inception`: the one-time, offline weight conversion (``gspn convert-inception``);
+- ``gspn stats``, ``gspn fid``: the same from the command line (:mod:`gspn_lightning.cli`).
 """
 
 from .fid import (

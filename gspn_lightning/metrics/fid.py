@@ -247,7 +247,7 @@ def compute_metrics(
         elif kid and stats.features is None:
             raise ValueError(
                 f"{name}: KID needs features, and these statistics hold only mu/sigma; save them with "
-                "features (`python -m gspn_lightning.metrics stats --keep-features`) or compute FID only "
+                "features (`gspn stats --keep-features`) or compute FID only "
                 "(kid=False, --no-kid)"
             )
         sides[name] = stats

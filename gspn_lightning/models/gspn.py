@@ -27,7 +27,7 @@ Parameter count (num_classes=1000), in millions.  Per block of width ``C`` with 
     MLP           8 C^2 + 5 C;   the block's two LNs 4 C
     => 11 C^2 + (37.5 S + 134.5) C + S per block (143,096 for C = 96, S = 8).
 
-Measured (the totals are what ``python -m gspn_lightning.models.summary`` prints):
+Measured (the totals are what ``gspn models`` prints):
 
     | model  | in/out | dw   | proxy+ | merge+ | MLP   | block | down-  | stem | LN+  | total | target |
     |        | proj   | conv | gates  | LN+GRN |       | LNs   | sample |      | head |       |        |

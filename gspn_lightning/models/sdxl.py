@@ -6,7 +6,7 @@
     save_gspn_weights(unet, "gspn.safetensors")                      # only the GSPN modules' weights
     load_gspn_weights(fresh_swapped_unet, "gspn.safetensors")
 
-    python -m gspn_lightning.models.sdxl --config configs/sdxl/unet_config.json   # counts, on meta
+    gspn sdxl-swap --config configs/sdxl/unet_config.json      # the counts of a swap, on meta
 
 Every ``attn1`` (self-attention) of a diffusers ``BasicTransformerBlock`` becomes a
 :class:`GSPNSelfAttention` initialised from it; ``attn2`` (cross-attention) is left as it is.  The
@@ -20,7 +20,6 @@ package imports without it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fnmatch
 import json
@@ -39,7 +38,6 @@ __all__ = [
     "example_inputs",
     "gspn_state_dict",
     "load_gspn_weights",
-    "main",
     "relative_error",
     "save_gspn_weights",
     "saved_gspn_options",
@@ -475,59 +473,3 @@ def attention_errors(teacher: nn.Module, student: nn.Module, forward) -> dict[st
             "uniform_attention": relative_error(uniform, target),
         }
     return result
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Instantiate a UNet from a diffusers config JSON on the meta device, swap, print the counts."""
-    from diffusers import UNet2DConditionModel
-
-    parser = argparse.ArgumentParser(prog="python -m gspn_lightning.models.sdxl", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="a diffusers UNet2DConditionModel config.json")
-    parser.add_argument("--d-state", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=None, help="local variant (default: global)")
-    args = parser.parse_args(argv)
-    path = Path(args.config)
-    if not path.is_file():
-        raise SystemExit(f"--config: no such file: {path}")
-    config = json.loads(path.read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    before = _count(unet)
-    attn1 = {}
-    for name, m in unet.named_modules():
-        if name.endswith(".attn1"):
-            attn1[name] = _count(m)
-    names = swap_self_attention(unet, d_state=args.d_state, chunk_size=args.chunk_size)
-    after = _count(unet)
-    gspn = sum(_count(unet.get_submodule(n)) for n in names)
-    widths: dict[int, int] = {}
-    for n in names:
-        c = unet.get_submodule(n).query_dim
-        widths[c] = widths.get(c, 0) + 1
-    result = {
-        "replacements": len(names),
-        "by_channels": dict(sorted(widths.items())),
-        "params_before": before,
-        "params_after": after,
-        "self_attention_params": sum(attn1.values()),
-        "gspn_params": gspn,
-    }
-    print(f"config: {path}")
-    print(
-        f"replaced {len(names)} self-attention layers: "
-        + ", ".join(f"{v} at {c} channels" for c, v in widths.items())
-    )
-    print(
-        f"parameters before: {before:,} ({before / 1e6:.1f}M), of which self-attention {result['self_attention_params']:,}"
-    )
-    print(f"parameters after:  {after:,} ({after / 1e6:.1f}M), of which GSPN modules {gspn:,} "
-          f"(+{after - before:,} new gate parameters)")  # fmt: skip
-    return result
-
-
-if __name__ == "__main__":
-    main()

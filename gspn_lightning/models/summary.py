@@ -1,7 +1,7 @@
 """Parameter and MAC table of registered models.
 
-    python -m gspn_lightning.models.summary [names...] [--img-size 224]
-    python -m gspn_lightning.models.summary --task diffusion [--latent-size 32]
+    gspn models [names...] [--img-size 224]
+    gspn models --task diffusion [--latent-size 32]
 
 Prints a markdown table: parameters (millions, at ``num_classes=1000``) and GMACs of one
 ``(1, 3, S, S)`` image.  Models are built on the meta device, so nothing is allocated or computed:
@@ -14,16 +14,15 @@ Diffusion models are counted on one ``(1, C, S, S)`` latent with a timestep and 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GSPNMixer
-from . import create_model, list_models, model_entry
+from . import create_model, model_entry
 
-__all__ = ["PAPER", "count_macs", "count_params", "main", "summary_table"]
+__all__ = ["PAPER", "count_macs", "count_params", "generation_table", "summary_table"]
 
 #: (params in M, GMACs at 224x224) reported in the paper
 PAPER = {"gspn_t": (30, 5.3), "gspn_s": (50, 9.0), "gspn_b": (89, 15.9)}
@@ -117,28 +116,3 @@ def generation_table(names: Sequence[str], latent_size: int = 32) -> str:
         "element per direction; elementwise ops are not counted."
     )
     return "\n".join(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="registered model names (default: all of --task)")
-    parser.add_argument(
-        "--task", choices=["classification", "diffusion"], default="classification",
-        help="which family to list when no names are given (default classification)",
-    )  # fmt: skip
-    parser.add_argument("--img-size", type=int, default=224, help="square input size for MACs (default 224)")
-    parser.add_argument(
-        "--latent-size", type=int, default=32, help="latent size of diffusion models (default 32)"
-    )
-    args = parser.parse_args(argv)
-    names = args.names or list_models(args.task)
-    classification = [n for n in names if model_entry(n).task != "diffusion"]
-    diffusion = [n for n in names if model_entry(n).task == "diffusion"]
-    if classification:
-        print(summary_table(classification, args.img_size))
-    if diffusion:
-        print(generation_table(diffusion, args.latent_size))
-
-
-if __name__ == "__main__":
-    main()

@@ -269,23 +269,3 @@ def load_cuda(verbose: bool = False, force: bool = False) -> bool:
 def build_error(kind: str) -> str | None:
     """Why the ``"cpu"`` or ``"cuda"`` extension is unavailable (None if it loaded or was not tried)."""
     return _STATE.errors.get(kind)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gspn_lightning.ops._build [--cuda]``: build (and load) the extensions now."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--cuda", action="store_true", help="also build the CUDA extension (no GPU needed)")
-    args = parser.parse_args(argv)
-    ok = load_cpu(verbose=True)
-    print(f"cpu extension: {'ok' if ok else 'FAILED: ' + str(build_error('cpu'))}")
-    if args.cuda:
-        ok_cuda = load_cuda(verbose=True, force=True)
-        print(f"cuda extension: {'ok' if ok_cuda else 'FAILED: ' + str(build_error('cuda'))}")
-        ok = ok and ok_cuda
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -64,7 +64,7 @@ class DiffusionTask(TrainingTask):
             the latent shards record, if any; else the data are pixels).
         fid_every_n_steps: compute FID of ``fid_num_samples`` EMA samples (class-balanced, seeded by
             index, drawn as the grids are) against ``fid_reference`` this often (0: never). The
-            reference is saved Inception statistics (``python -m gspn_lightning.metrics stats``) or
+            reference is saved Inception statistics (``gspn stats``) or
             real images; the protocol is printed with every result, since FIDs from different
             protocols do not compare. Logged as ``fid``.
         ema_scope: ``"all"`` parameters or only the ``"trainable"`` ones in the EMA.

@@ -1,10 +1,10 @@
 """SD-XL distillation: the UNet with GSPN in place of self-attention (the student) learns from the
 original UNet (the teacher) on image + caption data.
 
-    python cli.py fit --config configs/sdxl/distill.yaml            # a real SD-XL folder
-    python cli.py fit --config configs/sdxl/tiny.yaml               # the tiny pipeline, CPU, seconds
-    python -m gspn_lightning.tasks.distill export CKPT OUT_DIR      # GSPN weights of a checkpoint
-    python -m gspn_lightning.tasks.distill write-shards SRC OUT --embed-with SDXL_FOLDER   # + embeddings
+    gspn fit --config configs/sdxl/distill.yaml                     # a real SD-XL folder
+    gspn fit --config configs/sdxl/tiny.yaml                        # the tiny pipeline, CPU, seconds
+    gspn distill-export CKPT OUT_DIR                                # GSPN weights of a checkpoint
+    gspn write-captions SRC OUT --embed-with SDXL_FOLDER            # caption shards + embeddings
 
 - **Models.** Everything comes from the local SD-XL folder ``pretrained`` (diffusers layout; a missing or
   incomplete folder gets :func:`~gspn_lightning.models.sdxl_pipeline.check_sdxl_folder`'s one error
@@ -51,12 +51,10 @@ original UNet (the teacher) on image + caption data.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -263,7 +261,7 @@ class DistillationTask(TrainingTask):
         if self.text_encoder is None:
             raise ValueError(
                 "the batch has no prompt_embeds/pooled_prompt_embeds and model.init_args.text_encoders is "
-                "false: write the shards with `python -m gspn_lightning.tasks.distill write-shards ... --embed-with SDXL_FOLDER`, or set text_encoders: true"
+                "false: write the shards with `gspn write-captions ... --embed-with SDXL_FOLDER`, or set text_encoders: true"
             )
         embeds, pooled = encode_prompt(self.tokenizers, [self.text_encoder, self.text_encoder_2], captions)
         return embeds.float(), pooled.float()
@@ -465,54 +463,3 @@ class DistillationTask(TrainingTask):
         out = self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "gspn")
         for path in self.export_gspn(out):
             print(f"exported GSPN weights: {path}")
-
-
-def sdxl_text_embed(sdxl_folder: str, device: str = "cpu"):
-    """``embed(captions) -> (prompt_embeds, pooled)`` float16 numpy arrays from the SD-XL folder's two
-    frozen text encoders (what :func:`~gspn_lightning.data.captions.write_caption_shards` stores)."""
-    parts = load_sdxl(sdxl_folder, parts=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    encoders = [e.to(device).eval() for e in parts.text_encoders]
-
-    @torch.no_grad()
-    def embed(captions: list[str]):
-        prompt, pooled = encode_prompt(parts.tokenizers, encoders, captions)
-        return prompt.half().cpu().numpy(), pooled.half().cpu().numpy()
-
-    return embed
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``export CKPT OUT_DIR``: the GSPN weights (raw and EMA) of a distillation checkpoint.
-    ``write-shards SRC OUT [--embed-with SDXL_FOLDER] ...``: caption shards (``python -m
-    gspn_lightning.data.captions``'s options), with the prompt embeddings of the folder's text encoders."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "python -m gspn_lightning.tasks.distill"
-    if argv[:1] == ["write-shards"]:
-        from gspn_lightning.data.captions import main as write_main
-
-        return write_main(argv[1:], make_embed=sdxl_text_embed, prog=f"{prog} write-shards")
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser(
-        "export", help="write gspn.safetensors and gspn_ema.safetensors from a checkpoint"
-    )
-    export.add_argument("ckpt", help="a DistillationTask checkpoint (.ckpt)")
-    export.add_argument("out", help="output folder")
-    export.add_argument("--pretrained", help="the SD-XL folder, if not where the checkpoint's run had it")
-    sub.add_parser("write-shards", help="caption shards with prompt embeddings (see --help of it)")
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.ckpt):
-        print(f"distill export: no such checkpoint: {args.ckpt}", file=sys.stderr)
-        return 1
-    overrides = {"pretrained": args.pretrained} if args.pretrained else {}
-    # the package's class, not this module's __main__ copy (the checkpoint names the package's)
-    from gspn_lightning.tasks.distill import DistillationTask as Task
-
-    task = Task.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
-    for path in task.export_gspn(args.out):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,17 +1,17 @@
 """Draw samples from a trained diffusion checkpoint, on every rank, into PNGs and one ``.npz``.
 
-    python -m gspn_lightning.tasks.sample --ckpt runs/dit/checkpoints/last.ckpt --out samples/ \\
+    gspn sample --ckpt runs/dit/checkpoints/last.ckpt --out samples/ \\
         --num-samples 50000 [--sampler ddpm --steps 250 --guidance-scale 1.0 --batch-size 64]
-    torchrun --nproc_per_node 8 -m gspn_lightning.tasks.sample ...      # the same, split over 8 GPUs
+    torchrun --nproc_per_node 8 -m gspn_lightning.cli sample ...      # the same, split over 8 GPUs
 
 Sample ``i`` (0 <= i < N) has class ``i % num_classes`` (class-balanced) and is drawn entirely from
 its own seed ``(seed, i)``: the starting noise and every stochastic step.  Rank ``r`` of ``w`` draws the
 indices ``i % w == r`` and writes ``<out>/images/<i>.png`` atomically; a sample whose PNG exists is
 not drawn again, so a restarted job neither duplicates nor skips, and the images do not depend on the
-number of ranks or the batch size (up to floating-point reordering).  When all N are there, rank 0
-packs them into ``<out>/samples.npz`` (``arr_0``: uint8 ``(N, H, W, C)`` as ADM's evaluation suite
-reads, ``labels``: ``(N,)``) and writes ``<out>/protocol.json`` with everything that makes two FIDs
-comparable (checkpoint, step, weights, sampler, steps, guidance, VAE).
+number of ranks or the batch size (up to floating-point reordering) (:mod:`gspn_lightning.diffusion.samples`).
+When all N are there, rank 0 packs them into ``<out>/samples.npz`` (``arr_0``: uint8 ``(N, H, W, C)``
+as ADM's evaluation suite reads, ``labels``: ``(N,)``) and writes ``<out>/protocol.json`` with
+everything that makes two FIDs comparable (checkpoint, step, weights, sampler, steps, guidance, VAE).
 """
 
 from __future__ import annotations
@@ -21,38 +21,16 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-__all__ = ["main", "sample_indices", "sample_seed"]
+from gspn_lightning.diffusion.samples import draw, pack, sample_indices
 
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index``: distinct for every (seed, index) pair."""
-    return (int(seed) << 32) + int(index)
-
-
-def sample_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
-    """The indices rank ``rank`` of ``world_size`` draws."""
-    return list(range(rank, num_samples, world_size))
-
-
-def _png_path(out: Path, i: int) -> Path:
-    return out / "images" / f"{i:06d}.png"
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_suffix(".png.tmp")
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+PROG = "gspn sample"
 
 
 def load_sampler_model(ckpt: str, use_ema: bool = True, device: str = "cpu"):
     """(network, task hyper-parameters, global step) from a DiffusionTask checkpoint."""
-    from .diffusion import DiffusionTask
+    from gspn_lightning.tasks.diffusion import DiffusionTask
 
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
@@ -62,66 +40,10 @@ def load_sampler_model(ckpt: str, use_ema: bool = True, device: str = "cpu"):
     return net.to(device).eval(), dict(task.hparams), int(state.get("global_step", -1))
 
 
-def draw(
-    net,
-    out: Path,
-    indices: list[int],
-    num_classes: int,
-    shape: tuple[int, int, int],
-    seed: int,
-    batch_size: int,
-    vae=None,
-    progress: bool = True,
-    **sample_kwargs,
-) -> int:
-    """Draw the samples of ``indices`` that have no PNG yet; returns how many were drawn."""
-    from tqdm.auto import tqdm
-
-    from gspn_lightning.diffusion import sample
-    from gspn_lightning.diffusion.sampling import initial_noise
-    from gspn_lightning.diffusion.vae import decode, to_uint8
-
-    device = next(net.parameters()).device
-    todo = [i for i in indices if not _png_path(out, i).exists()]
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        seeds = [sample_seed(seed, i) for i in chunk]
-        labels = torch.tensor([i % num_classes for i in chunk], device=device)
-        noise = initial_noise(shape, seeds, device)
-        x = sample(net, labels, noise, seeds=seeds, learn_sigma=net.learn_sigma, **sample_kwargs)
-        images = decode(vae, x) if vae is not None else x
-        arrays = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-        for i, array in zip(chunk, arrays):
-            _save_png(array, _png_path(out, i))
-        bar.update(len(chunk))
-    bar.close()
-    return len(todo)
-
-
-def pack(out: Path, num_samples: int, num_classes: int) -> Path:
-    """All ``num_samples`` PNGs into ``<out>/samples.npz`` (uint8 (N, H, W, C) and labels)."""
-    from PIL import Image
-
-    missing = [i for i in range(num_samples) if not _png_path(out, i).exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {num_samples} samples are missing (e.g. {missing[:5]})")
-    arrays = []
-    for i in range(num_samples):
-        a = np.asarray(Image.open(_png_path(out, i)))
-        arrays.append(a[..., None] if a.ndim == 2 else a)
-    labels = np.arange(num_samples) % num_classes
-    path = out / "samples.npz"
-    np.savez(path.with_suffix(".tmp.npz"), arr_0=np.stack(arrays), labels=labels)
-    os.replace(path.with_suffix(".tmp.npz"), path)
-    return path
-
-
 def _parser() -> argparse.ArgumentParser:
     from gspn_lightning.diffusion import SAMPLERS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a DiffusionTask checkpoint")
     p.add_argument("--out", required=True, type=Path, help="output folder (images/, samples.npz)")
     p.add_argument("--num-samples", type=int, required=True)
@@ -136,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None, help="latent/pixel size (default: the data's)")
-    p.add_argument("--vae", default=None, help="local diffusers VAE folder (default: the task's; none = pixels)")
+    p.add_argument(
+        "--vae", default=None, help="local diffusers VAE folder (default: the task's; none = pixels)"
+    )
     p.add_argument("--raw-weights", action="store_true", help="sample from the raw weights, not the EMA")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -193,7 +117,3 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
         print(f"drew {drawn} on rank 0; {args.num_samples} samples in {path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

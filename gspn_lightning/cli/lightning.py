@@ -1,0 +1,111 @@
+"""``gspn {fit,validate,test,predict} --config configs/<task>/<name>.yaml``: the LightningCLI.
+
+A LightningCLI with the task and the datamodule chosen by ``class_path`` in the config, plus:
+
+- a :class:`~gspn_lightning.tasks.checkpointing.ResumableCheckpoint` (``checkpoint.*``, Lightning's
+  ``ModelCheckpoint`` arguments) saving ``last.ckpt`` into ``<trainer.default_root_dir>/checkpoints``
+  — a fixed folder, so ``--ckpt_path last`` resumes model, optimiser, scheduler, EMA and step count
+  in a later run (also on another node). ``last`` means the checkpoint of that folder with the highest
+  completed step that loads; writes are atomic; a crash or SIGTERM during training saves
+  ``on_exception.ckpt`` (full state, never before the first step); see that module for the rules;
+- the facts that belong to the data (``num_classes``, ``in_chans``, ``image_size``) linked from the
+  datamodule into the task, so no config types them twice;
+- configs read in omegaconf mode: a value may be ``${...}``, an interpolation of another value of the
+  same config file (e.g. one ``image_size`` read by the data, the model and the sampler);
+- the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``);
+- ``THP_MEM_ALLOC_ENABLE=1`` unless set otherwise (huge pages for large CPU tensors, see below);
+- ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+# Large fresh CPU tensors (activations, gradients) are otherwise mmapped and page-faulted in 4 KiB
+# pages on every step: measured on the 2-core dev machine, faulting a 134 MB output cost more than the
+# scan kernel that fills it.  PyTorch's transparent-huge-page allocation cuts that; it is read once,
+# at the first large allocation, so it is set before torch is imported.  An explicit setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from gspn_lightning.tasks import PredictionWriter, ResumableCheckpoint  # noqa: E402
+
+# The task's EMA copy of the model is always in eval mode, which Lightning would warn about each run.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Evaluation metrics are torchmetrics objects already reduced over ranks when the task logs them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)(_ema)?/")
+
+#: how config files are read: omegaconf, so a config can interpolate its own values with ``${...}``
+PARSER_MODE = "omegaconf"
+
+
+def checkpoint_dir(default_root_dir: str | None) -> str:
+    return os.path.join(default_root_dir or os.getcwd(), "checkpoints")
+
+
+def prediction_dir(default_root_dir: str | None) -> str:
+    return os.path.join(default_root_dir or os.getcwd(), "predictions")
+
+
+def data_fact(name: str):
+    """compute_fn of a data -> model link: the data's value, or a clear error when it has none.
+
+    A data module lists the facts it provides in ``linked_facts`` (default: all of :data:`DATA_LINKS`);
+    a fact it does not provide (the caption data of the SD-XL task has no classes) links ``None``,
+    which a task that has no such argument ignores."""
+
+    def get(data):
+        if name not in getattr(data, "linked_facts", DATA_LINKS):
+            return None
+        value = getattr(data, name, None)
+        if value is None:
+            raise ValueError(
+                f"the data does not know its {name} (no shard index lists it): set data.init_args.{name}"
+            )
+        return value
+
+    return get
+
+
+#: facts that belong to the data and reach the task through links, never typed twice in a config
+DATA_LINKS = ("num_classes", "in_chans", "image_size")
+
+
+class GSPNCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch:03d}-{step}"})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        for name in DATA_LINKS:
+            parser.link_arguments(
+                "data", f"model.init_args.{name}", compute_fn=data_fact(name), apply_on="instantiate"
+            )
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.link_arguments(
+            "trainer.default_root_dir", "prediction_writer.output_dir", compute_fn=prediction_dir
+        )
+
+
+def parser_kwargs(prog: str = "gspn") -> dict:
+    """LightningCLI's ``parser_kwargs``: omegaconf mode for the main parser and every subcommand's
+    (LightningCLI hands the subcommand parsers only the keys named after them), ``gspn`` as the name."""
+    return {
+        "parser_mode": PARSER_MODE,
+        "prog": prog,
+        **{sub: {"parser_mode": PARSER_MODE} for sub in GSPNCLI.subcommands()},
+    }
+
+
+def main(args=None, run: bool = True) -> GSPNCLI:
+    """The LightningCLI: with ``run`` the first argument is the subcommand (``fit`` ...); without, the
+    classes are only instantiated from the arguments (what the config tests check)."""
+    return GSPNCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs(),
+        args=args,
+        run=run,
+    )
