@@ -21,7 +21,7 @@ CHUNKS = [None, 1, 2, 3, 100]  # 2 and 3 do not divide 5, 7 or 9; 100 is longer 
 
 
 def loop_scan(x, lam, wn, wm, wp, direction, chunk_size):
-    """The contract of DESIGN.md written out pixel by pixel, independent of the reference's layout."""
+    """The contract of docs/design.md ("The scan op") written out pixel by pixel, independent of the reference's layout."""
     B, C, H, W = x.shape
     h = {}  # (i, j) -> (B, C) values; a dict, not in-place writes, so autograd can follow
     vertical = direction in ("t2b", "b2t")

@@ -2,7 +2,7 @@
 
 ``gspn_scan(x, lam, w_neg, w_mid, w_pos, direction, chunk_size)`` runs the 2-D linear propagation of
 GSPN along one spatial axis of ``(B, C, H, W)`` tensors; ``normalize_gates`` turns raw gate logits into
-the row-stochastic weights that keep it stable.  The exact contract is in ``shared/DESIGN.md`` and in
+the row-stochastic weights that keep it stable.  The exact contract is in ``docs/design.md`` ("The scan op") and in
 the docstrings below.
 
 Backends: ``"kernel"`` (the JIT-built C++/CUDA kernels, registered with ``torch.library``) or

@@ -1,5 +1,5 @@
 """The fused propagation of the GSPN mixer: gate normalisation, the scans of all directions and their
-merge in one op (DESIGN.md, "The GSPN mixer", steps 2-4).
+merge in one op (docs/design.md, "The propagate ops").
 
 ``gspn_propagate(x, gates, merge, directions, chunk_size)`` computes, for ``x`` of shape
 ``(B, C, H, W)``, raw gate logits ``gates`` of shape ``(B, K, 6, C, H, W)`` (per direction, in the
