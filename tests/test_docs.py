@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from gspn_lightning.cli import COMMANDS, LIGHTNING_COMMANDS
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "data" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The `gspn` subcommands the documentation may name.
-SUBCOMMANDS = {
-    "fit", "validate", "test", "predict", "sample", "evaluate", "stats", "fid", "convert-inception",
-    "write-shards", "write-demo-mnist", "write-captions", "encode-latents", "distill-export",
-    "sdxl-swap", "generate", "build-kernels", "models",
-}  # fmt: skip
+SUBCOMMANDS = set(LIGHTNING_COMMANDS) | set(COMMANDS)  # the door's own list: a renamed tool fails here
 
 
 def _code_blocks(text: str, lang: str | None = None) -> list[str]:
