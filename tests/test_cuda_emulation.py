@@ -32,9 +32,10 @@ from gspn_lightning.ops import (
 from . import cuda_emu
 
 DTYPES = [torch.float32, torch.float64]
-# against the float64 reference: float64 as tight as the CPU kernels' tests, float32 at its rounding
-SCAN_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
-PROPAGATE_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=5e-5, atol=5e-5)}
+# against the float64 reference, a few times the largest error seen (float32: its rounding over the
+# recurrence and, in the fused op, the gate normalisation)
+SCAN_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-6, atol=2e-6)}
+PROPAGATE_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # (B, C, H, W): a pixel; odd non-square maps; lines longer than a warp (33); several lines of one
 # block (the scan) or several planes of one block (the staged fused op), with a partial last block.
@@ -267,8 +268,8 @@ def test_emulation_aborts_a_deadlocked_launch(emu):
         torch.ops.gspn_cuda_emu.selftest_failing("deadlock")
         """
     )
-    env = dict(os.environ, CUDA_EMU_TIMEOUT_S="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_EMU_TIMEOUT_S="1", PYTHONPATH=root)
     r = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120
     )

@@ -262,6 +262,12 @@ inline void on_exit() {
   b.sync.arrive_and_drop();
 }
 
+// One launch at a time in the process: a `__shared__` (static) variable is one copy.
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // Runs `body()` for every thread of every block of the grid; throws std::runtime_error on the first
 // error a thread reported.
 template <typename Body>
@@ -276,8 +282,7 @@ void run(dim3 grid, dim3 block, size_t shared_bytes, Body body) {
                              std::to_string(kMaxDynamicShared));
   }
   if (blocks == 0) return;
-  static std::mutex one_launch_at_a_time;  // `static` shared memory is one copy
-  std::lock_guard<std::mutex> serial(one_launch_at_a_time);
+  std::lock_guard<std::mutex> serial(launch_mutex());
 
   Launch L;
   L.grid = grid;

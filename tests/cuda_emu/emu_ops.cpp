@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "gspn_layout.h"  // (ATen) before the emulation's macros
+
 #include "cuda_host_emu.h"
 
 // The kernels see the device side of gspn_step.h (gexp is expf / exp, as on a GPU).
