@@ -6,7 +6,8 @@ in-place (the fused op), on small odd shapes chosen to reach every launch path o
 of several warps and of several lines or planes, partial blocks, threads striding over lines longer
 than a block, and the global workspaces for lines too long for shared memory
 (:func:`test_the_cases_reach_every_launch_path` checks that they do).  Then the emulation itself: the
-warp collectives, shared memory and atomics it offers, and the errors it reports.
+warp collectives, shared memory and atomics it offers, the errors it reports, and (slow) the kernels
+under ThreadSanitizer, which finds a missing barrier whatever the threads' scheduling.
 
 The first test to run builds the emulation library (about half a minute on a loaded 2-core machine,
 cached like the kernels' builds, keyed by a hash of its sources and the kernel headers).
@@ -275,6 +276,23 @@ def test_emulation_aborts_a_deadlocked_launch(emu):
     )
     assert r.returncode != 0
     assert "deadlock" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.build
+def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
+    """tests/cuda_emu/race_check.cpp runs both ops' kernels, forward and backward, through the launch
+    paths above under ThreadSanitizer, which reports any two accesses of different CUDA threads that
+    no barrier orders (a missing __syncthreads), whether or not the results came out wrong."""
+    exe = tmp_path / "race_check"
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread"]
+    cmd += [f"-I{_build.CSRC}", f"-I{cuda_emu.HERE}", str(cuda_emu.HERE / "race_check.cpp"), "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2, run.stdout  # every launch ran
 
 
 def test_the_cuda_build_hashes_every_kernel_file():

@@ -7,7 +7,8 @@ compiles the kernel headers (``csrc/cuda/*_kernels.h``) with it and registers
 with the same plan as the CUDA launchers (``csrc/cuda/gspn_cuda_plan.h``), on CPU tensors of float32
 or float64.  :func:`load` builds that library with ``torch.utils.cpp_extension.load`` (C++20) into the
 kernels' cache folder, keyed by a hash of every source it compiles, like the kernels' own builds: the
-first build takes about a minute on a loaded 2-core machine, later processes load it at once.
+first build takes half a minute to a minute on a loaded 2-core machine, later processes load it at
+once.  ``race_check.cpp`` runs the same kernels in a plain program for ThreadSanitizer.
 """
 
 from __future__ import annotations

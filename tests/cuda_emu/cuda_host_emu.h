@@ -27,9 +27,13 @@
 // thread reported (an exception thrown by a thread included).  A launch that makes no progress for
 // CUDA_EMU_TIMEOUT_S seconds (default 300: a deadlock) prints what it knows and aborts the process.
 //
-// Not emulated: the memory model beyond what the barriers order (races show up only as far as the
-// host threads' scheduling exposes them), __launch_bounds__ (ignored), 16-bit types (c10::Half,
-// __nv_bfloat16), textures, cooperative groups, clusters, and warp collectives over a subset of a warp.
+// Races between CUDA threads show up in results only as far as the host threads' scheduling exposes
+// them (in practice a missing __syncthreads in the GSPN kernels fails most test cases); compiled with
+// -fsanitize=thread (race_check.cpp) every access pair that no barrier orders is reported.
+//
+// Not emulated: the memory model beyond what the barriers order, __launch_bounds__ (ignored), 16-bit
+// types (c10::Half, __nv_bfloat16), textures, cooperative groups, clusters, and warp collectives over
+// a subset of a warp.
 #pragma once
 
 #if defined(__CUDACC__)
