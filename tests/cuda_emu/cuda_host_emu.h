@@ -1,8 +1,10 @@
 // A host emulation of the CUDA execution model, for executing CUDA kernel bodies on a CPU in tests.
 //
-// Include it before a kernel header (csrc/cuda/*_kernels.h), then launch a kernel with
-// `cuda_emu::launch(grid, block, shared_bytes, kernel, args...)` (what `kernel<<<grid, block,
-// shared_bytes>>>(args...)` does on a GPU).  Every CUDA thread of a block is a host std::thread:
+// Include it before a kernel header (csrc/cuda/*_kernels.h; defining __CUDA_ARCH__ around that
+// include gives the kernels the device branches of shared __host__ __device__ code), then launch a
+// kernel with `cuda_emu::launch(kernel, grid, block, shared_bytes, args...)`, what
+// `kernel<<<grid, block, shared_bytes>>>(args...)` does on a GPU.  Every CUDA thread of a block is a
+// host std::thread (a launch starts one per thread of a block and runs every block with them):
 //
 // - the blocks of a grid run one after another (a legal CUDA schedule: blocks are independent), and
 //   the threads of a block run concurrently, so `__shared__` variables are `static` (one copy, used
@@ -58,6 +60,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
