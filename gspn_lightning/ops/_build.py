@@ -84,6 +84,14 @@ _ISA_CFLAGS = {
 _CPU_LDFLAGS = ["-fopenmp"]
 _CUDA_CFLAGS = ["-O3"]
 _CUDA_NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# The CUDA kernels' headers (hashed into the CUDA build's key only; the test suite's host emulation,
+# tests/cuda_emu/, compiles them too).
+_CUDA_HEADERS = [
+    "cuda/gspn_kernel_common.h",
+    "cuda/gspn_scan_kernels.h",
+    "cuda/gspn_propagate_kernels.h",
+    "cuda/gspn_cuda_plan.h",
+]
 
 
 @dataclass
@@ -177,7 +185,7 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
         _CUDA_NVCC_FLAGS,
         os.environ.get("TORCH_CUDA_ARCH_LIST"),
     ]
-    tag = _fingerprint(name, sources, flags if cuda else flags[:2])
+    tag = _fingerprint(name, sources + (_CUDA_HEADERS if cuda else []), flags if cuda else flags[:2])
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     build_dir = root / f"{name}-{tag}"

@@ -1,0 +1,224 @@
+// The CUDA kernels of csrc/cuda, executed on the CPU under the host emulation (cuda_host_emu.h), as
+// torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors (float32 and float64: the emulation has no
+// 16-bit types).
+//
+// Each op does what the CUDA binding and launcher do (gspn_cuda.cpp, gspn_cuda.cu,
+// gspn_propagate_cuda.cu): the same layout code (gspn_layout.h), the same launch plan and workspaces
+// (gspn_cuda_plan.h), then the kernels through cuda_emu::launch instead of <<<...>>>.  Built by
+// tests/cuda_emu/__init__.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gspn_layout.h"  // (ATen) before the emulation's macros
+
+#include "cuda_host_emu.h"
+
+// The kernels see the device side of gspn_step.h (gexp is expf / exp, as on a GPU).
+#define __CUDA_ARCH__ 900
+#include "cuda/gspn_propagate_kernels.h"
+#include "cuda/gspn_scan_kernels.h"
+#undef __CUDA_ARCH__
+
+#include "cuda/gspn_cuda_plan.h"
+
+#include "emu_selftest.h"
+
+namespace gspn_emu {
+namespace {
+
+using gspn::PropagateArgs;
+using gspn::ScanArgs;
+
+template <typename Fn>
+void dispatch(at::ScalarType t, const char* name, Fn&& fn) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble, name,
+              ": the CUDA emulation runs float32 and float64 only (no 16-bit types on the host)");
+  if (t == at::kFloat) {
+    fn(float(0));
+  } else {
+    fn(double(0));
+  }
+}
+
+// ---- the scan (gspn_cuda.cu) ----
+
+// Calls `launch(plan, geometry)` with the workspace the plan asks for (acc_t = scalar_t here).
+template <typename scalar_t, typename Launch>
+void with_scan_plan(const ScanArgs& a, Launch&& launch) {
+  const auto p = gspn::plan_scan_launch<scalar_t>(a);
+  at::Tensor ws = gspn::launch_workspace<scalar_t>(p.ws_elems, a.x);
+  const auto geo =
+      gspn::scan_cuda::make_geometry<scalar_t>(p, a.N, a.L, a.M, a.k, a.reverse, gspn::workspace_data<scalar_t>(ws));
+  launch(p, geo);
+}
+
+void emu_scan_fwd_launch(const ScanArgs& a, at::Tensor& h) {
+  dispatch(a.x.scalar_type(), "gspn_cuda_emu.scan_fwd", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    with_scan_plan<scalar_t>(a, [&](const auto& p, const auto& geo) {
+      cuda_emu::launch(gspn::scan_cuda::gspn_scan_fwd_kernel<scalar_t, scalar_t>, dim3(p.blocks), dim3(p.threads),
+                       p.shared_bytes, a.x.const_data_ptr<scalar_t>(), a.lam.const_data_ptr<scalar_t>(),
+                       a.wn.const_data_ptr<scalar_t>(), a.wm.const_data_ptr<scalar_t>(),
+                       a.wp.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), geo);
+    });
+  });
+}
+
+void emu_scan_bwd_launch(const ScanArgs& a, const at::Tensor& grad_h, const at::Tensor& h, at::Tensor& dx,
+                         at::Tensor& dlam, at::Tensor& dwn, at::Tensor& dwm, at::Tensor& dwp) {
+  dispatch(a.x.scalar_type(), "gspn_cuda_emu.scan_bwd", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    with_scan_plan<scalar_t>(a, [&](const auto& p, const auto& geo) {
+      cuda_emu::launch(gspn::scan_cuda::gspn_scan_bwd_kernel<scalar_t, scalar_t>, dim3(p.blocks), dim3(p.threads),
+                       p.shared_bytes, grad_h.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                       a.lam.const_data_ptr<scalar_t>(), a.wn.const_data_ptr<scalar_t>(),
+                       a.wm.const_data_ptr<scalar_t>(), a.wp.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                       dx.mutable_data_ptr<scalar_t>(), dlam.mutable_data_ptr<scalar_t>(),
+                       dwn.mutable_data_ptr<scalar_t>(), dwm.mutable_data_ptr<scalar_t>(),
+                       dwp.mutable_data_ptr<scalar_t>(), geo);
+    });
+  });
+}
+
+// What gspn_cuda.cpp's scan_fwd_cuda / scan_bwd_cuda do, with the emulated launchers.
+at::Tensor scan_fwd(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg, const at::Tensor& w_mid,
+                    const at::Tensor& w_pos, c10::string_view direction, int64_t chunk_size) {
+  return gspn::scan_forward(x, lam, w_neg, w_mid, w_pos, direction, chunk_size, /*transpose_copy=*/true,
+                            emu_scan_fwd_launch);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd(
+    const at::Tensor& grad_h, const at::Tensor& x, const at::Tensor& lam, const at::Tensor& w_neg,
+    const at::Tensor& w_mid, const at::Tensor& w_pos, const at::Tensor& h, c10::string_view direction,
+    int64_t chunk_size) {
+  return gspn::scan_backward(grad_h, x, lam, w_neg, w_mid, w_pos, h, direction, chunk_size, /*transpose_copy=*/true,
+                             emu_scan_bwd_launch);
+}
+
+// (lines, threads, blocks, shared_bytes, global workspace) of the scan's launch, for the tests.
+std::vector<int64_t> scan_plan_info(const at::Tensor& x, c10::string_view direction, int64_t chunk_size) {
+  const gspn::Direction dir = gspn::parse_direction(direction);
+  const ScanArgs a = gspn::canonical_args(x, x, x, x, x, dir, chunk_size, /*transpose_copy=*/true);
+  std::vector<int64_t> out;
+  dispatch(x.scalar_type(), "gspn_cuda_emu.scan_plan", [&](auto zero) {
+    const auto p = gspn::plan_scan_launch<decltype(zero)>(a);
+    out = {p.lines, p.threads, p.blocks, static_cast<int64_t>(p.shared_bytes), p.global_ws};
+  });
+  return out;
+}
+
+// ---- the fused propagation (gspn_propagate_cuda.cu) ----
+
+// gspn_propagate_cuda.cu's launch_planned, with `staging` in place of GSPN_CUDA_STAGE: calls
+// `launch(plan, ws)`.
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_planned(const PropagateArgs& a, bool backward, bool staging, std::initializer_list<const void*> pointers,
+                    Launch&& launch) {
+  const auto plan = gspn::plan_propagate_launch<scalar_t, acc_t>(a, backward, staging, pointers);
+  at::Tensor ws = gspn::launch_workspace<acc_t>(plan.ws_elems, a.x);
+  launch(plan, plan.staged ? nullptr : gspn::workspace_data<acc_t>(ws));
+}
+
+at::Tensor propagate_fwd(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
+                         std::vector<std::string> directions, int64_t chunk_size, bool staging) {
+  const PropagateArgs a = gspn::propagate_args(x, gates, merge, directions, chunk_size, "gspn propagate_fwd");
+  at::Tensor y = at::empty(a.x.sizes(), a.x.options());  // opmath of float / double is itself
+  if (y.numel() == 0) return y;
+  dispatch(x.scalar_type(), "gspn_cuda_emu.propagate_fwd", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = a.gates.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    launch_planned<scalar_t, scalar_t>(a, false, staging, {xp, gp, yp}, [&](const auto& plan, scalar_t* ws) {
+      const scalar_t* mp = a.merge.const_data_ptr<scalar_t>();
+      if (plan.staged) {
+        cuda_emu::launch(gspn::propagate_cuda::propagate_fwd_kernel<scalar_t, scalar_t, true>, dim3(plan.blocks),
+                         dim3(plan.threads), plan.shared_bytes, xp, gp, mp, yp, ws, plan.geo);
+      } else {
+        cuda_emu::launch(gspn::propagate_cuda::propagate_fwd_kernel<scalar_t, scalar_t, false>, dim3(plan.blocks),
+                         dim3(plan.threads), plan.shared_bytes, xp, gp, mp, yp, ws, plan.geo);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                             const at::Tensor& gates, const at::Tensor& merge,
+                                                             std::vector<std::string> directions, int64_t chunk_size,
+                                                             bool staging) {
+  const PropagateArgs a = gspn::propagate_args(x, gates, merge, directions, chunk_size, "gspn propagate_bwd");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "gspn propagate_bwd: grad_y must have the shape and dtype of x");
+  const at::Tensor gy = grad_y.contiguous();
+  at::Tensor dx = at::empty(a.x.sizes(), a.x.options()), dgates = at::empty_like(a.gates);
+  at::Tensor dm_partial = at::zeros({a.B, a.C, a.K}, a.x.options());
+  if (x.numel() > 0) {
+    dispatch(x.scalar_type(), "gspn_cuda_emu.propagate_bwd", [&](auto zero) {
+      using scalar_t = decltype(zero);
+      const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+      const scalar_t* gp = a.gates.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      scalar_t* dgp = dgates.mutable_data_ptr<scalar_t>();
+      launch_planned<scalar_t, scalar_t>(a, true, staging, {gyp, xp, gp, dxp, dgp}, [&](const auto& plan, scalar_t* ws) {
+        const scalar_t* mp = a.merge.const_data_ptr<scalar_t>();
+        scalar_t* dmp = dm_partial.mutable_data_ptr<scalar_t>();
+        if (plan.staged) {
+          cuda_emu::launch(gspn::propagate_cuda::propagate_bwd_kernel<scalar_t, scalar_t, true>, dim3(plan.blocks),
+                           dim3(plan.threads), plan.shared_bytes, gyp, xp, gp, mp, dxp, dgp, dmp, nullptr, ws,
+                           plan.geo);
+        } else {
+          // unstaged blocks recompute h into a global float workspace of one plane per block
+          at::Tensor h_ws = at::empty(a.x.sizes(), dx.options());
+          cuda_emu::launch(gspn::propagate_cuda::propagate_bwd_kernel<scalar_t, scalar_t, false>, dim3(plan.blocks),
+                           dim3(plan.threads), plan.shared_bytes, gyp, xp, gp, mp, dxp, dgp, dmp,
+                           h_ws.mutable_data_ptr<scalar_t>(), ws, plan.geo);
+        }
+      });
+    });
+  }
+  return {dx, dgates, gspn::merge_grad(dm_partial, x.scalar_type())};
+}
+
+// (staged, planes per block, threads, blocks, shared_bytes, global workspace, 16-byte copies) of the
+// fused op's launch, for the tests.
+std::vector<int64_t> propagate_plan_info(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
+                                         std::vector<std::string> directions, int64_t chunk_size, bool backward,
+                                         bool staging) {
+  const PropagateArgs a = gspn::propagate_args(x, gates, merge, directions, chunk_size, "gspn propagate_plan");
+  std::vector<int64_t> out;
+  dispatch(x.scalar_type(), "gspn_cuda_emu.propagate_plan", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    // the tensors the launch would see: x and the gates (and, like them, freshly allocated outputs)
+    launch_planned<scalar_t, scalar_t>(a, backward, staging, {a.x.const_data_ptr(), a.gates.const_data_ptr()},
+                                       [&](const auto& plan, scalar_t*) {
+                                         out = {plan.staged,
+                                                plan.geo.ppb,
+                                                plan.threads,
+                                                plan.blocks,
+                                                static_cast<int64_t>(plan.shared_bytes),
+                                                plan.ws_elems > 0,
+                                                plan.geo.vec};
+                                       });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace gspn_emu
+
+TORCH_LIBRARY(gspn_cuda_emu, m) {
+  m.def("scan_fwd", &gspn_emu::scan_fwd);
+  m.def("scan_bwd", &gspn_emu::scan_bwd);
+  m.def("scan_plan", &gspn_emu::scan_plan_info);
+  m.def("propagate_fwd", &gspn_emu::propagate_fwd);
+  m.def("propagate_bwd", &gspn_emu::propagate_bwd);
+  m.def("propagate_plan", &gspn_emu::propagate_plan_info);
+  gspn_emu::register_selftests(m);
+}

@@ -1,0 +1,98 @@
+// The CUDA kernels under the host emulation in a plain program without ATen, for ThreadSanitizer:
+// `g++ -std=c++20 -O1 -g -fsanitize=thread -pthread -I csrc race_check.cpp` (tests/test_cuda_emulation.py
+// builds and runs it).  Each CUDA thread is a host thread and __syncthreads a std::barrier, so
+// ThreadSanitizer sees every pair of accesses to shared memory (or to a workspace) that no barrier
+// orders, whatever the scheduling: a missing __syncthreads is reported even where the results
+// happen to come out right.  The values are not checked here (the torch tests do that); the program
+// prints one line per launch and exits non-zero when ThreadSanitizer reports a race.
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda_host_emu.h"
+
+#define __CUDA_ARCH__ 900
+#include "cuda/gspn_propagate_kernels.h"
+#include "cuda/gspn_scan_kernels.h"
+#undef __CUDA_ARCH__
+
+namespace {
+
+// 64-byte aligned storage, so the fused op's 16-byte copies are taken where the sizes allow.
+struct Buffer {
+  std::vector<float> data;
+  explicit Buffer(int64_t n, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) : data(n + 16) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    for (float& v : data) v = u(rng);
+  }
+  float* ptr() {
+    auto p = reinterpret_cast<uintptr_t>(data.data());
+    return reinterpret_cast<float*>((p + 63) / 64 * 64);
+  }
+};
+
+void scan(int64_t N, int64_t L, int64_t M, int64_t k, bool reverse, std::mt19937& rng) {
+  using namespace gspn::scan_cuda;
+  const int64_t n = N * L * M;
+  Buffer x(n, rng), lam(n, rng, 0.0f, 1.0f), wn(n, rng, 0.0f, 0.3f), wm(n, rng, 0.0f, 0.3f), wp(n, rng, 0.0f, 0.3f);
+  Buffer h(n, rng), gh(n, rng), dx(n, rng), dlam(n, rng), dwn(n, rng), dwm(n, rng), dwp(n, rng);
+  const LaunchPlan p = plan_launch<float>(N, L, M, k);
+  Buffer ws(p.ws_elems, rng);
+  const Geometry<float> geo = make_geometry<float>(p, N, L, M, k, reverse, ws.ptr());
+  cuda_emu::launch(gspn_scan_fwd_kernel<float, float>, dim3(p.blocks), dim3(p.threads), p.shared_bytes, x.ptr(),
+                   lam.ptr(), wn.ptr(), wm.ptr(), wp.ptr(), h.ptr(), geo);
+  cuda_emu::launch(gspn_scan_bwd_kernel<float, float>, dim3(p.blocks), dim3(p.threads), p.shared_bytes, gh.ptr(),
+                   x.ptr(), lam.ptr(), wn.ptr(), wm.ptr(), wp.ptr(), h.ptr(), dx.ptr(), dlam.ptr(), dwn.ptr(), dwm.ptr(),
+                   dwp.ptr(), geo);
+  std::printf("scan N=%lld L=%lld M=%lld k=%lld reverse=%d: %lld blocks of %d threads, global workspace %d\n",
+              static_cast<long long>(N), static_cast<long long>(L), static_cast<long long>(M),
+              static_cast<long long>(k), reverse, static_cast<long long>(p.blocks), p.threads, p.global_ws);
+}
+
+// All four directions, or with `rows` t2b and b2t only (column scans of long lines take a barrier
+// per position).
+void propagate(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, bool staging, std::mt19937& rng,
+               bool rows = false) {
+  using namespace gspn::propagate_cuda;
+  const int64_t K = rows ? 2 : 4, n = B * C * H * W;
+  const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
+  Buffer x(n, rng), gates(n * K * 6, rng, -3.0f, 3.0f), merge(K * C, rng, 0.1f, 1.0f), y(n, rng), gy(n, rng);
+  Buffer dx(n, rng), dgates(n * K * 6, rng), h_ws(n, rng);
+  for (bool backward : {false, true}) {
+    const PropagatePlan p = plan_propagate<float, float>(B, C, H, W, K, chunk, transpose, reverse, backward, staging,
+                                                         /*aligned=*/true);
+    Buffer ws(p.ws_elems, rng);
+    std::vector<float> dm(B * C * K, 0.0f);
+    float* w = p.ws_elems > 0 ? ws.ptr() : nullptr;
+    if (!backward) {
+      auto kernel = p.staged ? propagate_fwd_kernel<float, float, true> : propagate_fwd_kernel<float, float, false>;
+      cuda_emu::launch(kernel, dim3(p.blocks), dim3(p.threads), p.shared_bytes, x.ptr(), gates.ptr(), merge.ptr(),
+                       y.ptr(), w, p.geo);
+    } else {
+      auto kernel = p.staged ? propagate_bwd_kernel<float, float, true> : propagate_bwd_kernel<float, float, false>;
+      cuda_emu::launch(kernel, dim3(p.blocks), dim3(p.threads), p.shared_bytes, gy.ptr(), x.ptr(), gates.ptr(),
+                       merge.ptr(), dx.ptr(), dgates.ptr(), dm.data(), p.staged ? nullptr : h_ws.ptr(), w, p.geo);
+    }
+    std::printf("propagate %lldx%lldx%lldx%lld K=%lld chunk=%lld %s: %s, %d planes per block, %u blocks of %d threads\n",
+                static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+                static_cast<long long>(W), static_cast<long long>(K), static_cast<long long>(chunk), backward ? "backward" : "forward",
+                p.staged ? "staged" : "in place", p.geo.ppb, p.blocks, p.threads);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(0);
+  scan(2, 5, 33, 5, false, rng);   // several lines per block, several warps
+  scan(3, 7, 6, 3, true, rng);     // chunks, reversed
+  scan(1, 3, 1100, 3, false, rng);  // 1024 threads striding over a line
+  scan(1, 2, 6150, 2, true, rng);  // the global workspace
+  propagate(1, 1, 5, 33, 0, true, rng);
+  propagate(1, 1, 5, 33, 2, false, rng);
+  propagate(2, 3, 4, 4, 0, true, rng);    // several planes per block, 16-byte copies
+  propagate(2, 5, 5, 33, 3, true, rng);   // several staged blocks, the last one partial
+  propagate(1, 1, 2, 1600, 0, true, rng, true);  // in place, the global workspace in the backward
+  return 0;
+}
