@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_task(**overrides) -> ClassificationTask:
     kwargs = dict(
         model="gspn_t",
-        model_kwargs=dict(embed_dim=8, depths=[1, 1, 1, 1], d_state=2, drop_path_rate=0.0),
+        model_kwargs=dict(embed_dim=8, depths=[1, 1, 1, 1], mixer={"d_state": 2}, drop_path_rate=0.0),
         num_classes=3,
         in_chans=1,
         batch_size=4,
