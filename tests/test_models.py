@@ -141,7 +141,8 @@ def test_mixer_options_are_one_object_passed_down():
         given = create_model("gspn_t", mixer=MixerOptions(d_state=3, chunk_size=4, backend="reference"))
     mixers = [blk.mixer for stage in s.stages for blk in stage.blocks]
     assert {m.d_state for m in mixers} == {16}  # gspn_s's own d_state kept
-    assert {m.dwconv.kernel_size for m in mixers} == {(5, 5)} and {m.directions for m in mixers} == {("t2b", "l2r")}
+    assert {m.dwconv.kernel_size for m in mixers} == {(5, 5)}
+    assert {m.directions for m in mixers} == {("t2b", "l2r")}
     assert s.mixer_options == MixerOptions(d_state=16, chunk_size=2, dw_kernel=5, directions=("t2b", "l2r"))
     assert given.chunk_sizes()[0] == [4, 4] and given.chunk_sizes()[3] == [None, None]
     assert {blk.mixer.backend for stage in given.stages for blk in stage.blocks} == {"reference"}
