@@ -88,6 +88,7 @@ def main(args=None, run: bool = True) -> GSPNCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},  # ${...} interpolation in configs
         args=args,
         run=run,
     )

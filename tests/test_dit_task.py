@@ -156,8 +156,10 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     ]  # fmt: skip
     reference = tmp_path / "real.npz"
     np.savez(reference, images=np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-    fid = ["--model.init_args.fid_every_n_steps=4", "--model.init_args.fid_num_samples=4",
-           f"--model.init_args.fid_reference={reference}"]  # fmt: skip
+    # the FID callback appended to the config's grid callback, sampling as the grid does
+    fid = ["--trainer.callbacks+=gspn_lightning.tasks.InTrainingFID", "--trainer.callbacks.every_n_steps=4",
+           "--trainer.callbacks.num_samples=4", f"--trainer.callbacks.reference={reference}",
+           "--trainer.callbacks.sampler=ddim", "--trainer.callbacks.steps=3"]  # fmt: skip
     r = _run([*common, *fid])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "checkpoints/last.ckpt").exists() and (run / "samples/step-0000004.png").exists()
