@@ -141,6 +141,27 @@ def test_checkpoint_of_the_new_shape_loads_with_its_optim(kind, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_checkpoint_of_the_previous_shape_still_loads(tmp_path):
+    """A checkpoint written before the optim/mixer groups (flat lr, ema_decay, ... and flat mixer
+    options in model_kwargs, grid arguments now callbacks) loads into the same settings and model."""
+    task = _tiny_diffusion()
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, _loader((1, 4, 4)))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    state = torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=False)
+    hp = state["hyper_parameters"]
+    hp.update(hp.pop("optim"))  # lr, ema_decay, warmup_steps, ... as flat arguments
+    hp["model_kwargs"] = {"hidden_size": 16, "depth": 2, "backend": "reference", "local_chunk_size": 2}
+    hp.update(sample_every_n_steps=0, sample_classes=2, sampler="ddim", fid_every_n_steps=0)
+    torch.save(state, tmp_path / "old.ckpt")
+    back = DiffusionTask.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert back.optim == task.optim and back.hparams.model_kwargs["mixer"] == {"backend": "reference", "chunk_size": 2}
+    assert {m.backend for m in back.model.modules() if hasattr(m, "fuse_gates")} == {"reference"}
+    for a, b in zip(back.state_dict().values(), task.state_dict().values()):
+        assert torch.equal(a, b)
+    assert DiffusionTask.load_from_checkpoint(tmp_path / "old.ckpt", optim={"lr": 0.5}).optim.lr == 0.5
+
+
 # -------------------------------------------------------------------------------- the data protocol
 
 

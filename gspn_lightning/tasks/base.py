@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -192,10 +193,56 @@ DIFFUSION_OPTIM = OptimSettings(lr=1e-4, ema_decay=0.9999)
 DISTILLATION_OPTIM = OptimSettings(lr=1e-4, ema_decay=0.9999, ema_scope="trainable")
 
 
+#: the optim fields as flat task arguments in checkpoints written before the optim group existed
+_LEGACY_OPTIM = {f.name: f.name for f in dataclasses.fields(OptimSettings)} | {"base_lr": "lr"}
+#: the mixer options as flat model_kwargs in such checkpoints (``local_chunk_size`` the local chunk)
+_LEGACY_MIXER = {"d_state": "d_state", "local_chunk_size": "chunk_size", "dw_kernel": "dw_kernel",
+                 "directions": "directions", "backend": "backend"}  # fmt: skip
+
+
+def upgrade_hparams(hparams: dict, renamed: dict[str, str] | None = None) -> dict:
+    """The arguments that a checkpoint written before the ``optim`` and ``mixer`` groups needs to
+    load: its flat optimiser/EMA arguments as ``optim``, its models' flat mixer options as
+    ``model_kwargs.mixer``, and ``renamed`` arguments (old name -> new name) under their new names.
+    Empty for a checkpoint of the current shape. (Its sample-grid and FID arguments, now callbacks,
+    are dropped by ``load_from_checkpoint``, as any argument the task no longer takes.)"""
+    out: dict = {}
+    if "optim" not in hparams:
+        optim = {new: hparams[old] for old, new in _LEGACY_OPTIM.items() if old in hparams}
+        if optim:
+            out["optim"] = optim
+    kwargs = hparams.get("model_kwargs")
+    if isinstance(kwargs, Mapping) and any(k in kwargs for k in _LEGACY_MIXER):
+        mixer = {new: kwargs[old] for old, new in _LEGACY_MIXER.items() if old in kwargs}
+        rest = {k: v for k, v in kwargs.items() if k not in _LEGACY_MIXER}
+        out["model_kwargs"] = {**rest, "mixer": {**dict(rest.get("mixer") or {}), **mixer}}
+    for old, new in (renamed or {}).items():
+        if old in hparams and new not in hparams:
+            out[new] = hparams[old]
+    return out
+
+
 class TrainingTask(L.LightningModule):
     """Base of the task LightningModules. Subclasses take ``optim: OptimSettings`` (with their own
     default instance), set ``self.model`` and call :meth:`init_optim` and :meth:`configure_fault_policy`
     in ``__init__`` and :meth:`check_loss` in ``training_step``."""
+
+    #: arguments renamed since checkpoints were first written (old name -> new name)
+    RENAMED_ARGUMENTS: dict[str, str] = {}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, also for a checkpoint written before the ``optim`` and ``mixer`` groups (see
+        :func:`upgrade_hparams`); arguments given here win, as in Lightning's."""
+        upgrade = {}
+        if isinstance(checkpoint_path, (str, os.PathLike)):  # (a stream is read once, by Lightning)
+            try:
+                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+            except RuntimeError:  # not a zip-format file: no mmap
+                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            upgrade = upgrade_hparams(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
+            del state
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**upgrade, **kwargs})
 
     # -- the datamodule -----------------------------------------------------------------------------
 

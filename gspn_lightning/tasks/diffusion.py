@@ -7,8 +7,8 @@ pipeline could not decode, and such rows are dropped and counted (``*/corrupt``)
 - Loss: DiT's hybrid loss (:class:`~gspn_lightning.diffusion.GaussianDiffusion`), logged overall
   (``train/loss``, ``train/mse``, ``train/vb``) and per quarter of the timestep range
   (``train/loss_q0`` .. ``train/loss_q3``: the early-noise quarter is q0).
-- Optimisation (shared with the other tasks, :class:`~gspn_lightning.tasks.base.TrainingTask`): AdamW,
-  lr 1e-4, no weight decay, constant schedule after an optional warm-up; gradient clipping and bf16
+- Optimisation (``optim``, shared with the other tasks, :class:`~gspn_lightning.tasks.base.TrainingTask`):
+  by default AdamW, lr 1e-4, no weight decay, constant schedule after an optional warm-up; gradient clipping and bf16
   mixed precision are Trainer settings; label dropout 0.1 (the model's null class) for guidance.
 - EMA 0.9999 of the weights, updated after each optimizer step, saved in checkpoints and used for
   sampling.

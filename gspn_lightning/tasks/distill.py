@@ -151,6 +151,8 @@ class DistillationTask(TrainingTask):
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
 
+    RENAMED_ARGUMENTS = {"gspn_options": "mixer"}
+
     def __init__(
         self,
         pretrained: str,
