@@ -172,6 +172,7 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    assert not any("vae" in k for k in ckpt["state_dict"])  # the decoder the FID/grid used is not saved
 
     sample = ["-m", "gspn_lightning.tasks.sample", "--ckpt", str(run / "checkpoints/last.ckpt"),
               "--num-samples", "6", "--sampler", "ddpm", "--steps", "3", "--batch-size", "2", "--no-progress"]  # fmt: skip

@@ -167,7 +167,10 @@ class DiffusionTask(TrainingTask):
         if self.hparams.vae and self._vae is None:
             from gspn_lightning.diffusion.vae import load_vae
 
-            self._vae = load_vae(self.hparams.vae, self.device)
+            # not a submodule (object.__setattr__): never in the task's state dict or checkpoints (the
+            # VAE comes from its folder), which a callback sampling before a checkpoint save would
+            # otherwise put there, and a resume would then refuse
+            object.__setattr__(self, "_vae", load_vae(self.hparams.vae, self.device))
         return self._vae
 
     @torch.no_grad()
