@@ -53,12 +53,15 @@ def cli_values(kwargs: dict | None) -> dict:
     read as YAML: a dict-valued argument set from the command line
     (``--model.init_args.model_kwargs.adaln_blocks true``) arrives with every value a string,
     where the same line in a config file would give ``True``; reading strings as YAML gives both the
-    same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None)."""
+    same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None). Nested dicts
+    (the ``mixer`` group: ``--model.init_args.model_kwargs.mixer.d_state 4``) are read the same way."""
     import yaml
 
     out = {}
     for key, value in (kwargs or {}).items():
-        if isinstance(value, str):
+        if isinstance(value, Mapping):
+            value = cli_values(value)
+        elif isinstance(value, str):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
