@@ -130,7 +130,7 @@ def test_guidance_scale_and_channels():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_samples_do_not_depend_on_the_batch_split(sampler):
     torch.manual_seed(0)
-    model = create_model("gspn_dit_s_2", hidden_size=16, depth=2, num_classes=10, backend="reference").eval()
+    model = create_model("gspn_dit_s_2", hidden_size=16, depth=2, num_classes=10, mixer={"backend": "reference"}).eval()
     for p in model.final.parameters():
         torch.nn.init.normal_(p, std=0.02)
     seeds = [11, 12, 13, 14]

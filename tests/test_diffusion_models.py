@@ -11,7 +11,7 @@ from gspn_lightning.models.gspn_dit import GSPNDiT
 from gspn_lightning.nn.embeddings import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 
 TINY = {
-    "gspn_dit": dict(name="gspn_dit_s_2", hidden_size=32, depth=2, num_classes=10, backend="reference"),
+    "gspn_dit": dict(name="gspn_dit_s_2", hidden_size=32, depth=2, num_classes=10, mixer={"backend": "reference"}),
     "dit": dict(name="dit_s_2", hidden_size=32, depth=2, num_heads=4, num_classes=10),
 }
 
@@ -154,7 +154,7 @@ def _far_influence(model: GSPNDiT) -> float:
 
 def test_local_and_global_blocks_take_effect():
     torch.manual_seed(0)
-    kw = dict(patch_size=1, dw_kernel=1, local_chunk_size=2)
+    kw = dict(patch_size=1, mixer={"dw_kernel": 1, "chunk_size": 2, "backend": "reference"})
     local = tiny("gspn_dit", global_blocks="none", **kw)
     assert local.chunk_sizes() == [2, 2, 2]
     assert _far_influence(local) == 0.0  # three local blocks cannot carry 15 lines

@@ -58,7 +58,8 @@ def _batch(n: int = 2, seed: int = 0) -> dict:
 
 def _task(folder, **kwargs) -> DistillationTask:
     torch.manual_seed(0)
-    kwargs = {"gspn_options": {"d_state": 4}, "ema_decay": 0.9, **kwargs}
+    ema = {"ema_decay": kwargs.pop("ema_decay", 0.9)}
+    kwargs = {"mixer": {"d_state": 4}, "optim": ema, **kwargs}
     return DistillationTask(str(folder), **kwargs)
 
 
@@ -237,9 +238,11 @@ def test_missing_or_incomplete_folder_is_one_clear_error(tiny_sdxl_dir, tmp_path
         DistillationTask(str(broken))
     # without the text encoders, the text side of the folder is not needed
     shutil.copytree(tiny_sdxl_dir / "vae", broken / "vae", dirs_exist_ok=True)
-    DistillationTask(str(broken), text_encoders=False, ema_decay=None)
+    DistillationTask(str(broken), text_encoders=False, optim={"ema_decay": None})
     with pytest.raises(ValueError, match="trainable"):
         DistillationTask(str(tiny_sdxl_dir), trainable="gates")
+    with pytest.raises(ValueError, match="optim.ema_scope must be trainable"):
+        DistillationTask(str(tiny_sdxl_dir), optim={"ema_scope": "all"})
 
 
 def test_exported_gspn_weights_reload_to_identical_outputs(task, tiny_sdxl_dir, tmp_path):
@@ -292,11 +295,15 @@ def test_sdxl_configs_instantiate(config, tiny_sdxl_dir, caption_shards, monkeyp
         f"--data.init_args.train_shards={caption_shards / 'train'}",
         f"--data.init_args.val_shards={caption_shards / 'val'}",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-        "--model.init_args.gspn_options.chunk_size", "4",  # a command-line value arrives as a string
+        "--model.init_args.mixer.chunk_size", "4",  # a command-line value arrives as a string
+        "--model.init_args.optim.lr", "3e-4",
     ]  # fmt: skip
     cli = main(args=args, run=False)
     task, dm = cli.model, cli.datamodule
-    assert task.hparams.gspn_options["chunk_size"] == 4  # read as YAML, typed in the checkpoint
+    assert task.hparams.mixer["chunk_size"] == 4  # read as YAML, typed in the checkpoint
+    assert {task.model.get_submodule(n).chunk_size for n in task.gspn_names} == {4}
+    # the optim group: the command line's lr over the config's, the task's defaults under both
+    assert task.optim.lr == 3e-4 and task.optim.ema_scope == "trainable" and task.hparams.optim["lr"] == 3e-4
     assert type(task).__name__ == "DistillationTask" and type(dm).__name__ == "CaptionWebDataModule"
     assert (task.hparams.alpha, task.hparams.beta, task.hparams.trainable) == (0.5, 0.5, "gspn")
     if config == "distill.yaml":  # the real recipe: 1024^2, bf16-mixed, gradient checkpointing, DDP

@@ -157,8 +157,10 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     ]  # fmt: skip
     reference = tmp_path / "real.npz"
     np.savez(reference, images=np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-    fid = ["--model.init_args.fid_every_n_steps=4", "--model.init_args.fid_num_samples=4",
-           f"--model.init_args.fid_reference={reference}"]  # fmt: skip
+    # the FID callback appended to the config's grid callback, sampling as the grid does
+    fid = ["--trainer.callbacks+=gspn_lightning.tasks.InTrainingFID", "--trainer.callbacks.every_n_steps=4",
+           "--trainer.callbacks.num_samples=4", f"--trainer.callbacks.reference={reference}",
+           "--trainer.callbacks.sampler=ddim", "--trainer.callbacks.steps=3"]  # fmt: skip
     r = _run([*common, *fid])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "checkpoints/last.ckpt").exists() and (run / "samples/step-0000004.png").exists()
@@ -171,6 +173,7 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    assert not any("vae" in k for k in ckpt["state_dict"])  # the decoder the FID/grid used is not saved
 
     sample = ["-m", "gspn_lightning.cli", "sample", "--ckpt", str(run / "checkpoints/last.ckpt"),
               "--num-samples", "6", "--sampler", "ddpm", "--steps", "3", "--batch-size", "2", "--no-progress"]  # fmt: skip

@@ -38,17 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_task(**overrides) -> ClassificationTask:
     kwargs = dict(
         model="gspn_t",
-        model_kwargs=dict(embed_dim=8, depths=[1, 1, 1, 1], d_state=2, drop_path_rate=0.0),
+        model_kwargs=dict(embed_dim=8, depths=[1, 1, 1, 1], mixer={"d_state": 2}, drop_path_rate=0.0),
         num_classes=3,
         in_chans=1,
         batch_size=4,
-        ema_decay=0.9,
         mixup_alpha=0.0,
         cutmix_alpha=0.0,
-        warmup_epochs=0.0,
-        base_lr=1e-3,
-        base_batch_size=4,
+        optim=dict(lr=1e-3, base_batch_size=4, warmup_epochs=0.0, ema_decay=0.9),
     )
+    if "ema_decay" in overrides:  # a test's one setting of the optim group
+        kwargs["optim"] = {**kwargs["optim"], "ema_decay": overrides.pop("ema_decay")}
     kwargs.update(overrides)
     return ClassificationTask(**kwargs)
 
@@ -443,8 +442,10 @@ def test_bad_datamodule_args_name_the_key(override, key):
 
 
 def test_bad_task_args_name_the_key():
-    with pytest.raises(ValueError, match="ema_decay"):
+    with pytest.raises(ValueError, match=r"optim\.ema_decay"):
         tiny_task(ema_decay=1.5)
+    with pytest.raises(TypeError, match="unknown optim setting.*'base_lr'"):
+        tiny_task(optim={"base_lr": 1e-3})
     with pytest.raises(TypeError, match="model_kwargs.*embed_dimm"):
         tiny_task(model_kwargs={"embed_dimm": 8})
     with pytest.raises(ValueError, match=r"model\.init_args\.model: unknown model 'gspn_x'"):

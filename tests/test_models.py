@@ -10,7 +10,7 @@ from gspn_lightning.models.gspn import GSPNClassifier, resolve_global_blocks
 from gspn_lightning.models.summary import count_macs, summary_table
 
 TARGET_PARAMS = {"gspn_t": 31.5e6, "gspn_s": 50.8e6, "gspn_b": 93.1e6}
-TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), d_state=4, num_classes=10)
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), mixer={"d_state": 4}, num_classes=10)
 
 
 def n_params(model):
@@ -68,8 +68,8 @@ def test_local_global_assignment():
     assert t.chunk_sizes() == [[2] * 2, [2] * 2, [None] * 7, [None] * 2]
     assert s.chunk_sizes() == [[2] * 5, [2] * 5, [2] * 10, [None] * 2]
     with torch.device("meta"):
-        all_global = create_model("gspn_t", local_chunk_size=None)
-        chunk4 = create_model("gspn_t", local_chunk_size=4, global_blocks=None)
+        all_global = create_model("gspn_t", mixer={"chunk_size": None})
+        chunk4 = create_model("gspn_t", mixer={"chunk_size": 4}, global_blocks=None)
     assert all(c is None for stage in all_global.chunk_sizes() for c in stage)
     assert all(c == 4 for stage in chunk4.chunk_sizes() for c in stage)
 
@@ -102,7 +102,7 @@ def test_global_blocks_validation():
 
 
 def test_mac_count_includes_scan():
-    model = create_model("gspn_t", **{**TINY, "backend": "reference"})
+    model = create_model("gspn_t", **{**TINY, "mixer": {"d_state": 4, "backend": "reference"}})
     total, scan = count_macs(model, (1, 3, 64, 48))
     # 4 MACs per element per direction, four directions, per stage: d_inner * h * w
     sizes = [(16, 12), (8, 6), (4, 3), (2, 2)]
@@ -122,10 +122,38 @@ def test_bf16_autocast_forward_backward():
     """The ImageNet configs train in bf16-mixed: the scan's five inputs must come out of the mixer in
     one dtype under autocast, and gradients must reach the weights."""
     torch.manual_seed(0)
-    model = create_model("gspn_t", embed_dim=16, depths=(1, 1, 1, 1), d_state=2, num_classes=10)
+    model = create_model("gspn_t", embed_dim=16, depths=(1, 1, 1, 1), mixer={"d_state": 2}, num_classes=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 24))
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, 10)
     logits.float().sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mixer_options_are_one_object_passed_down():
+    """``mixer`` is declared once (MixerOptions) and reaches every mixer; a dict is read over the model's
+    defaults and a registry size's own options, key by key."""
+    from gspn_lightning.nn import MixerOptions
+
+    with torch.device("meta"):
+        s = create_model("gspn_s", mixer={"dw_kernel": 5, "directions": ["t2b", "l2r"]})
+        given = create_model("gspn_t", mixer=MixerOptions(d_state=3, chunk_size=4, backend="reference"))
+    mixers = [blk.mixer for stage in s.stages for blk in stage.blocks]
+    assert {m.d_state for m in mixers} == {16}  # gspn_s's own d_state kept
+    assert {m.dwconv.kernel_size for m in mixers} == {(5, 5)}
+    assert {m.directions for m in mixers} == {("t2b", "l2r")}
+    assert s.mixer_options == MixerOptions(d_state=16, chunk_size=2, dw_kernel=5, directions=("t2b", "l2r"))
+    assert given.chunk_sizes()[0] == [4, 4] and given.chunk_sizes()[3] == [None, None]
+    assert {blk.mixer.backend for stage in given.stages for blk in stage.blocks} == {"reference"}
+    with pytest.raises(TypeError, match="unknown mixer option.*'d_sate'"):
+        create_model("gspn_t", mixer={"d_sate": 4})
+    with pytest.raises(ValueError, match="dw_kernel"):
+        MixerOptions(dw_kernel=4)
+    with pytest.raises(ValueError, match="directions"):
+        MixerOptions(directions=("up",))
+    opts = MixerOptions(d_state=4)
+    with pytest.raises(AttributeError):
+        opts.d_state = 5  # frozen: shared by every layer, never changed under them
+    assert MixerOptions.build(opts, chunk_size=2) == MixerOptions(d_state=4, chunk_size=2)
+    assert MixerOptions.build(opts.as_dict()) == opts  # a checkpoint's or config's dict round-trips

@@ -61,9 +61,13 @@ def test_model_kwargs_from_the_command_line_mean_what_a_config_file_means():
     assert got == {"adaln_blocks": True, "label_init_std": 1.0, "global_blocks": "all", "d_state": 8,
                    "chunk": None, "blocks": [1, 2], "odd": "a: b: c"}  # fmt: skip
     assert cli_values(None) == {}
-    m = build_model("gspn_dit_s_4", {"hidden_size": "32", "depth": "2", "adaln_blocks": "true", "backend": "reference"},
+    assert cli_values({"mixer": {"d_state": "4", "backend": "null", "directions": "[t2b, l2r]"}}) == {
+        "mixer": {"d_state": 4, "backend": None, "directions": ["t2b", "l2r"]}
+    }
+    m = build_model("gspn_dit_s_4", {"hidden_size": "32", "depth": "2", "adaln_blocks": "true", "mixer": "{backend: reference}"},
                     num_classes=10, in_channels=1)  # fmt: skip
     assert m.hidden_size == 32 and all(b.ada is not None for b in m.blocks())
+    assert all(b.mixer.backend == "reference" for b in m.blocks())  # the mixer group, given as one string
     with pytest.raises(ValueError, match="model.init_args.model"):
         build_model("no_such_model", None)
     with pytest.raises(TypeError, match="model_kwargs for model 'gspn_dit_s_4'"):

@@ -10,12 +10,12 @@ Layout, for an input ``(B, in_chans, H, W)`` of any size (odd or non-square incl
     head        LN -> global average pool -> Linear(8D, num_classes)  (B, num_classes)
 
 Each block is ``x + DropPath(GSPNMixer(LN x))`` then ``x + DropPath(MLP(LN x))`` (mixer width
-``d_inner_ratio * dim``, depthwise conv ``dw_kernel``, MLP ratio 4).  Blocks are *local* (the scan
-restarts every ``local_chunk_size`` lines) unless ``global_blocks`` names them *global*.
+``d_inner_ratio * dim``, the other mixer options in ``mixer``, MLP ratio 4).  Blocks are *local* (the
+scan restarts every ``mixer.chunk_size`` lines) unless ``global_blocks`` names them *global*.
 
 ``global_blocks`` has one entry per stage, each one of: ``"all"``, ``"none"`` (or ``None``), or a list of
 0-based block indices within the stage.  E.g. GSPN-B: ``("none", "none", [0, 1, 2, 3, 4, 5, 6, 13],
-"all")``.  ``local_chunk_size=None`` makes every block global.
+"all")``.  ``mixer={"chunk_size": None}`` makes every block global.
 
 Parameter count (num_classes=1000), in millions.  Per block of width ``C`` with ``E = 1.5 C``,
 ``S = d_state`` and four directions of six gate maps each (three taps, lam, u, d):
@@ -41,13 +41,12 @@ i.e. +0.7 %, +0.6 %, +0.6 % from the targets (the paper rounds to 30M / 50M / 89
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..nn import GSPNBlock, GSPNMixer, LayerNorm2d
-from ..ops import DIRECTIONS
+from ..nn import GSPNBlock, GSPNMixer, LayerNorm2d, MixerOptions
 from .registry import register_model
 
 __all__ = ["GSPN_SIZES", "GSPNClassifier", "resolve_global_blocks"]
@@ -101,16 +100,15 @@ class GSPNClassifier(nn.Module):
         in_chans: input channels.
         embed_dim: ``D``; stage widths are ``D * 2**i``.
         depths: blocks per stage.
-        d_state: rank of the gate proxy in every mixer.
+        mixer: the options of every mixer (:class:`~gspn_lightning.nn.MixerOptions` or a dict of its
+            fields read over this model's defaults ``d_state=8, chunk_size=2``): ``d_state`` the rank
+            of the gate proxy, ``chunk_size`` the chunk of the local blocks (``None``: every block
+            global), ``dw_kernel``, ``directions``, ``backend``, ``fused``, ``fuse_gates``.
         mlp_ratio: MLP hidden width over block width.
         drop_path_rate: stochastic depth, rising linearly from 0 to this over all blocks.
-        local_chunk_size: chunk of the local blocks (``None``: every block global).
         global_blocks: which blocks are global, one entry per stage (see module docstring).
-        dw_kernel: depthwise conv size in the mixers.
         d_inner_ratio: mixer width over block width.
-        directions: scan directions of every mixer.
         head_drop: dropout before the head.
-        backend: scan backend for every mixer (``None``: ``$GSPN_BACKEND`` / auto).
     """
 
     def __init__(
@@ -119,18 +117,15 @@ class GSPNClassifier(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 96,
         depths: Sequence[int] = (2, 2, 7, 2),
-        d_state: int = 8,
+        mixer: MixerOptions | Mapping | None = None,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
-        local_chunk_size: int | None = 2,
         global_blocks: GlobalSpec | None = ("none", "none", "all", "all"),
-        dw_kernel: int = 7,
         d_inner_ratio: float = 1.5,
-        directions: Sequence[str] = DIRECTIONS,
         head_drop: float = 0.0,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
+        self.mixer_options = mixer = MixerOptions.for_model(mixer, d_state=8, chunk_size=2)
         depths = tuple(int(d) for d in depths)
         if not depths or min(depths) < 1:
             raise ValueError(f"depths must be a non-empty list of positive ints, got {depths}")
@@ -155,12 +150,9 @@ class GSPNClassifier(nn.Module):
                     dim,
                     mlp_ratio=mlp_ratio,
                     drop_path=rates[n + j],
-                    chunk_size=None if j in global_sets[i] else local_chunk_size,
-                    d_state=d_state,
                     d_inner=int(d_inner_ratio * dim),
-                    dw_kernel=dw_kernel,
-                    directions=directions,
-                    backend=backend,
+                    mixer=mixer,
+                    chunk_size=None if j in global_sets[i] else mixer.chunk_size,
                 )
                 for j in range(depth)
             ]
@@ -202,15 +194,15 @@ class GSPNClassifier(nn.Module):
 #: the paper's reference sizes (mixer width 1.5 D, 7x7 depthwise conv, MLP ratio 4, local chunk 2)
 GSPN_SIZES: dict[str, dict] = {
     "gspn_t": dict(
-        embed_dim=96, depths=(2, 2, 7, 2), d_state=8, drop_path_rate=0.2,
+        embed_dim=96, depths=(2, 2, 7, 2), mixer={"d_state": 8}, drop_path_rate=0.2,
         global_blocks=("none", "none", "all", "all"),
     ),
     "gspn_s": dict(
-        embed_dim=108, depths=(5, 5, 10, 2), d_state=16, drop_path_rate=0.4,
+        embed_dim=108, depths=(5, 5, 10, 2), mixer={"d_state": 16}, drop_path_rate=0.4,
         global_blocks=("none", "none", "none", "all"),
     ),
     "gspn_b": dict(
-        embed_dim=120, depths=(4, 4, 15, 4), d_state=8, drop_path_rate=0.5,
+        embed_dim=120, depths=(4, 4, 15, 4), mixer={"d_state": 8}, drop_path_rate=0.5,
         global_blocks=("none", "none", (0, 1, 2, 3, 4, 5, 6, 13), "all"),
     ),
 }  # fmt: skip

@@ -25,7 +25,7 @@ Choices where the paper and its code are silent or self-contradictory (facts, no
   linear out-projection after the merge).  The release's block instead has a 1x1 output conv, a 3x3
   depthwise conv and a ReLU gate before its out-projection, about ``1 D^2`` more per block, which is
   why these models have fewer parameters than the paper's (see ``docs/model_sizes.md``).
-- Local or global per block: ``local_chunk_size`` for the local blocks, ``global_blocks`` naming the
+- Local or global per block: ``mixer.chunk_size`` for the local blocks, ``global_blocks`` naming the
   global ones (by default the last two out blocks, as the release intends: its code builds every block
   local because the chunk it computes is never used; here the setting takes effect, and
   ``chunk_sizes()`` reports it).
@@ -34,12 +34,12 @@ Choices where the paper and its code are silent or self-contradictory (facts, no
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..nn import DropPath, GSPNMixer, LayerNorm2d
+from ..nn import DropPath, GSPNMixer, LayerNorm2d, MixerOptions
 from ..nn.embeddings import (
     AdaLNFinalLayer,
     LabelEmbedder,
@@ -55,25 +55,22 @@ __all__ = ["GSPN_DIT_SIZES", "GSPNDiT", "GSPNDiTBlock"]
 
 class GSPNDiTBlock(nn.Module):
     """``(B, D, h, w) [, skip (B, D, h, w)] -> (B, D, h, w)``: optional long-skip fusion, then a
-    pre-norm residual GSPN mixer."""
+    pre-norm residual GSPN mixer of width ``dim`` with the options ``mixer`` (``overrides``: single
+    fields replacing them, e.g. this block's ``chunk_size``)."""
 
     def __init__(
         self,
         dim: int,
-        chunk_size: int | None,
-        d_state: int,
-        dw_kernel: int = 7,
+        mixer: MixerOptions | Mapping | None = None,
         skip: bool = False,
         drop_path: float = 0.0,
-        backend: str | None = None,
         adaln: bool = False,
+        **overrides,
     ) -> None:
         super().__init__()
         self.skip_linear = nn.Conv2d(2 * dim, dim, 1) if skip else None
         self.norm = LayerNorm2d(dim)
-        self.mixer = GSPNMixer(
-            dim, d_inner=dim, d_state=d_state, chunk_size=chunk_size, dw_kernel=dw_kernel, backend=backend
-        )
+        self.mixer = GSPNMixer(dim, d_inner=dim, options=mixer, **overrides)
         self.drop_path = DropPath(drop_path)
         # adaLN-Zero (DiT's block conditioning, an option here): shift, scale and gate from c
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim)) if adaln else None
@@ -110,15 +107,15 @@ class GSPNDiT(nn.Module):
         label_init_std: std of the label table's initialisation (DiT's 0.02; a short training
             learns the classes sooner from a larger one).
         learn_sigma: output ``2 C`` channels (eps and the variance interpolation) instead of ``C``.
-        d_state: rank of the mixers' gate proxy (default ``D // 16``).
-        local_chunk_size: scan chunk of the local blocks.
+        mixer: the options of every mixer (:class:`~gspn_lightning.nn.MixerOptions` or a dict of its
+            fields read over this model's defaults ``chunk_size=2``): ``d_state`` the rank of the gate
+            proxy (``None``: ``D // 16``), ``chunk_size`` the scan chunk of the local blocks,
+            ``dw_kernel``, ``directions``, ``backend``, ``fused``, ``fuse_gates``.
         global_blocks: which blocks are global, as indices in execution order (in blocks
             ``0 .. depth/2 - 1``, the middle block ``depth/2``, out blocks after it), or ``"all"`` /
             ``"none"``; default ``None``: the last two out blocks.
-        dw_kernel: depthwise conv size in the mixers.
         drop_path_rate: stochastic depth, rising linearly over the blocks.
         input_size: nominal latent size, used only by summaries (any size works).
-        backend: scan backend of the mixers (``None``: ``$GSPN_BACKEND`` / auto).
         adaln_blocks: condition every block by adaLN-Zero (shift, scale and a gate from ``c``, zero at
             the start) as DiT does, on top of the paper's ``c`` added to the tokens.  Not in the paper;
             it makes the timestep and class reach every block, which speeds up short trainings (the
@@ -135,13 +132,10 @@ class GSPNDiT(nn.Module):
         class_dropout: float = 0.1,
         label_init_std: float = 0.02,
         learn_sigma: bool = True,
-        d_state: int | None = None,
-        local_chunk_size: int | None = 2,
+        mixer: MixerOptions | Mapping | None = None,
         global_blocks: str | Iterable[int] | None = None,
-        dw_kernel: int = 7,
         drop_path_rate: float = 0.0,
         input_size: int = 32,
-        backend: str | None = None,
         adaln_blocks: bool = False,
     ) -> None:
         super().__init__()
@@ -156,12 +150,15 @@ class GSPNDiT(nn.Module):
         self.input_size = input_size
         n_blocks = depth + 1
         glob = self._global_set(global_blocks, n_blocks)
-        d_state = d_state if d_state is not None else max(1, hidden_size // 16)
+        mixer = MixerOptions.for_model(mixer, chunk_size=2)
+        if mixer.d_state is None:
+            mixer = MixerOptions.build(mixer, d_state=max(1, hidden_size // 16))
+        self.mixer_options = mixer
         rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
 
         def block(i: int, skip: bool) -> GSPNDiTBlock:
-            chunk = None if i in glob else local_chunk_size
-            return GSPNDiTBlock(hidden_size, chunk, d_state, dw_kernel, skip, rates[i], backend, adaln_blocks)
+            chunk = None if i in glob else mixer.chunk_size
+            return GSPNDiTBlock(hidden_size, mixer, skip, rates[i], adaln_blocks, chunk_size=chunk)
 
         half = depth // 2
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)

@@ -8,7 +8,7 @@ task="classification", defaults={...})``); :mod:`gspn_lightning.models` imports 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +61,16 @@ def list_models(task: str | None = None) -> list[str]:
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the model registered as ``name``; ``overrides`` replace its default constructor arguments.
+    A dict-valued default (the ``mixer`` options) is updated by a dict override, key by key:
+    ``create_model("gspn_s", mixer={"dw_kernel": 5})`` keeps gspn_s's ``d_state`` of 16.
 
     Build on the meta device (no memory, no init cost) with ``with torch.device("meta"): ...``.
     """
     entry = model_entry(name)
-    return entry.builder(**{**entry.defaults, **overrides})
+    kwargs = dict(entry.defaults)
+    for key, value in overrides.items():
+        default = kwargs.get(key)
+        if isinstance(default, Mapping) and isinstance(value, Mapping):
+            value = {**default, **value}
+        kwargs[key] = value
+    return entry.builder(**kwargs)

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.mixer import check_scan_options
-from ..ops import DIRECTIONS, gspn_propagate, gspn_scan, propagate_reference
+from ..nn.mixer import MixerOptions
+from ..ops import gspn_propagate, gspn_scan, propagate_reference
 
 __all__ = [
     "GSPNSelfAttention",
@@ -88,30 +88,28 @@ class GSPNSelfAttention(nn.Module):
 
     Args:
         attn: the pretrained diffusers ``Attention`` (self-attention: ``to_k`` reads ``query_dim``).
-        d_state: rank of the proxy from which the gate logits are projected.
-        chunk_size: ``None`` for global propagation, ``k`` for local (restart every ``k`` lines).
-        directions: scan directions, distinct members of ``("t2b", "b2t", "l2r", "r2l")``.
+        options: the layer's :class:`~gspn_lightning.nn.MixerOptions` (or a dict of them), the same
+            object the GSPN models take; ``**overrides``: single fields of it.  Used here:
+            ``d_state`` (rank of the proxy from which the gate logits are projected; ``None``: 8),
+            ``chunk_size`` (``None`` global, ``k`` local: restart every ``k`` lines), ``directions``,
+            ``backend`` and ``fused`` (one :func:`gspn_propagate` call, or ``normalize_gates`` +
+            ``gspn_scan`` per direction: the same function).  ``dw_kernel`` and ``fuse_gates`` do not
+            apply (the module has no depthwise conv and projects its gates itself).
         u_bias_init: initial bias of the output gate logits.
-        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto).
-        fused: one :func:`gspn_propagate` call (default), or ``normalize_gates`` + ``gspn_scan`` per
-            direction (the same function).
     """
 
     def __init__(
         self,
         attn: nn.Module,
-        d_state: int = 8,
-        chunk_size: int | None = None,
-        directions: Sequence[str] = DIRECTIONS,
+        options: MixerOptions | Mapping | None = None,
         u_bias_init: float = 3.0,
-        backend: str | None = None,
-        fused: bool = True,
+        **overrides,
     ) -> None:
         super().__init__()
         _check_attention(attn)
-        directions, chunk_size = check_scan_options(directions, chunk_size)
-        if isinstance(d_state, bool) or int(d_state) < 1:
-            raise ValueError(f"d_state must be >= 1, got {d_state!r}")
+        opts = MixerOptions.build(options, **overrides)
+        d_state = opts.d_state if opts.d_state is not None else 8
+        chunk_size, directions, backend, fused = opts.chunk_size, opts.directions, opts.backend, opts.fused
         self.to_q = copy.deepcopy(attn.to_q)
         self.to_k = copy.deepcopy(attn.to_k)
         self.to_v = copy.deepcopy(attn.to_v)
@@ -253,7 +251,9 @@ def _record_spatial_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
         gspn.spatial_size = hw
 
 
-def swap_self_attention(unet: nn.Module, chunk_size=None, **gspn_options) -> list[str]:
+def swap_self_attention(
+    unet: nn.Module, options: MixerOptions | Mapping | None = None, u_bias_init: float = 3.0, **overrides
+) -> list[str]:
     """Replace every ``attn1`` of the ``BasicTransformerBlock``s in ``unet`` by a :class:`GSPNSelfAttention`.
 
     Works on any diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, SD-XL) and on a single
@@ -262,11 +262,12 @@ def swap_self_attention(unet: nn.Module, chunk_size=None, **gspn_options) -> lis
 
     Args:
         unet: the model, changed in place (on any device, meta included).
-        chunk_size: ``None`` (global everywhere), an int (local everywhere), or a mapping from
+        options: the :class:`~gspn_lightning.nn.MixerOptions` of every swapped layer (or a dict of them).
+        u_bias_init: see :class:`GSPNSelfAttention`.
+        **overrides: single fields of ``options`` (``d_state``, ``directions``, ``backend``, ``fused``), and
+            ``chunk_size``: ``None`` (global everywhere), an int (local everywhere), or a mapping from
             ``fnmatch`` patterns of the replaced names to ``int | None``, first match wins, unmatched
             layers global; e.g. ``{"down_blocks.*": 8, "*": None}``.
-        **gspn_options: the other arguments of :class:`GSPNSelfAttention` (``d_state``, ``directions``,
-            ``u_bias_init``, ``backend``, ``fused``).
 
     Returns:
         The qualified names of the replaced modules (``...transformer_blocks.0.attn1``), in module order.
@@ -274,6 +275,10 @@ def swap_self_attention(unet: nn.Module, chunk_size=None, **gspn_options) -> lis
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+    per_layer = "chunk_size" in overrides
+    chunk_size = overrides.pop("chunk_size", None)
+    _chunk_for("", chunk_size)  # a wrong type is refused before anything changes
+    options = MixerOptions.build(options, **overrides)
     replaced: list[str] = []
     hosts = [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     if isinstance(unet, Transformer2DModel) and ("", unet) not in hosts:
@@ -287,9 +292,8 @@ def swap_self_attention(unet: nn.Module, chunk_size=None, **gspn_options) -> lis
             if not isinstance(block, BasicTransformerBlock) or isinstance(block.attn1, GSPNSelfAttention):
                 continue
             name = ".".join(p for p in (host_name, block_name, "attn1") if p)
-            block.attn1 = GSPNSelfAttention(
-                block.attn1, chunk_size=_chunk_for(name, chunk_size), **gspn_options
-            )
+            chunk = {"chunk_size": _chunk_for(name, chunk_size)} if per_layer else {}
+            block.attn1 = GSPNSelfAttention(block.attn1, options, u_bias_init, **chunk)
             modules.append(block.attn1)
             replaced.append(name)
     if not replaced and not any(isinstance(m, GSPNSelfAttention) for m in unet.modules()):

@@ -69,7 +69,7 @@ def summary_table(names: Sequence[str], img_size: int = 224) -> str:
     ]
     for name in names:
         entry = model_entry(name)
-        overrides = {"backend": "reference"} if entry.task == "classification" else {}
+        overrides = {"mixer": {"backend": "reference"}} if entry.task == "classification" else {}
         with torch.device("meta"):
             model = create_model(name, **overrides).eval()
         params = count_params(model) / 1e6
@@ -98,7 +98,7 @@ def generation_table(names: Sequence[str], latent_size: int = 32) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in names:
-        overrides = {"backend": "reference"} if name.startswith("gspn") else {}
+        overrides = {"mixer": {"backend": "reference"}} if name.startswith("gspn") else {}
         with torch.device("meta"):
             model = create_model(name, **overrides).eval()
         params = count_params(model) / 1e6

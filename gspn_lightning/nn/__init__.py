@@ -5,7 +5,7 @@ Imports only ``torch`` and :mod:`gspn_lightning.ops`.
 
 from .blocks import DropPath, GSPNBlock, Mlp
 from .conv import DepthwiseConv2d
-from .mixer import GSPNMixer, GSPNTokenMixer
+from .mixer import GSPNMixer, GSPNTokenMixer, MixerOptions
 from .norm import GRN, LayerNorm2d
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "GSPNMixer",
     "GSPNTokenMixer",
     "LayerNorm2d",
+    "MixerOptions",
     "Mlp",
 ]

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..ops import DIRECTIONS
-from .mixer import GSPNMixer
+from .mixer import GSPNMixer, MixerOptions
 from .norm import GRN, LayerNorm2d
 
 __all__ = ["GRN", "DropPath", "GSPNBlock", "LayerNorm2d", "Mlp"]
@@ -59,7 +58,9 @@ class GSPNBlock(nn.Module):
         x = x + DropPath(mixer(LN(x)))
         x = x + DropPath(MLP(LN(x)))
 
-    ``chunk_size`` (``None``: global, ``k``: local) and the other mixer options go to :class:`GSPNMixer`.
+    ``mixer`` (:class:`~gspn_lightning.nn.mixer.MixerOptions`, or a dict of them) and ``overrides``
+    (single fields of it, e.g. this block's ``chunk_size``: ``None`` global, ``k`` local) go to
+    :class:`GSPNMixer`, with the mixer width ``d_inner``.
     """
 
     def __init__(
@@ -67,24 +68,13 @@ class GSPNBlock(nn.Module):
         dim: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
-        chunk_size: int | None = None,
-        d_state: int = 8,
         d_inner: int | None = None,
-        dw_kernel: int = 7,
-        directions: Sequence[str] = DIRECTIONS,
-        backend: str | None = None,
+        mixer: MixerOptions | Mapping | None = None,
+        **overrides,
     ) -> None:
         super().__init__()
         self.norm1 = LayerNorm2d(dim)
-        self.mixer = GSPNMixer(
-            dim,
-            d_inner=d_inner,
-            d_state=d_state,
-            chunk_size=chunk_size,
-            dw_kernel=dw_kernel,
-            directions=directions,
-            backend=backend,
-        )
+        self.mixer = GSPNMixer(dim, d_inner=d_inner, options=mixer, **overrides)
         self.norm2 = LayerNorm2d(dim)
         self.mlp = Mlp(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path)

@@ -34,11 +34,18 @@ Choices (the paper leaves them open):
 
 ``chunk_size=k`` makes the layer local: each scan restarts every ``k`` lines (of absolute position), so
 a pixel sees only its own group of lines along each scan axis; ``None`` is the global scan.
+
+The options of a GSPN layer (proxy rank, chunk, depthwise kernel, directions, backend, fused paths) are
+declared once, in :class:`MixerOptions`, and passed down as one object: a model takes ``mixer=`` (a
+``MixerOptions`` or a dict of its fields), hands it to its blocks, and each block to its mixer (with the
+block's own ``chunk_size`` when the model makes some blocks global); the SD-XL swap takes the same object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,7 +61,7 @@ from ..ops import (
 from .conv import DepthwiseConv2d
 from .norm import GRN, LayerNorm2d
 
-__all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "check_scan_options"]
+__all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "MixerOptions", "check_scan_options"]
 
 
 def check_scan_options(
@@ -74,13 +81,97 @@ def check_scan_options(
     return directions, None if chunk_size is None else int(chunk_size)
 
 
+@dataclass(frozen=True)
+class MixerOptions:
+    """The options of a GSPN layer, declared once and passed down from a model to every mixer.
+
+    Args:
+        d_state: rank of the proxy from which all gates are projected (``None``: the layer's default,
+            8 for :class:`GSPNMixer` and the SD-XL swap, ``hidden_size // 16`` in GSPN-DiT).
+        chunk_size: ``None`` for global propagation, ``k`` for the local variant (restart every ``k``
+            lines).  In a model, the chunk of its *local* blocks (the model's ``global_blocks`` are
+            global whatever this says).
+        dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise;
+            not used by the SD-XL swap, which has no such conv).
+        directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
+        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto).
+        fused: steps 2-4 (gate normalisation, the scans, the merge) as one op (see :class:`GSPNMixer`).
+        fuse_gates: with ``fused``, the gate projection fused into the op too (see :class:`GSPNMixer`).
+    """
+
+    d_state: int | None = None
+    chunk_size: int | None = None
+    dw_kernel: int = 7
+    directions: tuple[str, ...] = DIRECTIONS
+    backend: str | None = None
+    fused: bool = True
+    fuse_gates: bool = True
+
+    def __post_init__(self) -> None:
+        directions, chunk_size = check_scan_options(self.directions, self.chunk_size)
+        object.__setattr__(self, "directions", directions)
+        object.__setattr__(self, "chunk_size", chunk_size)
+        if self.d_state is not None:
+            if isinstance(self.d_state, bool) or int(self.d_state) < 1:
+                raise ValueError(f"d_state must be >= 1 or None, got {self.d_state!r}")
+            object.__setattr__(self, "d_state", int(self.d_state))
+        if isinstance(self.dw_kernel, bool) or int(self.dw_kernel) < 1 or int(self.dw_kernel) % 2 == 0:
+            raise ValueError(f"dw_kernel must be a positive odd integer, got {self.dw_kernel}")
+        object.__setattr__(self, "dw_kernel", int(self.dw_kernel))
+        object.__setattr__(self, "fused", bool(self.fused))
+        object.__setattr__(self, "fuse_gates", bool(self.fuse_gates))
+
+    @classmethod
+    def build(cls, options: MixerOptions | Mapping | None = None, **overrides) -> MixerOptions:
+        """``options`` (a ``MixerOptions``, a dict of its fields, or ``None``: the defaults) with
+        ``overrides`` replacing fields; an unknown field is a ``TypeError`` naming it."""
+        if options is None:
+            base = cls()
+        elif isinstance(options, cls):
+            base = options
+        elif isinstance(options, Mapping):
+            unknown = sorted(set(options) - _MIXER_FIELDS)
+            if unknown:
+                raise TypeError(f"unknown mixer option(s) {unknown}; the options are {sorted(_MIXER_FIELDS)}")
+            base = cls(**options)
+        else:
+            raise TypeError(f"mixer options must be a MixerOptions or a dict, got {type(options).__name__}")
+        unknown = sorted(set(overrides) - _MIXER_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown mixer option(s) {unknown}; the options are {sorted(_MIXER_FIELDS)}")
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def for_model(cls, options: MixerOptions | Mapping | None, **defaults) -> MixerOptions:
+        """A model's options: a ``MixerOptions`` is taken as it is; a dict (or ``None``) is read over the
+        model's own ``defaults`` (``GSPNDiT(mixer={"dw_kernel": 3})`` keeps its local chunk of 2)."""
+        if isinstance(options, cls):
+            return options
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"mixer options must be a MixerOptions or a dict, got {type(options).__name__}")
+        return cls.build({**defaults, **dict(options or {})})
+
+    def as_dict(self) -> dict:
+        """The fields as plain values (``directions`` a list): what a config or a checkpoint holds."""
+        out = dataclasses.asdict(self)
+        out["directions"] = list(self.directions)
+        return out
+
+
+_MIXER_FIELDS = frozenset(f.name for f in dataclasses.fields(MixerOptions))
+
+
 class GSPNMixer(nn.Module):
     """Four-direction GSPN mixer, ``(B, dim, H, W) -> (B, dim, H, W)``.
 
     Args:
         dim: input/output channels.
         d_inner: width of the propagated features (default ``int(1.5 * dim)``).
-        d_state: rank of the proxy from which all gates are projected.
+        options: the layer's :class:`MixerOptions` (or a dict of them; ``None``: the defaults).
+        **overrides: single fields of :class:`MixerOptions` replacing those of ``options``
+            (``GSPNMixer(64, d_state=4, chunk_size=2)``):
+
+        d_state: rank of the proxy from which all gates are projected (default 8).
         chunk_size: ``None`` for global propagation, ``k`` for the local variant (restart every ``k`` lines).
         dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise).
         directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
@@ -102,26 +193,23 @@ class GSPNMixer(nn.Module):
         self,
         dim: int,
         d_inner: int | None = None,
-        d_state: int = 8,
-        chunk_size: int | None = None,
-        dw_kernel: int = 7,
-        directions: Sequence[str] = DIRECTIONS,
-        backend: str | None = None,
-        fused: bool = True,
-        fuse_gates: bool = True,
+        options: MixerOptions | Mapping | None = None,
+        **overrides,
     ) -> None:
         super().__init__()
-        directions, chunk_size = check_scan_options(directions, chunk_size)
-        if dw_kernel < 1 or dw_kernel % 2 == 0:
-            raise ValueError(f"dw_kernel must be a positive odd integer, got {dw_kernel}")
+        opts = MixerOptions.build(options, **overrides)
+        if opts.d_state is None:
+            opts = dataclasses.replace(opts, d_state=8)
+        self.options = opts
         self.dim = dim
         self.d_inner = d_inner = int(d_inner if d_inner is not None else int(1.5 * dim))
-        self.d_state = d_state
-        self.chunk_size = chunk_size
-        self.directions = directions
-        self.backend = backend
-        self.fused = bool(fused)
-        self.fuse_gates = bool(fuse_gates)
+        self.d_state = d_state = opts.d_state
+        self.chunk_size = opts.chunk_size
+        self.directions = directions = opts.directions
+        self.backend = opts.backend
+        self.fused = opts.fused
+        self.fuse_gates = opts.fuse_gates
+        dw_kernel = opts.dw_kernel
 
         self.in_proj = nn.Conv2d(dim, d_inner, 1)
         self.dwconv = DepthwiseConv2d(d_inner, dw_kernel)

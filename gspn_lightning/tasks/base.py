@@ -1,14 +1,15 @@
 """What every training task shares: the optimiser and lr schedule, the weight EMA (what it covers and
 when it updates) and the non-finite-loss policy.
 
-- **Optimiser and schedule.** A task describes them with :class:`OptimSettings` (``self.optim``) and
-  :meth:`TrainingTask.configure_optimizers` builds AdamW with weight decay on matrices and kernels
-  only (not on norms, biases and other 1-D parameters), the lr scaled by the global batch over
+- **Optimiser and schedule.** Every task takes them as one argument, ``optim``
+  (:class:`OptimSettings`, with a default instance per task), read by :meth:`TrainingTask.init_optim`
+  into ``self.optim``; :meth:`TrainingTask.configure_optimizers` builds AdamW with weight decay on
+  matrices and kernels only (not on norms, biases and other 1-D parameters), the lr scaled by the global batch over
   ``base_batch_size`` when that is set, and a per-step schedule: linear warm-up then cosine decay
   (classification) or constant (diffusion, as DiT). Only parameters that require gradients are
   optimised.
-- **EMA scope.** :meth:`TrainingTask.init_ema` keeps an EMA of all parameters, or only of the
-  trainable ones (``"trainable"``: the SD-XL task trains 0.4B of 2.6B); frozen parameters are then
+- **EMA scope.** ``optim.ema_decay`` and ``optim.ema_scope``: :meth:`TrainingTask.init_ema` keeps an
+  EMA of all parameters, or only of the trainable ones (``"trainable"``: the SD-XL task trains 0.4B of 2.6B); frozen parameters are then
   shared with the model, not copied.
 
 - **EMA after the optimizer step.** :meth:`TrainingTask.optimizer_step` updates the EMA right after
@@ -26,13 +27,18 @@ when it updates) and the non-finite-loss policy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import SumMetric
+
+from gspn_lightning.data.protocol import TaskData, task_data
 
 from .checkpointing import NonFiniteError
 from .ema import ModelEMA
@@ -43,16 +49,19 @@ EMA_SCOPES = ("all", "trainable")
 
 
 def cli_values(kwargs: dict | None) -> dict:
-    """A dict of keyword options (a task's ``model_kwargs``, ``gspn_options``) with the string values
+    """A dict of keyword options (a task's ``model_kwargs``, the SD-XL task's ``mixer``) with the string values
     read as YAML: a dict-valued argument set from the command line
     (``--model.init_args.model_kwargs.adaln_blocks true``) arrives with every value a string,
     where the same line in a config file would give ``True``; reading strings as YAML gives both the
-    same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None)."""
+    same meaning (``"all"`` stays ``"all"``, ``"1e-3"`` becomes a float, ``"null"`` None). Nested dicts
+    (the ``mixer`` group: ``--model.init_args.model_kwargs.mixer.d_state 4``) are read the same way."""
     import yaml
 
     out = {}
     for key, value in (kwargs or {}).items():
-        if isinstance(value, str):
+        if isinstance(value, Mapping):
+            value = cli_values(value)
+        elif isinstance(value, str):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
@@ -100,9 +109,12 @@ def warmup_constant(step: int, warmup_steps: int, start: float) -> float:
     return 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimSettings:
-    """AdamW and its per-step lr schedule, as a task configures them.
+    """The optimiser, its per-step lr schedule and the weight EMA: one grouped argument, ``optim``, of
+    every task (``--model.init_args.optim.lr``, ``model.init_args.optim: {lr: ..., warmup_steps: ...}``
+    in a config).  Each task has its own default instance (:data:`CLASSIFICATION_OPTIM`,
+    :data:`DIFFUSION_OPTIM`, :data:`DISTILLATION_OPTIM`); a config sets only the fields it changes.
 
     Args:
         lr: peak learning rate (for a global batch of ``base_batch_size`` if that is set).
@@ -115,9 +127,14 @@ class OptimSettings:
         warmup_epochs / warmup_steps: length of the linear warm-up (epochs may be fractional; the two add).
         warmup_lr: lr at step 0 (unscaled, like ``lr``); ``None``: 0.
         min_lr: lr at the end of the cosine (unscaled, like ``lr``).
+        ema_decay: decay of the weight EMA (``None``: no EMA).
+        ema_scope: ``"all"`` parameters in the EMA, or only the ``"trainable"`` ones (the frozen ones
+            are then shared with the model, not copied).
+
+    Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
 
-    lr: float
+    lr: float = 1e-4
     base_batch_size: int | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -126,24 +143,118 @@ class OptimSettings:
     warmup_steps: int = 0
     warmup_lr: float | None = None
     min_lr: float = 0.0
+    ema_decay: float | None = 0.9999
+    ema_scope: str = "all"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.lr > 0:
-            raise ValueError(f"the learning rate must be > 0, got {self.lr}")
+            raise ValueError(f"optim.lr, the learning rate, must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_epochs < 0 or self.warmup_steps < 0:
-            raise ValueError("the warm-up length must be >= 0")
+            raise ValueError("the warm-up length (optim.warmup_epochs, optim.warmup_steps) must be >= 0")
         if self.base_batch_size is not None and self.base_batch_size < 1:
-            raise ValueError(f"base_batch_size must be >= 1 or null, got {self.base_batch_size}")
+            raise ValueError(f"optim.base_batch_size must be >= 1 or null, got {self.base_batch_size}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {self.betas}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+        if self.ema_scope not in EMA_SCOPES:
+            raise ValueError(f"optim.ema_scope must be one of {EMA_SCOPES}, got {self.ema_scope!r}")
+
+    @classmethod
+    def build(cls, optim: OptimSettings | Mapping | None, default: OptimSettings) -> OptimSettings:
+        """``optim`` as settings: an ``OptimSettings`` as it is, a dict (a checkpoint's hyper-parameters,
+        or a caller's few fields) read over the task's ``default``, ``None``: ``default``."""
+        if optim is None:
+            return default
+        if isinstance(optim, cls):
+            return optim
+        if not isinstance(optim, Mapping):
+            raise TypeError(f"optim must be an OptimSettings or a dict, got {type(optim).__name__}")
+        unknown = sorted(set(optim) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown optim setting(s) {unknown}")
+        return dataclasses.replace(default, **optim)
+
+    def as_dict(self) -> dict:
+        """Plain values (``betas`` a list), as saved in checkpoints and ``hparams.yaml``."""
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+
+#: the paper's recipe (DeiT/Swin): lr 5e-4 per 512 samples, 20 warm-up epochs then a cosine to 5e-6
+CLASSIFICATION_OPTIM = OptimSettings(
+    lr=5e-4, base_batch_size=512, weight_decay=0.05, schedule="cosine", warmup_epochs=20.0, warmup_lr=5e-7,
+    min_lr=5e-6, ema_decay=0.9999,
+)  # fmt: skip
+#: DiT's: AdamW at 1e-4, no weight decay, a constant lr, EMA 0.9999
+DIFFUSION_OPTIM = OptimSettings(lr=1e-4, ema_decay=0.9999)
+#: LinFusion's / the GSPN release's: as DiT's, the EMA over the trained (GSPN) parameters only
+DISTILLATION_OPTIM = OptimSettings(lr=1e-4, ema_decay=0.9999, ema_scope="trainable")
+
+
+#: the optim fields as flat task arguments in checkpoints written before the optim group existed
+_LEGACY_OPTIM = {f.name: f.name for f in dataclasses.fields(OptimSettings)} | {"base_lr": "lr"}
+#: the mixer options as flat model_kwargs in such checkpoints (``local_chunk_size`` the local chunk)
+_LEGACY_MIXER = {"d_state": "d_state", "local_chunk_size": "chunk_size", "dw_kernel": "dw_kernel",
+                 "directions": "directions", "backend": "backend"}  # fmt: skip
+
+
+def upgrade_hparams(hparams: dict, renamed: dict[str, str] | None = None) -> dict:
+    """The arguments that a checkpoint written before the ``optim`` and ``mixer`` groups needs to
+    load: its flat optimiser/EMA arguments as ``optim``, its models' flat mixer options as
+    ``model_kwargs.mixer``, and ``renamed`` arguments (old name -> new name) under their new names.
+    Empty for a checkpoint of the current shape. (Its sample-grid and FID arguments, now callbacks,
+    are dropped by ``load_from_checkpoint``, as any argument the task no longer takes.)"""
+    out: dict = {}
+    if "optim" not in hparams:
+        optim = {new: hparams[old] for old, new in _LEGACY_OPTIM.items() if old in hparams}
+        if optim:
+            out["optim"] = optim
+    kwargs = hparams.get("model_kwargs")
+    if isinstance(kwargs, Mapping) and any(k in kwargs for k in _LEGACY_MIXER):
+        mixer = {new: kwargs[old] for old, new in _LEGACY_MIXER.items() if old in kwargs}
+        rest = {k: v for k, v in kwargs.items() if k not in _LEGACY_MIXER}
+        out["model_kwargs"] = {**rest, "mixer": {**dict(rest.get("mixer") or {}), **mixer}}
+    for old, new in (renamed or {}).items():
+        if old in hparams and new not in hparams:
+            out[new] = hparams[old]
+    return out
 
 
 class TrainingTask(L.LightningModule):
-    """Base of the task LightningModules. Subclasses set ``self.model`` and ``self.optim``
-    (:class:`OptimSettings`), call :meth:`init_ema` and :meth:`configure_fault_policy` in ``__init__``
-    and :meth:`check_loss` in ``training_step``."""
+    """Base of the task LightningModules. Subclasses take ``optim: OptimSettings`` (with their own
+    default instance), set ``self.model`` and call :meth:`init_optim` and :meth:`configure_fault_policy`
+    in ``__init__`` and :meth:`check_loss` in ``training_step``."""
+
+    #: arguments renamed since checkpoints were first written (old name -> new name)
+    RENAMED_ARGUMENTS: dict[str, str] = {}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, also for a checkpoint written before the ``optim`` and ``mixer`` groups (see
+        :func:`upgrade_hparams`); arguments given here win, as in Lightning's."""
+        upgrade = {}
+        if isinstance(checkpoint_path, (str, os.PathLike)):  # (a stream is read once, by Lightning)
+            try:
+                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+            except RuntimeError:  # not a zip-format file: no mmap
+                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            upgrade = upgrade_hparams(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
+            del state
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**upgrade, **kwargs})
+
+    # -- the datamodule -----------------------------------------------------------------------------
+
+    def data(self, protocol: type = TaskData):
+        """The trainer's datamodule as ``protocol`` declares it (:mod:`gspn_lightning.data.protocol`):
+        ``None`` without a trainer or a datamodule (bare dataloaders), a ``TypeError`` naming what it
+        lacks when it does not follow ``protocol``."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return task_data(dm, protocol, type(self).__name__)
 
     # -- corrupt rows and evaluated-sample counts --------------------------------------------------
 
@@ -184,8 +295,8 @@ class TrainingTask(L.LightningModule):
         bad_metric.reset()
         self.log(f"{stage}/samples", float(seen), sync_dist=False)
         self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
-        dm = getattr(self.trainer, "datamodule", None)
-        expected = getattr(dm, f"num_{stage}_samples", None) if dm is not None else None
+        dm = self.data()
+        expected = getattr(dm, f"num_{stage}_samples") if dm is not None else None
         limit = self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
         if self.trainer.sanity_checking or expected is None or limit not in (None, 1.0):
             return
@@ -195,15 +306,25 @@ class TrainingTask(L.LightningModule):
                 "some samples were skipped or seen twice"
             )
 
-    # -- EMA -------------------------------------------------------------------------------------
+    # -- optimiser settings and EMA ---------------------------------------------------------------
+
+    def init_optim(self, optim: OptimSettings | Mapping | None, default: OptimSettings) -> None:
+        """Read the task's ``optim`` argument (see :meth:`OptimSettings.build`) into ``self.optim``,
+        record it in the hyper-parameters as a plain dict (what a checkpoint holds and
+        ``load_from_checkpoint`` hands back), and make ``self.ema`` of ``self.model`` as it says.
+        Called by every task after :meth:`save_hyperparameters` and after ``self.model`` is built."""
+        self.optim = OptimSettings.build(optim, default)
+        if "optim" in self.hparams:
+            self.hparams.optim = self.optim.as_dict()
+        self.init_ema(self.optim.ema_decay, self.optim.ema_scope)
 
     def init_ema(self, decay: float | None, scope: str = "all") -> None:
         """``self.ema``: an EMA of ``self.model`` (``decay=None``: none). ``scope="trainable"`` averages
         only the parameters that require gradients and shares the frozen ones with the model."""
         if decay is not None and not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) or null, got {decay}")
+            raise ValueError(f"optim.ema_decay must be in [0, 1) or null, got {decay}")
         if scope not in EMA_SCOPES:
-            raise ValueError(f"ema_scope must be one of {EMA_SCOPES}, got {scope!r}")
+            raise ValueError(f"optim.ema_scope must be one of {EMA_SCOPES}, got {scope!r}")
         include = None if scope == "all" else (lambda name, p: p.requires_grad)
         self.ema = ModelEMA(self.model, decay, include=include) if decay is not None else None
 
@@ -211,16 +332,16 @@ class TrainingTask(L.LightningModule):
 
     def _global_batch(self) -> int:
         per_device = self.hparams.get("batch_size")
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = self.data()
         if per_device is None and dm is not None:
-            per_device = getattr(dm, "batch_size", None)
+            per_device = dm.batch_size
         if per_device is None:
             raise ValueError("cannot scale the lr: set model.batch_size or use a datamodule with batch_size")
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def _steps_per_epoch(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        epoch_samples = getattr(dm, "epoch_samples", None) if dm is not None else None
+        dm = self.data()
+        epoch_samples = dm.epoch_samples if dm is not None else None
         if epoch_samples:
             return max(1, epoch_samples // self._global_batch())
         total = self.trainer.estimated_stepping_batches

@@ -1,11 +1,29 @@
-"""Callbacks used by the command line."""
+"""Callbacks of the tasks: the prediction writer of the command line, and the sample grids and
+in-training FID of any generative task (listed under ``trainer.callbacks`` in a config).
+
+The generative callbacks (:class:`SampleGrid`, :class:`InTrainingFID`) work with any LightningModule
+that keeps this small contract (:class:`~gspn_lightning.tasks.DiffusionTask` does):
+
+- ``num_classes``: an int attribute, the conditioning classes (labels ``0 .. num_classes - 1``);
+- ``sample_images(labels, seeds, *, sampler, steps, guidance_scale, guidance_channels)``: uint8 images
+  ``(B, C, H, W)`` (``C`` 1 or 3) for the int64 ``labels`` ``(B,)`` on the module's device, image ``i``
+  a function of ``seeds[i]`` only (not of the batch it is drawn in), drawn with the module's weights
+  for sampling (an EMA if it keeps one) and left in the mode it found them in;
+- ``sampling_protocol()``: a dict of what else the images depend on (weights, decoder, clipping ...),
+  printed with every FID since FIDs of different protocols do not compare.
+
+The callbacks draw their images on rank 0 only, with fixed seeds, so a grid or an FID of one step
+compares with those of other steps and of a resumed run.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -27,3 +45,176 @@ class PredictionWriter(BasePredictionWriter):
             merged = {k: torch.cat([b[k].cpu() for b in batches]) for k in batches[0]}
         path = os.path.join(self.output_dir, f"predictions-rank{trainer.global_rank}.pt")
         torch.save(merged, path)
+
+
+#: the seed of FID sample ``i`` is ``FID_SEED_BASE + i`` (the grids' seeds are ``0 .. k * n - 1``)
+FID_SEED_BASE = 1_000_000
+
+
+class _Sampling:
+    """How a generative callback has the task sample (its own settings, the task's weights)."""
+
+    def __init__(self, sampler: str, steps: int, guidance_scale: float, guidance_channels: int | None):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.sampling = {
+            "sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance_scale),
+            "guidance_channels": guidance_channels,
+        }  # fmt: skip
+
+    @staticmethod
+    def _check_task(pl_module) -> None:
+        contract = ("num_classes", "sample_images", "sampling_protocol")
+        missing = [n for n in contract if not hasattr(pl_module, n)]
+        if missing:
+            raise TypeError(
+                f"{type(pl_module).__name__} cannot be sampled by a generative callback: it has no "
+                f"{', '.join(missing)} (see gspn_lightning.tasks.callbacks)"
+            )
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._check_task(pl_module)
+
+
+class SampleGrid(_Sampling, Callback):
+    """A grid of samples every ``every_n_steps`` optimizer steps (and at the end of fit), written on
+    rank 0 as ``<trainer.default_root_dir>/samples/step-NNNNNNN.png`` and logged as the image
+    ``samples`` when the logger is TensorBoard.
+
+    Row ``k`` holds ``per_class`` samples of class ``k``, for the first ``classes`` classes; sample ``j``
+    of the grid is seeded by ``j``, so the grids of different steps show the same noise.  The task keeps
+    the contract of this module's docstring.
+
+    Args:
+        every_n_steps: the period in optimizer steps (0: only at the end of fit).
+        classes / per_class: the grid's rows (the first classes) and columns.
+        sampler / steps / guidance_scale / guidance_channels: how the task samples
+            (:func:`gspn_lightning.diffusion.sample`).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        classes: int = 10,
+        per_class: int = 8,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        guidance_channels: int | None = None,
+    ):
+        super().__init__(sampler, steps, guidance_scale, guidance_channels)
+        if every_n_steps < 0:
+            raise ValueError(f"SampleGrid: every_n_steps must be >= 0, got {every_n_steps}")
+        if classes < 1 or per_class < 1:
+            raise ValueError(f"SampleGrid: classes and per_class must be >= 1, got {classes}, {per_class}")
+        self.every_n_steps, self.classes, self.per_class = every_n_steps, classes, per_class
+        self._last: int | None = None
+
+    @torch.no_grad()
+    def grid(self, pl_module) -> torch.Tensor:
+        """A ``(3, H', W')`` uint8 grid: row ``k`` holds samples of class ``k`` (fixed seeds)."""
+        from torchvision.utils import make_grid
+
+        k, n = min(self.classes, pl_module.num_classes), self.per_class
+        labels = torch.arange(k, device=pl_module.device).repeat_interleave(n)
+        images = pl_module.sample_images(labels, list(range(k * n)), **self.sampling)
+        return make_grid(images.cpu(), nrow=n, padding=2, pad_value=255)
+
+    def write(self, trainer, pl_module) -> Path | None:
+        """Write (rank 0) and log the grid of the current step; its path (``None`` on other ranks)."""
+        self._last = trainer.global_step
+        if trainer.global_rank != 0:
+            return None
+        from torchvision.io import write_png
+
+        grid = self.grid(pl_module)
+        root = Path(trainer.default_root_dir) / "samples"
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"step-{trainer.global_step:07d}.png"
+        write_png(grid, str(path))
+        experiment = getattr(pl_module.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("samples", grid, trainer.global_step)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if every and step > 0 and step % every == 0 and self._last != step:
+            self.write(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and self._last != trainer.global_step:
+            self.write(trainer, pl_module)
+
+
+class InTrainingFID(_Sampling, Callback):
+    """FID of ``num_samples`` samples against ``reference`` every ``every_n_steps`` optimizer steps,
+    computed on rank 0 and logged as ``fid``; the protocol (the task's ``sampling_protocol()`` and these
+    settings) is printed with every result, since FIDs from different protocols do not compare.
+
+    The samples are class-balanced (sample ``i`` of class ``i % num_classes``) and seeded by index
+    (``FID_SEED_BASE + i``), drawn in batches of ``batch_size``; the task keeps the contract of this
+    module's docstring.
+
+    Args:
+        reference: saved Inception statistics (``python -m gspn_lightning.metrics stats``) or real
+            images (a folder or an ``.npz``), as :func:`gspn_lightning.metrics.compute_metrics` reads.
+        every_n_steps: the period in optimizer steps (>= 1).
+        num_samples: samples per FID (>= 2).
+        sampler / steps / guidance_scale / guidance_channels: how the task samples.
+        batch_size: samples drawn at once.
+    """
+
+    def __init__(
+        self,
+        reference: str,
+        every_n_steps: int,
+        num_samples: int = 1000,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        batch_size: int = 100,
+    ):
+        super().__init__(sampler, steps, guidance_scale, guidance_channels)
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
+            raise ValueError(
+                "InTrainingFID: every_n_steps and batch_size must be >= 1 and num_samples >= 2, got "
+                f"{every_n_steps}, {batch_size}, {num_samples}"
+            )
+        if not reference:
+            raise ValueError("InTrainingFID: reference (statistics or real images) is required")
+        self.reference, self.every_n_steps = reference, every_n_steps
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self._last: int | None = None
+
+    def protocol(self, pl_module) -> dict:
+        return {
+            "samples": self.num_samples, "class_balanced": True, **pl_module.sampling_protocol(),
+            **self.sampling, "reference": self.reference,
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def compute(self, trainer, pl_module) -> float:
+        """FID of ``num_samples`` samples of the task against ``reference`` (on this rank)."""
+        from gspn_lightning.metrics import compute_metrics
+
+        n, device = self.num_samples, pl_module.device
+        images = []
+        for start in range(0, n, self.batch_size):
+            idx = list(range(start, min(n, start + self.batch_size)))
+            labels = torch.tensor([i % pl_module.num_classes for i in idx], device=device)
+            seeds = [FID_SEED_BASE + i for i in idx]
+            images.append(pl_module.sample_images(labels, seeds, **self.sampling).cpu())
+        out = compute_metrics(self.reference, torch.cat(images), kid=False, progress=False, device=device)
+        protocol = self.protocol(pl_module)
+        rank_zero_info(f"FID {out['fid']:.3f} at step {trainer.global_step}; protocol: {protocol}")
+        return out["fid"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if step > 0 and step % every == 0 and self._last != step:
+            self._last = step
+            if trainer.global_rank == 0:
+                fid = self.compute(trainer, pl_module)
+                pl_module.log("fid", fid, rank_zero_only=True, on_step=True, on_epoch=False)

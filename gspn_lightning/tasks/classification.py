@@ -1,7 +1,7 @@
 """Image classification (ImageNet-style) as a LightningModule.
 
 The recipe of the paper (DeiT/Swin-style, 300 epochs): AdamW with weight decay 0.05 except on norms,
-biases and other 1-D parameters; lr = base_lr x global_batch / 512 with a per-step linear warm-up
+biases and other 1-D parameters; lr = optim.lr x global_batch / 512 with a per-step linear warm-up
 then cosine decay; label smoothing 0.1; MixUp 0.8 / CutMix 1.0 on the batch with a soft-target loss;
 an EMA of the weights evaluated alongside the raw model; top-1/top-5 accuracy from torchmetrics.
 Gradient clipping and bf16 mixed precision are Trainer settings (see the configs).
@@ -28,7 +28,16 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from .base import OptimSettings, TrainingTask, build_model, param_groups, warmup_cosine  # noqa: F401 (re-exported)
+from gspn_lightning.data.protocol import ClassData
+
+from .base import (  # noqa: F401 (re-exported)
+    CLASSIFICATION_OPTIM,
+    OptimSettings,
+    TrainingTask,
+    build_model,
+    param_groups,
+    warmup_cosine,
+)
 
 
 class ClassificationTask(TrainingTask):
@@ -41,18 +50,14 @@ class ClassificationTask(TrainingTask):
         in_chans: image channels (also passed to the model).
         image_size: the training image size, recorded in the checkpoint (the model takes any size).
             In configs these three come from the data through LightningCLI links.
-        base_lr: peak learning rate for a global batch of ``base_batch_size``; scaled linearly.
-        base_batch_size: the reference global batch of ``base_lr`` (512 in the paper's recipe).
-        weight_decay: AdamW weight decay (not on 1-D parameters).
-        betas: AdamW betas.
-        warmup_epochs: epochs of per-step linear warm-up (may be fractional).
-        warmup_lr: lr at step 0, scaled like ``base_lr``.
-        min_lr: lr at the end of the cosine, scaled like ``base_lr``.
+        optim: AdamW, its schedule and the weight EMA (:class:`~gspn_lightning.tasks.base.OptimSettings`);
+            by default the paper's recipe, :data:`~gspn_lightning.tasks.base.CLASSIFICATION_OPTIM`:
+            ``lr`` 5e-4 for a global batch of ``base_batch_size`` 512 (scaled linearly), weight decay
+            0.05, 20 ``warmup_epochs`` from ``warmup_lr`` 5e-7, a cosine to ``min_lr`` 5e-6, EMA 0.9999.
         label_smoothing: smoothing of the (mixed) one-hot targets.
         mixup_alpha: MixUp Beta parameter (0 disables MixUp).
         cutmix_alpha: CutMix Beta parameter (0 disables CutMix); with both on, one is picked per batch.
         mix_prob: probability that a training batch is mixed at all.
-        ema_decay: decay of the weight EMA; ``None`` disables it.
         batch_size: per-device batch size, only needed when there is no datamodule to read it from.
         nonfinite_loss: ``"error"`` stops the run at a NaN/inf training loss (naming the step);
             ``"skip"`` skips such batches (no update), see :class:`~gspn_lightning.tasks.base.TrainingTask`.
@@ -66,18 +71,11 @@ class ClassificationTask(TrainingTask):
         num_classes: int = 1000,
         in_chans: int = 3,
         image_size: int | None = None,
-        base_lr: float = 5e-4,
-        base_batch_size: int = 512,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 20.0,
-        warmup_lr: float = 5e-7,
-        min_lr: float = 5e-6,
+        optim: OptimSettings = CLASSIFICATION_OPTIM,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.8,
         cutmix_alpha: float = 1.0,
         mix_prob: float = 1.0,
-        ema_decay: float | None = 0.9999,
         batch_size: int | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
@@ -86,11 +84,7 @@ class ClassificationTask(TrainingTask):
         self.save_hyperparameters()
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         self.model = build_model(model, model_kwargs, num_classes=num_classes, in_chans=in_chans)
-        self.init_ema(ema_decay)
-        self.optim = OptimSettings(
-            lr=base_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
-            schedule="cosine", warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
-        )  # fmt: skip
+        self.init_optim(optim, CLASSIFICATION_OPTIM)
         mixers = []
         with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
             if mixup_alpha > 0:
@@ -118,8 +112,8 @@ class ClassificationTask(TrainingTask):
     # -- helpers ---------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(dm, "num_classes", None) if dm is not None else None
+        dm = self.data(ClassData)
+        data_classes = dm.num_classes if dm is not None else None
         if data_classes is not None and data_classes > self.hparams.num_classes:
             raise ValueError(
                 f"the data's shard index lists {data_classes} classes but model num_classes is "

@@ -10,7 +10,7 @@ original UNet (the teacher) on image + caption data.
   incomplete folder gets :func:`~gspn_lightning.models.sdxl_pipeline.check_sdxl_folder`'s one error
   listing what is missing; nothing downloads). The teacher is the folder's UNet, frozen; the student is a
   deep copy with every ``attn1`` swapped by :func:`~gspn_lightning.models.sdxl.swap_self_attention`
-  (``gspn_options``). ``trainable: gspn`` (default) trains only the GSPN modules (each one whole: its
+  (``mixer``). ``trainable: gspn`` (default) trains only the GSPN modules (each one whole: its
   copied Q/K/V/out and the new gates); ``all`` trains the whole student. The VAE and the two text
   encoders are frozen; with prompt embeddings stored in the shards the text encoders are not needed
   (``text_encoders: false``).
@@ -39,7 +39,7 @@ original UNet (the teacher) on image + caption data.
   optimiser/schedule/loop state. The teacher, the VAE, the text encoders and the frozen part of the
   student are *not* saved (they come from ``pretrained``): an SD-XL run with ``trainable: gspn`` saves
   about 0.4B parameters + EMA + AdamW moments instead of 2 x 2.6B. Loading checks that every trainable
-  tensor is in the file (a checkpoint of other ``gspn_options`` or ``trainable`` is refused by name).
+  tensor is in the file (a checkpoint of other ``mixer`` options or ``trainable`` is refused by name).
 - **Export.** At the end of fit, rank 0 writes ``<export_dir>/gspn.safetensors`` and (with EMA)
   ``gspn_ema.safetensors`` with :func:`~gspn_lightning.models.sdxl.save_gspn_weights`; ``export_dir``
   defaults to ``<trainer.default_root_dir>/gspn``.
@@ -64,7 +64,7 @@ from torchmetrics import MeanMetric
 from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
-from .base import OptimSettings, TrainingTask, cli_values
+from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values
 
 TRAINABLE = ("gspn", "all")
 UNCOND = ("zeros", "empty")
@@ -125,13 +125,19 @@ class DistillationTask(TrainingTask):
 
     Args:
         pretrained: the local SD-XL folder (diffusers layout).
-        gspn_options: arguments of ``swap_self_attention`` (``d_state``, ``chunk_size``, ...).
+        mixer: the options of every swapped layer, the GSPN models' mixer group
+            (:class:`~gspn_lightning.nn.MixerOptions`: ``d_state``, ``directions``, ``backend``,
+            ``fused``) plus ``chunk_size`` (``null`` global, an int, or ``{name pattern: chunk}``) and
+            ``u_bias_init``; see :func:`~gspn_lightning.models.sdxl.swap_self_attention`.
         trainable: ``"gspn"`` (only the GSPN modules) or ``"all"`` (the whole student).
         alpha, beta: weights of the output distillation and the per-layer attention terms.
         noise_weight: weight of the denoising term (1 in the recipe; 0 distils only, e.g. from a
             teacher whose own denoising is not worth learning, like the tiny random one of the tests).
-        lr, weight_decay, betas, warmup_steps, base_batch_size: AdamW and its constant-after-warm-up lr.
-        ema_decay: decay of the EMA of the trainable parameters (``None``: no EMA).
+        optim: AdamW, its schedule and the EMA (:class:`~gspn_lightning.tasks.base.OptimSettings`); by
+            default :data:`~gspn_lightning.tasks.base.DISTILLATION_OPTIM`: ``lr`` 1e-4, no weight decay,
+            a constant lr after ``warmup_steps``, ``ema_decay`` 0.9999 over the trainable parameters
+            only (``ema_scope: trainable``, the only scope this task takes: the frozen parts are never
+            saved, so an EMA of them could not be restored).
         caption_dropout: probability of training a row unconditionally (classifier-free guidance).
         uncond: the unconditional embedding: ``"zeros"`` or ``"empty"`` (the empty prompt's).
         text_encoders: load the frozen text encoders to encode captions; ``False`` when the shards
@@ -143,20 +149,17 @@ class DistillationTask(TrainingTask):
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
 
+    RENAMED_ARGUMENTS = {"gspn_options": "mixer"}
+
     def __init__(
         self,
         pretrained: str,
-        gspn_options: dict | None = None,
+        mixer: dict | None = None,
         trainable: str = "gspn",
         alpha: float = 0.5,
         beta: float = 0.5,
         noise_weight: float = 1.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        base_batch_size: int | None = None,
-        ema_decay: float | None = 0.9999,
+        optim: OptimSettings = DISTILLATION_OPTIM,
         caption_dropout: float = 0.1,
         uncond: str = "zeros",
         text_encoders: bool = True,
@@ -169,8 +172,11 @@ class DistillationTask(TrainingTask):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if gspn_options is not None:  # typed, as saved with the checkpoint
-            gspn_options = self.hparams.gspn_options = cli_values(gspn_options)
+        if mixer is not None:  # typed, as saved with the checkpoint
+            mixer = self.hparams.mixer = cli_values(mixer)
+        optim = OptimSettings.build(optim, DISTILLATION_OPTIM)
+        if optim.ema_scope != "trainable":
+            raise ValueError("model.init_args.optim.ema_scope must be trainable for DistillationTask")
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         if trainable not in TRAINABLE:
             raise ValueError(f"model.init_args.trainable must be one of {TRAINABLE}, got {trainable!r}")
@@ -195,7 +201,7 @@ class DistillationTask(TrainingTask):
 
         teacher = parts.unet
         student = _cast(copy.deepcopy(teacher), torch.float32)  # master weights in float32
-        self.gspn_names = swap_self_attention(student, **(gspn_options or {}))
+        self.gspn_names = swap_self_attention(student, **(mixer or {}))
         for p in student.parameters():
             p.requires_grad_(trainable == "all")
         if trainable == "gspn":
@@ -224,11 +230,7 @@ class DistillationTask(TrainingTask):
                 f"{pretrained}/scheduler: prediction_type {self.noise_scheduler.config.prediction_type!r} "
                 "is not supported (epsilon or v_prediction)"
             )
-        self.init_ema(ema_decay, "trainable")
-        self.optim = OptimSettings(
-            lr=lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=tuple(betas),
-            warmup_steps=warmup_steps, schedule="constant",
-        )  # fmt: skip
+        self.init_optim(optim, DISTILLATION_OPTIM)
         self.eval_terms = torch.nn.ModuleDict(
             {f"{s}_{t}": MeanMetric() for s in ("val", "val_ema", "test", "test_ema") for t in TERMS}
         )
@@ -440,7 +442,7 @@ class DistillationTask(TrainingTask):
         unexpected = sorted(saved - set(self.state_dict()))
         if missing or unexpected:
             raise ValueError(
-                "the checkpoint does not match this DistillationTask (other gspn_options or trainable?): "
+                "the checkpoint does not match this DistillationTask (other mixer options or trainable?): "
                 f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
             )
 
