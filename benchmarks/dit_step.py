@@ -63,8 +63,7 @@ def main(argv=None) -> int:
         learn_sigma=False,
         hidden_size=128,
         depth=8,
-        d_state=8,
-        local_chunk_size=2,
+        mixer={"d_state": 8, "chunk_size": 2},
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)

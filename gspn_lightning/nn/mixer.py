@@ -1,5 +1,5 @@
 """The GSPN mixer: four directional line scans with input-dependent gates, the drop-in replacement for
-attention (DESIGN.md, "The GSPN mixer").
+attention (docs/design.md, "The GSPN mixer").
 
 Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K = len(directions)``::
 

@@ -157,7 +157,7 @@ class InTrainingFID(_Sampling, Callback):
     module's docstring.
 
     Args:
-        reference: saved Inception statistics (``python -m gspn_lightning.metrics stats``) or real
+        reference: saved Inception statistics (``gspn stats``) or real
             images (a folder or an ``.npz``), as :func:`gspn_lightning.metrics.compute_metrics` reads.
         every_n_steps: the period in optimizer steps (>= 1).
         num_samples: samples per FID (>= 2).
