@@ -35,9 +35,9 @@ DIGITS = ROOT / "configs" / "dit" / "digits.yaml"
 
 
 def _cli(args, monkeypatch):
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
-    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    monkeypatch.setattr(sys, "argv", ["gspn"])
     with torch.device("meta"):
         return main(args=[*map(str, args), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
 
@@ -68,7 +68,7 @@ def test_optim_group_from_config_command_line_and_defaults(monkeypatch, capsys):
     assert o.schedule == "cosine" and o.betas == (0.9, 0.999)
     assert cli.model.hparams.optim == o.as_dict() and cli.model.ema.decay == 0.99
     # the group in a task's help (`--model.help DiffusionTask` names its arguments without init_args)
-    from cli import main
+    from gspn_lightning.cli.lightning import main
 
     with pytest.raises(SystemExit):
         main(args=["--model.help", "gspn_lightning.tasks.DiffusionTask"], run=False)
