@@ -42,21 +42,6 @@ def _cli(args, monkeypatch):
         return main(args=[*map(str, args), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
 
 
-# ------------------------------------------------------------------------------------- every config
-
-
-def test_every_shipped_config_is_instantiated_by_a_test():
-    """Each YAML under configs/ is parametrised into an instantiate test (a new config cannot slip by)."""
-    from tests.test_classification import CONFIGS
-    from tests.test_dit_task import DIT_CONFIGS, OVERLAYS
-
-    covered = {*CONFIGS, *DIT_CONFIGS, *OVERLAYS}
-    # tests/test_distill.py: test_sdxl_configs_instantiate (tiny, distill), test_fsdp_overlay_parses
-    covered |= {ROOT / "configs/sdxl" / n for n in ("tiny.yaml", "distill.yaml", "overlays/fsdp.yaml")}
-    shipped = set((ROOT / "configs").rglob("*.yaml"))
-    assert shipped == covered, sorted(map(str, shipped ^ covered))
-
-
 # ------------------------------------------------------------------------------------- the optim group
 
 
