@@ -33,10 +33,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import CORRUPT_LABEL, EvalShardSamples, ShardDataModule, collate, resolve_shards
+from .shards import (
+    CORRUPT_LABEL,
+    EvalShardSamples,
+    ShardDataModule,
+    check_count,
+    collate,
+    parse_cls,
+    read_array,
+    read_image,
+    read_label,
+    report_corrupt,
+    resolve_shards,
+)
 from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, existing_outputs, read_index, write_shards
 
-__all__ = ["DecodeLatent", "LatentWebDataModule", "adm_center_crop", "encode_shards", "real_images_from_shards"]
+__all__ = [
+    "DecodeLatent",
+    "LatentWebDataModule",
+    "adm_center_crop",
+    "encode_shards",
+    "real_images_from_shards",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,16 +76,10 @@ class DecodeLatent:
 
     def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
         try:
-            label = int(bytes(raw["cls"]).decode("ascii").strip())
-            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-                raise ValueError(f"label {label} out of range")
-            arr = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
-            C, h = self.channels, self.size
-            if arr.ndim != 4 or arr.shape[1:] != (2 * C, h, h) or not np.isfinite(arr).all():
-                raise ValueError(f"latent of shape {arr.shape}, expected (views, {2 * C}, {h}, {h}), finite")
+            label = read_label(raw, self.num_classes)
+            arr = read_array(raw, "npy", (None, 2 * self.channels, self.size, self.size))  # (views, 2C, h, w)
         except Exception as exc:  # a broken sample: a counted row, never a crash
-            if os.environ.get("GSPN_DATA_DEBUG"):
-                print(f"corrupt {raw.get('__key__')!r} of {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+            report_corrupt(raw, exc)
             return torch.zeros(self.channels, self.size, self.size), CORRUPT_LABEL
         moments = torch.from_numpy(arr.astype(np.float32))  # (views, 2C, h, w)
         if not self.sample:
@@ -108,29 +120,24 @@ class LatentWebDataModule(ShardDataModule):
             num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
             num_classes=num_classes, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
         )  # fmt: skip
-        for key, value in (("in_chans", in_chans), ("image_size", image_size)):
-            if value is not None and (isinstance(value, bool) or int(value) < 1):
-                raise ValueError(f"data.init_args.{key} must be an integer >= 1 or null, got {value!r}")
+        check_count("in_chans", in_chans, optional=True)
+        check_count("image_size", image_size, optional=True)
         self._in_chans, self._image_size = in_chans, image_size
-
-    def _meta(self, key: str) -> Any:
-        meta = self.index_field("meta") or {}
-        return meta.get(key)
 
     @property
     def in_chans(self) -> int | None:
         """Latent channels: the argument, else the index's ``meta.channels``."""
-        return self._in_chans if self._in_chans is not None else self._meta("channels")
+        return self._in_chans if self._in_chans is not None else self.index_meta("channels")
 
     @property
     def image_size(self) -> int | None:
         """Latent size: the argument, else the index's ``meta.size``."""
-        return self._image_size if self._image_size is not None else self._meta("size")
+        return self._image_size if self._image_size is not None else self.index_meta("size")
 
     @property
     def vae(self) -> str | None:
         """The VAE folder the latents were made with (from the index), for decoding samples."""
-        return self._meta("vae")
+        return self.index_meta("vae")
 
     def _decoder(self, split: str, sample: bool) -> DecodeLatent:
         if self.in_chans is None or self.image_size is None:
@@ -172,14 +179,10 @@ class _DecodeImage:
         self.size = size
 
     def __call__(self, raw: dict[str, Any]):
-        from PIL import Image
-
         key = raw.get("__key__", "?")
         try:
-            ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-            label = int(bytes(raw["cls"]).decode("ascii").strip())
-            with Image.open(io.BytesIO(raw[ext])) as img:
-                img = adm_center_crop(img.convert("RGB"), self.size)
+            label = parse_cls(raw)
+            img = adm_center_crop(read_image(raw, "RGB"), self.size)
             x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
             return x, label, key
         except Exception:  # skipped and counted by the encoder
@@ -304,14 +307,12 @@ def real_images_from_shards(
     urls, _, _ = resolve_shards(spec)
     out, labels = [], []
     for raw in EvalShardSamples(urls, 0, 1):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if ext is None:
+        if not any(e in raw for e in IMAGE_EXTENSIONS):
             continue
-        labels.append(int(bytes(raw["cls"]).decode("ascii").strip()) if "cls" in raw else -1)
-        with Image.open(io.BytesIO(raw[ext])) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
-            a = np.asarray(img)
+        labels.append(parse_cls(raw) if "cls" in raw else -1)
+        img = read_image(raw, "L" if channels == 1 else "RGB")
+        img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
+        a = np.asarray(img)
         out.append(a[..., None] if a.ndim == 2 else a)
     if not out:
         raise FileNotFoundError(f"no images in the shards {spec!r}")
