@@ -39,7 +39,6 @@ refusing to overwrite without ``--overwrite``) is :func:`~gspn_lightning.data.wr
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import CORRUPT_LABEL, ShardDataModule, read_array, read_image, report_corrupt
+from .shards import CORRUPT_LABEL, ShardDataModule, read_array, read_image, report_corrupt, signed_pixels
 from .write_shards import (
     DEFAULT_MAXCOUNT,
     DEFAULT_MAXSIZE,
@@ -61,6 +60,7 @@ from .write_shards import (
     ShardsExistError,
     _encode_file,
     existing_outputs,
+    npy_bytes,
     unique_key,
     write_shards,
 )
@@ -165,9 +165,8 @@ class DecodeCaption:
         except Exception as exc:  # a broken sample: a counted row, never a crash
             report_corrupt(raw, exc)
             return self.corrupt_row()
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         row = {
-            "pixels": pixels,
+            "pixels": signed_pixels(img),
             "original_size": torch.tensor(original, dtype=torch.long),
             "crop_top_left": torch.tensor((top, left), dtype=torch.long),
             "caption": caption,
@@ -354,12 +353,6 @@ def caption_folder_samples(
     return pairs, skipped
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def _samples(pairs, root: Path, embed, batch_size: int) -> Iterator[dict[str, Any]]:
     used: dict[str, int] = {}
     for start in range(0, len(pairs), batch_size):
@@ -374,7 +367,7 @@ def _samples(pairs, root: Path, embed, batch_size: int) -> Iterator[dict[str, An
             sample = {"__key__": key, ext: data, "txt": caption}
             if arrays is not None:
                 for name, values in zip(EMBEDDING_NAMES, arrays):
-                    sample[f"{name}.npy"] = _npy(values[i])
+                    sample[f"{name}.npy"] = npy_bytes(values[i])
             yield sample
 
 

@@ -23,9 +23,6 @@ writes ``OUT/rank-NNN/`` shards per rank; rank 0 then writes ``OUT/index.json`` 
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,8 +42,17 @@ from .shards import (
     read_label,
     report_corrupt,
     resolve_shards,
+    signed_pixels,
 )
-from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, existing_outputs, read_index, write_shards
+from .write_shards import (
+    IMAGE_EXTENSIONS,
+    INDEX_NAME,
+    existing_outputs,
+    npy_bytes,
+    read_index,
+    write_index,
+    write_shards,
+)
 
 __all__ = [
     "DecodeLatent",
@@ -183,8 +189,7 @@ class _DecodeImage:
         try:
             label = parse_cls(raw)
             img = adm_center_crop(read_image(raw, "RGB"), self.size)
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-            return x, label, key
+            return signed_pixels(img), label, key
         except Exception:  # skipped and counted by the encoder
             return torch.zeros(3, self.size, self.size), CORRUPT_LABEL, key
 
@@ -192,12 +197,6 @@ class _DecodeImage:
 def _collate_keyed(rows):
     x, labels = collate([(r[0], r[1]) for r in rows])
     return x, labels, [r[2] for r in rows]
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def encode_shards(
@@ -254,7 +253,7 @@ def encode_shards(
                     moments.append(torch.cat([dist.mean, dist.std], dim=1).float() * scale)  # (B, 2C, h, w)
             stacked = torch.stack(moments, dim=1).half().cpu().numpy()  # (B, views, 2C, h, w)
             for key, label, arr in zip(keys, labels.tolist(), stacked):
-                yield {"__key__": key, "npy": _npy(arr), "cls": int(label)}
+                yield {"__key__": key, "npy": npy_bytes(arr), "cls": int(label)}
             bar.update(len(keys))
         bar.close()
 
@@ -278,9 +277,7 @@ def encode_shards(
         shards += [{"name": f"rank-{r:03d}/{s['name']}", "count": s["count"]} for s in index["shards"]]
         total += index["total"]
     merged = {"shards": shards, "total": total, "classes": classes or index["classes"], "meta": meta}
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    write_index(out, merged)
     if skipped:
         print(f"skipped {skipped} unreadable image(s) on rank 0", file=sys.stderr)
     return merged

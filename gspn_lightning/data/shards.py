@@ -85,6 +85,11 @@ def read_image(raw: dict[str, Any], mode: str = "RGB"):
         return img.convert(mode)
 
 
+def signed_pixels(image) -> torch.Tensor:
+    """An RGB PIL image as float32 ``(3, H, W)`` in ``[-1, 1]`` (what the diffusion VAEs encode)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
 def read_array(raw: dict[str, Any], member: str, shape: tuple[int | None, ...]) -> np.ndarray:
     """The ``.npy`` member ``member`` (no pickles); a ``ValueError`` unless it is finite and of ``shape``
     (``None``: any size along that axis)."""
