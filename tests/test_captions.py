@@ -150,6 +150,12 @@ def test_writer_from_a_folder_with_sidecars(tmp_path):
         main([str(tmp_path / "src"), str(tmp_path / "out"), "--quiet", "--overwrite", "--allow-empty"]) == 0
     )
     assert read_index(tmp_path / "out")["total"] == 8
+    # the shard-writing options (shared with `gspn write-shards`) reach the writer
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--quiet", "--overwrite", "--allow-empty"]
+    assert main([*args, "--maxcount", "3", "--prefix", "cap", "--no-shuffle"]) == 0
+    index = read_index(tmp_path / "out")
+    assert [s["name"] for s in index["shards"]] == [f"cap-{i:06d}.tar" for i in range(3)]
+    assert [s["count"] for s in index["shards"]] == [3, 3, 2]
 
 
 def test_writer_with_a_captions_file(tmp_path):

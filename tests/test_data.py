@@ -410,6 +410,44 @@ def test_corrupt_samples_become_label_minus_one(tmp_path, single_process):
     assert len(train_labels) == 21 and (train_labels == CORRUPT_LABEL).any() and (train_labels >= 0).any()
 
 
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_latent_decoder_rows_and_corrupt_samples(monkeypatch, capsys):
+    """The latent decoder goes through the same member readers as the image and caption decoders: a good
+    sample is view 0's mean, anything else (shape, non-finite, label) a zero row with label -1, and with
+    ``$GSPN_DATA_DEBUG`` set each such row says why on stderr."""
+    from gspn_lightning.data.latents import DecodeLatent
+
+    good = np.arange(2 * 4 * 2 * 2, dtype=np.float16).reshape(2, 4, 2, 2)  # 2 views, C = 2, h = 2
+    decode = DecodeLatent(channels=2, size=2, sample=False, num_classes=3)
+    x, label = decode({"__key__": "k", "npy": _npy(good), "cls": b"2"})
+    assert label == 2 and torch.equal(x, torch.from_numpy(good[0, :2].astype(np.float32)))
+    nonfinite = good.copy()
+    nonfinite[1, 0, 0, 0] = np.inf
+    bad = {
+        "wrong channels": {"npy": _npy(good[:, :3]), "cls": b"0"},
+        "3-D": {"npy": _npy(good[0]), "cls": b"0"},
+        "not finite": {"npy": _npy(nonfinite), "cls": b"0"},
+        "label too large": {"npy": _npy(good), "cls": b"3"},
+        "negative label": {"npy": _npy(good), "cls": b"-1"},
+        "no label": {"npy": _npy(good)},
+    }
+    monkeypatch.setenv("GSPN_DATA_DEBUG", "1")
+    for key, raw in bad.items():
+        x, label = decode({"__key__": key, "__url__": "u.tar", **raw})
+        assert label == CORRUPT_LABEL and x.shape == (2, 2, 2) and not x.any(), key
+    err = capsys.readouterr().err
+    assert err.count("corrupt sample") == len(bad) and "'wrong channels' of shard u.tar" in err
+    assert "npy of shape (2, 3, 2, 2), expected ('n', 4, 2, 2), finite" in err
+    assert "label 3 out of range" in err
+    sampled, _ = DecodeLatent(channels=2, size=2, sample=True)({"npy": _npy(good), "cls": b"0"})
+    assert sampled.shape == (2, 2, 2) and torch.isfinite(sampled).all()
+
+
 def test_randaugment_spec_and_magnitude_noise():
     assert parse_randaugment("rand-m9-mstd0.5") == {"m": 9.0, "n": 2.0, "mstd": 0.5, "mmax": 10.0}
     assert parse_randaugment("rand-m7-n3-mstd1-inc1")["n"] == 3.0

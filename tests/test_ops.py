@@ -206,6 +206,28 @@ def test_long_scan_stays_bounded(device, direction):
     assert h.float().abs().max().item() > (lam.float() * x.float()).abs().max().item() * 0.5
 
 
+def test_a_failed_build_is_tried_once_and_explained(monkeypatch):
+    """A build that fails leaves the reference in charge: load_cpu/load_cuda say False, keep the reason
+    for build_error and do not retry in this process."""
+    calls = []
+
+    def failing_load(name, sources, cuda, verbose):
+        calls.append(name)
+        raise RuntimeError(f"no compiler for {name}")
+
+    monkeypatch.setattr(_build, "_STATE", _build._State())
+    monkeypatch.setattr(_build, "_load", failing_load)
+    assert not _build.load_cpu() and not _build.load_cpu()
+    assert calls == ["gspn_lightning_cpu"]
+    assert _build.build_error("cpu") == "RuntimeError: no compiler for gspn_lightning_cpu"
+    assert not _build.load_cuda(force=True)
+    assert "the CPU extension" in _build.build_error("cuda") and calls == ["gspn_lightning_cpu"]
+    monkeypatch.setattr(_build, "_STATE", _build._State(cpu=True))
+    assert not _build.load_cuda(force=True) and not _build.load_cuda(force=True)
+    assert calls == ["gspn_lightning_cpu", "gspn_lightning_cuda"]
+    assert _build.build_error("cuda") == "RuntimeError: no compiler for gspn_lightning_cuda"
+
+
 def test_opcheck_and_registration():
     assert _build.load_cpu(), _build.build_error("cpu")
     op = torch.ops.gspn_lightning.scan_fwd.default

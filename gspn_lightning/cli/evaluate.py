@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gspn_lightning.data.latents import real_images_from_shards
 from gspn_lightning.diffusion.samples import sample_grid
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     real, real_arrays = a.real, None
     if is_shards(a.real):
         real_arrays = real_images_from_shards(a.real, H, C, with_labels=True)
-        real = torch.from_numpy(real_arrays[0]).permute(0, 3, 1, 2).contiguous()
-    fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        real = real_arrays[0]  # uint8 (N, H, W, C), read channels-last by the metrics like the samples
     report = {"samples": str(Path(a.samples).resolve()), "num_samples": int(N), "real": a.real}
     protocol = Path(a.samples).with_name("protocol.json")
     if protocol.exists():
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(
         compute_metrics(
             real,
-            fake,
+            images,
             kid=not a.no_kid,
             batch_size=a.batch_size,
             progress=not a.no_progress,

@@ -11,15 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from gspn_lightning.models.sdxl import swap_self_attention
+from gspn_lightning.models.summary import count_params
 
 PROG = "gspn sdxl-swap"
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -37,14 +33,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = json.loads(path.read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    before = _count(unet)
+    before = count_params(unet)
     attn1 = {}
     for name, m in unet.named_modules():
         if name.endswith(".attn1"):
-            attn1[name] = _count(m)
+            attn1[name] = count_params(m)
     names = swap_self_attention(unet, d_state=args.d_state, chunk_size=args.chunk_size)
-    after = _count(unet)
-    gspn = sum(_count(unet.get_submodule(n)) for n in names)
+    after = count_params(unet)
+    gspn = sum(count_params(unet.get_submodule(n)) for n in names)
     widths: dict[int, int] = {}
     for n in names:
         c = unet.get_submodule(n).query_dim

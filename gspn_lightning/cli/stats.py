@@ -50,12 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if shards:
-            import torch
-
             from gspn_lightning.data.latents import real_images_from_shards
 
-            images = real_images_from_shards(a.source, a.size, a.channels, center_crop=a.center_crop)
-            source = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+            # uint8 (N, H, W, C), read channels-last by the metrics like any array of images
+            source = real_images_from_shards(a.source, a.size, a.channels, center_crop=a.center_crop)
         else:
             source = a.source
         stats = compute_statistics(

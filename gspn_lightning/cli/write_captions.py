@@ -14,12 +14,9 @@ import sys
 from pathlib import Path
 
 from gspn_lightning.data.captions import write_caption_shards
-from gspn_lightning.data.write_shards import (
-    DEFAULT_MAXCOUNT,
-    DEFAULT_MAXSIZE,
-    ShardsExistError,
-    existing_outputs,
-)
+from gspn_lightning.data.write_shards import ShardsExistError, existing_outputs
+
+from ._common import add_shard_writer_arguments, shard_writer_kwargs
 
 PROG = "gspn write-captions"
 
@@ -53,13 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="device of the text encoders (--embed-with)")
     p.add_argument("--batch-size", type=int, default=16, help="captions encoded at a time (--embed-with)")
     p.add_argument("--allow-empty", action="store_true", help="keep images without a caption (empty caption)")
-    p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="max samples per shard")
-    p.add_argument("--maxsize", type=float, default=DEFAULT_MAXSIZE, help="max payload bytes per shard")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample-order shuffle (default 0)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep sorted path order")
-    p.add_argument("--overwrite", action="store_true", help="replace existing *.tar and index.json in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_shard_writer_arguments(p, "sorted path order")
     a = p.parse_args(argv)  # fmt: skip
     folder = a.embed_with
     try:
@@ -69,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         index = write_caption_shards(
             a.src, a.out, captions=a.captions, embed=embed,
             embed_source=str(Path(folder).resolve()) if folder is not None else None,
-            allow_empty=a.allow_empty, maxcount=a.maxcount, maxsize=int(a.maxsize), prefix=a.prefix,
-            shuffle_seed=None if a.no_shuffle else a.seed, overwrite=a.overwrite,
-            batch_size=a.batch_size, progress=not a.quiet,
+            allow_empty=a.allow_empty, batch_size=a.batch_size, **shard_writer_kwargs(a),
         )  # fmt: skip
     except (OSError, ValueError) as exc:
         print(f"captions: error: {exc}", file=sys.stderr)

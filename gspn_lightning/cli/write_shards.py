@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gspn_lightning.data.write_shards import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, write_shards
+from gspn_lightning.data.write_shards import write_shards
+
+from ._common import add_shard_writer_arguments, shard_writer_kwargs
 
 PROG = "gspn write-shards"
 
@@ -23,27 +25,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("src", help="ImageFolder root: SRC/<class_name>/<image files>")
     parser.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and index.json")
-    parser.add_argument(
-        "--maxcount",
-        type=int,
-        default=DEFAULT_MAXCOUNT,
-        help=f"max samples per shard (default {DEFAULT_MAXCOUNT})",
-    )
-    parser.add_argument(
-        "--maxsize",
-        type=float,
-        default=DEFAULT_MAXSIZE,
-        help=f"max payload bytes per shard, e.g. 1e9 (default {DEFAULT_MAXSIZE:.0e})",
-    )
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample-order shuffle (default 0)")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep ImageFolder (class-sorted) order")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete existing *.tar and index.json in OUT instead of refusing",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_shard_writer_arguments(parser, "ImageFolder (class-sorted) order")
     return parser
 
 
@@ -51,16 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _build_parser().parse_args(argv)
     try:
-        index = write_shards(
-            args.src,
-            args.out,
-            maxcount=args.maxcount,
-            maxsize=int(args.maxsize),
-            overwrite=args.overwrite,
-            prefix=args.prefix,
-            shuffle_seed=None if args.no_shuffle else args.seed,
-            progress=not args.quiet,
-        )
+        index = write_shards(args.src, args.out, **shard_writer_kwargs(args))
     except (OSError, ValueError) as exc:
         print(f"write_shards: error: {exc}", file=sys.stderr)
         return 1

@@ -39,7 +39,6 @@ refusing to overwrite without ``--overwrite``) is :func:`~gspn_lightning.data.wr
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import CORRUPT_LABEL, ShardDataModule
+from .shards import CORRUPT_LABEL, ShardDataModule, read_array, read_image, report_corrupt, signed_pixels
 from .write_shards import (
     DEFAULT_MAXCOUNT,
     DEFAULT_MAXSIZE,
@@ -61,6 +60,7 @@ from .write_shards import (
     ShardsExistError,
     _encode_file,
     existing_outputs,
+    npy_bytes,
     unique_key,
     write_shards,
 )
@@ -151,30 +151,22 @@ class DecodeCaption:
         self.resample = Image.Resampling[interpolation.upper()]
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
-        from PIL import Image
-
         th, tw = self.resolution
         try:
             caption = read_caption(raw)
-            arrays = {}
-            for name, shape in self.embeddings.items():
-                arr = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
-                if arr.shape != shape or not np.isfinite(arr).all():
-                    raise ValueError(f"{name} of shape {arr.shape}, expected {shape}, finite")
-                arrays[name] = torch.from_numpy(arr.astype(np.float32))
-            ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-            with Image.open(io.BytesIO(raw[ext])) as img:
-                img = img.convert("RGB")
+            arrays = {
+                name: torch.from_numpy(read_array(raw, f"{name}.npy", shape).astype(np.float32))
+                for name, shape in self.embeddings.items()
+            }
+            img = read_image(raw, "RGB")
             (rh, rw), (top, left) = crop_box(img.height, img.width, (th, tw), self.random_crop)
             original = (img.height, img.width)
             img = img.resize((rw, rh), resample=self.resample).crop((left, top, left + tw, top + th))
         except Exception as exc:  # a broken sample: a counted row, never a crash
-            if os.environ.get("GSPN_DATA_DEBUG"):
-                print(f"corrupt {raw.get('__key__')!r} of {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+            report_corrupt(raw, exc)
             return self.corrupt_row()
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         row = {
-            "pixels": pixels,
+            "pixels": signed_pixels(img),
             "original_size": torch.tensor(original, dtype=torch.long),
             "crop_top_left": torch.tensor((top, left), dtype=torch.long),
             "caption": caption,
@@ -266,7 +258,7 @@ class CaptionWebDataModule(ShardDataModule):
         """``{name: shape}`` of the prompt embeddings the batches carry (``None``: the batches have none)."""
         if self.embeddings is False:
             return None
-        meta = (self.index_field("meta") or {}).get("embeddings")
+        meta = self.index_meta("embeddings")
         if not meta:
             if self.embeddings:
                 raise ValueError(
@@ -279,7 +271,7 @@ class CaptionWebDataModule(ShardDataModule):
     @property
     def embedded_with(self) -> str | None:
         """The SD-XL folder whose text encoders made the stored embeddings (from the index), if any."""
-        return ((self.index_field("meta") or {}).get("embeddings") or {}).get("sdxl")
+        return (self.index_meta("embeddings") or {}).get("sdxl")
 
     def _decoder(self, random_crop: bool) -> DecodeCaption:
         return DecodeCaption(self.resolution, random_crop, self.embedding_shapes(), self.interpolation)
@@ -361,12 +353,6 @@ def caption_folder_samples(
     return pairs, skipped
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def _samples(pairs, root: Path, embed, batch_size: int) -> Iterator[dict[str, Any]]:
     used: dict[str, int] = {}
     for start in range(0, len(pairs), batch_size):
@@ -381,7 +367,7 @@ def _samples(pairs, root: Path, embed, batch_size: int) -> Iterator[dict[str, An
             sample = {"__key__": key, ext: data, "txt": caption}
             if arrays is not None:
                 for name, values in zip(EMBEDDING_NAMES, arrays):
-                    sample[f"{name}.npy"] = _npy(values[i])
+                    sample[f"{name}.npy"] = npy_bytes(values[i])
             yield sample
 
 

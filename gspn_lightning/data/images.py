@@ -24,19 +24,15 @@ error and the sample and shard it happened on.
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from .shards import CORRUPT_LABEL, ShardDataModule
-from .write_shards import IMAGE_EXTENSIONS
+from .shards import CORRUPT_LABEL, ShardDataModule, check_count, read_image, read_label, report_corrupt
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -200,30 +196,18 @@ class DecodeSample:
         self.max_consecutive_failures = max_consecutive_failures
         self._failures_in_a_row = 0
 
-    def _label(self, sample: dict[str, Any]) -> int:
-        label = int(bytes(sample["cls"]).decode("ascii").strip())
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise ValueError(f"label {label} out of range")
-        return label
-
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
         try:
-            label = self._label(sample)
-            ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                img = img.convert("RGB" if self.in_chans == 3 else "L")
+            label = read_label(sample, self.num_classes)
+            img = read_image(sample, "RGB" if self.in_chans == 3 else "L")
         except Exception as exc:  # a broken sample: a counted row, never a crash
-            if os.environ.get("GSPN_DATA_DEBUG"):
-                print(f"corrupt {where}: {exc!r}", file=sys.stderr)
+            report_corrupt(sample, exc)
             return self._corrupt_row()
         try:
             image = self.transform(img).as_subclass(torch.Tensor)
         except Exception as exc:  # decoded but not transformable: a row, unless it happens to every sample
-            if os.environ.get("GSPN_DATA_DEBUG"):
-                print(f"transform failed on {where}: {exc!r}", file=sys.stderr)
+            report_corrupt(sample, exc, "transform failed on")
+            where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
             self._failures_in_a_row += 1
             if self._failures_in_a_row >= self.max_consecutive_failures:
                 raise RuntimeError(
@@ -261,8 +245,7 @@ def _check_datamodule_args(**a: Any) -> None:
     if not all(float(v) > 0 for v in a["std"]):
         fail("std", "must be > 0 in every channel (it divides the pixels)")
     for key in ("image_size", "max_transform_failures"):
-        if isinstance(a[key], bool) or int(a[key]) < 1:
-            fail(key, "must be an integer >= 1")
+        check_count(key, a[key])
     scale = tuple(a["crop_scale"])
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         fail("crop_scale", "must be (low, high) with 0 < low <= high <= 1")

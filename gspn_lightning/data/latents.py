@@ -23,9 +23,6 @@ writes ``OUT/rank-NNN/`` shards per rank; rank 0 then writes ``OUT/index.json`` 
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,10 +30,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import CORRUPT_LABEL, EvalShardSamples, ShardDataModule, collate, resolve_shards
-from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, existing_outputs, read_index, write_shards
+from .shards import (
+    CORRUPT_LABEL,
+    EvalShardSamples,
+    ShardDataModule,
+    check_count,
+    collate,
+    parse_cls,
+    read_array,
+    read_image,
+    read_label,
+    report_corrupt,
+    resolve_shards,
+    signed_pixels,
+)
+from .write_shards import (
+    IMAGE_EXTENSIONS,
+    INDEX_NAME,
+    existing_outputs,
+    npy_bytes,
+    read_index,
+    write_index,
+    write_shards,
+)
 
-__all__ = ["DecodeLatent", "LatentWebDataModule", "adm_center_crop", "encode_shards", "real_images_from_shards"]
+__all__ = [
+    "DecodeLatent",
+    "LatentWebDataModule",
+    "adm_center_crop",
+    "encode_shards",
+    "real_images_from_shards",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,16 +82,10 @@ class DecodeLatent:
 
     def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
         try:
-            label = int(bytes(raw["cls"]).decode("ascii").strip())
-            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-                raise ValueError(f"label {label} out of range")
-            arr = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
-            C, h = self.channels, self.size
-            if arr.ndim != 4 or arr.shape[1:] != (2 * C, h, h) or not np.isfinite(arr).all():
-                raise ValueError(f"latent of shape {arr.shape}, expected (views, {2 * C}, {h}, {h}), finite")
+            label = read_label(raw, self.num_classes)
+            arr = read_array(raw, "npy", (None, 2 * self.channels, self.size, self.size))  # (views, 2C, h, w)
         except Exception as exc:  # a broken sample: a counted row, never a crash
-            if os.environ.get("GSPN_DATA_DEBUG"):
-                print(f"corrupt {raw.get('__key__')!r} of {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+            report_corrupt(raw, exc)
             return torch.zeros(self.channels, self.size, self.size), CORRUPT_LABEL
         moments = torch.from_numpy(arr.astype(np.float32))  # (views, 2C, h, w)
         if not self.sample:
@@ -108,29 +126,24 @@ class LatentWebDataModule(ShardDataModule):
             num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
             num_classes=num_classes, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
         )  # fmt: skip
-        for key, value in (("in_chans", in_chans), ("image_size", image_size)):
-            if value is not None and (isinstance(value, bool) or int(value) < 1):
-                raise ValueError(f"data.init_args.{key} must be an integer >= 1 or null, got {value!r}")
+        check_count("in_chans", in_chans, optional=True)
+        check_count("image_size", image_size, optional=True)
         self._in_chans, self._image_size = in_chans, image_size
-
-    def _meta(self, key: str) -> Any:
-        meta = self.index_field("meta") or {}
-        return meta.get(key)
 
     @property
     def in_chans(self) -> int | None:
         """Latent channels: the argument, else the index's ``meta.channels``."""
-        return self._in_chans if self._in_chans is not None else self._meta("channels")
+        return self._in_chans if self._in_chans is not None else self.index_meta("channels")
 
     @property
     def image_size(self) -> int | None:
         """Latent size: the argument, else the index's ``meta.size``."""
-        return self._image_size if self._image_size is not None else self._meta("size")
+        return self._image_size if self._image_size is not None else self.index_meta("size")
 
     @property
     def vae(self) -> str | None:
         """The VAE folder the latents were made with (from the index), for decoding samples."""
-        return self._meta("vae")
+        return self.index_meta("vae")
 
     def _decoder(self, split: str, sample: bool) -> DecodeLatent:
         if self.in_chans is None or self.image_size is None:
@@ -172,16 +185,11 @@ class _DecodeImage:
         self.size = size
 
     def __call__(self, raw: dict[str, Any]):
-        from PIL import Image
-
         key = raw.get("__key__", "?")
         try:
-            ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-            label = int(bytes(raw["cls"]).decode("ascii").strip())
-            with Image.open(io.BytesIO(raw[ext])) as img:
-                img = adm_center_crop(img.convert("RGB"), self.size)
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-            return x, label, key
+            label = parse_cls(raw)
+            img = adm_center_crop(read_image(raw, "RGB"), self.size)
+            return signed_pixels(img), label, key
         except Exception:  # skipped and counted by the encoder
             return torch.zeros(3, self.size, self.size), CORRUPT_LABEL, key
 
@@ -189,12 +197,6 @@ class _DecodeImage:
 def _collate_keyed(rows):
     x, labels = collate([(r[0], r[1]) for r in rows])
     return x, labels, [r[2] for r in rows]
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def encode_shards(
@@ -251,7 +253,7 @@ def encode_shards(
                     moments.append(torch.cat([dist.mean, dist.std], dim=1).float() * scale)  # (B, 2C, h, w)
             stacked = torch.stack(moments, dim=1).half().cpu().numpy()  # (B, views, 2C, h, w)
             for key, label, arr in zip(keys, labels.tolist(), stacked):
-                yield {"__key__": key, "npy": _npy(arr), "cls": int(label)}
+                yield {"__key__": key, "npy": npy_bytes(arr), "cls": int(label)}
             bar.update(len(keys))
         bar.close()
 
@@ -275,9 +277,7 @@ def encode_shards(
         shards += [{"name": f"rank-{r:03d}/{s['name']}", "count": s["count"]} for s in index["shards"]]
         total += index["total"]
     merged = {"shards": shards, "total": total, "classes": classes or index["classes"], "meta": meta}
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    write_index(out, merged)
     if skipped:
         print(f"skipped {skipped} unreadable image(s) on rank 0", file=sys.stderr)
     return merged
@@ -304,14 +304,12 @@ def real_images_from_shards(
     urls, _, _ = resolve_shards(spec)
     out, labels = [], []
     for raw in EvalShardSamples(urls, 0, 1):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if ext is None:
+        if not any(e in raw for e in IMAGE_EXTENSIONS):
             continue
-        labels.append(int(bytes(raw["cls"]).decode("ascii").strip()) if "cls" in raw else -1)
-        with Image.open(io.BytesIO(raw[ext])) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
-            a = np.asarray(img)
+        labels.append(parse_cls(raw) if "cls" in raw else -1)
+        img = read_image(raw, "L" if channels == 1 else "RGB")
+        img = adm_center_crop(img, size) if center_crop else img.resize((size, size), Image.BILINEAR)
+        a = np.asarray(img)
         out.append(a[..., None] if a.ndim == 2 else a)
     if not out:
         raise FileNotFoundError(f"no images in the shards {spec!r}")

@@ -34,9 +34,11 @@ ranks may run different numbers of batches: the task must not call collectives p
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -45,14 +47,69 @@ from typing import Any
 
 import braceexpand
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from .write_shards import INDEX_NAME, read_index
+from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, read_index
 
 #: Label of a row whose sample could not be decoded (its tensor is all zeros).
 CORRUPT_LABEL = -1
+
+# --------------------------------------------------------------------------------------------------
+# Reading the members of one raw sample (what every task's decoder is made of)
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_cls(raw: dict[str, Any]) -> int:
+    """The integer in a raw sample's ``cls`` member (``KeyError`` without one, ``ValueError`` if not an int)."""
+    return int(bytes(raw["cls"]).decode("ascii").strip())
+
+
+def read_label(raw: dict[str, Any], num_classes: int | None = None) -> int:
+    """:func:`parse_cls`, and a ``ValueError`` for a label below 0 or ``>= num_classes`` (when given)."""
+    label = parse_cls(raw)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"label {label} out of range")
+    return label
+
+
+def read_image(raw: dict[str, Any], mode: str = "RGB"):
+    """The sample's first image member (in :data:`IMAGE_EXTENSIONS` order) as a PIL image in ``mode``
+    (``StopIteration`` when it has none; PIL's error when it cannot be decoded)."""
+    from PIL import Image
+
+    ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
+    with Image.open(io.BytesIO(raw[ext])) as img:
+        return img.convert(mode)
+
+
+def signed_pixels(image) -> torch.Tensor:
+    """An RGB PIL image as float32 ``(3, H, W)`` in ``[-1, 1]`` (what the diffusion VAEs encode)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def read_array(raw: dict[str, Any], member: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """The ``.npy`` member ``member`` (no pickles); a ``ValueError`` unless it is finite and of ``shape``
+    (``None``: any size along that axis)."""
+    arr = np.load(io.BytesIO(raw[member]), allow_pickle=False)
+    if (
+        arr.ndim != len(shape)
+        or any(want is not None and got != want for got, want in zip(arr.shape, shape))
+        or not np.isfinite(arr).all()
+    ):
+        expected = tuple("n" if want is None else want for want in shape)
+        raise ValueError(f"{member} of shape {arr.shape}, expected {expected}, finite")
+    return arr
+
+
+def report_corrupt(raw: dict[str, Any], exc: BaseException, what: str = "corrupt") -> None:
+    """Say on stderr why a sample became a corrupt row, when ``$GSPN_DATA_DEBUG`` is set (it is counted
+    either way; a decoder never raises for bad data)."""
+    if os.environ.get("GSPN_DATA_DEBUG"):
+        print(f"{what} sample {raw.get('__key__')!r} of shard {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+
 
 # --------------------------------------------------------------------------------------------------
 # Shard specifications
@@ -226,7 +283,6 @@ class EvalShardSamples(IterableDataset):
         return itertools.islice(samples, offset, None, stride)
 
 
-
 def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image, label)`` pairs into ``(images (B, C, H, W), labels int64 (B,))``."""
     images, labels = zip(*samples)
@@ -363,10 +419,19 @@ class FixedLengthLoader:
             yield batch
 
 
-
 # --------------------------------------------------------------------------------------------------
 # The DataModule base
 # --------------------------------------------------------------------------------------------------
+
+
+def check_count(key: str, value: Any, optional: bool = False) -> None:
+    """Reject a data module argument that is not an integer >= 1 (``optional``: or ``None``), naming
+    it as ``data.init_args.<key>``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or int(value) < 1:
+        need = "an integer >= 1 or null" if optional else "an integer >= 1"
+        raise ValueError(f"data.init_args.{key} must be {need}, got {value!r}")
 
 
 def check_stream_args(**a: Any) -> None:
@@ -376,14 +441,12 @@ def check_stream_args(**a: Any) -> None:
         raise ValueError(f"data.init_args.{key} {need}, got {a[key]!r}")
 
     for key in ("batch_size", "shuffle_buffer", "max_shard_failures"):
-        if isinstance(a[key], bool) or int(a[key]) < 1:
-            fail(key, "must be an integer >= 1")
+        check_count(key, a[key])
     if a["num_workers"] < 0:
         fail("num_workers", "must be >= 0")
     if a["epoch_samples"] is not None and a["epoch_samples"] < 1:
         fail("epoch_samples", "must be >= 1 or null")
-    if a["num_classes"] is not None and (isinstance(a["num_classes"], bool) or int(a["num_classes"]) < 1):
-        fail("num_classes", "must be an integer >= 1 or null")
+    check_count("num_classes", a["num_classes"], optional=True)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -486,6 +549,10 @@ class ShardDataModule(L.LightningDataModule):
     def num_predict_samples(self) -> int | None:
         """Samples in the predict set according to its index (``None`` if unknown or no set)."""
         return self._total("predict")
+
+    def index_meta(self, key: str) -> Any:
+        """``key`` of the ``meta`` object of the first readable shard index that has one, or None."""
+        return (self.index_field("meta") or {}).get(key)
 
     def index_field(self, key: str) -> Any:
         """``key`` of the first readable shard index that has it (train, val, test, predict), or None."""

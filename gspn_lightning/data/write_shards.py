@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import webdataset as wds
 
 from tqdm import tqdm
@@ -353,10 +354,24 @@ def write_shards(
         index["classes"] = list(classes) if classes is not None else [str(i) for i in range(max_label + 1)]
     if meta:
         index["meta"] = dict(meta)
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    write_index(out, index)
     return index
+
+
+def write_index(out_dir: str | os.PathLike, index: dict[str, Any]) -> None:
+    """Write ``out_dir/index.json`` atomically (a crash leaves the old index or none, never half of one)."""
+    tmp = Path(out_dir) / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, Path(out_dir) / INDEX_NAME)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file (a sample's array member)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def read_index(path: str | os.PathLike) -> dict[str, Any]:

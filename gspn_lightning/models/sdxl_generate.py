@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .sdxl import swap_and_load_gspn_weights, swap_self_attention
-from .sdxl_pipeline import load_sdxl
+from .sdxl_pipeline import PARTS, load_sdxl
 
 __all__ = ["build_pipeline", "generate", "read_prompts"]
 
@@ -74,13 +74,7 @@ def build_pipeline(
     elif gspn_options is not None:
         names = swap_self_attention(parts.unet, **gspn_options)  # new modules take the UNet's dtype
     pipe = StableDiffusionXLPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer=parts.tokenizer,
-        tokenizer_2=parts.tokenizer_2,
-        unet=parts.unet,
-        scheduler=parts.scheduler,
+        **{part: getattr(parts, part) for part in PARTS},  # the pipeline's components, by the same names
         force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
         add_watermarker=False,
     ).to(device)

@@ -68,6 +68,8 @@ _WEIGHTS = {
     "text_encoder": _TRANSFORMERS_WEIGHTS,
     "text_encoder_2": _TRANSFORMERS_WEIGHTS,
 }
+#: what a weight file's name ends with after its stem (``stem[.variant]<suffix>``; an ``.index.json``: sharded)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 #: a tokenizer folder needs the BPE files (or the tokenizers library's single tokenizer.json)
 _TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
@@ -77,17 +79,14 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.name.startswith(stem + ".")
-        and p.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+        p for p in folder.iterdir() if p.name.startswith(stem + ".") and p.name.endswith(_WEIGHT_SUFFIXES)
     )
 
 
 def _variant(folder: Path, stem: str) -> str | None:
     """``None`` when the plain weights exist, else the variant of the first variant file (e.g. ``fp16``)."""
     files = _weight_files(folder, stem)
-    plain = {f"{stem}.safetensors", f"{stem}.bin", f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"}
+    plain = {stem + suffix for suffix in _WEIGHT_SUFFIXES}
     if any(p.name in plain for p in files):
         return None
     for p in files:  # stem.<variant>.safetensors

@@ -13,7 +13,7 @@ mixer's whole propagation, four directions with gate normalisation and merge, as
 one warning).  The package imports and works without a C++ compiler, only slower.
 
 Modules: :mod:`.scan` (``gspn_scan``, ``normalize_gates``), :mod:`.propagate` (the fused ops),
-:mod:`.reference` (the pure-PyTorch scan), ``_checks`` (input checking), ``_backend`` (kernel or
+:mod:`.reference` (the pure-PyTorch scan and gate projection), ``_checks`` (input checking), ``_backend`` (kernel or
 reference), ``_build`` (JIT build and loading of ``csrc/``), ``_registry`` (fake and autograd
 implementations).  This file only re-exports; inside the package the imports run one way,
 ``scan``/``propagate`` -> ``_backend`` -> ``_build`` -> ``_registry``, with no cycle.

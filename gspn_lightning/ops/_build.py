@@ -25,6 +25,7 @@ import os
 import sys
 import sysconfig
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,20 +234,30 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def _load_once(kind: str, load: Callable[[], None]) -> bool:
+    """Run ``load`` for the ``"cpu"`` or ``"cuda"`` extension unless this process already tried (under
+    the state's lock); whether it is loaded. A failure is kept for :func:`build_error`."""
+    with _STATE.lock:
+        if getattr(_STATE, kind) is None:
+            try:
+                load()
+                setattr(_STATE, kind, True)
+            except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"
+                _STATE.errors[kind] = f"{type(exc).__name__}: {exc}"
+                setattr(_STATE, kind, False)
+    return getattr(_STATE, kind)
+
+
 def load_cpu(verbose: bool = False) -> bool:
     """Load (building on first use) the CPU kernels and register the op; False if that failed."""
     if _STATE.cpu is not None:
         return _STATE.cpu
-    with _STATE.lock:
-        if _STATE.cpu is None:
-            try:
-                _load("gspn_lightning_cpu", _CPU_SOURCES, cuda=False, verbose=verbose)
-                _registry.register()
-                _STATE.cpu = True
-            except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"
-                _STATE.errors["cpu"] = f"{type(exc).__name__}: {exc}"
-                _STATE.cpu = False
-    return _STATE.cpu
+
+    def load() -> None:
+        _load("gspn_lightning_cpu", _CPU_SOURCES, cuda=False, verbose=verbose)
+        _registry.register()
+
+    return _load_once("cpu", load)
 
 
 def cuda_wanted() -> bool:
@@ -263,15 +274,7 @@ def load_cuda(verbose: bool = False, force: bool = False) -> bool:
         _STATE.errors["cuda"] = "the CPU extension, which defines the op, is unavailable"
         _STATE.cuda = False
         return False
-    with _STATE.lock:
-        if _STATE.cuda is None:
-            try:
-                _load("gspn_lightning_cuda", _CUDA_SOURCES, cuda=True, verbose=verbose)
-                _STATE.cuda = True
-            except Exception as exc:  # noqa: BLE001
-                _STATE.errors["cuda"] = f"{type(exc).__name__}: {exc}"
-                _STATE.cuda = False
-    return _STATE.cuda
+    return _load_once("cuda", lambda: _load("gspn_lightning_cuda", _CUDA_SOURCES, cuda=True, verbose=verbose))
 
 
 def build_error(kind: str) -> str | None:

@@ -30,7 +30,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import check_chunk_size, check_direction, check_tensors
-from .reference import DIRECTIONS, scan_reference
+from .reference import DIRECTIONS, GATE_FIELDS, project_gates, scan_reference
 from .scan import normalize_gates
 
 __all__ = [
@@ -41,9 +41,6 @@ __all__ = [
     "propagate_proj_reference",
     "propagate_reference",
 ]
-
-#: the six per-direction gate maps along axis 2 of ``gates``
-GATE_FIELDS = ("g_neg", "g_mid", "g_pos", "lam", "u", "d")
 
 
 def propagate_reference(
@@ -90,11 +87,26 @@ def _check_like_x(x, named, context: str) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must match")
 
 
-def _check_propagate_inputs(x, gates, merge, directions) -> tuple[str, ...]:
+def _check_x_and_directions(x, directions) -> tuple[tuple[str, ...], tuple[int, int, int, int], int]:
+    """``(directions as a tuple, x.shape, K)`` once ``x`` and ``directions`` are valid."""
     check_tensors(("x",), (x,))
     directions = _check_directions(directions)
-    B, C, H, W = x.shape
-    K = len(directions)
+    return directions, tuple(x.shape), len(directions)
+
+
+def _chunk_and_backend(
+    x: torch.Tensor, chunk_size: int | None, backend: str | None
+) -> tuple[int | None, bool]:
+    """The checked ``chunk_size`` (``None`` where one chunk covers every scan axis: the global scan,
+    whatever ``k``) and whether ``backend`` resolves to the reference for ``x``'s device."""
+    check_chunk_size(chunk_size)
+    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
+        chunk_size = None
+    return chunk_size, resolve_backend(backend, x.device) == "reference"
+
+
+def _check_propagate_inputs(x, gates, merge, directions) -> tuple[str, ...]:
+    directions, (B, C, H, W), K = _check_x_and_directions(x, directions)
     context = f"x of shape {tuple(x.shape)} and {K} direction(s)"
     _check_like_x(x, (("gates", gates, (B, K, len(GATE_FIELDS), C, H, W)), ("merge", merge, (K, C))), context)
     return directions
@@ -123,21 +135,10 @@ def gspn_propagate(
     Differentiable in ``x``, ``gates`` and ``merge``.
     """
     directions = _check_propagate_inputs(x, gates, merge, directions)
-    check_chunk_size(chunk_size)
-    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
-        chunk_size = None  # a chunk covering every scan axis is the global scan (any size of k)
-    if resolve_backend(backend, x.device) == "reference":
+    chunk_size, reference = _chunk_and_backend(x, chunk_size, backend)
+    if reference:
         return propagate_reference(x, gates, merge, directions, chunk_size)
     return torch.ops.gspn_lightning.propagate_fwd(x, gates, merge, list(directions), chunk_size or 0)
-
-
-def project_gates(proxy: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_directions: int) -> torch.Tensor:
-    """The raw gate logits ``(B, K, 6, C, H, W)`` from the low-rank proxy ``(B, S, H, W)``: a 1x1
-    convolution with ``weight`` ``(K*6*C, S)`` and ``bias`` ``(K*6*C,)`` (row ``(k*6 + f)*C + c`` gives
-    field ``f`` of direction ``k`` at channel ``c``), exactly as the mixer's ``gates`` conv computes it."""
-    B, _, H, W = proxy.shape
-    gates = torch.nn.functional.conv2d(proxy, weight[:, :, None, None], bias)
-    return gates.view(B, num_directions, len(GATE_FIELDS), -1, H, W)
 
 
 def propagate_proj_reference(
@@ -156,10 +157,7 @@ def propagate_proj_reference(
 
 
 def _check_proj_inputs(x, proxy, weight, bias, merge, directions) -> tuple[str, ...]:
-    check_tensors(("x",), (x,))
-    directions = _check_directions(directions)
-    B, C, H, W = x.shape
-    K = len(directions)
+    directions, (B, C, H, W), K = _check_x_and_directions(x, directions)
     if not isinstance(proxy, torch.Tensor):
         raise TypeError(f"proxy must be a torch.Tensor, got {type(proxy).__name__}")
     S = proxy.shape[1] if proxy.dim() == 4 else 0
@@ -214,10 +212,8 @@ def gspn_propagate_proj(
     saves no memory or time over calling the two yourself.
     """
     directions = _check_proj_inputs(x, proxy, weight, bias, merge, directions)
-    check_chunk_size(chunk_size)
-    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
-        chunk_size = None  # a chunk covering every scan axis is the global scan (any size of k)
-    if resolve_backend(backend, x.device) == "reference":
+    chunk_size, reference = _chunk_and_backend(x, chunk_size, backend)
+    if reference:
         return propagate_proj_reference(x, proxy, weight, bias, merge, directions, chunk_size)
     return torch.ops.gspn_lightning.propagate_proj_fwd(
         x, proxy, weight, bias, merge, list(directions), chunk_size or 0

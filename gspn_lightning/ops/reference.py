@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of the GSPN scan: the definition the kernels are tested against.
+"""Pure-PyTorch reference of the GSPN scan: the definition the kernels are tested against, and the
+low-rank gate projection the fused ``propagate_proj`` op computes on the fly.
 
 It vectorises over the (batch, channel, line) axes and loops over the scan axis only, in the input
 dtype, with gradients from autograd.  It is also the fallback when the compiled kernels are missing.
@@ -10,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 DIRECTIONS = ("t2b", "b2t", "l2r", "r2l")
+
+#: the six per-direction gate maps along axis 2 of ``gates``
+GATE_FIELDS = ("g_neg", "g_mid", "g_pos", "lam", "u", "d")
 
 
 def scan_geometry(direction: str) -> tuple[bool, bool]:
@@ -51,3 +55,14 @@ def scan_reference(x, lam, w_neg, w_mid, w_pos, direction: str = "t2b", chunk_si
         lines[s] = prev = h
     out = torch.stack(lines, dim=-2)
     return out.transpose(-1, -2) if transpose else out
+
+
+def project_gates(
+    proxy: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_directions: int
+) -> torch.Tensor:
+    """The raw gate logits ``(B, K, 6, C, H, W)`` from the low-rank proxy ``(B, S, H, W)``: a 1x1
+    convolution with ``weight`` ``(K*6*C, S)`` and ``bias`` ``(K*6*C,)`` (row ``(k*6 + f)*C + c`` gives
+    field ``f`` of direction ``k`` at channel ``c``), exactly as the mixer's ``gates`` conv computes it."""
+    B, _, H, W = proxy.shape
+    gates = F.conv2d(proxy, weight[:, :, None, None], bias)
+    return gates.view(B, num_directions, len(GATE_FIELDS), -1, H, W)
