@@ -256,6 +256,36 @@ class TrainingTask(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return task_data(dm, protocol, type(self).__name__)
 
+    # -- evaluation: the same hooks for every task ---------------------------------------------------
+
+    def eval_nets(self, stage: str) -> list[tuple[str, torch.nn.Module]]:
+        """The networks evaluated at ``stage`` with their log prefixes: the raw weights as ``stage``,
+        their EMA as ``{stage}_ema`` where the task keeps one."""
+        return [(stage, self.model)] + ([(f"{stage}_ema", self.ema.module)] if self.ema is not None else [])
+
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        """Update this stage's metrics with one batch (no logging: a rank with no batch would skip
+        the collectives of per-step logging)."""
+        raise NotImplementedError
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        """Compute, log and reset this stage's metrics (every rank takes part)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+        self.log_sample_counts("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+        self.log_sample_counts("test")
+
     # -- corrupt rows and evaluated-sample counts --------------------------------------------------
 
     def init_sample_counts(self) -> None:

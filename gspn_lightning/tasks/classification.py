@@ -146,7 +146,8 @@ class ClassificationTask(TrainingTask):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, stage: str, acc: MetricCollection, ema_acc: MetricCollection):
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        acc, ema_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_ema_acc")
         images, labels = self.drop_corrupt(batch, stage)
         if labels.numel() == 0:
             return
@@ -157,12 +158,6 @@ class ClassificationTask(TrainingTask):
         acc.update(logits, labels)
         if self.ema is not None:
             ema_acc.update(self.ema(images), labels)
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val", self.val_acc, self.val_ema_acc)
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test", self.test_acc, self.test_ema_acc)
 
     def predict_step(self, batch, batch_idx):
         """Top-5 classes and probabilities from the EMA weights (the raw ones without EMA)."""
@@ -175,8 +170,9 @@ class ClassificationTask(TrainingTask):
             out["label"] = labels  # -1 marks a sample that could not be decoded
         return out
 
-    def _eval_epoch_end(self, stage: str, acc: MetricCollection, ema_acc: MetricCollection) -> None:
+    def _eval_epoch_end(self, stage: str) -> None:
         """Compute (sync over ranks, on every rank) and log the epoch's evaluation metrics."""
+        acc, ema_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_ema_acc")
         results = {f"{stage}/loss": self.eval_loss[stage].compute()}
         self.eval_loss[stage].reset()
         pairs = [(stage, acc)] + ([(f"{stage}_ema", ema_acc)] if self.ema is not None else [])
@@ -186,11 +182,3 @@ class ClassificationTask(TrainingTask):
         # already reduced over ranks by the metrics themselves: no sync_dist
         for key, value in results.items():
             self.log(key, value, prog_bar=key.startswith(f"{stage}/top"), sync_dist=False)
-
-    def on_validation_epoch_end(self):
-        self._eval_epoch_end("val", self.val_acc, self.val_ema_acc)
-        self.log_sample_counts("val")
-
-    def on_test_epoch_end(self):
-        self._eval_epoch_end("test", self.test_acc, self.test_ema_acc)
-        self.log_sample_counts("test")

@@ -128,31 +128,15 @@ class DiffusionTask(TrainingTask):
         g = torch.Generator(device=x.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
-        nets = [(stage, self.model)] + ([(f"{stage}_ema", self.ema.module)] if self.ema is not None else [])
-        for name, net in nets:
+        for name, net in self.eval_nets(stage):
             loss = self.diffusion.training_losses(net, x, labels, t=t, noise=noise)["loss"]
             self.eval_loss[name].update(loss.detach().mean(), weight=labels.numel())
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "test")
-
     def _eval_epoch_end(self, stage: str) -> None:
-        for name in (stage, f"{stage}_ema"):
+        for name, _ in self.eval_nets(stage):
             metric = self.eval_loss[name]
-            if name.endswith("_ema") and self.ema is None:
-                continue
             self.log(f"{name}/loss", metric.compute(), prog_bar=name == stage, sync_dist=False)
             metric.reset()
-        self.log_sample_counts(stage)
-
-    def on_validation_epoch_end(self):
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self):
-        self._eval_epoch_end("test")
 
     # -- sampling: the contract of the generative callbacks (gspn_lightning.tasks.callbacks) ----------
 

@@ -383,36 +383,20 @@ class DistillationTask(TrainingTask):
         if batch is None:
             return
         n = batch["pixels"].shape[0]
-        nets = [(stage, self.model)] + ([(f"{stage}_ema", self.ema.module)] if self.ema is not None else [])
-        for name, net in nets:
+        for name, net in self.eval_nets(stage):
             # the same draw for every evaluation of this batch: comparable from one epoch to the next
             g = self._generator("eval", batch_idx, self.global_rank)
             terms = self.losses(net, batch, g, train=False)
             for term in TERMS:
                 self.eval_terms[f"{name}_{term}"].update(terms[term].detach(), weight=n)
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "test")
-
     def _eval_epoch_end(self, stage: str) -> None:
-        for name in (stage, f"{stage}_ema"):
-            if name.endswith("_ema") and self.ema is None:
-                continue
+        for name, _ in self.eval_nets(stage):
             for term in TERMS:
                 metric = self.eval_terms[f"{name}_{term}"]
                 self.log(f"{name}/{term}", metric.compute(), prog_bar=name == stage and term == "loss",
                          sync_dist=False)  # fmt: skip
                 metric.reset()
-        self.log_sample_counts(stage)
-
-    def on_validation_epoch_end(self):
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self):
-        self._eval_epoch_end("test")
 
     # -- checkpoints: only what training changes -----------------------------------------------------
 
