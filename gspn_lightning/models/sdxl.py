@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
