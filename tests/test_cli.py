@@ -206,6 +206,20 @@ def test_tasks_import_no_data_writer_and_no_command_line_code():
     assert not any(offences.values()), offences
 
 
+def test_importing_the_tasks_loads_no_writer_and_no_command_line_module():
+    """The same at run time, in a fresh interpreter: what ``import gspn_lightning.tasks`` pulls in
+    (through packages' ``__init__`` too) holds no data writer and nothing of the command line."""
+    code = (
+        "import sys, gspn_lightning.tasks\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith('gspn_lightning.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = set(out.stdout.split())
+    assert "gspn_lightning.tasks.diffusion" in loaded  # the probe sees the tasks' own imports
+    assert not loaded & WRITER_MODULES, sorted(loaded & WRITER_MODULES)
+    assert not [m for m in loaded if m == "gspn_lightning.cli" or m.startswith("gspn_lightning.cli.")]
+
+
 def test_the_import_walk_sees_function_local_and_relative_imports(tmp_path):
     """The walk above would catch what tasks/ used to hold (so passing it means something)."""
     src = tmp_path / "task.py"

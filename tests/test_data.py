@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from gspn_lightning.data import ImageWebDataModule, write_shards
+from gspn_lightning.data import ImageWebDataModule
 from gspn_lightning.data.datamodule import (
     CORRUPT_LABEL,
     MagnitudeNoiseRandAugment,
@@ -32,7 +32,7 @@ from gspn_lightning.data.datamodule import (
     resolve_shards,
 )
 from gspn_lightning.data.mnist_demo import build_mnist_demo, mnist_csv_path
-from gspn_lightning.data.write_shards import ShardsExistError
+from gspn_lightning.data.write_shards import ShardsExistError, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

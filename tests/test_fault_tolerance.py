@@ -473,7 +473,7 @@ def test_cli_rejects_unknown_trainer_key_before_any_work(monkeypatch, capsys):
 def one_sample_val_set(out: Path) -> Path:
     from PIL import Image
 
-    from gspn_lightning.data import write_shards
+    from gspn_lightning.data.write_shards import write_shards
 
     buf = io.BytesIO()
     Image.new("L", (28, 28), 128).save(buf, format="PNG")

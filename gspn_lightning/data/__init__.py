@@ -9,14 +9,13 @@
 - :mod:`.write_shards`, :mod:`.mnist_demo`: writing shards (``gspn write-shards``, ``gspn write-demo-mnist``).
 
 The data modules are imported lazily (on first attribute access) so that the shard-writing commands
-do not pay for importing Lightning.
+do not pay for importing Lightning, and the writers are imported from their own modules only, so a
+task that reads :mod:`.protocol` loads no writer.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-
-from .write_shards import write_shards
 
 if TYPE_CHECKING:
     from .captions import CaptionWebDataModule
@@ -29,7 +28,6 @@ __all__ = [
     "ImageWebDataModule",
     "LatentWebDataModule",
     "ShardDataModule",
-    "write_shards",
 ]
 
 _LAZY = {
