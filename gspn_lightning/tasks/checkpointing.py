@@ -31,27 +31,13 @@ Lightning's ``ModelCheckpoint``:
   multi-process run only a SIGTERM (which Lightning delivers to every rank at the same point)
   writes it, because a save after a one-rank exception would wait for peers that are elsewhere.
   It is removed when the run completes.
-- **Superseded top-k files are removed on resume**: a fit resumed from a checkpoint at step ``s``
-  deletes the ranked (top-k / step) checkpoint files of its folder that load and hold a step beyond
-  ``s`` (the abandoned continuation: otherwise never tracked, so never deleted, and their names
-  would be taken again with a ``-v1`` suffix). ``last.ckpt``, the exception checkpoint, SLURM's files,
-  the file resumed from and files that do not load are left alone.
-- **SIGTERM** (a scheduler's pre-emption): the state is saved as above and the process exits with
-  status 143 (128 + SIGTERM), not 0. SLURM requeueing follows Lightning's own convention
-  (``SLURMEnvironment(auto_requeue=True)`` saves ``hpc_ckpt_<n>.ckpt`` on the requeue signal and
-  requeues the job); those files are resume candidates too.
+- **Superseded checkpoints are removed on resume**: a fit resumed from a checkpoint at step ``s``
+  (a top-k/step file given by path, say) deletes the checkpoints of its folder that load and hold
+  a step beyond ``s``: the abandoned continuation's ranked files (otherwise never tracked, so never
+  deleted, GBs each for SD-XL), its ``last.ckpt`` (which Lightning would keep beside a new
+  ``last-v1.ckpt``, and which a later ``--ckpt_path last`` would prefer for its higher step) and its
+  exception checkpoint. The file resumed from and files that do not load are left alone.
 
-**Loading runs no code.** Every checkpoint the project reads (selection, resume, validate/test/
-predict, sampling, export, evaluation) is loaded with ``torch.load(weights_only=True)`` through
-:func:`load_checkpoint_file`: its checkpoints hold only tensors, numbers, strings and containers
-(the hyper-parameters are plain data, e.g. ``optim`` as a dict), so nothing is allowlisted. A file
-that needs anything else raises :class:`UnsafeCheckpointError` naming the file and the first
-global it asks for, and nothing in it is executed.
-
-**Checkpoints by path.** :func:`check_checkpoint_matches` (the tasks' ``on_load_checkpoint``) refuses
-a checkpoint written by another task (naming it) and one whose model arguments (the task's
-``MODEL_ARGUMENTS``) differ from the run's, naming both values; the command line, never the
-checkpoint, defines the model, for ``--ckpt_path FILE`` as for ``--ckpt_path last``.
 """
 
 from __future__ import annotations
@@ -333,19 +319,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             self.remove_superseded(trainer)
 
     def remove_superseded(self, trainer) -> list[str]:
-        """Delete the ranked checkpoints beyond the resumed step (see the module docstring)."""
+        """Delete the checkpoints beyond the resumed step (see the module docstring)."""
         folder = self.checkpoint_folder(trainer)
-        if self.save_top_k == 0 or not _is_local_file_protocol(folder) or not os.path.isdir(folder):
+        if not _is_local_file_protocol(folder) or not os.path.isdir(folder):
             return []
         keep = {os.path.normpath(os.path.abspath(p)) for p in (trainer.ckpt_path, *self.best_k_models)}
         removed = []
         for path in checkpoint_candidates(folder):
-            stem = Path(path).stem
-            if (
-                _rank(path) != 1
-                or stem.startswith("hpc_ckpt_")
-                or os.path.normpath(os.path.abspath(path)) in keep
-            ):
+            if os.path.normpath(os.path.abspath(path)) in keep:
                 continue
             try:
                 step = probe_checkpoint(path, full_state=False)
