@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -283,13 +284,10 @@ def test_cli_crafted_file_and_checkpoints_by_path_classification(mnist_shards, t
     )
     for out in outs[:3]:
         assert "=== status 0" in out, out[-3000:]
+    # (in one process Python shows a warning once: the fit's names the file, both resolve to last.ckpt)
+    assert "skipping checkpoint" in outs[0] and "step=999.ckpt" in outs[0]
     for out in outs[:2]:
-        assert (
-            "skipping checkpoint" in out
-            and "step=999.ckpt" in out
-            and "resolved to" in out
-            and "last.ckpt" in out
-        )
+        assert re.search(r"resolved to \S*last\.ckpt", out), out[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 4
     assert "CheckpointMismatchError" in outs[3] and "embed_dim: checkpoint 16, this run 32" in outs[3]
     assert "UnsafeCheckpointError" in outs[4] and "step=999.ckpt" in outs[4]
