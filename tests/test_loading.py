@@ -267,7 +267,7 @@ def test_cli_crafted_file_and_checkpoints_by_path_classification(mnist_shards, t
 
     root = tmp_path / "run"
     common = ["--config", DEBUG, *data_args(mnist_shards), f"--trainer.default_root_dir={root}",
-              "--data.init_args.num_workers=0", "--data.init_args.epoch_samples=64"]  # fmt: skip
+              "--data.init_args.num_workers=0", "--data.init_args.epoch_samples=64", "--trainer.max_epochs=10"]  # fmt: skip
     (fit,) = _chain(["fit", *common, "--trainer.max_steps=2"])
     assert "=== status 0" in fit, fit[-3000:]
     marker = tmp_path / "payload-ran"

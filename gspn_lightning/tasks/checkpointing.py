@@ -449,13 +449,17 @@ def check_checkpoint_task(written: str | None, expected: str, path: Any = None) 
 def check_checkpoint_matches(task, checkpoint: dict, path: Any = None) -> None:
     """Refuse ``checkpoint`` for ``task`` when another task wrote it or when its model arguments
     (``type(task).MODEL_ARGUMENTS``) differ from the task's, naming both values of each."""
-    from gspn_lightning.tasks.base import upgrade_hparams
+    from gspn_lightning.tasks.base import cli_values, upgrade_hparams
+
+    def typed(hparams: dict) -> dict:  # dict options set on the command line arrive as strings
+        return {k: cli_values(_plain(v)) if isinstance(_plain(v), dict) else v for k, v in hparams.items()}
 
     cls = type(task)
     check_checkpoint_task(checkpoint_task(checkpoint), cls.__name__, path)
     saved = dict(checkpoint.get("hyper_parameters") or {})
     saved.update(upgrade_hparams(saved, getattr(cls, "RENAMED_ARGUMENTS", {})))
-    diffs = model_argument_differences(saved, dict(task.hparams), getattr(cls, "MODEL_ARGUMENTS", ()))
+    names = getattr(cls, "MODEL_ARGUMENTS", ())
+    diffs = model_argument_differences(typed(saved), typed(dict(task.hparams)), names)
     if diffs:
         where = f" {path}" if path else ""
         raise CheckpointMismatchError(
