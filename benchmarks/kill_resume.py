@@ -86,7 +86,7 @@ class Watcher(threading.Thread):
             self.seen.add(version)
             try:
                 with open(path, "rb") as f:  # an open file survives a rename over its name
-                    ckpt = torch.load(f, map_location="cpu", weights_only=False)
+                    ckpt = torch.load(f, map_location="cpu", weights_only=True)
                 if "global_step" not in ckpt or "state_dict" not in ckpt:
                     raise ValueError("not a full checkpoint")
                 self.loaded += 1
@@ -151,7 +151,7 @@ def wait_all(procs, timeout: float) -> list[int | None]:
 
 
 def final_state(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return {
         "step": ckpt["global_step"],
         "lr": [g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]],
@@ -234,7 +234,7 @@ def trial(i: int, work: Path, shards: Path, args, ref: dict, rng: random.Random,
     in_write = bool(writing(folder))
     codes1 = wait_all(procs, 120)
     steps_on_disk = sorted(
-        torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in folder.glob("*.ckpt")
+        torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in folder.glob("*.ckpt")
     )
     codes2 = run_job(root, shards, args, True, work / f"trial{i:02d}-run2", args.timeout)
     watcher.stop.set()

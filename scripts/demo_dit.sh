@@ -55,7 +55,7 @@ for name, label in (("gspn_dit", "GSPN-DiT"), ("dit", "DiT")):
     root = Path("runs") / f"digits_{name}"
     report = json.loads((root / "report.json").read_text())
     wall = int((root / "train_wall_s.txt").read_text())
-    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     steps = ckpt["global_step"]
     params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("model."))
     acc = report.get("class_accuracy")

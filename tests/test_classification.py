@@ -88,7 +88,7 @@ def test_fit_resume_validate(mnist_shards, tmp_path):
     common += ["--trainer.max_epochs=100"]  # max_steps decides where each run stops
     run_cli("fit", *common, "--trainer.max_steps=3", cwd=tmp_path)
     last = root / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
     assert (root / "lightning_logs" / "version_0" / "config.yaml").exists()  # resolved config saved
@@ -102,7 +102,7 @@ def test_fit_resume_validate(mnist_shards, tmp_path):
         cwd=tmp_path,
     )
     assert "Restoring states from the checkpoint" in out or "Restored all states" in out
-    ckpt2 = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt2 = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt2["global_step"] == 6  # continued from step 3, not restarted
     assert ckpt2["lr_schedulers"][0]["last_epoch"] == 6
     state = ckpt2["optimizer_states"][0]["state"]
@@ -146,5 +146,5 @@ def test_ddp_two_processes(mnist_shards, tmp_path):
     # 2 ranks x 2 workers over 2 val shards: still every sample exactly once
     assert metrics["val/samples"] == 1000
     assert math.isfinite(metrics["train/loss_epoch"])
-    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 256 // (32 * 2)  # epoch_samples over the global batch

@@ -375,7 +375,7 @@ def test_fit_lowers_the_loss_resume_continues_exactly_and_exports(tiny_sdxl_dir,
     val = _metric(run, "val/loss")
     assert len(val) == 2 and val[-1] < 0.97 * initial, (initial, val)
     assert len(_metric(run, "train/layer_step")) == 8 and len(_metric(run, "val_ema/loss")) == 2
-    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
     assert not any(k.startswith(("teacher.", "vae.", "text_encoder")) for k in ckpt["state_dict"])
     assert all(".attn1." in k for k in ckpt["state_dict"])
@@ -387,7 +387,7 @@ def test_fit_lowers_the_loss_resume_continues_exactly_and_exports(tiny_sdxl_dir,
     r = _run(["cli.py", "fit", *common, f"--trainer.default_root_dir={resumed}", "--ckpt_path=last"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resolved to" in r.stdout + r.stderr
-    again = torch.load(resumed / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    again = torch.load(resumed / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert again["global_step"] == 8 and set(again["state_dict"]) == set(ckpt["state_dict"])
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(v, again["state_dict"][k]), k

@@ -170,7 +170,7 @@ def test_fit_resume_and_sample_over_two_ranks(latent_data, tmp_path, capsys, mon
     assert "fid" in metrics.read_text().splitlines()[0].split(",")
     r = _run([*common, "--trainer.max_steps=6", "--ckpt_path=last"])
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
     assert not any("vae" in k for k in ckpt["state_dict"])  # the decoder the FID/grid used is not saved

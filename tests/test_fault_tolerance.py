@@ -77,7 +77,7 @@ def trainer(tmp_path, callbacks=(), ckpt=None, **kwargs) -> L.Trainer:
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def fake_ckpt(path, step, full=True):

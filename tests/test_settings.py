@@ -118,7 +118,7 @@ def test_checkpoint_of_the_new_shape_loads_with_its_optim(kind, tmp_path):
     trainer.fit(task, _loader(shape))
     path = tmp_path / "x.ckpt"
     trainer.save_checkpoint(path)
-    saved = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]["optim"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["optim"]
     assert type(saved) is dict and saved == task.optim.as_dict()
     back = cls.load_from_checkpoint(path, map_location="cpu")
     assert back.optim == task.optim and back.ema is not None and back.ema.decay == task.optim.ema_decay
@@ -133,7 +133,7 @@ def test_checkpoint_of_the_previous_shape_still_loads(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.fit(task, _loader((1, 4, 4)))
     trainer.save_checkpoint(tmp_path / "new.ckpt")
-    state = torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=True)
     hp = state["hyper_parameters"]
     hp.update(hp.pop("optim"))  # lr, ema_decay, warmup_steps, ... as flat arguments
     hp["model_kwargs"] = {"hidden_size": 16, "depth": 2, "backend": "reference", "local_chunk_size": 2}

@@ -14,6 +14,13 @@ A LightningCLI with the task and the datamodule chosen by ``class_path`` in the 
   same config file (e.g. one ``image_size`` read by the data, the model and the sampler);
 - the resolved config saved beside each run's logs (LightningCLI's ``config.yaml``);
 - ``THP_MEM_ALLOC_ENABLE=1`` unless set otherwise (huge pages for large CPU tensors, see below);
+- checkpoints loaded as weights only (``torch.load(weights_only=True)``: a file that would run code
+  to unpickle is refused, for ``last`` and for a path alike); ``--ckpt_path FILE`` works for every
+  task as ``last`` does: the command line defines the task and its model, the checkpoint only its
+  state. A checkpoint of another task is refused at start-up naming the task that wrote it, one of
+  other model arguments when it is loaded, naming both values (see
+  :func:`~gspn_lightning.tasks.checkpointing.check_checkpoint_matches`). (Lightning's own CLI would
+  instead replace the command line's model arguments by the checkpoint's, silently.)
 - ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
 """
 
@@ -74,6 +81,33 @@ DATA_LINKS = ("num_classes", "in_chans", "image_size")
 
 
 class GSPNCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Check a ``--ckpt_path FILE`` (weights only) against the task of the command line; unlike
+        LightningCLI's, do not replace the command line's model arguments by the checkpoint's."""
+        from pathlib import Path
+
+        from gspn_lightning.tasks.checkpointing import (
+            check_checkpoint_task,
+            checkpoint_task,
+            load_checkpoint_file,
+        )
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # "last", "best", "hpc" or nothing: resolved (and checked) when loaded
+        written = checkpoint_task(load_checkpoint_file(ckpt_path, mmap=True))
+        class_path = self.config[subcommand].get("model", {}).get("class_path")
+        if class_path:
+            check_checkpoint_task(written, class_path, ckpt_path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        kwargs["weights_only"] = True  # Lightning's own load of the checkpoint (fit/validate/test/predict)
+        return kwargs
+
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{epoch:03d}-{step}"})

@@ -12,6 +12,12 @@ number of ranks or the batch size (up to floating-point reordering) (:mod:`gspn_
 When all N are there, rank 0 packs them into ``<out>/samples.npz`` (``arr_0``: uint8 ``(N, H, W, C)``
 as ADM's evaluation suite reads, ``labels``: ``(N,)``) and writes ``<out>/protocol.json`` with
 everything that makes two FIDs comparable (checkpoint, step, weights, sampler, steps, guidance, VAE).
+
+The settings the images are drawn with (checkpoint file and step, weights, sampler, steps, guidance,
+clipping, seed, VAE, size) are recorded in ``<out>/drawing.json`` before the first image; a later run
+into the same folder with any other of them stops and names each difference (old and new value)
+instead of packing the old images under the new settings. Only ``--num-samples`` may change. A
+folder with images but no record is refused too. The checkpoint is loaded as weights only.
 """
 
 from __future__ import annotations
@@ -26,16 +32,48 @@ import torch
 from gspn_lightning.diffusion.samples import draw, pack, sample_indices
 
 PROG = "gspn sample"
+#: the file in ``--out`` recording the settings its images were drawn with
+RECORD = "drawing.json"
+
+
+def check_out_folder(out: Path, record: dict, write: bool) -> None:
+    """Refuse ``out`` when its images were drawn with other settings than ``record`` (or with
+    settings it does not record); with ``write``, record ``record`` there when it is new."""
+    path = out / RECORD
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [
+            f"{k}: {old.get(k)!r} there, {record.get(k)!r} now"
+            for k in sorted(set(old) | set(record))
+            if old.get(k) != record.get(k)
+        ]
+        if diffs:
+            raise SystemExit(
+                f"{out} holds samples drawn with other settings ({'; '.join(diffs)}): give another --out, "
+                "or empty the folder to draw anew"
+            )
+        return
+    if any((out / "images").glob("*.png")):
+        raise SystemExit(
+            f"{out}/images holds samples but {path} does not say what drew them: give another --out, "
+            "or empty the folder to draw anew"
+        )
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{RECORD}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def load_sampler_model(ckpt: str, use_ema: bool = True, device: str = "cpu"):
     """(network, task hyper-parameters, global step) from a DiffusionTask checkpoint."""
+    from gspn_lightning.tasks.checkpointing import load_checkpoint_file
     from gspn_lightning.tasks.diffusion import DiffusionTask
 
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = load_checkpoint_file(ckpt, mmap=True)  # weights only: refuses a file that runs code
     task = DiffusionTask.load_from_checkpoint(ckpt, map_location="cpu")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     net = task.ema.module if (use_ema and task.ema is not None) else task.model
     return net.to(device).eval(), dict(task.hparams), int(state.get("global_step", -1))
 
@@ -90,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     clip = args.clip_sample if args.clip_sample is not None else hp.get("clip_sample")
     clip = clip if clip else None  # 0 turns it off
     shape = (net.in_channels, int(size), int(size))
+    record = {
+        "checkpoint": str(Path(args.ckpt).resolve()), "global_step": step,
+        "weights": "raw" if args.raw_weights else "ema", "model": hp.get("model"), "num_classes": num_classes,
+        "sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
+        "guidance_channels": args.guidance_channels, "clip_sample": clip, "seed": args.seed,
+        "vae": vae_path, "image_size": size,
+    }  # fmt: skip
+    check_out_folder(args.out, record, write=rank == 0)
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = draw(
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
@@ -106,10 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         path = pack(args.out, args.num_samples, num_classes)
         protocol = {
-            "checkpoint": str(Path(args.ckpt).resolve()), "global_step": step,
-            "weights": "raw" if args.raw_weights else "ema", "model": hp.get("model"),
-            "num_samples": args.num_samples, "class_balanced": True, "sampler": args.sampler,
-            "steps": args.steps, "guidance_scale": args.guidance_scale,
+            "checkpoint": record["checkpoint"], "global_step": step, "weights": record["weights"],
+            "model": hp.get("model"), "num_samples": args.num_samples, "class_balanced": True,
+            "sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
             "guidance_channels": args.guidance_channels, "clip_sample": clip, "seed": args.seed,
             "vae": vae_path,
             "image_size": size,

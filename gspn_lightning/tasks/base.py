@@ -40,7 +40,15 @@ from torchmetrics import SumMetric
 
 from gspn_lightning.data.protocol import TaskData, task_data
 
-from .checkpointing import NonFiniteError
+from .checkpointing import (
+    TASK_KEY,
+    NonFiniteError,
+    check_checkpoint_matches,
+    check_checkpoint_task,
+    checkpoint_task,
+    load_checkpoint_file,
+    task_class_name,
+)
 from .ema import ModelEMA
 
 NONFINITE_POLICIES = ("error", "skip")
@@ -232,20 +240,33 @@ class TrainingTask(L.LightningModule):
 
     #: arguments renamed since checkpoints were first written (old name -> new name)
     RENAMED_ARGUMENTS: dict[str, str] = {}
+    #: the arguments that define the network: a checkpoint recording other values is refused
+    #: (:func:`~gspn_lightning.tasks.checkpointing.check_checkpoint_matches`)
+    MODEL_ARGUMENTS: tuple[str, ...] = (
+        "model", "model_kwargs", "num_classes", "in_chans", "image_size", "learn_sigma", "prediction",
+    )  # fmt: skip
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's, also for a checkpoint written before the ``optim`` and ``mixer`` groups (see
-        :func:`upgrade_hparams`); arguments given here win, as in Lightning's."""
+        """Lightning's, loading weights only (no code runs: see
+        :func:`~gspn_lightning.tasks.checkpointing.load_checkpoint_file`), also for a checkpoint
+        written before the ``optim`` and ``mixer`` groups (see :func:`upgrade_hparams`); arguments
+        given here win, as in Lightning's. A checkpoint of another task is refused, naming it."""
         upgrade = {}
         if isinstance(checkpoint_path, (str, os.PathLike)):  # (a stream is read once, by Lightning)
-            try:
-                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-            except RuntimeError:  # not a zip-format file: no mmap
-                state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            state = load_checkpoint_file(checkpoint_path, mmap=True)
+            check_checkpoint_task(checkpoint_task(state), cls.__name__, checkpoint_path)
             upgrade = upgrade_hparams(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
             del state
+        kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, *args, **{**upgrade, **kwargs})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TASK_KEY] = task_class_name(type(self))  # which task wrote it, for loading by path
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # another task's checkpoint, or other model arguments than this run's: stop, naming both
+        check_checkpoint_matches(self, checkpoint)
 
     # -- the datamodule -----------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ Lightning's ``ModelCheckpoint``:
   checkpoint) and SLURM's ``hpc_ckpt_*.ckpt``, that loads and carries the full training state. A
   newer file that does not load is reported with a warning naming it and the file used instead.
   At equal steps ``last.ckpt`` wins over the others and the exception checkpoint loses to all.
+  A file that is not plain data (a pickle that names code: classes or functions other than
+  tensors, containers and numbers) is never unpickled: it is skipped with a warning naming it, and
+  the selection goes on among the others (:func:`load_checkpoint_file`).
   When checkpoint files exist but none loads, resuming is an error (never a silent fresh start);
   ``validate``/``test``/``predict`` with ``last`` and no checkpoint at all is an error too (``fit``
   starts fresh, so the same command line can start and resume a run).
@@ -28,16 +31,20 @@ Lightning's ``ModelCheckpoint``:
   multi-process run only a SIGTERM (which Lightning delivers to every rank at the same point)
   writes it, because a save after a one-rank exception would wait for peers that are elsewhere.
   It is removed when the run completes.
-- **SIGTERM** (a scheduler's pre-emption): the state is saved as above and the process exits with
-  status 143 (128 + SIGTERM), not 0. SLURM requeueing follows Lightning's own convention
-  (``SLURMEnvironment(auto_requeue=True)`` saves ``hpc_ckpt_<n>.ckpt`` on the requeue signal and
-  requeues the job); those files are resume candidates too.
+- **Superseded checkpoints are removed on resume**: a fit resumed from a checkpoint at step ``s``
+  (a top-k/step file given by path, say) deletes the checkpoints of its folder that load and hold
+  a step beyond ``s``: the abandoned continuation's ranked files (otherwise never tracked, so never
+  deleted, GBs each for SD-XL), its ``last.ckpt`` (which Lightning would keep beside a new
+  ``last-v1.ckpt``, and which a later ``--ckpt_path last`` would prefer for its higher step) and its
+  exception checkpoint. The file resumed from and files that do not load are left alone.
+
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -52,12 +59,45 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 EXCEPTION_NAME = "on_exception"
 TMP_MARK = ".tmp-"
 SIGTERM_EXIT_CODE = 128 + 15
-#: keys a checkpoint needs to resume training (what ``save_weights_only=False`` writes)
+#: keys a checkpoint needs to resume training (what a save without ``save_weights_only`` writes)
 FULL_STATE_KEYS = ("state_dict", "global_step", "optimizer_states", "lr_schedulers", "loops")
 
 
 class NonFiniteError(RuntimeError):
     """Raised instead of saving (or training on) non-finite values."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that a weights-only load refuses: it would run code to unpickle."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by another task, or for other model arguments than the run's."""
+
+
+def load_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only.
+
+    ``mmap`` maps the tensors instead of reading them (a file of the legacy non-zip format is read
+    whole). A file that names any other global (a class, a function: code) raises
+    :class:`UnsafeCheckpointError` naming the file and that global; nothing in it runs.
+    """
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(
+            r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|[^\n.]*not an allowed[^\n.]*)", str(exc)
+        )
+        why = found.group(1) if found else str(exc).strip().splitlines()[-1]
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is not plain data (tensors, numbers, strings, containers) "
+            f"and unpickling it could run code ({why}); nothing in it was executed"
+        ) from None
 
 
 def nonfinite_tensors(module: torch.nn.Module, limit: int = 5) -> list[str]:
@@ -136,12 +176,7 @@ def probe_checkpoint(path: str, full_state: bool = True) -> int:
     directory and pickled structure: a truncated or half-written file fails here. ``full_state``
     also requires the optimiser, schedule and loop state that resuming a fit needs.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError as exc:
-        if "mmap can only be used" not in str(exc):
-            raise
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # legacy (non-zip) format
+    ckpt = load_checkpoint_file(path, mmap=True)
     if not isinstance(ckpt, dict):
         raise ValueError("not a Lightning checkpoint (not a dict)")
     needed = FULL_STATE_KEYS if full_state else ("state_dict", "global_step")
@@ -181,7 +216,13 @@ def resolve_last(folder: str, extra_folders: tuple[str, ...] = (), full_state: b
         details = "; ".join(f"{p} ({why})" for p, why in bad.items())
         raise RuntimeError(f"ckpt_path='last': no checkpoint in {folder} can be loaded: {details}")
     best = max(good, key=lambda p: (good[p], _rank(p), os.path.getmtime(p)))
-    newer_bad = [p for p in bad if os.path.getmtime(p) >= os.path.getmtime(best)]
+    for path, why in bad.items():
+        if why.startswith(UnsafeCheckpointError.__name__):  # never silent, whatever its age
+            rank_zero_warn(f"skipping checkpoint {path}: {why}")
+    newer_bad = [
+        p for p in bad
+        if os.path.getmtime(p) >= os.path.getmtime(best) and not bad[p].startswith(UnsafeCheckpointError.__name__)
+    ]  # fmt: skip
     for path in newer_bad:
         rank_zero_warn(
             f"checkpoint {path} cannot be loaded ({bad[path]}); resuming from {best} "
@@ -274,6 +315,30 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._train_start_step = trainer.global_step
+        if trainer.ckpt_path and trainer.is_global_zero:
+            self.remove_superseded(trainer)
+
+    def remove_superseded(self, trainer) -> list[str]:
+        """Delete the checkpoints beyond the resumed step (see the module docstring)."""
+        folder = self.checkpoint_folder(trainer)
+        if not _is_local_file_protocol(folder) or not os.path.isdir(folder):
+            return []
+        keep = {os.path.normpath(os.path.abspath(p)) for p in (trainer.ckpt_path, *self.best_k_models)}
+        removed = []
+        for path in checkpoint_candidates(folder):
+            if os.path.normpath(os.path.abspath(path)) in keep:
+                continue
+            try:
+                step = probe_checkpoint(path, full_state=False)
+            except Exception:  # not ours to judge: a file that does not load stays (and is warned about)
+                continue
+            if step > trainer.global_step:
+                os.remove(path)
+                removed.append(path)
+                rank_zero_info(
+                    f"removed {path} (step {step}): superseded by this run, resumed at step {trainer.global_step}"
+                )
+        return removed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -315,4 +380,90 @@ class ResumableCheckpoint(ModelCheckpoint):
         rank_zero_info(
             f"{type(exception).__name__} at global step {trainer.global_step}: saved {path} "
             "(resume with --ckpt_path last)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints by path: which task wrote it, for which model
+# --------------------------------------------------------------------------------------------------
+
+#: the checkpoint key naming the task class that wrote it (``module.Class``)
+TASK_KEY = "gspn_task"
+
+
+def task_class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def checkpoint_task(checkpoint: dict) -> str | None:
+    """The task class that wrote ``checkpoint`` (``module.Class``): its own record, else the class
+    path the command line saved with its hyper-parameters; ``None`` when neither is there."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return checkpoint.get(TASK_KEY) or hparams.get("_class_path")
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain data for comparison (namespaces and mappings as dicts, tuples as lists)."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def model_argument_differences(saved: dict, current: dict, names) -> list[str]:
+    """``name: checkpoint X, this run Y`` for each of ``names`` whose values differ (a name the
+    checkpoint does not record, or that either side leaves unset (``None``), is not compared)."""
+    out = []
+    for name in names:
+        if name not in saved or name not in current:
+            continue
+        a, b = _plain(saved[name]), _plain(current[name])
+        if a is None or b is None or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):  # name the differing entries
+            for key in sorted(set(a) | set(b)):
+                if a.get(key, "<unset>") != b.get(key, "<unset>"):
+                    out.append(
+                        f"{name}.{key}: checkpoint {a.get(key, '<unset>')!r}, this run {b.get(key, '<unset>')!r}"
+                    )
+        else:
+            out.append(f"{name}: checkpoint {a!r}, this run {b!r}")
+    return out
+
+
+def check_checkpoint_task(written: str | None, expected: str, path: Any = None) -> None:
+    """Refuse a checkpoint that another task class wrote (``written``, ``module.Class``) than
+    ``expected`` (a class name or path), naming it."""
+    name = expected.rsplit(".", 1)[-1]
+    if written and written.rsplit(".", 1)[-1] != name:
+        where = f" {path}" if path else ""
+        raise CheckpointMismatchError(
+            f"checkpoint{where} was written by {written.rsplit('.', 1)[-1]} ({written}), not by "
+            f"{name}: use it with that task's config"
+        )
+
+
+def check_checkpoint_matches(task, checkpoint: dict, path: Any = None) -> None:
+    """Refuse ``checkpoint`` for ``task`` when another task wrote it or when its model arguments
+    (``type(task).MODEL_ARGUMENTS``) differ from the task's, naming both values of each."""
+    from gspn_lightning.tasks.base import cli_values, upgrade_hparams
+
+    def typed(hparams: dict) -> dict:  # dict options set on the command line arrive as strings
+        return {k: cli_values(_plain(v)) if isinstance(_plain(v), dict) else v for k, v in hparams.items()}
+
+    cls = type(task)
+    check_checkpoint_task(checkpoint_task(checkpoint), cls.__name__, path)
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved.update(upgrade_hparams(saved, getattr(cls, "RENAMED_ARGUMENTS", {})))
+    names = getattr(cls, "MODEL_ARGUMENTS", ())
+    diffs = model_argument_differences(typed(saved), typed(dict(task.hparams)), names)
+    if diffs:
+        where = f" {path}" if path else ""
+        raise CheckpointMismatchError(
+            f"the checkpoint{where} was written for other model arguments than this run's: "
+            + "; ".join(diffs)
+            + ". Give the checkpoint's values (the command line, not the checkpoint, defines the model)"
         )

@@ -40,6 +40,10 @@ original UNet (the teacher) on image + caption data.
   student are *not* saved (they come from ``pretrained``): an SD-XL run with ``trainable: gspn`` saves
   about 0.4B parameters + EMA + AdamW moments instead of 2 x 2.6B. Loading checks that every trainable
   tensor is in the file (a checkpoint of other ``mixer`` options or ``trainable`` is refused by name).
+  A checkpoint records which SD-XL folder it was trained on (``pretrained``, with a fingerprint of
+  the folder's files: names, sizes, and the bytes at the start and end of each); loading it with a
+  folder of other contents (resume, validate, export) stops and names both folders. The same folder
+  moved elsewhere is accepted (same fingerprint).
 - **Export.** At the end of fit, rank 0 writes ``<export_dir>/gspn.safetensors`` and (with EMA)
   ``gspn_ema.safetensors`` with :func:`~gspn_lightning.models.sdxl.save_gspn_weights`; ``export_dir``
   defaults to ``<trainer.default_root_dir>/gspn``.
@@ -65,6 +69,33 @@ from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
 from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values
+from .checkpointing import CheckpointMismatchError
+
+#: the checkpoint key recording the SD-XL folder a run was trained on (path and fingerprint)
+PRETRAINED_KEY = "sdxl_pretrained"
+
+
+def folder_fingerprint(folder: str | os.PathLike, edge: int = 1 << 16) -> str:
+    """A digest of an SD-XL folder that tells folders of other weights apart without reading them
+    whole: every file's relative path and size, and its first and last ``edge`` bytes (a weights
+    file's tail is tensor data; a small file is read whole). Hidden files are left out."""
+    import hashlib
+
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{rel.as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(edge))
+            if size > edge:
+                f.seek(max(edge, size - edge))
+                digest.update(f.read(edge))
+    return digest.hexdigest()
+
 
 TRAINABLE = ("gspn", "all")
 UNCOND = ("zeros", "empty")
@@ -412,7 +443,42 @@ class DistillationTask(TrainingTask):
                     keys.add(f"ema.module.{name}")
         return keys
 
+    #: the arguments that define the trained network (a checkpoint of others is refused by name)
+    MODEL_ARGUMENTS = ("mixer", "trainable")
+
+    def pretrained_fingerprint(self) -> str:
+        if getattr(self, "_pretrained_fingerprint", None) is None:
+            self._pretrained_fingerprint = folder_fingerprint(self.hparams.pretrained)
+        return self._pretrained_fingerprint
+
+    def check_pretrained(self, checkpoint: dict) -> None:
+        """Stop when ``checkpoint`` was trained on another SD-XL folder than this task's, naming both
+        (a checkpoint from before the fingerprint: a warning when the paths differ)."""
+        record = checkpoint.get(PRETRAINED_KEY)
+        mine = str(self.hparams.pretrained)
+        if record is None:
+            saved = (checkpoint.get("hyper_parameters") or {}).get("pretrained")
+            if saved and os.path.realpath(saved) != os.path.realpath(mine):
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"the checkpoint was trained on the SD-XL folder {saved} and does not record its "
+                    f"contents; loading it with {mine} (check that it holds the same weights)"
+                )
+            return
+        if record["fingerprint"] != self.pretrained_fingerprint():
+            raise CheckpointMismatchError(
+                f"the checkpoint was trained on the SD-XL folder {record['path']}, but this run's "
+                f"pretrained folder {mine} holds other files or weights (fingerprint "
+                f"{self.pretrained_fingerprint()[:12]} != {record['fingerprint'][:12]}): its GSPN weights "
+                "belong to that base model. Set model.init_args.pretrained to the checkpoint's folder"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[PRETRAINED_KEY] = {
+            "path": os.path.realpath(self.hparams.pretrained), "fingerprint": self.pretrained_fingerprint(),
+        }  # fmt: skip
         drop = self.unsaved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in drop}
         checkpoint["distill_unsaved"] = (
@@ -420,6 +486,8 @@ class DistillationTask(TrainingTask):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the task and the mixer/trainable arguments
+        self.check_pretrained(checkpoint)
         expected = set(self.state_dict()) - self.unsaved_keys()
         saved = set(checkpoint["state_dict"])
         missing = sorted(expected - saved)
