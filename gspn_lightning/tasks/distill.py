@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
+from gspn_lightning.models.sdxl import latent_multiple, save_gspn_weights, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
 from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values
@@ -239,6 +239,17 @@ class DistillationTask(TrainingTask):
         self._uncond_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- modes, seeds --------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # the image size is checked against the UNet and VAE before any data is read
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        check = getattr(dm, "check_resolution", None)
+        if callable(check):
+            multiple = latent_multiple(self.teacher, self.vae)
+            check(
+                multiple,
+                f"the VAE of {self.hparams.pretrained} and its UNet's down-sampling take multiples of {multiple} pixels",
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
