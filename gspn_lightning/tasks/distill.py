@@ -431,6 +431,7 @@ class DistillationTask(TrainingTask):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # (the optimiser settings it was trained with)
         expected = set(self.state_dict()) - self.unsaved_keys()
         saved = set(checkpoint["state_dict"])
         missing = sorted(expected - saved)
