@@ -295,6 +295,33 @@ class TrainingTask(L.LightningModule):
         self._eval_epoch_end("val")
         self.log_sample_counts("val")
 
+    def on_validation_start(self) -> None:
+        # Evaluation must run no collective that a rank without a batch would skip. DDP's forward
+        # broadcasts the module's buffers before the first forward after a training one (and before
+        # the very first, the sanity check's): a rank with no validation batch never makes that
+        # call and sits in the epoch-end metric sync, so the two ranks wait for each other forever.
+        # Every rank calls this hook, batch or not: the pending sync is switched off on all of them
+        # for the evaluation and switched back at its end, so training resumes in the same state
+        # on every rank (the evaluation forwards, without grad, sync nothing else).
+        wrapper = self._ddp_wrapper()
+        if wrapper is not None:
+            self._ddp_forward_sync = wrapper.require_forward_param_sync
+            wrapper.require_forward_param_sync = False
+
+    def on_validation_end(self) -> None:
+        wrapper = self._ddp_wrapper()
+        saved = getattr(self, "_ddp_forward_sync", None)
+        if wrapper is not None and saved is not None:
+            wrapper.require_forward_param_sync = saved
+        self._ddp_forward_sync = None
+
+    def _ddp_wrapper(self):
+        """The trainer's ``DistributedDataParallel`` wrapper of this module (fit under DDP), else None."""
+        if self._trainer is None:
+            return None
+        wrapper = getattr(self.trainer.strategy, "model", None)
+        return wrapper if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else None
+
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
         self.log_sample_counts("test")
