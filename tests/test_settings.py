@@ -251,6 +251,7 @@ def test_fid_callback_logs_on_its_steps_with_its_protocol(tmp_path, monkeypatch,
 
     monkeypatch.setattr(metrics, "compute_metrics", fake_metrics)
     painter = _Painter()
+    (tmp_path / "ref.npz").touch()  # (the reference must exist when the callback is built)
     fid = InTrainingFID(str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=5, batch_size=2, steps=4)
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     _trainer(tmp_path, max_steps=4, callbacks=[fid], logger=logger, log_every_n_steps=1).fit(

@@ -211,8 +211,9 @@ class CaptionWebDataModule(ShardDataModule):
         train_shards / val_shards / test_shards / predict_shards, batch_size, num_workers,
             epoch_samples, shuffle_buffer, pin_memory, max_shard_failures, seed: the shard streaming
             of :class:`~gspn_lightning.data.shards.ShardDataModule`.
-        resolution: training image size, an int (square) or ``[height, width]`` (multiples of 8 for
-            the SD-XL VAE).
+        resolution: training image size, an int (square) or ``[height, width]``; the distillation
+            task requires multiples of what its UNet and VAE take exactly (32 for SD-XL), checked
+            at set-up.
         random_crop: training crops at a random position (evaluation always takes the centre).
         embeddings: decode the prompt embeddings stored in the shards: ``None`` when the index's
             ``meta.embeddings`` lists them, ``True`` (they must be there), ``False`` (ignore them; the
@@ -253,6 +254,18 @@ class CaptionWebDataModule(ShardDataModule):
             names = [m.lower() for m in Image.Resampling.__members__]
             raise ValueError(f"data.init_args.interpolation must be one of {names}, got {interpolation!r}")
         self.random_crop, self.embeddings, self.interpolation = bool(random_crop), embeddings, interpolation
+
+    def check_resolution(self, multiple: int, why: str) -> None:
+        """Refuse (naming ``data.init_args.resolution``) a resolution that is not a multiple of
+        ``multiple`` in both sides: the task that trains on these images calls this at set-up,
+        before any data is read, with what it needs (``why``)."""
+        bad = [side for side in self.resolution if side % multiple]
+        if bad:
+            near = sorted({max(multiple, side // multiple * multiple) for side in self.resolution})
+            raise ValueError(
+                f"data.init_args.resolution {list(self.resolution)} must be a multiple of {multiple} "
+                f"({why}); e.g. {near[0] if len(near) == 1 else near}"
+            )
 
     def embedding_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """``{name: shape}`` of the prompt embeddings the batches carry (``None``: the batches have none)."""

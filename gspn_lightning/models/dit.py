@@ -36,7 +36,7 @@ from ..nn.embeddings import (
     modulate,
     sincos_pos_embed_2d,
 )
-from .registry import register_model
+from .registry import check_patch_grid, register_model
 
 __all__ = ["DIT_SIZES", "DiT", "DiTBlock"]
 
@@ -77,7 +77,7 @@ class DiT(nn.Module):
     """Class-conditional DiT: ``forward(x (B, C, H, W), t (B,), y (B,)) -> (B, C_out, H, W)``.
 
     Same conditioning arguments as :class:`~gspn_lightning.models.gspn_dit.GSPNDiT` (``num_classes``,
-    ``class_dropout``, ``label_init_std``, ``learn_sigma``, ``input_size`` for summaries only: positions are computed for
+    ``class_dropout``, ``label_init_std``, ``learn_sigma``, ``input_size``: the nominal size, a multiple of ``patch_size``; positions are computed for
     whatever grid comes in).
     """
 
@@ -98,6 +98,7 @@ class DiT(nn.Module):
         super().__init__()
         if hidden_size % 4:
             raise ValueError(f"hidden size must be divisible by 4 (2-D sin-cos positions), got {hidden_size}")
+        check_patch_grid(input_size, patch_size)
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma

@@ -48,7 +48,7 @@ from ..nn.embeddings import (
     init_conditioning,
     modulate,
 )
-from .registry import register_model
+from .registry import check_patch_grid, register_model
 
 __all__ = ["GSPN_DIT_SIZES", "GSPNDiT", "GSPNDiTBlock"]
 
@@ -115,7 +115,8 @@ class GSPNDiT(nn.Module):
             ``0 .. depth/2 - 1``, the middle block ``depth/2``, out blocks after it), or ``"all"`` /
             ``"none"``; default ``None``: the last two out blocks.
         drop_path_rate: stochastic depth, rising linearly over the blocks.
-        input_size: nominal latent size, used only by summaries (any size works).
+        input_size: nominal latent size (the task's ``image_size``): a multiple of ``patch_size``, checked
+            when the model is built; the forward takes any grid of whole patches.
         adaln_blocks: condition every block by adaLN-Zero (shift, scale and a gate from ``c``, zero at
             the start) as DiT does, on top of the paper's ``c`` added to the tokens.  Not in the paper;
             it makes the timestep and class reach every block, which speeds up short trainings (the
@@ -141,6 +142,7 @@ class GSPNDiT(nn.Module):
         super().__init__()
         if depth < 2 or depth % 2:
             raise ValueError(f"depth must be an even number >= 2, got {depth}")
+        check_patch_grid(input_size, patch_size)
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = ["ModelEntry", "check_patch_grid", "create_model", "list_models", "model_entry", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,18 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             value = {**default, **value}
         kwargs[key] = value
     return entry.builder(**kwargs)
+
+
+def check_patch_grid(input_size: int, patch_size: int) -> None:
+    """A patchifying model's nominal ``input_size`` must be a whole number of patches: the patch
+    embedding would drop the remainder and the output (and every sample drawn) would not have the
+    input's size. Raised when the model is built, i.e. at start-up, naming the config key."""
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise ValueError(f"image_size (the model's input_size) must be an int >= 1, got {input_size!r}")
+    if input_size % patch_size:
+        lower = input_size - input_size % patch_size
+        raise ValueError(
+            f"image_size {input_size} is not a multiple of the model's patch size {patch_size}: set "
+            f"data.init_args.image_size (or model.init_args.image_size) to a multiple of {patch_size}, "
+            f"e.g. {lower or patch_size} or {lower + patch_size}"
+        )

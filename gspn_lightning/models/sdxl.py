@@ -37,6 +37,7 @@ __all__ = [
     "attention_errors",
     "example_inputs",
     "gspn_state_dict",
+    "latent_multiple",
     "load_gspn_weights",
     "relative_error",
     "save_gspn_weights",
@@ -477,3 +478,13 @@ def attention_errors(teacher: nn.Module, student: nn.Module, forward) -> dict[st
             "uniform_attention": relative_error(uniform, target),
         }
     return result
+
+
+def latent_multiple(unet, vae) -> int:
+    """The pixel sizes a UNet/VAE pair takes exactly: multiples of the VAE's downsampling factor times
+    the UNet's (``2 ** (levels - 1)``: SD-XL 8 x 4 = 32). A size off that grid is padded by the VAE
+    or interpolated by the UNet's up blocks, which is not the computation the teacher was trained
+    for (and the latents no longer tile the image)."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    return vae_factor * unet_factor

@@ -11,6 +11,14 @@ Several processes starting together (the ranks of one DDP job) serialise on an `
 the build folder, so only one compiles and the others load its result.  A library is marked done only
 after it loaded once, so a build killed half-way is simply redone.
 
+A library is verified before every load: the build records its size and sha256 in
+``<name>.so.json`` beside it (written atomically, before ``DONE``), and a library that does not match
+its record — truncated or overwritten by a disk-full copy, a killed ``rsync`` of a home folder — is
+rebuilt with a warning instead of being loaded (loading a truncated shared library kills the process
+with SIGBUS, without a message).  A finished build without a record (a cache written before records
+existed) cannot be verified and is rebuilt once, with a warning, the same way.  Hashing the library
+costs a few milliseconds per process.
+
 The CPU extension defines the operator schemas and must load first; the CUDA extension only adds the
 CUDA kernels.  The CUDA one is built only when CUDA is usable, or when ``GSPN_BUILD_CUDA=1`` (CI
 compiles and links it on a machine without a GPU).
@@ -21,10 +29,13 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import json
 import os
+import shutil
 import sys
 import sysconfig
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +178,46 @@ def _fingerprint(name: str, sources: list[str], flags: list) -> str:
     return h.hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_record(library: Path) -> Path:
+    """Where the size and sha256 of a built ``library`` are recorded: ``<library>.json`` beside it."""
+    return library.with_name(library.name + ".json")
+
+
+def record_library(library: Path) -> None:
+    """Record ``library``'s size and sha256 beside it, atomically (a temporary file renamed)."""
+    record = library_record(library)
+    tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"size": library.stat().st_size, "sha256": _sha256(library)}) + "\n")
+    os.replace(tmp, record)
+
+
+def library_problem(library: Path) -> str | None:
+    """``None`` when ``library`` matches the size and sha256 its build recorded, else what is wrong
+    (no record, a different size or content): such a library must not be loaded."""
+    record = library_record(library)
+    try:
+        expected = json.loads(record.read_text())
+        size, digest = int(expected["size"]), str(expected["sha256"])
+    except FileNotFoundError:
+        return f"has no record of its size and hash ({record.name}; a cache older than these records)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"has an unreadable record {record.name} ({type(exc).__name__}: {exc})"
+    actual = library.stat().st_size
+    if actual != size:
+        return f"is {actual} bytes but was built with {size} (truncated or overwritten)"
+    if _sha256(library) != digest:
+        return "does not match the sha256 recorded at its build (overwritten or corrupted)"
+    return None
+
+
 def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
     """Build (if needed, under a file lock) and load one extension into ``torch.ops``."""
     extra_include = [str(CSRC)]
@@ -193,13 +244,24 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
     build_dir.mkdir(exist_ok=True)
     library = build_dir / f"{name}.so"
     done = build_dir / "DONE"
-    if done.exists() and library.exists():
+    if done.exists() and library.exists() and library_problem(library) is None:
         torch.ops.load_library(str(library))
         return
     with open(root / f"{name}-{tag}.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # released by the OS if this process dies
         try:
-            if not (done.exists() and library.exists()):
+            problem = library_problem(library) if done.exists() and library.exists() else None
+            if problem is not None:
+                warnings.warn(
+                    f"gspn_lightning: the cached kernel library {library} {problem}; rebuilding it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                # start from an empty folder: ninja would take a damaged library (or object) that is
+                # newer than its sources for up to date
+                shutil.rmtree(build_dir, ignore_errors=True)
+                build_dir.mkdir(exist_ok=True)
+            if problem is not None or not (done.exists() and library.exists()):
                 # A 'lock' baton left by a killed torch build would block load() forever; no other
                 # process can be building here while this one holds the flock.
                 (build_dir / "lock").unlink(missing_ok=True)
@@ -227,6 +289,7 @@ def _load(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
                     with_cuda=cuda,
                     verbose=bool(os.environ.get("GSPN_VERBOSE_BUILD")),
                 )
+                record_library(library)
                 done.write_text(tag + "\n")
             else:
                 torch.ops.load_library(str(library))

@@ -23,6 +23,13 @@ when it updates) and the non-finite-loss policy.
   skipped instead — no backward, no weight or EMA update; the step counter and lr schedule still
   advance — and more than ``max_consecutive_skips`` skipped batches in a row stop the run. Under
   DDP the decision is all-reduced, so every rank raises or skips at the same step.
+- **Non-finite weights.** :meth:`TrainingTask.check_weights` runs after every optimizer step (one
+  fused ``torch._foreach_norm`` over the optimised parameters and one host sync): an update that
+  makes a weight NaN/inf through a finite loss stops the run at that step, before the EMA takes it.
+- **Recovering.** The error's advice (:data:`RECOVERY`) works: ``--ckpt_path last`` never resumes the
+  exception checkpoint of a diverged run, and :meth:`TrainingTask.apply_resumed_optim` applies the
+  ``optim`` settings given to a resume (``lr``, ``base_batch_size``, ``weight_decay``, ``betas``) to
+  the restored optimiser and schedule, with a warning naming each change.
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ from .checkpointing import (
 from .ema import ModelEMA
 
 NONFINITE_POLICIES = ("error", "skip")
+#: the advice of a NonFiniteError: what a user does next (tests/test_divergence.py follows it)
+RECOVERY = (
+    "To recover, resume from the last good checkpoint with a lower learning rate: --ckpt_path last "
+    "--model.init_args.optim.lr <lower> (applied to the restored optimiser; the exception checkpoint of "
+    "a diverged run is never the one 'last' resumes)"
+)
 SCHEDULES = ("cosine", "constant")
 EMA_SCOPES = ("all", "trainable")
 
@@ -264,10 +277,6 @@ class TrainingTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TASK_KEY] = task_class_name(type(self))  # which task wrote it, for loading by path
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # another task's checkpoint, or other model arguments than this run's: stop, naming both
-        check_checkpoint_matches(self, checkpoint)
-
     # -- the datamodule -----------------------------------------------------------------------------
 
     def data(self, protocol: type = TaskData):
@@ -302,6 +311,33 @@ class TrainingTask(L.LightningModule):
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
         self.log_sample_counts("val")
+
+    def on_validation_start(self) -> None:
+        # Evaluation must run no collective that a rank without a batch would skip. DDP's forward
+        # broadcasts the module's buffers before the first forward after a training one (and before
+        # the very first, the sanity check's): a rank with no validation batch never makes that
+        # call and sits in the epoch-end metric sync, so the two ranks wait for each other forever.
+        # Every rank calls this hook, batch or not: the pending sync is switched off on all of them
+        # for the evaluation and switched back at its end, so training resumes in the same state
+        # on every rank (the evaluation forwards, without grad, sync nothing else).
+        wrapper = self._ddp_wrapper()
+        if wrapper is not None:
+            self._ddp_forward_sync = wrapper.require_forward_param_sync
+            wrapper.require_forward_param_sync = False
+
+    def on_validation_end(self) -> None:
+        wrapper = self._ddp_wrapper()
+        saved = getattr(self, "_ddp_forward_sync", None)
+        if wrapper is not None and saved is not None:
+            wrapper.require_forward_param_sync = saved
+        self._ddp_forward_sync = None
+
+    def _ddp_wrapper(self):
+        """The trainer's ``DistributedDataParallel`` wrapper of this module (fit under DDP), else None."""
+        if self._trainer is None:
+            return None
+        wrapper = getattr(self.trainer.strategy, "model", None)
+        return wrapper if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else None
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
@@ -452,7 +488,7 @@ class TrainingTask(L.LightningModule):
         if self._nonfinite_policy == "error":
             raise NonFiniteError(
                 f"non-finite training loss ({value}) at {where}; the weights are left as they were before "
-                "this step. Lower the learning rate, check the inputs, or set nonfinite_loss: skip"
+                f"this step. {RECOVERY}, check the inputs, or set nonfinite_loss: skip"
             )
         self._consecutive_skips += 1
         if self._consecutive_skips > self._max_skips:
@@ -466,7 +502,104 @@ class TrainingTask(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         out = super().optimizer_step(*args, **kwargs)
+        optimizer = args[2] if len(args) > 2 else kwargs.get("optimizer")
+        if optimizer is not None:
+            self.check_weights(optimizer)
         ema = getattr(self, "ema", None)  # (no class attribute: it would shadow nn.Module's lookup)
         if ema is not None and not getattr(self, "_skip_this_step", False):
             ema.update(self.model)
         return out
+
+    def check_weights(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop the run at the optimizer step whose update made a weight NaN/inf (before the EMA
+        takes it in), not at the next checkpoint save: one fused norm over the optimised parameters
+        (``torch._foreach_norm``) and one host sync per step; under several processes the verdict is
+        all-reduced (a sharded strategy holds a different part of the weights on each rank)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.numel()]
+        if not params:
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm([p.detach() for p in params])
+            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) == 0:
+            return
+        from .checkpointing import nonfinite_tensors
+
+        names = nonfinite_tensors(self.model) or ["(on another rank)"]
+        step = self.trainer.global_step if self._trainer is not None else 0  # (counts completed steps)
+        raise NonFiniteError(
+            f"non-finite weights after the optimizer step from global step {step} to {step + 1} "
+            f"(epoch {self.current_epoch}) in {', '.join(names)}; the loss was finite, the update was not. "
+            f"Nothing of this step is saved. {RECOVERY}"
+        )
+
+    # -- optimiser settings on resume -------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse another task's checkpoint, or other model arguments than this run's (naming both);
+        remember the optimiser settings the checkpoint was trained with, so that
+        :meth:`apply_resumed_optim` can apply the ones this run was given instead."""
+        check_checkpoint_matches(self, checkpoint)
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = hparams.get("optim", upgrade_hparams(hparams).get("optim"))
+        self._checkpoint_optim = dict(saved) if isinstance(saved, Mapping) else None
+
+    def on_train_start(self) -> None:
+        self.apply_resumed_optim()
+
+    def apply_resumed_optim(self) -> dict:
+        """After a resume restored the optimiser and lr schedule: apply the optimiser settings of this
+        run where they differ from the checkpoint's (``--model.init_args.optim.lr`` on the command
+        line of a resume), with a warning naming each; never drop them silently. Returns
+        ``{field: (checkpoint's, this run's)}`` of what was applied.
+
+        ``lr`` (and ``base_batch_size``, which scales it) set the schedule's base lr and every
+        parameter group's peak lr (the current lr is recomputed from the schedule at the restored
+        step); ``weight_decay`` is set on the decayed group; ``betas`` on every group. The schedule's
+        shape (warm-up, ``min_lr``, ``schedule``) and the EMA decay are not part of the restored
+        state: they always follow this run's settings. Unchanged settings leave the restored state
+        exactly as it was."""
+        saved, self._checkpoint_optim = getattr(self, "_checkpoint_optim", None), None
+        if not saved or getattr(self, "optim", None) is None:
+            return {}
+        try:
+            old = OptimSettings.build(saved, self.optim)
+        except (TypeError, ValueError):
+            return {}
+        new = self.optim
+        fields = ("lr", "base_batch_size", "weight_decay", "betas")
+        changed = {
+            f: (getattr(old, f), getattr(new, f)) for f in fields if getattr(old, f) != getattr(new, f)
+        }
+        if not changed or not self.trainer.optimizers:
+            return {}
+        optimizer = self.trainer.optimizers[0]
+        groups = optimizer.param_groups
+        if {"lr", "base_batch_size"} & set(changed):
+            scale = self._global_batch() / new.base_batch_size if new.base_batch_size else 1.0
+            peak = new.lr * scale
+            for group in groups:
+                group["initial_lr"] = peak
+            for config in self.trainer.lr_scheduler_configs:
+                scheduler = config.scheduler
+                if getattr(scheduler, "optimizer", None) is not optimizer:
+                    continue
+                scheduler.base_lrs = [peak] * len(groups)
+                lambdas = getattr(scheduler, "lr_lambdas", None)
+                if lambdas:
+                    for group, fn in zip(groups, lambdas):
+                        group["lr"] = peak * fn(scheduler.last_epoch)
+                    scheduler._last_lr = [group["lr"] for group in groups]
+        if "weight_decay" in changed:
+            groups[0]["weight_decay"] = new.weight_decay  # param_groups(): [decayed, not decayed]
+        if "betas" in changed:
+            for group in groups:
+                group["betas"] = tuple(new.betas)
+        described = ", ".join(f"optim.{f} {a} -> {b}" for f, (a, b) in changed.items())
+        rank_zero_warn(
+            f"resuming with other optimiser settings than the checkpoint's: {described}; applied to the "
+            f"restored optimiser (lr now {groups[0]['lr']:.6g} at step {self.trainer.global_step})"
+        )
+        return changed

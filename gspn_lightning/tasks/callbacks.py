@@ -55,8 +55,19 @@ class _Sampling:
     """How a generative callback has the task sample (its own settings, the task's weights)."""
 
     def __init__(self, sampler: str, steps: int, guidance_scale: float, guidance_channels: int | None):
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        # every setting is checked here, when the callback is built from the config (at start-up),
+        # not when the first sample is drawn (for SampleGrid: at the end of the whole fit)
+        from gspn_lightning.diffusion import SAMPLERS
+
+        name = type(self).__name__
+        if sampler not in SAMPLERS:
+            raise ValueError(f"{name}: sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{name}: steps must be an int >= 1, got {steps!r}")
+        if not guidance_scale >= 1.0:
+            raise ValueError(f"{name}: guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        if guidance_channels is not None and (isinstance(guidance_channels, bool) or guidance_channels < 1):
+            raise ValueError(f"{name}: guidance_channels must be >= 1 or null, got {guidance_channels!r}")
         self.sampling = {
             "sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance_scale),
             "guidance_channels": guidance_channels,
@@ -72,8 +83,30 @@ class _Sampling:
                 f"{', '.join(missing)} (see gspn_lightning.tasks.callbacks)"
             )
 
+    def _check_settings(self, pl_module) -> None:
+        """What depends on the task too, checked when the fit starts (after the task's own set-up,
+        before any data is read or step taken): the sampler with the task's ``clip_sample``
+        (DPM-Solver has no clipping) and the VAE folder that decodes the samples."""
+        from gspn_lightning.diffusion import make_sampler
+
+        name, protocol = type(self).__name__, pl_module.sampling_protocol()
+        clip = protocol.get("clip_sample")
+        try:
+            make_sampler(self.sampling["sampler"], clip_sample=clip)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc} (the task's model.init_args.clip_sample is {clip})") from None
+        vae = protocol.get("vae")
+        if vae and not os.path.isdir(os.path.expanduser(str(vae))):
+            raise FileNotFoundError(
+                f"{name}: the VAE folder {vae} that decodes the samples does not exist "
+                "(model.init_args.vae, or the VAE the latent shards' index records)"
+            )
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._check_task(pl_module)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._check_settings(pl_module)
 
 
 class SampleGrid(_Sampling, Callback):
@@ -184,6 +217,8 @@ class InTrainingFID(_Sampling, Callback):
             )
         if not reference:
             raise ValueError("InTrainingFID: reference (statistics or real images) is required")
+        if not os.path.exists(os.path.expanduser(str(reference))):
+            raise FileNotFoundError(f"InTrainingFID: reference {reference} does not exist")
         self.reference, self.every_n_steps = reference, every_n_steps
         self.num_samples, self.batch_size = num_samples, batch_size
         self._last: int | None = None

@@ -12,6 +12,9 @@ Lightning's ``ModelCheckpoint``:
   A file that is not plain data (a pickle that names code: classes or functions other than
   tensors, containers and numbers) is never unpickled: it is skipped with a warning naming it, and
   the selection goes on among the others (:func:`load_checkpoint_file`).
+  The exception checkpoint of a diverged run (a ``NonFiniteError``; marked ``"diverged"`` in the
+  file) is never chosen, with a warning: resuming it would repeat the step that diverged. (Passed
+  by path it is resumed as any other.)
   When checkpoint files exist but none loads, resuming is an error (never a silent fresh start);
   ``validate``/``test``/``predict`` with ``last`` and no checkpoint at all is an error too (``fit``
   starts fresh, so the same command line can start and resume a run).
@@ -59,6 +62,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 EXCEPTION_NAME = "on_exception"
 TMP_MARK = ".tmp-"
 SIGTERM_EXIT_CODE = 128 + 15
+#: the key that marks the exception checkpoint of a diverged run (its value: the error), never resumed by ``last``
+DIVERGED_KEY = "diverged"
 #: keys a checkpoint needs to resume training (what a save without ``save_weights_only`` writes)
 FULL_STATE_KEYS = ("state_dict", "global_step", "optimizer_states", "lr_schedulers", "loops")
 
@@ -169,7 +174,7 @@ def _rank(path: str) -> int:
     return 1
 
 
-def probe_checkpoint(path: str, full_state: bool = True) -> int:
+def probe_checkpoint(path: str, full_state: bool = True, info: dict | None = None) -> int:
     """Open ``path`` as a checkpoint and return its ``global_step``; raise if it cannot be used.
 
     The file is opened memory-mapped (the tensors are not read), which reads its whole zip
@@ -183,6 +188,8 @@ def probe_checkpoint(path: str, full_state: bool = True) -> int:
     missing = [k for k in needed if k not in ckpt]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (saved with save_weights_only?)")
+    if info is not None:  # what else the selection needs to know about the file
+        info[DIVERGED_KEY] = ckpt.get(DIVERGED_KEY)
     return int(ckpt["global_step"])
 
 
@@ -207,11 +214,30 @@ def resolve_last(folder: str, extra_folders: tuple[str, ...] = (), full_state: b
         return None
     good: dict[str, int] = {}
     bad: dict[str, str] = {}
+    diverged: dict[str, str] = {}
     for path in paths:
+        info: dict = {}
         try:
-            good[path] = probe_checkpoint(path, full_state)
+            step = probe_checkpoint(path, full_state, info)
         except Exception as exc:  # any failure to read means: not usable
             bad[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        if info.get(DIVERGED_KEY):
+            diverged[path] = str(info[DIVERGED_KEY])
+        else:
+            good[path] = step
+    for path, why in diverged.items():
+        # resuming it would take the same step to the same non-finite value again
+        rank_zero_warn(
+            f"ckpt_path='last': not resuming from {path}, the exception checkpoint of a diverged run "
+            f"({why.splitlines()[0][:200]}); pass it by path to resume from it on purpose"
+        )
+    if not good and diverged and not bad:
+        raise RuntimeError(
+            f"ckpt_path='last': the only checkpoint in {folder} is the exception checkpoint of a diverged "
+            f"run ({', '.join(diverged)}); pass it by path (--ckpt_path FILE) with a lower "
+            "--model.init_args.optim.lr, or remove it to start afresh"
+        )
     if not good:
         details = "; ".join(f"{p} ({why})" for p, why in bad.items())
         raise RuntimeError(f"ckpt_path='last': no checkpoint in {folder} can be loaded: {details}")
@@ -312,6 +338,11 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     # -- when to write -----------------------------------------------------------------------------
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if getattr(self, "_diverged", None):
+            checkpoint[DIVERGED_KEY] = self._diverged
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._train_start_step = trainer.global_step
@@ -376,7 +407,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             rank_zero_warn(f"not saving {EXCEPTION_NAME}.ckpt: the weights are not finite")
             return
         path = self.exception_checkpoint_path(trainer)
-        self._save_checkpoint(trainer, path)
+        # a divergence is marked in the file: `last` never resumes it (the same step would diverge again)
+        self._diverged = (
+            f"{type(exception).__name__}: {exception}" if isinstance(exception, NonFiniteError) else None
+        )
+        try:
+            self._save_checkpoint(trainer, path)
+        finally:
+            self._diverged = None
         rank_zero_info(
             f"{type(exception).__name__} at global step {trainer.global_step}: saved {path} "
             "(resume with --ckpt_path last)"

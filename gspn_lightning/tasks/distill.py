@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gspn_lightning.models.sdxl import save_gspn_weights, swap_self_attention
+from gspn_lightning.models.sdxl import latent_multiple, save_gspn_weights, swap_self_attention
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
 from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values
@@ -270,6 +270,17 @@ class DistillationTask(TrainingTask):
         self._uncond_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- modes, seeds --------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # the image size is checked against the UNet and VAE before any data is read
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        check = getattr(dm, "check_resolution", None)
+        if callable(check):
+            multiple = latent_multiple(self.teacher, self.vae)
+            check(
+                multiple,
+                f"the VAE of {self.hparams.pretrained} and its UNet's down-sampling take multiples of {multiple} pixels",
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -486,7 +497,8 @@ class DistillationTask(TrainingTask):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # the task and the mixer/trainable arguments
+        # the task, the mixer/trainable arguments and the optimiser settings it was trained with
+        super().on_load_checkpoint(checkpoint)
         self.check_pretrained(checkpoint)
         expected = set(self.state_dict()) - self.unsaved_keys()
         saved = set(checkpoint["state_dict"])
