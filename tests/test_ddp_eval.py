@@ -68,7 +68,7 @@ def test_distillation_two_ranks_one_validation_sample(tiny_sdxl_dir, tmp_path):
     ])  # fmt: skip
     m = metrics(run)
     assert m["val/samples"] == 1 and np.isfinite(m["val/loss"])
-    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
 
 
@@ -107,5 +107,5 @@ def test_dit_two_ranks_one_validation_sample(tmp_path):
     ])  # fmt: skip
     m = metrics(run)
     assert m["val/samples"] == 1 and np.isfinite(m["val/loss"])
-    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
