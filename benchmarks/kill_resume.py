@@ -7,8 +7,10 @@ random VAE for diffusion; the tiny random SD-XL folder and captioned random imag
 on the CPU with gloo, as two torchrun "nodes" of one process each over 127.0.0.1,
 SIGKILLs the training process of one rank (chosen at random) at a random moment of training, waits
 for the job to go down, then relaunches both nodes with ``--ckpt_path last`` and lets them finish.
-Half the trials kill at a random time; the other half kill the moment a checkpoint write has begun
-(its temporary file appears), to hit the write window. A reference run of the same seed is never
+Half the trials kill at a random moment of training (after a random checkpointed step but the last,
+within the time the reference took for the steps to the next checkpoint: a moment of training
+whatever the machine's load); the other half kill the moment a checkpoint write has begun (its
+temporary file appears), to hit the write window. A reference run of the same seed is never
 interrupted.
 
 A trial passes when its final ``last.ckpt`` has the reference's step, learning rate (optimiser
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -286,6 +289,12 @@ def has_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and any(n.endswith(".ckpt") and not n.startswith(".") for n in os.listdir(folder))
 
 
+def latest_step(folder: Path) -> int:
+    """The highest step in the names of the checkpoints in ``folder`` (``...-step=N.ckpt``), or -1."""
+    steps = [int(m.group(1)) for n in os.listdir(folder) if (m := re.search(r"step=(\d+)\.ckpt$", n))]
+    return max(steps, default=-1)
+
+
 def writing(folder: Path) -> set[str]:
     """Names of checkpoint temp files (a write in progress) in ``folder``."""
     return {n for n in os.listdir(folder) if ".ckpt.tmp-" in n} if folder.is_dir() else set()
@@ -304,7 +313,11 @@ def trial(i: int, work: Path, data: list[str], args, ref: dict, rng: random.Rand
     # training has started once the run's first checkpoint exists
     wait_until(lambda: has_checkpoint(folder), procs, args.timeout)
     if mode == "random-time":
-        time.sleep(rng.uniform(0.0, 0.8) * train_span)
+        # a random point of training, whatever the machine's load: after a random checkpointed step
+        # (not the last), a random fraction of the reference's time for the steps to the next one
+        target = args.every * rng.randrange(1, max(2, args.max_steps // args.every))
+        wait_until(lambda: latest_step(folder) >= target, procs, args.timeout)
+        time.sleep(rng.uniform(0.0, 1.0) * args.every * train_span / args.max_steps)
     else:  # let a random number of writes pass, then kill while the next one is under way
         skip, seen = rng.randrange(4), set()
 
@@ -420,6 +433,35 @@ def main(argv=None) -> int:
         flush=True,
     )
 
+    def report(trials: list[dict]) -> tuple[dict, Path]:
+        """Write the results of ``trials`` (after each one: a stopped benchmark keeps what it did)."""
+        summary = {
+            "trials": len(trials),
+            "passed": sum(bool(r["pass"]) for r in trials),
+            "unloadable": sum(r["unloadable"] for r in trials),
+            "checkpoint_versions_seen": sum(r["checkpoint_versions_loaded"] + r["unloadable"] for r in trials),
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        results = {
+            "benchmark": "kill_resume",
+            "command": "python benchmarks/kill_resume.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": machine_info(torch.device("cpu")),
+            "config": {
+                "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+                "tag": "" if args.config == CONFIG else f"{args.config.parent.name}_{args.config.stem}_",
+                "max_steps": args.max_steps,
+                "every": args.every,
+                "seed": args.seed,
+                "rng_seed": args.rng_seed,
+            },
+            "reference_seconds": round(ref_time, 1),
+            "reference_seconds_after_first_checkpoint": round(train_span, 1),
+            "summary": summary,
+            "trials": trials,
+        }
+        return summary, write_results(results, args.out)
+
     rng = random.Random(args.rng_seed)
     trials = []
     for i in range(args.trials):
@@ -431,32 +473,9 @@ def main(argv=None) -> int:
             f"{r['steps_on_disk_after_kill']}, pass={r['pass']}, unloadable={r['unloadable']}",
             flush=True,
         )
-    summary = {
-        "trials": len(trials),
-        "passed": sum(bool(r["pass"]) for r in trials),
-        "unloadable": sum(r["unloadable"] for r in trials),
-        "checkpoint_versions_seen": sum(r["checkpoint_versions_loaded"] + r["unloadable"] for r in trials),
-        "seconds": round(time.monotonic() - t0, 1),
-    }
-    results = {
-        "benchmark": "kill_resume",
-        "command": "python benchmarks/kill_resume.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": machine_info(torch.device("cpu")),
-        "config": {
-            "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
-            "tag": "" if args.config == CONFIG else f"{args.config.parent.name}_{args.config.stem}_",
-            "max_steps": args.max_steps,
-            "every": args.every,
-            "seed": args.seed,
-            "rng_seed": args.rng_seed,
-        },
-        "reference_seconds": round(ref_time, 1),
-        "reference_seconds_after_first_checkpoint": round(train_span, 1),
-        "summary": summary,
-        "trials": trials,
-    }
-    stem = write_results(results, args.out)
+        summary, stem = report(trials)
+    if not trials:
+        summary, stem = report(trials)
     print(
         f"{summary['passed']}/{summary['trials']} passed, {summary['unloadable']} unloadable; wrote {stem}.md"
     )
