@@ -300,7 +300,7 @@ def writing(folder: Path) -> set[str]:
     return {n for n in os.listdir(folder) if ".ckpt.tmp-" in n} if folder.is_dir() else set()
 
 
-def trial(i: int, work: Path, data: list[str], args, ref: dict, rng: random.Random, train_span: float) -> dict:
+def trial(i: int, work: Path, data: list[str], args, ref: dict, rng: random.Random, step_s: float) -> dict:
     root = work / f"trial{i:02d}"
     folder = root / "checkpoints"
     folder.mkdir(parents=True)
@@ -314,10 +314,10 @@ def trial(i: int, work: Path, data: list[str], args, ref: dict, rng: random.Rand
     wait_until(lambda: has_checkpoint(folder), procs, args.timeout)
     if mode == "random-time":
         # a random point of training, whatever the machine's load: after a random checkpointed step
-        # (not the last), a random fraction of the reference's time for the steps to the next one
+        # (not the last), within the reference's time for the steps to the next checkpoint
         target = args.every * rng.randrange(1, max(2, args.max_steps // args.every))
         wait_until(lambda: latest_step(folder) >= target, procs, args.timeout)
-        time.sleep(rng.uniform(0.0, 1.0) * args.every * train_span / args.max_steps)
+        time.sleep(rng.uniform(0.0, 1.0) * args.every * step_s)
     else:  # let a random number of writes pass, then kill while the next one is under way
         skip, seen = rng.randrange(4), set()
 
@@ -422,6 +422,9 @@ def main(argv=None) -> int:
     procs = launch(ref_root, data, args, False, work / "reference")
     wait_until(lambda: has_checkpoint(ref_root / "checkpoints"), procs, args.timeout)
     first_ckpt = time.monotonic()
+    # the time per training step: from the first checkpoint (step `every`) to the last step's
+    wait_until(lambda: latest_step(ref_root / "checkpoints") >= args.max_steps, procs, args.timeout)
+    step_s = (time.monotonic() - first_ckpt) / max(1, args.max_steps - args.every)
     codes = wait_all(procs, args.timeout)
     ref_time, train_span = time.monotonic() - t0, time.monotonic() - first_ckpt
     if codes != [0, 0]:
@@ -429,7 +432,8 @@ def main(argv=None) -> int:
         return 1
     ref = final_state(ref_root / "checkpoints" / "last.ckpt")
     print(
-        f"reference: step {ref['step']} in {ref_time:.1f}s ({train_span:.1f}s after its first checkpoint)",
+        f"reference: step {ref['step']} in {ref_time:.1f}s ({train_span:.1f}s after its first checkpoint, "
+        f"{step_s:.2f}s a step)",
         flush=True,
     )
 
@@ -457,6 +461,7 @@ def main(argv=None) -> int:
             },
             "reference_seconds": round(ref_time, 1),
             "reference_seconds_after_first_checkpoint": round(train_span, 1),
+            "reference_seconds_per_step": round(step_s, 2),
             "summary": summary,
             "trials": trials,
         }
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.rng_seed)
     trials = []
     for i in range(args.trials):
-        r = trial(i, work, data, args, ref, rng, train_span)
+        r = trial(i, work, data, args, ref, rng, step_s)
         trials.append(r)
         print(
             f"trial {i}: {r['mode']}, rank {r['killed_rank']} killed at {r['killed_at_s']}s "
