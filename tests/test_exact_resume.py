@@ -143,3 +143,31 @@ def test_distillation_resume_is_bit_identical(tiny_sdxl_dir, caption_shards, tmp
         )  # fmt: skip
 
     check_resume(make_task, make_dm, tmp_path, max_steps=5, stop_at=2, every=2, ema_prefix="ema.module.")
+
+
+def test_step_draws_are_keyed_by_seed_step_micro_batch_rank_and_purpose(monkeypatch):
+    """The same key draws the same numbers in any process; each part of the key changes them."""
+    from types import SimpleNamespace
+
+    task = tiny_task()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+
+    def draws(purpose="noise", *, step=5, batch_idx=3, rank=0, accumulate=2, training=True):
+        task._trainer = SimpleNamespace(
+            training=training, global_step=step, global_rank=rank, accumulate_grad_batches=accumulate
+        )
+        try:
+            return torch.rand(4, generator=task.step_generator(batch_idx, purpose))
+        finally:
+            task._trainer = None
+
+    same = draws()
+    assert torch.equal(same, draws())
+    assert torch.equal(same, draws(batch_idx=5))  # micro-batch 5 % 2 == 3 % 2
+    for other in (draws(step=6), draws(batch_idx=4), draws(rank=1), draws("labels"), draws(training=False)):
+        assert not torch.equal(same, other)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert not torch.equal(same, draws())
+    # evaluation: keyed by the batch index, not the step
+    assert torch.equal(draws(training=False, step=1), draws(training=False, step=9))
+    assert not torch.equal(draws(training=False, batch_idx=1), draws(training=False, batch_idx=2))
