@@ -127,7 +127,12 @@ class DiT(nn.Module):
         self.final.reset_parameters()
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         B, C, H, W = x.shape
         p = self.patch_size
@@ -135,7 +140,7 @@ class DiT(nn.Module):
         h, w = H // p, W // p
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = tokens + sincos_pos_embed_2d(self.hidden_size, h, w, x.device, tokens.dtype)  # (B, N, D)
-        c = self.t_embed(t) + self.y_embed(y, force_drop)  # (B, D)
+        c = self.t_embed(t) + self.y_embed(y, force_drop, generator)  # (B, D)
         for blk in self.blocks:
             tokens = blk(tokens, c)  # (B, N, D)
         grid = tokens.transpose(1, 2).reshape(B, self.hidden_size, h, w)  # (B, D, h, w)

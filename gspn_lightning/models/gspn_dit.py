@@ -219,12 +219,17 @@ class GSPNDiT(nn.Module):
         self.final.reset_parameters()
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``x (B, C, H, W)``, timesteps ``t (B,)``, labels ``y (B,)`` -> ``(B, C_out, H, W)``."""
         p = self.patch_size
         check_patch_input(x, self.in_channels, p)
-        c = self.t_embed(t) + self.y_embed(y, force_drop)  # (B, D)
+        c = self.t_embed(t) + self.y_embed(y, force_drop, generator)  # (B, D)
         h = self.patch_embed(x) + c[:, :, None, None]  # (B, D, H/p, W/p)
         skips = []
         for blk in self.in_blocks:

@@ -59,8 +59,9 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class labels ``(B,)`` -> ``(B, hidden)``, with one extra "null" class (index ``num_classes``) for
     classifier-free guidance.  In training, each label is replaced by the null class with probability
-    ``dropout``; ``force_drop`` (a bool mask) replaces chosen ones (for the unconditional half of a
-    guided batch)."""
+    ``dropout``, drawn from ``generator`` (the global RNG when ``None``; a training task passes one
+    seeded per step, so a resumed run drops the same labels); ``force_drop`` (a bool mask) replaces
+    chosen ones (for the unconditional half of a guided batch)."""
 
     def __init__(self, num_classes: int, hidden: int, dropout: float = 0.1, init_std: float = 0.02) -> None:
         super().__init__()
@@ -79,7 +80,12 @@ class LabelEmbedder(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def forward(self, y: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        y: torch.Tensor,
+        force_drop: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         if y.dim() != 1:
             raise ValueError(f"labels must be 1-D (B,), got shape {tuple(y.shape)}")
         # checked on the CPU only (a check on the GPU would synchronise every step; there the
@@ -91,7 +97,7 @@ class LabelEmbedder(nn.Module):
             )
         drop = None
         if self.training and self.dropout > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout
+            drop = torch.rand(y.shape, device=y.device, generator=generator) < self.dropout
         if force_drop is not None:
             drop = force_drop if drop is None else drop | force_drop
         if drop is not None:

@@ -11,6 +11,15 @@ when it updates) and the non-finite-loss policy.
 - **EMA scope.** ``optim.ema_decay`` and ``optim.ema_scope``: :meth:`TrainingTask.init_ema` keeps an
   EMA of all parameters, or only of the trainable ones (``"trainable"``: the SD-XL task trains 0.4B of 2.6B); frozen parameters are then
   shared with the model, not copied.
+- **Randomness of a step.** Every random draw of a training step is a function of ``(seed, global
+  step, micro-batch within the accumulation, rank)``, never of how many steps this process has run, so a
+  run resumed from a checkpoint draws what the uninterrupted run drew. The tasks' own draws (diffusion
+  noise and timesteps, label and caption dropout, VAE samples) come from
+  :meth:`TrainingTask.step_generator`, one generator per purpose; everything else that draws from the
+  global RNG inside a step (drop path, dropout, mixup/cutmix) is covered by
+  :meth:`TrainingTask.on_train_batch_start`, which seeds the global RNG from the same derivation
+  before each training batch. Evaluation steps draw from ``(seed, batch index, rank)``: the same draws
+  at every evaluation.
 
 - **EMA after the optimizer step.** :meth:`TrainingTask.optimizer_step` updates the EMA right after
   the weights change, before any batch-end callback runs, so a checkpoint written at step ``n``
@@ -37,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -67,6 +77,12 @@ RECOVERY = (
 )
 SCHEDULES = ("cosine", "constant")
 EMA_SCOPES = ("all", "trainable")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (joined by ``/`` as strings): the same in every process, rank and
+    platform, and unrelated for any two different tuples of parts."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
 def cli_values(kwargs: dict | None) -> dict:
@@ -342,6 +358,41 @@ class TrainingTask(L.LightningModule):
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
         self.log_sample_counts("test")
+
+    # -- randomness: every draw of a step from (seed, step, micro-batch, rank) -----------------------
+
+    def run_seed(self) -> int:
+        """The run's seed: the task's ``seed`` argument where it has one and it is set, else
+        ``seed_everything``'s (``PL_GLOBAL_SEED``), else 0."""
+        seed = self.hparams.get("seed")
+        if seed is not None:
+            return int(seed)
+        return int(os.environ.get("PL_GLOBAL_SEED") or 0)
+
+    def draw_key(self, batch_idx: int) -> tuple:
+        """What the draws of the current step depend on: in a training step ``("train", global step,
+        micro-batch within the gradient accumulation, rank)``; in an evaluation step ``("eval",
+        batch index, rank)`` (the same draws at every evaluation)."""
+        if self._trainer is not None and self.trainer.training:
+            micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+            return ("train", self.global_step, micro, self.global_rank)
+        return ("eval", batch_idx, self.global_rank)
+
+    def step_generator(self, batch_idx: int, purpose: str | None = None, device=None) -> torch.Generator:
+        """A generator (on ``device``, default the task's) seeded from the run's seed,
+        :meth:`draw_key` and ``purpose`` (one stream per kind of draw: ``"diffusion"``, ``"labels"``,
+        ...): a step's draws depend on the step, not on how many steps this process has run, so a
+        resumed run draws what the uninterrupted one drew."""
+        parts = self.draw_key(batch_idx) + ((purpose,) if purpose else ())
+        return torch.Generator(device=device or self.device).manual_seed(derive_seed(self.run_seed(), *parts))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Seed the global RNG (CPU and accelerators) from :meth:`draw_key` before each training batch:
+        what a step draws from it (drop path, dropout, mixup/cutmix) is then, like the
+        :meth:`step_generator` draws, the same in a resumed run as in the uninterrupted one, where
+        ``seed_everything`` alone would replay the draws of steps 0, 1, ... after every restart. (A
+        subclass that overrides this hook calls it.)"""
+        torch.manual_seed(derive_seed(self.run_seed(), *self.draw_key(batch_idx), "global"))
 
     # -- corrupt rows and evaluated-sample counts --------------------------------------------------
 

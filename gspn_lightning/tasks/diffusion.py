@@ -12,6 +12,10 @@ pipeline could not decode, and such rows are dropped and counted (``*/corrupt``)
   mixed precision are Trainer settings; label dropout 0.1 (the model's null class) for guidance.
 - EMA 0.9999 of the weights, updated after each optimizer step, saved in checkpoints and used for
   sampling.
+- Randomness: the noise, the timesteps and the label dropout of a training step are drawn from
+  generators seeded by (seed, global step, micro-batch, rank)
+  (:meth:`~gspn_lightning.tasks.base.TrainingTask.step_generator`), so a resumed run draws what the
+  uninterrupted one drew.
 - Validation: the same loss with a fixed noise/timestep draw per batch (comparable across epochs),
   for the raw and the EMA weights (``val/loss``, ``val_ema/loss``).
 - Sampling: :meth:`DiffusionTask.sample_images` draws from the EMA model with fixed seeds and decodes
@@ -21,6 +25,8 @@ pipeline could not decode, and such rows are dropped and counted (``*/corrupt``)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torchmetrics import MeanMetric
@@ -104,7 +110,11 @@ class DiffusionTask(TrainingTask):
         x, labels = self.drop_corrupt(batch, "train")
         if labels.numel() == 0:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
             return sum(p.sum() for p in self.model.parameters()) * 0.0
-        losses = self.diffusion.training_losses(self.model, x, labels)
+        # the step's draws from generators of (seed, step, micro-batch, rank): the same after a resume
+        model = functools.partial(self.model, generator=self.step_generator(batch_idx, "labels"))
+        losses = self.diffusion.training_losses(
+            model, x, labels, generator=self.step_generator(batch_idx, "diffusion")
+        )
         loss = losses["loss"].mean()
         if self.check_loss(loss, batch_idx) is None:
             return None
@@ -125,7 +135,7 @@ class DiffusionTask(TrainingTask):
         if labels.numel() == 0:
             return
         # a fixed draw per (batch, rank): losses comparable from one evaluation to the next
-        g = torch.Generator(device=x.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
+        g = self.step_generator(batch_idx, "diffusion", device=x.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         for name, net in self.eval_nets(stage):

@@ -29,7 +29,8 @@ original UNet (the teacher) on image + caption data.
   ``force_zeros_for_empty_prompt`` convention that its pipeline uses at sampling) or the empty prompt's
   embeddings (``uncond: empty``, needs the text encoders).
 - **Determinism and resume.** Noise, timesteps, the VAE sample and the dropout are drawn from a
-  generator seeded by ``(seed, global step, micro-batch, rank)``, and the data stream resumes exactly,
+  generator seeded by ``(seed, global step, micro-batch, rank)``
+  (:meth:`~gspn_lightning.tasks.base.TrainingTask.step_generator`), and the data stream resumes exactly,
   so a run resumed with ``--ckpt_path last`` takes the same steps as an uninterrupted one.
 - **Memory.** With ``trainable: gspn`` the student's frozen parameters *are* the teacher's tensors (one
   copy, when ``frozen_dtype`` is float32, the student's own dtype): SD-XL's teacher and student then
@@ -58,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -145,10 +145,6 @@ def _share_frozen(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
         student.get_submodule(owner)._parameters[leaf] = t
         shared += p.numel()
     return shared
-
-
-def _derive_seed(*parts) -> int:
-    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
 class DistillationTask(TrainingTask):
@@ -290,14 +286,6 @@ class DistillationTask(TrainingTask):
                 module.eval()
         return self
 
-    def _seed(self) -> int:
-        if self.hparams.seed is not None:
-            return int(self.hparams.seed)
-        return int(os.environ.get("PL_GLOBAL_SEED") or 0)
-
-    def _generator(self, *parts) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(_derive_seed(self._seed(), *parts))
-
     # -- conditioning ----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -407,8 +395,7 @@ class DistillationTask(TrainingTask):
         batch = self._good_rows(batch, "train")
         if batch is None:  # a wholly corrupt batch: a zero loss keeps DDP ranks in step
             return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
-        g = self._generator("train", self.global_step, micro, self.global_rank)
+        g = self.step_generator(batch_idx)  # (seed, "train", global step, micro-batch, rank)
         terms = self.losses(self.model, batch, g, train=True)
         loss = terms["loss"]
         if self.check_loss(loss, batch_idx) is None:
@@ -427,7 +414,7 @@ class DistillationTask(TrainingTask):
         n = batch["pixels"].shape[0]
         for name, net in self.eval_nets(stage):
             # the same draw for every evaluation of this batch: comparable from one epoch to the next
-            g = self._generator("eval", batch_idx, self.global_rank)
+            g = self.step_generator(batch_idx)  # (seed, "eval", batch, rank)
             terms = self.losses(net, batch, g, train=False)
             for term in TERMS:
                 self.eval_terms[f"{name}_{term}"].update(terms[term].detach(), weight=n)
