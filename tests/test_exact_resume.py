@@ -43,7 +43,7 @@ def fit(make_task, make_dm, root: Path, *, max_steps: int, every: int, stop_at=N
     )  # fmt: skip
     with torch_threads(1):
         t.fit(make_task(), datamodule=make_dm(), ckpt_path=ckpt_path)
-    return torch.load(root / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(root / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def assert_identical(a, b, where="checkpoint"):
