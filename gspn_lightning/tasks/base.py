@@ -23,6 +23,12 @@ when it updates) and the non-finite-loss policy.
   skipped instead — no backward, no weight or EMA update; the step counter and lr schedule still
   advance — and more than ``max_consecutive_skips`` skipped batches in a row stop the run. Under
   DDP the decision is all-reduced, so every rank raises or skips at the same step.
+- **No training on nothing.** Rows the data marked corrupt are dropped and counted
+  (:meth:`TrainingTask.count_corrupt`); a training epoch, or an evaluation, with no usable row on any
+  rank is a :class:`~gspn_lightning.data.shards.CorruptDataError` on every rank, naming the causes the
+  datamodule finds in the split's first samples. ``trained_steps`` counts the optimizer steps that
+  trained on a usable batch with a finite loss (saved in checkpoints); :meth:`TrainingTask.require_trained`
+  refuses an export of a fit that trained none.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import SumMetric
 
 from gspn_lightning.data.protocol import TaskData, task_data
+from gspn_lightning.data.shards import CorruptDataError
 
 from .checkpointing import NonFiniteError
 from .ema import ModelEMA
@@ -311,6 +318,8 @@ class TrainingTask(L.LightningModule):
             self.log(
                 "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
             )
+            rows = getattr(self, "_train_rows", None) or [0, 0]
+            self._train_rows = [rows[0] + int(ok.sum()), rows[1] + n_bad]  # usable, corrupt this epoch
         else:
             self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=ok.device))
             self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=ok.device))
@@ -325,6 +334,8 @@ class TrainingTask(L.LightningModule):
         bad_metric.reset()
         self.log(f"{stage}/samples", float(seen), sync_dist=False)
         self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
+        if seen == 0:  # the same sums on every rank: every rank raises
+            self.no_usable_rows(stage, corrupt)
         dm = self.data()
         expected = getattr(dm, f"num_{stage}_samples") if dm is not None else None
         limit = self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
@@ -335,6 +346,39 @@ class TrainingTask(L.LightningModule):
                 f"{stage}: evaluated {seen} samples (+{corrupt} corrupt) but the shard index lists {expected}; "
                 "some samples were skipped or seen twice"
             )
+
+    def on_train_epoch_start(self) -> None:
+        self._train_rows = [0, 0]
+
+    def on_train_epoch_end(self) -> None:
+        """A training epoch in which no rank had a usable row is an error (on every rank)."""
+        rows = torch.tensor(
+            getattr(self, "_train_rows", None) or [0, 0], dtype=torch.float64, device=self.device
+        )
+        if self.trainer.world_size > 1:
+            rows = self.trainer.strategy.reduce(rows, reduce_op="sum")
+        usable, corrupt = (int(v) for v in rows.tolist())
+        if usable == 0 and corrupt > 0:
+            self.no_usable_rows("train", corrupt)
+
+    def no_usable_rows(self, stage: str, corrupt: int) -> None:
+        """Raise the :class:`CorruptDataError` of an epoch of ``stage`` without a usable row, with the
+        causes the datamodule finds in the split's first samples."""
+        split = {"train": "train", "val": "val", "test": "test"}.get(stage, stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        causes = ""
+        if hasattr(dm, "corrupt_causes"):
+            try:
+                causes = " " + dm.corrupt_causes(split)
+            except Exception as exc:  # the diagnosis must not hide the error itself
+                causes = f" (the causes could not be read: {exc!r})"
+        num_classes = self.hparams.get("num_classes")
+        limit = f"; labels >= model num_classes={num_classes} count too" if num_classes is not None else ""
+        where = f"epoch {self.current_epoch}" if stage == "train" else stage
+        raise CorruptDataError(
+            f"{where}: no usable row on any rank ({corrupt} corrupt rows{limit}): the run would train or "
+            f"evaluate on nothing.{causes}"
+        )
 
     # -- optimiser settings and EMA ---------------------------------------------------------------
 
@@ -425,6 +469,7 @@ class TrainingTask(L.LightningModule):
         self._skip_this_step = False
         if float(bad) == 0:
             self._consecutive_skips = 0
+            self._step_trains = True  # counted in trained_steps at the optimizer step
             return loss
         where = f"global step {self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         value = loss.detach().float().flatten()[0].item()
@@ -445,7 +490,32 @@ class TrainingTask(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         out = super().optimizer_step(*args, **kwargs)
+        if getattr(self, "_step_trains", False):
+            self.trained_steps = getattr(self, "trained_steps", 0) + 1
+            self._step_trains = False
         ema = getattr(self, "ema", None)  # (no class attribute: it would shadow nn.Module's lookup)
         if ema is not None and not getattr(self, "_skip_this_step", False):
             ema.update(self.model)
         return out
+
+    # -- what was trained ------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["trained_steps"] = int(getattr(self, "trained_steps", 0))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint from before the count: its steps trained (the data policy did not exist)
+        self.trained_steps = int(checkpoint.get("trained_steps", checkpoint.get("global_step", 0)))
+
+    def require_trained(self, what: str) -> None:
+        """Refuse ``what`` (an export of the trained weights) when no rank ever took an optimizer step
+        on a usable batch with a finite loss (every batch corrupt or skipped, or no step at all): it
+        would hand out untrained weights as the result. Call it on every rank (it reduces)."""
+        trained = torch.tensor(float(getattr(self, "trained_steps", 0)), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            trained = self.trainer.strategy.reduce(trained, reduce_op="sum")
+        if float(trained) == 0:
+            raise RuntimeError(
+                f"refusing {what}: this run trained zero optimizer steps (global step {self.global_step}; "
+                "every batch was corrupt or skipped, or none ran), so the weights are untrained"
+            )

@@ -42,7 +42,8 @@ original UNet (the teacher) on image + caption data.
   tensor is in the file (a checkpoint of other ``mixer`` options or ``trainable`` is refused by name).
 - **Export.** At the end of fit, rank 0 writes ``<export_dir>/gspn.safetensors`` and (with EMA)
   ``gspn_ema.safetensors`` with :func:`~gspn_lightning.models.sdxl.save_gspn_weights`; ``export_dir``
-  defaults to ``<trainer.default_root_dir>/gspn``.
+  defaults to ``<trainer.default_root_dir>/gspn``. A fit (or a checkpoint, for ``gspn distill-export``)
+  that trained zero optimizer steps (every batch corrupt or skipped) exports nothing: an error says so.
 - **Validation**: the same losses on held-out shards (exactly once over ranks), with a fixed draw per
   batch, for the raw and the EMA student (``val/*``, ``val_ema/*``).
 - Precision (``bf16-mixed``), the strategy (``ddp``, ``fsdp``) and the number of devices are Trainer
@@ -413,6 +414,7 @@ class DistillationTask(TrainingTask):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         drop = self.unsaved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in drop}
         checkpoint["distill_unsaved"] = (
@@ -420,6 +422,7 @@ class DistillationTask(TrainingTask):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         expected = set(self.state_dict()) - self.unsaved_keys()
         saved = set(checkpoint["state_dict"])
         missing = sorted(expected - saved)
@@ -444,7 +447,8 @@ class DistillationTask(TrainingTask):
         return written
 
     def on_fit_end(self):
-        if self.global_rank != 0 or self.global_step == 0:
+        self.require_trained("to export the GSPN weights (gspn.safetensors)")  # on every rank
+        if self.global_rank != 0:
             return
         out = self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "gspn")
         for path in self.export_gspn(out):
