@@ -364,16 +364,17 @@ class TrainingTask(L.LightningModule):
     def no_usable_rows(self, stage: str, corrupt: int) -> None:
         """Raise the :class:`CorruptDataError` of an epoch of ``stage`` without a usable row, with the
         causes the datamodule finds in the split's first samples."""
-        split = {"train": "train", "val": "val", "test": "test"}.get(stage, stage)
         dm = getattr(self.trainer, "datamodule", None)
         causes = ""
-        if hasattr(dm, "corrupt_causes"):
+        if hasattr(dm, "corrupt_causes"):  # (the stages are the splits' names)
             try:
-                causes = " " + dm.corrupt_causes(split)
+                causes = " " + dm.corrupt_causes(stage)
             except Exception as exc:  # the diagnosis must not hide the error itself
                 causes = f" (the causes could not be read: {exc!r})"
         num_classes = self.hparams.get("num_classes")
-        limit = f"; labels >= model num_classes={num_classes} count too" if num_classes is not None else ""
+        limit = (
+            f", labels >= the model's num_classes={num_classes} included" if num_classes is not None else ""
+        )
         where = f"epoch {self.current_epoch}" if stage == "train" else stage
         raise CorruptDataError(
             f"{where}: no usable row on any rank ({corrupt} corrupt rows{limit}): the run would train or "
