@@ -3,10 +3,13 @@ exactly-once evaluation split over ranks and workers, resampled and resumable tr
 fixed epoch length, robust reading (unreadable shards skipped, then a clear error), and
 :class:`ShardDataModule`, the LightningDataModule that wires them up around a per-task *decoder*.
 
-A task's data module (images + class in :mod:`.images`, latents + class in :mod:`.latents`) only says
-how one raw sample (a dict of the tar members' bytes) becomes a ``(tensor, label)`` row: a callable
-returning ``(x, label)`` for a good sample and ``(zeros, CORRUPT_LABEL)`` for a broken one, so a
-corrupt sample is a counted row, never a crash, and never desynchronises DDP ranks.
+A task's data module (images + class in :mod:`.images`, latents + class in :mod:`.latents`, images +
+captions in :mod:`.captions`) only says how one raw sample (a dict of the tar members' bytes) becomes a
+row: a :class:`RowDecoder`, returning ``(x, label)`` (or a row dict) for a good sample and its
+corrupt row (label ``CORRUPT_LABEL``) for a broken one, so a corrupt sample is a counted row that never
+desynchronises DDP ranks. That is the data's one corrupt-row policy: ``max_sample_failures`` broken
+samples in a row are a :class:`CorruptDataError` naming the first causes (the data do not fit the
+config), and the task makes an epoch without a usable row an error.
 
 **Training** reads shards *with replacement* (no node or worker splitting is needed), shuffles raw
 samples in a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches
@@ -15,9 +18,11 @@ batches on every rank (the train loader has that ``len``, so Lightning knows the
 which keeps DDP ranks in step. The stream is seeded from ``(seed, epoch, rank, worker)`` (``seed``
 defaults to the run's ``seed_everything``) and the loader is resumable: a run resumed from a
 mid-epoch checkpoint continues with exactly the batches an uninterrupted run would have trained on.
-A shard that cannot be read is skipped with a warning; after ``max_shard_failures`` shards in a row
-gave no sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming
-them, instead of resampling for ever.
+A shard that cannot be read, or is cut short (truncated: a read error after some samples, fewer samples
+than its index records, no tar end-of-archive blocks), is warned about (the samples before the cut are
+kept); after ``max_shard_failures`` such shards in a row (all shards unreadable: truncated tars, dead
+URLs) the worker raises an error naming them, instead of resampling for ever. Evaluation reads shards
+the same way.
 
 **Evaluation** (val/test/predict) reads every sample exactly once over all ranks and workers, without
 resampling or shuffling. The split is decided from the rank and world size seen when the dataloader is
@@ -38,6 +43,7 @@ import io
 import itertools
 import os
 import random
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -101,8 +107,9 @@ def read_image(raw: dict[str, Any], mode: str = "RGB"):
         with Image.open(io.BytesIO(raw[ext])) as img:
             return img.convert(mode)
     except Exception as exc:
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # one cause, whatever the buffer
         raise SampleError(
-            f"the .{ext} member is not a decodable image ({type(exc).__name__}: {exc})"
+            f"the .{ext} member is not a decodable image ({type(exc).__name__}: {why})"
         ) from exc
 
 
