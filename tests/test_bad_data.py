@@ -274,7 +274,7 @@ def test_a_fit_on_wholly_corrupt_latents_stops_naming_the_cause(tmp_path):
     start = time.monotonic()
     with pytest.raises(
         CorruptDataError,
-        match=r"epoch 0: no usable row on any rank \(8 corrupt rows.*\.npy member is not a numpy array",
+        match=r"a training epoch: no usable row on any rank \(8 corrupt rows.*\.npy member is not a numpy array",
     ):
         tiny_trainer(tmp_path).fit(task, datamodule=dm)
     assert time.monotonic() - start < 60

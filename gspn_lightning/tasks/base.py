@@ -318,8 +318,10 @@ class TrainingTask(L.LightningModule):
             self.log(
                 "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
             )
-            rows = getattr(self, "_train_rows", None) or [0, 0]
-            self._train_rows = [rows[0] + int(ok.sum()), rows[1] + n_bad]  # usable, corrupt this epoch
+            # the usable rows of the epoch over all ranks, for the epoch's check (no collective of its own)
+            self.log(
+                "train/usable", float(ok.sum()), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
+            )
         else:
             self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=ok.device))
             self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=ok.device))
@@ -348,18 +350,23 @@ class TrainingTask(L.LightningModule):
             )
 
     def on_train_epoch_start(self) -> None:
-        self._train_rows = [0, 0]
+        self.check_train_epoch()  # the previous epoch's
 
-    def on_train_epoch_end(self) -> None:
-        """A training epoch in which no rank had a usable row is an error (on every rank)."""
-        rows = torch.tensor(
-            getattr(self, "_train_rows", None) or [0, 0], dtype=torch.float64, device=self.device
-        )
-        if self.trainer.world_size > 1:
-            rows = self.trainer.strategy.reduce(rows, reduce_op="sum")
-        usable, corrupt = (int(v) for v in rows.tolist())
+    def on_train_end(self) -> None:
+        self.check_train_epoch()  # the last epoch's
+
+    def check_train_epoch(self) -> None:
+        """A training epoch in which no rank had a usable row is an error, on every rank. It reads the
+        epoch's ``train/usable`` and ``train/corrupt`` sums, which Lightning reduced over the ranks at
+        the epoch's end (a collective in an epoch-end hook could pair with the lazy metric sync that
+        only rank 0's progress bar starts), so it runs when the next epoch starts and when training
+        ends."""
+        metrics = self.trainer.callback_metrics  # the last finished epoch's (none before the first)
+        if "train/usable" not in metrics:
+            return
+        usable, corrupt = float(metrics["train/usable"]), float(metrics.get("train/corrupt", 0.0))
         if usable == 0 and corrupt > 0:
-            self.no_usable_rows("train", corrupt)
+            self.no_usable_rows("train", int(corrupt))
 
     def no_usable_rows(self, stage: str, corrupt: int) -> None:
         """Raise the :class:`CorruptDataError` of an epoch of ``stage`` without a usable row, with the
@@ -375,7 +382,7 @@ class TrainingTask(L.LightningModule):
         limit = (
             f", labels >= the model's num_classes={num_classes} included" if num_classes is not None else ""
         )
-        where = f"epoch {self.current_epoch}" if stage == "train" else stage
+        where = "a training epoch" if stage == "train" else stage
         raise CorruptDataError(
             f"{where}: no usable row on any rank ({corrupt} corrupt rows{limit}): the run would train or "
             f"evaluate on nothing.{causes}"
@@ -511,11 +518,9 @@ class TrainingTask(L.LightningModule):
     def require_trained(self, what: str) -> None:
         """Refuse ``what`` (an export of the trained weights) when no rank ever took an optimizer step
         on a usable batch with a finite loss (every batch corrupt or skipped, or no step at all): it
-        would hand out untrained weights as the result. Call it on every rank (it reduces)."""
-        trained = torch.tensor(float(getattr(self, "trained_steps", 0)), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            trained = self.trainer.strategy.reduce(trained, reduce_op="sum")
-        if float(trained) == 0:
+        would hand out untrained weights as the result. (Under DDP every rank counts the same steps:
+        :meth:`check_loss` decides on all ranks together.)"""
+        if not getattr(self, "trained_steps", 0):
             raise RuntimeError(
                 f"refusing {what}: this run trained zero optimizer steps (global step {self.global_step}; "
                 "every batch was corrupt or skipped, or none ran), so the weights are untrained"
