@@ -418,3 +418,30 @@ def test_a_shard_with_fewer_samples_than_its_index_records_is_truncated(tmp_path
     with pytest.warns(UserWarning, match=r"truncated shard .*short\.tar: 4 samples but its index records 10"):
         images = torch.cat([x for x, _ in dm.val_dataloader()])
     assert len(images) == 4
+
+
+# ------------------------------------------------------------------------------ end to end, two ranks
+
+
+@pytest.mark.slow
+def test_two_rank_fit_of_the_tiny_dit_config_on_garbage_latents_stops_naming_the_cause(tmp_path):
+    """Through the command line with DDP (2 CPU ranks): every latent undecodable. The run used to
+    train on nothing and exit 0; now every rank stops with the error (no rank left waiting)."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_latents(tmp_path / "lat", n=8, broken=LATENT_BREAKS["garbage npy"][0])
+    args = [
+        sys.executable, "cli.py", "fit", "--config", "configs/dit/tiny.yaml",
+        f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.init_args.train_shards={data}",
+        f"--data.init_args.val_shards={data}", "--data.init_args.epoch_samples=16", "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+    ]  # fmt: skip
+    start = time.monotonic()
+    r = subprocess.run(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "no usable row on any rank" in out and ".npy member is not a numpy array" in out, out[-3000:]
+    assert time.monotonic() - start < 300
