@@ -442,8 +442,10 @@ def test_latent_decoder_rows_and_corrupt_samples(monkeypatch, capsys):
         assert label == CORRUPT_LABEL and x.shape == (2, 2, 2) and not x.any(), key
     err = capsys.readouterr().err
     assert err.count("corrupt sample") == len(bad) and "'wrong channels' of shard u.tar" in err
-    assert "npy of shape (2, 3, 2, 2), expected ('n', 4, 2, 2), finite" in err
-    assert "label 3 out of range" in err
+    assert "latent shape of an array (2, 3, 2, 2) but the config expects (2, 2, 2)" in err
+    assert "latent shape of an array (4, 2, 2) but the config expects (2, 2, 2)" in err
+    assert "the latent holds NaN or inf values" in err and "no .cls member" in err
+    assert "label 3 out of range [0, 3)" in err and "label -1 out of range" in err
     sampled, _ = DecodeLatent(channels=2, size=2, sample=True)({"npy": _npy(good), "cls": b"0"})
     assert sampled.shape == (2, 2, 2) and torch.isfinite(sampled).all()
 

@@ -404,7 +404,7 @@ def test_transform_failing_on_every_sample_is_an_error(tmp_path, monkeypatch):
     from gspn_lightning.data import images as dmod
 
     write_tar(tmp_path / "train-0.tar", 40)
-    dm = small_dm(str(tmp_path / "train-0.tar"), max_transform_failures=5)
+    dm = small_dm(str(tmp_path / "train-0.tar"), max_sample_failures=5)
     real = dmod.build_train_transform
 
     def broken(*args, **kwargs):
@@ -417,7 +417,10 @@ def test_transform_failing_on_every_sample_is_an_error(tmp_path, monkeypatch):
         return apply
 
     monkeypatch.setattr(dmod, "build_train_transform", broken)
-    with pytest.raises(RuntimeError, match=r"transform failed on 5 decoded samples.*std evaluated to zero"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"5 samples in a row could not be decoded.*transform failed.*std evaluated to zero",
+    ):
         for _ in dm.train_dataloader():  # 4 batches of 2: the 5th failure is in the third
             pass
 

@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from gspn_lightning.tasks.distill import DistillationTask
 
     task = DistillationTask.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides)
+    try:
+        task.require_trained(f"to export {args.ckpt}")
+    except RuntimeError as exc:
+        print(f"distill export: {exc}", file=sys.stderr)
+        return 1
     for path in task.export_gspn(args.out):
         print(f"wrote {path}")
     return 0

@@ -51,7 +51,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import CORRUPT_LABEL, ShardDataModule, read_array, read_image, report_corrupt, signed_pixels
+from .shards import (
+    CORRUPT_LABEL,
+    RowDecoder,
+    SampleError,
+    ShardDataModule,
+    read_array,
+    read_image,
+    signed_pixels,
+)
 from .write_shards import (
     DEFAULT_MAXCOUNT,
     DEFAULT_MAXSIZE,
@@ -114,27 +122,35 @@ def crop_box(
 
 def read_caption(sample: dict[str, Any]) -> str:
     """The caption of a raw sample: its ``txt`` member, else the first of ``caption``/``text``/``prompt``
-    in its ``json`` member. Raises ``KeyError``/``ValueError`` when there is none."""
+    in its ``json`` member. Raises a :class:`~gspn_lightning.data.shards.SampleError` when there is none."""
     if "txt" in sample:
-        return bytes(sample["txt"]).decode("utf-8").strip()
+        try:
+            return bytes(sample["txt"]).decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise SampleError(f"the .txt caption is not UTF-8 ({exc})") from None
     if "json" in sample:
-        record = json.loads(bytes(sample["json"]).decode("utf-8"))
+        try:
+            record = json.loads(bytes(sample["json"]).decode("utf-8"))
+        except ValueError as exc:
+            raise SampleError(f"the .json member is not JSON ({exc})") from None
         if isinstance(record, dict):
             for key in CAPTION_JSON_KEYS:
                 if isinstance(record.get(key), str):
                     return record[key].strip()
-        raise ValueError(f"the json member has no string field among {CAPTION_JSON_KEYS}")
-    raise KeyError("the sample has no caption (neither a txt nor a json member)")
+        raise SampleError(f"the json member has no string field among {CAPTION_JSON_KEYS}")
+    raise SampleError("the sample has no caption (neither a .txt nor a .json member)")
 
 
-class DecodeCaption:
-    """Raw sample -> a row dict (see the module docstring); a broken sample -> a row with ``label = -1``.
+class DecodeCaption(RowDecoder):
+    """Raw sample -> a row dict (see the module docstring); a broken sample -> a row with ``label = -1``
+    (the corrupt-row policy is :class:`~gspn_lightning.data.shards.RowDecoder`'s).
 
     Args:
         resolution: ``(height, width)`` of the training images.
         random_crop: crop at a random position (else the centre).
         embeddings: ``{name: shape}`` of the stored prompt embeddings to decode (``None``: none).
         interpolation: PIL resampling filter name for the resize (``"bicubic"``, ``"bilinear"``, ...).
+        max_failures: this many samples in a row that fail are an error (``None``: no limit).
     """
 
     def __init__(
@@ -143,28 +159,31 @@ class DecodeCaption:
         random_crop: bool = False,
         embeddings: dict[str, tuple[int, ...]] | None = None,
         interpolation: str = "bicubic",
+        max_failures: int | None = 64,
     ):
         from PIL import Image
 
+        super().__init__(max_failures)
         self.resolution, self.random_crop = tuple(resolution), random_crop
         self.embeddings = {k: tuple(v) for k, v in (embeddings or {}).items()}
         self.resample = Image.Resampling[interpolation.upper()]
 
-    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         th, tw = self.resolution
-        try:
-            caption = read_caption(raw)
-            arrays = {
-                name: torch.from_numpy(read_array(raw, f"{name}.npy", shape).astype(np.float32))
-                for name, shape in self.embeddings.items()
-            }
-            img = read_image(raw, "RGB")
-            (rh, rw), (top, left) = crop_box(img.height, img.width, (th, tw), self.random_crop)
-            original = (img.height, img.width)
-            img = img.resize((rw, rh), resample=self.resample).crop((left, top, left + tw, top + th))
-        except Exception as exc:  # a broken sample: a counted row, never a crash
-            report_corrupt(raw, exc)
-            return self.corrupt_row()
+        caption = read_caption(raw)
+        arrays = {
+            name: torch.from_numpy(
+                read_array(
+                    raw, f"{name}.npy", shape, "the shard index's meta.embeddings says",
+                    "write the shards' embeddings again (gspn write-captions --embed-with)",
+                ).astype(np.float32)
+            )
+            for name, shape in self.embeddings.items()
+        }  # fmt: skip
+        img = read_image(raw, "RGB")
+        (rh, rw), (top, left) = crop_box(img.height, img.width, (th, tw), self.random_crop)
+        original = (img.height, img.width)
+        img = img.resize((rw, rh), resample=self.resample).crop((left, top, left + tw, top + th))
         row = {
             "pixels": signed_pixels(img),
             "original_size": torch.tensor(original, dtype=torch.long),
@@ -209,8 +228,8 @@ class CaptionWebDataModule(ShardDataModule):
 
     Args:
         train_shards / val_shards / test_shards / predict_shards, batch_size, num_workers,
-            epoch_samples, shuffle_buffer, pin_memory, max_shard_failures, seed: the shard streaming
-            of :class:`~gspn_lightning.data.shards.ShardDataModule`.
+            epoch_samples, shuffle_buffer, pin_memory, max_shard_failures, max_sample_failures, seed: the
+            shard streaming and the corrupt-row policy of :class:`~gspn_lightning.data.shards.ShardDataModule`.
         resolution: training image size, an int (square) or ``[height, width]``; the distillation
             task requires multiples of what its UNet and VAE take exactly (32 for SD-XL), checked
             at set-up.
@@ -241,11 +260,13 @@ class CaptionWebDataModule(ShardDataModule):
         pin_memory: bool = True,
         max_shard_failures: int = 16,
         seed: int | None = None,
+        max_sample_failures: int = 64,
     ):
         super().__init__(
             train_shards, val_shards, test_shards, predict_shards, batch_size=batch_size,
             num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
             num_classes=None, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
+            max_sample_failures=max_sample_failures,
         )  # fmt: skip
         self.resolution = _size_pair(resolution)
         from PIL import Image
@@ -287,7 +308,13 @@ class CaptionWebDataModule(ShardDataModule):
         return (self.index_meta("embeddings") or {}).get("sdxl")
 
     def _decoder(self, random_crop: bool) -> DecodeCaption:
-        return DecodeCaption(self.resolution, random_crop, self.embedding_shapes(), self.interpolation)
+        return DecodeCaption(
+            self.resolution,
+            random_crop,
+            self.embedding_shapes(),
+            self.interpolation,
+            self.max_sample_failures,
+        )
 
     def train_decoder(self) -> DecodeCaption:
         return self._decoder(self.random_crop)

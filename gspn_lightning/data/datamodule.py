@@ -14,8 +14,11 @@ from .images import (  # noqa: F401
 )
 from .shards import (  # noqa: F401
     CORRUPT_LABEL,
+    CorruptDataError,
     EvalShardSamples,
     FixedLengthLoader,
+    RowDecoder,
+    SampleError,
     ShardDataModule,
     ShardReadError,
     TrainShardStream,

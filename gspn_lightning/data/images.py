@@ -12,27 +12,35 @@ and workers, unreadable shards) is the generic machinery of :mod:`gspn_lightning
 module only decodes and augments images.
 
 **Corrupt samples.** A sample whose image cannot be decoded, or whose ``cls`` is missing, not an
-integer, negative or (when the index lists the classes) out of range, is not dropped in the worker and
-never raises (the task also counts labels ``>= num_classes`` of its model as corrupt): it comes
-through as a row with label ``-1`` and an all-zero image. The task drops the ``label == -1`` rows and
-counts them, which happens in the main process whatever ``num_workers`` is, so the count is exact.
-
-**A transform that fails on every sample is an error, not corrupt data**: when the transform
-raises on ``max_transform_failures`` decoded samples in a row, the worker raises with the last
-error and the sample and shard it happened on.
+integer, negative or (when the index lists the classes) out of range, or that the transform fails on,
+is not dropped in the worker (the task also counts labels ``>= num_classes`` of its model as corrupt):
+it comes through as a row with label ``-1`` and an all-zero image. The task drops the ``label == -1``
+rows and counts them, which happens in the main process whatever ``num_workers`` is, so the count is
+exact. This is the data's one corrupt-row policy (:class:`~gspn_lightning.data.shards.RowDecoder`):
+``max_sample_failures`` such samples in a row are an error naming the first causes (a broken
+transform setting, labels past the classes), and an epoch with no usable row is an error of the task.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from .shards import CORRUPT_LABEL, ShardDataModule, check_count, read_image, read_label, report_corrupt
+from .shards import (
+    CORRUPT_LABEL,
+    RowDecoder,
+    SampleError,
+    ShardDataModule,
+    check_count,
+    read_image,
+    read_label,
+)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -169,14 +177,16 @@ def build_eval_transform(
     )
 
 
-class DecodeSample:
-    """Turn a raw webdataset sample into ``(image tensor, label)``; a corrupt one into ``(zeros, -1)``.
+class DecodeSample(RowDecoder):
+    """Turn a raw webdataset sample into ``(image tensor, label)``; a corrupt one into ``(zeros, -1)``
+    (the corrupt-row policy is :class:`~gspn_lightning.data.shards.RowDecoder`'s).
 
     Args:
         transform: PIL image -> float tensor ``(in_chans, image_size, image_size)``.
         in_chans: 3 decodes to RGB, 1 to grayscale (``L``).
         image_size: size of the zero image of a corrupt sample.
         num_classes: labels ``>= num_classes`` count as corrupt (``None``: no upper check).
+        max_consecutive_failures: this many samples in a row that fail are an error.
     """
 
     def __init__(
@@ -185,41 +195,29 @@ class DecodeSample:
         in_chans: int,
         image_size: int,
         num_classes: int | None = None,
-        max_consecutive_failures: int = 64,
+        max_consecutive_failures: int | None = 64,
     ):
+        super().__init__(max_consecutive_failures)
         self.transform, self.in_chans, self.image_size, self.num_classes = (
             transform,
             in_chans,
             image_size,
             num_classes,
         )
-        self.max_consecutive_failures = max_consecutive_failures
-        self._failures_in_a_row = 0
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        try:
-            label = read_label(sample, self.num_classes)
-            img = read_image(sample, "RGB" if self.in_chans == 3 else "L")
-        except Exception as exc:  # a broken sample: a counted row, never a crash
-            report_corrupt(sample, exc)
-            return self._corrupt_row()
+    def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        label = read_label(sample, self.num_classes)
+        img = read_image(sample, "RGB" if self.in_chans == 3 else "L")
         try:
             image = self.transform(img).as_subclass(torch.Tensor)
-        except Exception as exc:  # decoded but not transformable: a row, unless it happens to every sample
-            report_corrupt(sample, exc, "transform failed on")
-            where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
-            self._failures_in_a_row += 1
-            if self._failures_in_a_row >= self.max_consecutive_failures:
-                raise RuntimeError(
-                    f"the transform failed on {self._failures_in_a_row} decoded samples in a row (the last: "
-                    f"{where}: {exc!r}); this is a configuration error, not corrupt data (check the "
-                    "datamodule's mean/std, crop and augmentation settings)"
-                ) from exc
-            return self._corrupt_row()
-        self._failures_in_a_row = 0
+        except Exception as exc:  # decoded but not transformable
+            raise SampleError(
+                f"the transform failed on a decoded image ({exc!r}): check the datamodule's mean/std, crop "
+                "and augmentation settings"
+            ) from exc
         return image, label
 
-    def _corrupt_row(self) -> tuple[torch.Tensor, int]:
+    def corrupt_row(self) -> tuple[torch.Tensor, int]:
         return torch.zeros(self.in_chans, self.image_size, self.image_size), CORRUPT_LABEL
 
 
@@ -244,8 +242,8 @@ def _check_datamodule_args(**a: Any) -> None:
             fail(key, "must be finite")
     if not all(float(v) > 0 for v in a["std"]):
         fail("std", "must be > 0 in every channel (it divides the pixels)")
-    for key in ("image_size", "max_transform_failures"):
-        check_count(key, a[key])
+    check_count("image_size", a["image_size"])
+    check_count("max_transform_failures", a["max_transform_failures"], optional=True)
     scale = tuple(a["crop_scale"])
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         fail("crop_scale", "must be (low, high) with 0 < low <= high <= 1")
@@ -293,10 +291,13 @@ class ImageWebDataModule(ShardDataModule):
             the ``image_size`` center crop.
         interpolation: resize interpolation (``"bicubic"``, ``"bilinear"``, ...).
         pin_memory: pin batches in page-locked memory (only when CUDA is available).
-        max_shard_failures: training fails (naming the shards) after this many shards in a row gave
-            no sample, instead of resampling unreadable shards for ever.
-        max_transform_failures: a transform raising on this many decoded samples in a row is an error
-            (a broken transform setting), not corrupt data.
+        max_shard_failures: reading fails (naming the shards) after this many shards in a row were
+            unreadable or truncated, instead of resampling unreadable shards for ever.
+        max_sample_failures: this many samples in a row that cannot be decoded or transformed are an
+            error naming the first causes (a broken transform setting, data that do not fit the config),
+            not corrupt data.
+        max_transform_failures: the former name of ``max_sample_failures`` (deprecated; when set it
+            wins).
         seed: seed of the training stream (shard draws, shuffle, augmentation; see
             :class:`~gspn_lightning.data.shards.TrainShardStream`); ``None``: the run's
             ``seed_everything`` seed (``$PL_GLOBAL_SEED``), or a fresh random one when there is none.
@@ -330,14 +331,22 @@ class ImageWebDataModule(ShardDataModule):
         interpolation: str = "bicubic",
         pin_memory: bool = True,
         max_shard_failures: int = 16,
-        max_transform_failures: int = 64,
+        max_sample_failures: int = 64,
+        max_transform_failures: int | None = None,
         seed: int | None = None,
         num_classes: int | None = None,
     ):
+        if max_transform_failures is not None:
+            warnings.warn(
+                "data.init_args.max_transform_failures is now max_sample_failures (for every data module)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         super().__init__(
             train_shards, val_shards, test_shards, predict_shards, batch_size=batch_size,
             num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
             num_classes=num_classes, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
+            max_sample_failures=max_transform_failures or max_sample_failures,
         )  # fmt: skip
         _check_datamodule_args(
             in_chans=in_chans,
@@ -371,7 +380,6 @@ class ImageWebDataModule(ShardDataModule):
                 f"data.init_args.crop_ratio must be (low, high) with 0 < low <= high, got {crop_ratio!r}"
             )
         self.interpolation = InterpolationMode(interpolation.lower())
-        self.max_transform_failures = max_transform_failures
 
     # -- decoding (the streaming is ShardDataModule's) ---------------------------------------------
 
@@ -381,7 +389,7 @@ class ImageWebDataModule(ShardDataModule):
             self.in_chans,
             self.image_size,
             self.split_classes(split),  # labels are checked against the split's own index
-            max_consecutive_failures=self.max_transform_failures,
+            max_consecutive_failures=self.max_sample_failures,
         )
 
     def train_decoder(self) -> DecodeSample:

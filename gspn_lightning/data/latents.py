@@ -11,8 +11,12 @@ LightningCLI links into the task (``in_chans``, ``image_size``).
 **Batches** are ``(latents float32 (B, C, h, w), labels int64 (B,))``. Training draws a view at
 random and a fresh posterior sample ``mean + std * N(0, 1)`` every time (what DiT does by encoding
 on the fly, at none of its cost); evaluation uses view 0's posterior mean. A sample that cannot be
-read is a corrupt row (zeros, label -1) like everywhere else; the streaming is
-:class:`~gspn_lightning.data.shards.ShardDataModule`'s.
+read (a latent of another shape than the config's, NaN values, no or a bad label) is a corrupt row
+(zeros, label -1) under the data's one corrupt-row policy
+(:class:`~gspn_lightning.data.shards.RowDecoder`: ``max_sample_failures`` in a row are an error naming
+the causes); the streaming is :class:`~gspn_lightning.data.shards.ShardDataModule`'s. The latent
+shape and the classes of the config (``in_chans``, ``image_size``, ``num_classes``) must agree with
+the index's ``meta`` and ``classes`` when both are given: start-up fails naming both otherwise.
 
 **Encoding** (``gspn encode-latents SRC OUT --vae PATH``, :func:`encode_shards`): reads every sample of the
 image shards ``SRC`` exactly once, split over all devices that Lightning Fabric sees (``--devices``),
@@ -33,14 +37,15 @@ import torch
 from .shards import (
     CORRUPT_LABEL,
     EvalShardSamples,
+    RowDecoder,
+    SampleError,
     ShardDataModule,
     check_count,
     collate,
     parse_cls,
-    read_array,
     read_image,
     read_label,
-    report_corrupt,
+    read_npy,
     resolve_shards,
     signed_pixels,
 )
@@ -68,25 +73,39 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-class DecodeLatent:
-    """Raw sample -> ``(latent (C, h, w), label)``; a broken one -> ``(zeros, -1)``.
+class DecodeLatent(RowDecoder):
+    """Raw sample -> ``(latent (C, h, w), label)``; a broken one -> ``(zeros, -1)`` (the corrupt-row
+    policy is :class:`~gspn_lightning.data.shards.RowDecoder`'s).
 
     Args:
         channels, size: the latent shape (from the index).
         sample: draw a random view and a posterior sample (training); else view 0's mean.
         num_classes: labels ``>= num_classes`` count as corrupt (``None``: no upper check).
+        max_failures: this many samples in a row that fail are an error (``None``: no limit).
     """
 
-    def __init__(self, channels: int, size: int, sample: bool, num_classes: int | None = None):
+    def __init__(
+        self, channels: int, size: int, sample: bool, num_classes: int | None = None, max_failures: int | None = 64
+    ):  # fmt: skip
+        super().__init__(max_failures)
         self.channels, self.size, self.sample, self.num_classes = channels, size, sample, num_classes
 
-    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        try:
-            label = read_label(raw, self.num_classes)
-            arr = read_array(raw, "npy", (None, 2 * self.channels, self.size, self.size))  # (views, 2C, h, w)
-        except Exception as exc:  # a broken sample: a counted row, never a crash
-            report_corrupt(raw, exc)
-            return torch.zeros(self.channels, self.size, self.size), CORRUPT_LABEL
+    def corrupt_row(self) -> tuple[torch.Tensor, int]:
+        return torch.zeros(self.channels, self.size, self.size), CORRUPT_LABEL
+
+    def decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        label = read_label(raw, self.num_classes)
+        arr = read_npy(raw, "npy")  # (views, 2C, h, w)
+        want = (self.channels, self.size, self.size)
+        if arr.ndim != 4 or arr.shape[1:] != (2 * self.channels, self.size, self.size):
+            paired = arr.ndim == 4 and arr.shape[1] % 2 == 0  # mean and std of C channels
+            got = (arr.shape[1] // 2, *arr.shape[2:]) if paired else f"of an array {arr.shape}"
+            raise SampleError(
+                f"latent shape {got} but the config expects {want} (stored as (views, 2C, h, w) = "
+                f"{arr.shape}): set data.init_args.in_chans / image_size to the latents' or re-encode them"
+            )
+        if not np.isfinite(arr).all():
+            raise SampleError("the latent holds NaN or inf values: re-encode it")
         moments = torch.from_numpy(arr.astype(np.float32))  # (views, 2C, h, w)
         if not self.sample:
             return moments[0, : self.channels].clone(), label
@@ -100,8 +119,9 @@ class LatentWebDataModule(ShardDataModule):
     """Latent + class batches for latent diffusion (see the module docstring).
 
     Takes :class:`~gspn_lightning.data.shards.ShardDataModule`'s arguments; ``in_chans`` and
-    ``image_size`` (the latent's channels and size) come from the shard index's ``meta`` unless given
-    here, and are linked into the task by LightningCLI.
+    ``image_size`` (the latent's channels and size) come from the shard index's ``meta``; given here
+    too, they must agree with it (a start-up error names both values), and they are what a folder
+    without ``meta`` needs. LightningCLI links them into the task.
     """
 
     def __init__(
@@ -120,11 +140,13 @@ class LatentWebDataModule(ShardDataModule):
         pin_memory: bool = True,
         max_shard_failures: int = 16,
         seed: int | None = None,
+        max_sample_failures: int = 64,
     ):
         super().__init__(
             train_shards, val_shards, test_shards, predict_shards, batch_size=batch_size,
             num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
             num_classes=num_classes, pin_memory=pin_memory, max_shard_failures=max_shard_failures, seed=seed,
+            max_sample_failures=max_sample_failures,
         )  # fmt: skip
         check_count("in_chans", in_chans, optional=True)
         check_count("image_size", image_size, optional=True)
@@ -132,13 +154,13 @@ class LatentWebDataModule(ShardDataModule):
 
     @property
     def in_chans(self) -> int | None:
-        """Latent channels: the argument, else the index's ``meta.channels``."""
-        return self._in_chans if self._in_chans is not None else self.index_meta("channels")
+        """Latent channels: the index's ``meta.channels``, else the argument (both: they must agree)."""
+        return self.agreed("in_chans", self._in_chans, self.index_meta("channels"), "meta.channels")
 
     @property
     def image_size(self) -> int | None:
-        """Latent size: the argument, else the index's ``meta.size``."""
-        return self._image_size if self._image_size is not None else self.index_meta("size")
+        """Latent size: the index's ``meta.size``, else the argument (both: they must agree)."""
+        return self.agreed("image_size", self._image_size, self.index_meta("size"), "meta.size")
 
     @property
     def vae(self) -> str | None:
@@ -151,7 +173,9 @@ class LatentWebDataModule(ShardDataModule):
                 "the latent shape is unknown: the shard index has no meta.channels/meta.size; set "
                 "data.init_args.in_chans and data.init_args.image_size"
             )
-        return DecodeLatent(self.in_chans, self.image_size, sample, self.split_classes(split))
+        return DecodeLatent(
+            self.in_chans, self.image_size, sample, self.split_classes(split), self.max_sample_failures
+        )
 
     def train_decoder(self) -> DecodeLatent:
         return self._decoder("train", sample=True)

@@ -3,10 +3,13 @@ exactly-once evaluation split over ranks and workers, resampled and resumable tr
 fixed epoch length, robust reading (unreadable shards skipped, then a clear error), and
 :class:`ShardDataModule`, the LightningDataModule that wires them up around a per-task *decoder*.
 
-A task's data module (images + class in :mod:`.images`, latents + class in :mod:`.latents`) only says
-how one raw sample (a dict of the tar members' bytes) becomes a ``(tensor, label)`` row: a callable
-returning ``(x, label)`` for a good sample and ``(zeros, CORRUPT_LABEL)`` for a broken one, so a
-corrupt sample is a counted row, never a crash, and never desynchronises DDP ranks.
+A task's data module (images + class in :mod:`.images`, latents + class in :mod:`.latents`, images +
+captions in :mod:`.captions`) only says how one raw sample (a dict of the tar members' bytes) becomes a
+row: a :class:`RowDecoder`, returning ``(x, label)`` (or a row dict) for a good sample and its
+corrupt row (label ``CORRUPT_LABEL``) for a broken one, so a corrupt sample is a counted row that never
+desynchronises DDP ranks. That is the data's one corrupt-row policy: ``max_sample_failures`` broken
+samples in a row are a :class:`CorruptDataError` naming the first causes (the data do not fit the
+config), and the task makes an epoch without a usable row an error.
 
 **Training** reads shards *with replacement* (no node or worker splitting is needed), shuffles raw
 samples in a ``shuffle_buffer`` before decoding, decodes and augments in the workers and batches
@@ -15,9 +18,11 @@ batches on every rank (the train loader has that ``len``, so Lightning knows the
 which keeps DDP ranks in step. The stream is seeded from ``(seed, epoch, rank, worker)`` (``seed``
 defaults to the run's ``seed_everything``) and the loader is resumable: a run resumed from a
 mid-epoch checkpoint continues with exactly the batches an uninterrupted run would have trained on.
-A shard that cannot be read is skipped with a warning; after ``max_shard_failures`` shards in a row
-gave no sample (all shards unreadable: truncated tars, dead URLs) the worker raises an error naming
-them, instead of resampling for ever.
+A shard that cannot be read, or is cut short (truncated: a read error after some samples, fewer samples
+than its index records, no tar end-of-archive blocks), is warned about (the samples before the cut are
+kept); after ``max_shard_failures`` such shards in a row (all shards unreadable: truncated tars, dead
+URLs) the worker raises an error naming them, instead of resampling for ever. Evaluation reads shards
+the same way.
 
 **Evaluation** (val/test/predict) reads every sample exactly once over all ranks and workers, without
 resampling or shuffling. The split is decided from the rank and world size seen when the dataloader is
@@ -38,6 +43,7 @@ import io
 import itertools
 import os
 import random
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -67,22 +73,44 @@ def parse_cls(raw: dict[str, Any]) -> int:
     return int(bytes(raw["cls"]).decode("ascii").strip())
 
 
+class SampleError(ValueError):
+    """A sample that cannot be decoded, with a message that says why (and, where it helps, what to set)."""
+
+
 def read_label(raw: dict[str, Any], num_classes: int | None = None) -> int:
-    """:func:`parse_cls`, and a ``ValueError`` for a label below 0 or ``>= num_classes`` (when given)."""
-    label = parse_cls(raw)
+    """:func:`parse_cls`, with a :class:`SampleError` saying what is wrong: no ``cls`` member, not an
+    integer, a label below 0 or ``>= num_classes`` (when given)."""
+    if "cls" not in raw:
+        raise SampleError("no .cls member (the class label)")
+    try:
+        label = parse_cls(raw)
+    except ValueError:
+        raise SampleError(f".cls {bytes(raw['cls'])[:20]!r} is not an integer") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise ValueError(f"label {label} out of range")
+        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        raise SampleError(
+            f"label {label} out of range {bound}: the shard index or data.init_args.num_classes gives "
+            f"{num_classes} classes"
+        )
     return label
 
 
 def read_image(raw: dict[str, Any], mode: str = "RGB"):
     """The sample's first image member (in :data:`IMAGE_EXTENSIONS` order) as a PIL image in ``mode``
-    (``StopIteration`` when it has none; PIL's error when it cannot be decoded)."""
+    (a :class:`SampleError` when it has none or it cannot be decoded)."""
     from PIL import Image
 
-    ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-    with Image.open(io.BytesIO(raw[ext])) as img:
-        return img.convert(mode)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise SampleError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        with Image.open(io.BytesIO(raw[ext])) as img:
+            return img.convert(mode)
+    except Exception as exc:
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # one cause, whatever the buffer
+        raise SampleError(
+            f"the .{ext} member is not a decodable image ({type(exc).__name__}: {why})"
+        ) from exc
 
 
 def signed_pixels(image) -> torch.Tensor:
@@ -90,25 +118,134 @@ def signed_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def read_array(raw: dict[str, Any], member: str, shape: tuple[int | None, ...]) -> np.ndarray:
-    """The ``.npy`` member ``member`` (no pickles); a ``ValueError`` unless it is finite and of ``shape``
-    (``None``: any size along that axis)."""
-    arr = np.load(io.BytesIO(raw[member]), allow_pickle=False)
-    if (
-        arr.ndim != len(shape)
-        or any(want is not None and got != want for got, want in zip(arr.shape, shape))
-        or not np.isfinite(arr).all()
-    ):
+def read_npy(raw: dict[str, Any], member: str) -> np.ndarray:
+    """The ``.npy`` member ``member`` (no pickles); a :class:`SampleError` when it is missing or not an
+    array."""
+    if member not in raw:
+        raise SampleError(f"no .{member} member")
+    try:
+        return np.load(io.BytesIO(raw[member]), allow_pickle=False)
+    except Exception as exc:
+        raise SampleError(f"the .{member} member is not a numpy array ({type(exc).__name__}: {exc})") from exc
+
+
+def read_array(
+    raw: dict[str, Any], member: str, shape: tuple[int | None, ...], expected_by: str = "expected",
+    fix: str = "",
+) -> np.ndarray:  # fmt: skip
+    """The ``.npy`` member ``member`` (no pickles); a :class:`SampleError` unless it is finite and of
+    ``shape`` (``None``: any size along that axis), saying who expects the shape (``expected_by``) and
+    what to do (``fix``)."""
+    arr = read_npy(raw, member)
+    if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape)):
         expected = tuple("n" if want is None else want for want in shape)
-        raise ValueError(f"{member} of shape {arr.shape}, expected {expected}, finite")
+        raise SampleError(
+            f"{member} of shape {arr.shape} but {expected_by} {expected}" + (f": {fix}" if fix else "")
+        )
+    if not np.isfinite(arr).all():
+        raise SampleError(f"{member} holds NaN or inf values")
     return arr
 
 
 def report_corrupt(raw: dict[str, Any], exc: BaseException, what: str = "corrupt") -> None:
     """Say on stderr why a sample became a corrupt row, when ``$GSPN_DATA_DEBUG`` is set (it is counted
-    either way; a decoder never raises for bad data)."""
+    either way)."""
     if os.environ.get("GSPN_DATA_DEBUG"):
         print(f"{what} sample {raw.get('__key__')!r} of shard {raw.get('__url__')}: {exc!r}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The corrupt-row policy (every decoder: images, latents, captions)
+# --------------------------------------------------------------------------------------------------
+
+
+class CorruptDataError(RuntimeError):
+    """The data cannot be what the config says: ``max_sample_failures`` samples in a row could not be
+    decoded, or an epoch (training, or an evaluation) had no usable row at all."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a sample failed, in words: a :class:`SampleError`'s message, else the exception's type and text."""
+    if isinstance(exc, SampleError):
+        return str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        return f"missing {exc.args[0]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RowDecoder:
+    """Base of every task's decoder, and the one corrupt-row policy of the data.
+
+    A subclass implements :meth:`decode` (a raw sample -> a row; it raises for a sample it cannot
+    decode, a :class:`SampleError` saying why where it can) and :meth:`corrupt_row` (the placeholder
+    row, label ``-1``, that stands for such a sample). Calling the decoder applies the policy:
+
+    - a sample that fails becomes the corrupt row, is counted by the task (``*/corrupt``) and never
+      desynchronises DDP ranks; the first one is warned about with its cause (``$GSPN_DATA_DEBUG``
+      prints every one);
+    - ``max_failures`` samples **in a row** that fail raise a :class:`CorruptDataError` naming the
+      first causes: that is data that do not fit the config (latents of another size, labels past
+      the classes, a broken transform), not a few corrupt samples. ``None``: no limit.
+    """
+
+    #: how many distinct causes an error names
+    CAUSES_NAMED = 3
+
+    def __init__(self, max_failures: int | None = 64):
+        self.max_failures = max_failures
+        self.failures_in_a_row = 0
+        self._causes: dict[str, list] = {}  # cause -> [count, first sample] of the current run of failures
+        self._warned = False
+
+    def decode(self, raw: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def corrupt_row(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, raw: dict[str, Any]) -> Any:
+        try:
+            row = self.decode(raw)
+        except Exception as exc:  # a broken sample: a counted row, unless it happens to every sample
+            self.failed(raw, exc)
+            return self.corrupt_row()
+        self.failures_in_a_row = 0
+        self._causes.clear()
+        return row
+
+    def failed(self, raw: dict[str, Any], exc: BaseException) -> None:
+        """Count one sample that could not be decoded; raise when the policy says so."""
+        report_corrupt(raw, exc)
+        cause = describe_failure(exc)
+        where = f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
+        self.failures_in_a_row += 1
+        entry = (
+            self._causes.setdefault(cause, [0, where]) if len(self._causes) < 16 else self._causes.get(cause)
+        )
+        if entry is not None:
+            entry[0] += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"skipping an undecodable {where}: {cause} (such rows are skipped and counted, "
+                "*/corrupt; GSPN_DATA_DEBUG=1 prints every one)",
+                stacklevel=2,
+            )
+        if self.max_failures is not None and self.failures_in_a_row >= self.max_failures:
+            raise CorruptDataError(
+                f"{self.failures_in_a_row} samples in a row could not be decoded "
+                f"(data.init_args.max_sample_failures={self.max_failures}): the data do not fit the config, "
+                f"this is not a few corrupt samples. {self.causes()}"
+            ) from exc
+
+    def causes(self) -> str:
+        """The first distinct causes of the current run of failures, with a sample of each."""
+        items = list(self._causes.items())
+        named = "; ".join(f"{cause} ({n}x, e.g. {where})" for cause, (n, where) in items[: self.CAUSES_NAMED])
+        more = (
+            f"; and {len(items) - self.CAUSES_NAMED} other cause(s)" if len(items) > self.CAUSES_NAMED else ""
+        )
+        return f"Causes: {named}{more}" if items else "No sample failed to decode"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,16 +272,25 @@ def resolve_shards(spec: str) -> tuple[list[str], int | None, list[str] | None]:
     Raises:
         FileNotFoundError: no shard matches, or a local shard file is missing.
     """
+    urls, counts, classes = resolve_shard_counts(spec)
+    total = sum(counts.values()) if counts is not None else None
+    return urls, total, classes
+
+
+def resolve_shard_counts(spec: str) -> tuple[list[str], dict[str, int] | None, list[str] | None]:
+    """:func:`resolve_shards` with the sample count the index records for each shard
+    (``{url: count}``, ``None`` when unknown) instead of their total."""
     spec = os.fspath(spec)
     path = Path(spec)
-    total: int | None = None
+    counts: dict[str, int] | None = None
     classes: list[str] | None = None
     if _is_local(spec) and (path.is_dir() or path.suffix == ".json"):
         index_path = path / INDEX_NAME if path.is_dir() else path
         if index_path.is_file():
             index = read_index(index_path)
             urls = [str(index_path.parent / shard["name"]) for shard in index["shards"]]
-            total, classes = int(index["total"]), index.get("classes")
+            counts = {u: int(shard["count"]) for u, shard in zip(urls, index["shards"])}
+            classes = index.get("classes")
         elif path.is_dir():
             urls = [str(p) for p in sorted(path.glob("*.tar"))]
         else:
@@ -156,16 +302,16 @@ def resolve_shards(spec: str) -> tuple[list[str], int | None, list[str] | None]:
             index_path = Path(folders.pop() or ".") / INDEX_NAME
             if index_path.is_file():
                 index = read_index(index_path)
-                counts = {shard["name"]: int(shard["count"]) for shard in index["shards"]}
+                by_name = {shard["name"]: int(shard["count"]) for shard in index["shards"]}
                 names = [os.path.basename(u) for u in urls]
-                if all(n in counts for n in names):
-                    total, classes = sum(counts[n] for n in names), index.get("classes")
+                if all(n in by_name for n in names):
+                    counts, classes = {u: by_name[n] for u, n in zip(urls, names)}, index.get("classes")
     if not urls:
         raise FileNotFoundError(f"no shards found for {spec!r}")
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}")
-    return urls, total, classes
+    return urls, counts, classes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +367,25 @@ def eval_split(
 
 
 class ShardReadError(RuntimeError):
-    """Too many training shards in a row could not be read."""
+    """Too many shards in a row could not be read (or were cut short)."""
+
+
+def tar_ends_complete(url: str) -> bool | None:
+    """Whether the local tar ``url`` ends with the end-of-archive blocks (1024 zero bytes) every tar
+    writer puts there (Python's tarfile, webdataset, GNU tar, Go's archive/tar): a file cut short lacks
+    them, while the tar reader takes a cut at a header for the end and reports nothing. ``None`` for
+    a remote url (not checked)."""
+    if not _is_local(url):
+        return None
+    try:
+        with open(url, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 1024:
+                return False
+            f.seek(size - 1024)
+            return not any(f.read(1024))
+    except OSError:
+        return False
 
 
 def _record_error(errors: list[BaseException], exn: BaseException) -> bool:
@@ -229,13 +393,18 @@ def _record_error(errors: list[BaseException], exn: BaseException) -> bool:
     return True  # a webdataset handler: keep going with the next shard
 
 
-def robust_tar_samples(sources, max_consecutive_failures: int = 16) -> Iterator[dict[str, Any]]:
+def robust_tar_samples(
+    sources, max_consecutive_failures: int | None = 16, counts: dict[str, int] | None = None,
+    what: str = "training",
+) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Raw samples of the shards ``sources`` yields (``{"url": ...}`` dicts), skipping unreadable ones.
 
     A shard that yields no sample (it cannot be opened, is not a tar, is truncated before its first
-    member) is skipped with a warning; ``max_consecutive_failures`` such shards in a row raise a
-    :class:`ShardReadError` naming them and their errors. A shard that fails part-way keeps the
-    samples read before the failure.
+    member) is skipped with a warning. A shard cut short (a read error after some samples, fewer
+    samples than ``counts``, the index's record, says it holds, or a local file without the tar
+    end-of-archive blocks, :func:`tar_ends_complete`) keeps the samples read before the cut and is
+    warned about and counted the same way. ``max_consecutive_failures`` such shards in a row
+    raise a :class:`ShardReadError` naming them and their errors (``None``: no limit).
     """
     failed: dict[str, str] = {}  # the shards of the current run of failures, with their errors
     in_a_row = 0
@@ -246,19 +415,28 @@ def robust_tar_samples(sources, max_consecutive_failures: int = 16) -> Iterator[
         for sample in wds.tarfile_samples([source], handler=partial(_record_error, errors)):
             n += 1
             yield sample
-        if n:
+        expected = counts.get(url) if counts is not None else None
+        short = expected is not None and n < expected
+        if n and not errors and not short and tar_ends_complete(url) is not False:
             failed.clear()
             in_a_row = 0
             continue
-        why = repr(errors[-1]) if errors else "no samples"
+        if not n:
+            why = f"unreadable shard {url}: " + (repr(errors[-1]) if errors else "no samples")
+        elif errors:
+            why = f"truncated shard {url}: a read error after {n} samples ({errors[-1]!r})"
+        elif short:
+            why = f"truncated shard {url}: {n} samples but its index records {expected}"
+        else:
+            why = f"truncated shard {url}: it ends after {n} samples without the tar end-of-archive blocks"
         failed[url] = why
         in_a_row += 1
-        warnings.warn(f"skipping unreadable shard {url}: {why}", stacklevel=2)
-        if in_a_row >= max_consecutive_failures:
-            listed = "; ".join(f"{u} ({e})" for u, e in list(failed.items())[:8])
+        warnings.warn(f"skipping the rest of the {why}", stacklevel=2)
+        if max_consecutive_failures is not None and in_a_row >= max_consecutive_failures:
+            listed = "; ".join(list(failed.values())[:8])
             raise ShardReadError(
-                f"{in_a_row} training shards in a row gave no sample (max_consecutive_failures="
-                f"{max_consecutive_failures}); unreadable: {listed}"
+                f"{in_a_row} {what} shards in a row were unreadable or truncated (max_consecutive_failures="
+                f"{max_consecutive_failures}, data.init_args.max_shard_failures): {listed}"
             )
 
 
@@ -270,16 +448,20 @@ class EvalShardSamples(IterableDataset):
         rank, world_size: this process's position, captured in the main process.
     """
 
-    def __init__(self, urls: list[str], rank: int, world_size: int):
+    def __init__(
+        self, urls: list[str], rank: int, world_size: int, counts: dict[str, int] | None = None,
+        max_shard_failures: int | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.counts, self.max_shard_failures = counts, max_shard_failures
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards, offset, stride = eval_split(len(self.urls), self.rank, self.world_size, worker, num_workers)
         sources = ({"url": self.urls[i]} for i in shards)
-        samples = wds.tarfile_samples(sources, handler=wds.warn_and_continue)
+        samples = robust_tar_samples(sources, self.max_shard_failures, self.counts, "evaluation")
         return itertools.islice(samples, offset, None, stride)
 
 
@@ -338,9 +520,11 @@ class TrainShardStream(IterableDataset):
         rank: int,
         seed: int | None,
         collate_fn: Callable[[list], Any] | None = None,
+        counts: dict[str, int] | None = None,
     ):
         super().__init__()
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
+        self.counts = counts
         self.collate_fn = collate_fn or collate
         self.shuffle_buffer, self.max_shard_failures = shuffle_buffer, max_shard_failures
         self.rank, self.seed = rank, seed
@@ -357,7 +541,7 @@ class TrainShardStream(IterableDataset):
         base = (seed, self.epoch, self.rank, worker)
         rng = random.Random(_derive_seed(*base, "shards"))
         shards = ({"url": rng.choice(self.urls)} for _ in itertools.count())
-        samples = robust_tar_samples(shards, self.max_shard_failures)
+        samples = robust_tar_samples(shards, self.max_shard_failures, self.counts)
         samples = shuffle_buffer_samples(samples, self.shuffle_buffer, min(self.shuffle_buffer, 1000), rng)
         skip_samples = len(range(worker, self.skip_batches, num_workers)) * self.batch_size
         rows = []
@@ -440,7 +624,7 @@ def check_stream_args(**a: Any) -> None:
     def fail(key: str, need: str) -> None:
         raise ValueError(f"data.init_args.{key} {need}, got {a[key]!r}")
 
-    for key in ("batch_size", "shuffle_buffer", "max_shard_failures"):
+    for key in ("batch_size", "shuffle_buffer", "max_shard_failures", "max_sample_failures"):
         check_count(key, a[key])
     if a["num_workers"] < 0:
         fail("num_workers", "must be >= 0")
@@ -465,10 +649,13 @@ class ShardDataModule(L.LightningDataModule):
         epoch_samples: training samples per epoch over all ranks; ``None``: the total of the
             training index. Each rank runs ``epoch_samples // world_size // batch_size`` batches.
         shuffle_buffer: size of the training sample shuffle buffer, per worker (raw encoded samples).
-        num_classes: number of classes when no shard index lists them (an index wins when it does).
+        num_classes: number of classes when no shard index lists them; when an index lists them too,
+            the two must agree (start-up fails naming both otherwise).
         pin_memory: pin batches in page-locked memory (only when CUDA is available).
-        max_shard_failures: training fails (naming the shards) after this many shards in a row gave
-            no sample, instead of resampling unreadable shards for ever.
+        max_shard_failures: reading fails (naming the shards) after this many shards in a row were
+            unreadable or truncated, instead of resampling unreadable shards for ever.
+        max_sample_failures: decoding fails (naming the first causes) after this many samples in a
+            row could not be decoded: the data do not fit the config (see :class:`RowDecoder`).
         seed: seed of the training stream; ``None``: the run's ``seed_everything`` seed.
     """
 
@@ -486,11 +673,13 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         max_shard_failures: int = 16,
         seed: int | None = None,
+        max_sample_failures: int = 64,
     ):
         super().__init__()
         check_stream_args(
             batch_size=batch_size, num_workers=num_workers, epoch_samples=epoch_samples,
             shuffle_buffer=shuffle_buffer, max_shard_failures=max_shard_failures, num_classes=num_classes,
+            max_sample_failures=max_sample_failures,
         )  # fmt: skip
         # No save_hyperparameters(): LightningCLI saves the whole config anyway, and Lightning refuses to
         # log hparams when a key (e.g. batch_size) is in both the module's and the datamodule's.
@@ -500,9 +689,9 @@ class ShardDataModule(L.LightningDataModule):
         self.epoch_samples, self.shuffle_buffer = epoch_samples, shuffle_buffer
         self._num_classes = num_classes
         self.pin_memory = pin_memory
-        self.max_shard_failures = max_shard_failures
+        self.max_shard_failures, self.max_sample_failures = max_shard_failures, max_sample_failures
         self.seed = seed
-        self._resolved: dict[str, tuple[list[str], int | None, list[str] | None]] = {}
+        self._resolved: dict[str, tuple[list[str], dict[str, int] | None, list[str] | None]] = {}
 
     # -- what a task's data module provides --------------------------------------------------------
 
@@ -518,17 +707,18 @@ class ShardDataModule(L.LightningDataModule):
 
     # -- shard bookkeeping -------------------------------------------------------------------------
 
-    def _resolve(self, split: str) -> tuple[list[str], int | None, list[str] | None] | None:
+    def _resolve(self, split: str) -> tuple[list[str], dict[str, int] | None, list[str] | None] | None:
+        """``(urls, {url: count} or None, classes or None)`` of the split (``None``: no such split)."""
         spec = getattr(self, f"{split}_shards")
         if spec is None:
             return None
         if split not in self._resolved:
-            self._resolved[split] = resolve_shards(spec)
+            self._resolved[split] = resolve_shard_counts(spec)
         return self._resolved[split]
 
     def _total(self, split: str) -> int | None:
         resolved = self._resolve(split)
-        return None if resolved is None else resolved[1]
+        return None if resolved is None or resolved[1] is None else sum(resolved[1].values())
 
     @property
     def num_train_samples(self) -> int | None:
@@ -553,6 +743,19 @@ class ShardDataModule(L.LightningDataModule):
     def index_meta(self, key: str) -> Any:
         """``key`` of the ``meta`` object of the first readable shard index that has one, or None."""
         return (self.index_field("meta") or {}).get(key)
+
+    @staticmethod
+    def agreed(key: str, given: Any, indexed: Any, where: str) -> Any:
+        """A data fact given both in the config (``data.init_args.<key>``) and by the shard index
+        (``where``): the one that is set, or a ``ValueError`` naming both values when they differ. The
+        index describes the data as written; a config that says otherwise would decode every sample
+        as corrupt."""
+        if given is not None and indexed is not None and given != indexed:
+            raise ValueError(
+                f"data.init_args.{key} is {given} but the shard index's {where} is {indexed}: they must "
+                f"agree (remove data.init_args.{key}, or write the shards again to match it)"
+            )
+        return given if given is not None else indexed
 
     def index_field(self, key: str) -> Any:
         """``key`` of the first readable shard index that has it (train, val, test, predict), or None."""
@@ -585,7 +788,12 @@ class ShardDataModule(L.LightningDataModule):
         """Number of classes: from the indexes, else the ``num_classes`` argument (``None``: unknown).
         LightningCLI links it to the task's ``num_classes``."""
         classes = self.classes
-        return len(classes) if classes is not None else self._num_classes
+        return self.agreed(
+            "num_classes",
+            self._num_classes,
+            len(classes) if classes is not None else None,
+            "classes list length",
+        )
 
     # -- loaders -----------------------------------------------------------------------------------
 
@@ -623,6 +831,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=distributed_rank_world()[0],
             seed=self._train_seed(),
             collate_fn=self.collate,
+            counts=resolved[1],
         )
         loader = DataLoader(stream, **self._loader_kwargs())
         return FixedLengthLoader(loader, self.train_batches_per_epoch(), stream)
@@ -640,7 +849,7 @@ class ShardDataModule(L.LightningDataModule):
         urls = resolved[0]
         rank, world_size = distributed_rank_world()
         pipeline = wds.DataPipeline(
-            EvalShardSamples(urls, rank, world_size),
+            EvalShardSamples(urls, rank, world_size, resolved[1], self.max_shard_failures),
             wds.map(self.eval_decoder(split)),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         )
@@ -662,3 +871,25 @@ class ShardDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         """Every predict sample exactly once, batches as in validation (``[]`` if no predict_shards)."""
         return self._eval_dataloader("predict")
+
+    # -- why a split gives no usable row -----------------------------------------------------------
+
+    def corrupt_causes(self, split: str, samples: int = 64) -> str:
+        """Why the first ``samples`` samples of ``split`` (``train``, ``val``, ``test``, ``predict``)
+        fail to decode, read again in this process with the split's decoder: what a task names when an
+        epoch had no usable row (the decoders run in DataLoader workers, which cannot tell it)."""
+        resolved = self._resolve(split)
+        if resolved is None:
+            return f"no {split}_shards"
+        decoder = self.train_decoder() if split == "train" else self.eval_decoder(split)
+        if isinstance(decoder, RowDecoder):
+            decoder.max_failures = None
+        read = 0
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            for raw in itertools.islice(EvalShardSamples(resolved[0], 0, 1, resolved[1]), samples):
+                read += 1
+                decoder(raw)
+        if not read:
+            return f"no sample could be read from the {split} shards"
+        return decoder.causes() if isinstance(decoder, RowDecoder) else ""

@@ -39,6 +39,12 @@ when it updates) and the non-finite-loss policy.
   exception checkpoint of a diverged run, and :meth:`TrainingTask.apply_resumed_optim` applies the
   ``optim`` settings given to a resume (``lr``, ``base_batch_size``, ``weight_decay``, ``betas``) to
   the restored optimiser and schedule, with a warning naming each change.
+- **No training on nothing.** Rows the data marked corrupt are dropped and counted
+  (:meth:`TrainingTask.count_corrupt`); a training epoch, or an evaluation, with no usable row on any
+  rank is a :class:`~gspn_lightning.data.shards.CorruptDataError` on every rank, naming the causes the
+  datamodule finds in the split's first samples. ``trained_steps`` counts the optimizer steps that
+  trained on a usable batch with a finite loss (saved in checkpoints); :meth:`TrainingTask.require_trained`
+  refuses an export of a fit that trained none.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import SumMetric
 
 from gspn_lightning.data.protocol import TaskData, task_data
+from gspn_lightning.data.shards import CorruptDataError
 
 from .checkpointing import (
     TASK_KEY,
@@ -292,6 +299,7 @@ class TrainingTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TASK_KEY] = task_class_name(type(self))  # which task wrote it, for loading by path
+        checkpoint["trained_steps"] = int(getattr(self, "trained_steps", 0))  # see require_trained
 
     # -- the datamodule -----------------------------------------------------------------------------
 
@@ -419,6 +427,10 @@ class TrainingTask(L.LightningModule):
             self.log(
                 "train/corrupt", float(n_bad), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
             )
+            # the usable rows of the epoch over all ranks, for the epoch's check (no collective of its own)
+            self.log(
+                "train/usable", float(ok.sum()), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True
+            )
         else:
             self.counts[f"{stage}_ok"].update(torch.tensor(float(ok.sum()), device=ok.device))
             self.counts[f"{stage}_bad"].update(torch.tensor(float(n_bad), device=ok.device))
@@ -433,6 +445,8 @@ class TrainingTask(L.LightningModule):
         bad_metric.reset()
         self.log(f"{stage}/samples", float(seen), sync_dist=False)
         self.log(f"{stage}/corrupt", float(corrupt), sync_dist=False)
+        if seen == 0:  # the same sums on every rank: every rank raises
+            self.no_usable_rows(stage, corrupt)
         dm = self.data()
         expected = getattr(dm, f"num_{stage}_samples") if dm is not None else None
         limit = self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
@@ -443,6 +457,45 @@ class TrainingTask(L.LightningModule):
                 f"{stage}: evaluated {seen} samples (+{corrupt} corrupt) but the shard index lists {expected}; "
                 "some samples were skipped or seen twice"
             )
+
+    def on_train_epoch_start(self) -> None:
+        self.check_train_epoch()  # the previous epoch's
+
+    def on_train_end(self) -> None:
+        self.check_train_epoch()  # the last epoch's
+
+    def check_train_epoch(self) -> None:
+        """A training epoch in which no rank had a usable row is an error, on every rank. It reads the
+        epoch's ``train/usable`` and ``train/corrupt`` sums, which Lightning reduced over the ranks at
+        the epoch's end (a collective in an epoch-end hook could pair with the lazy metric sync that
+        only rank 0's progress bar starts), so it runs when the next epoch starts and when training
+        ends."""
+        metrics = self.trainer.callback_metrics  # the last finished epoch's (none before the first)
+        if "train/usable" not in metrics:
+            return
+        usable, corrupt = float(metrics["train/usable"]), float(metrics.get("train/corrupt", 0.0))
+        if usable == 0 and corrupt > 0:
+            self.no_usable_rows("train", int(corrupt))
+
+    def no_usable_rows(self, stage: str, corrupt: int) -> None:
+        """Raise the :class:`CorruptDataError` of an epoch of ``stage`` without a usable row, with the
+        causes the datamodule finds in the split's first samples."""
+        dm = getattr(self.trainer, "datamodule", None)
+        causes = ""
+        if hasattr(dm, "corrupt_causes"):  # (the stages are the splits' names)
+            try:
+                causes = " " + dm.corrupt_causes(stage)
+            except Exception as exc:  # the diagnosis must not hide the error itself
+                causes = f" (the causes could not be read: {exc!r})"
+        num_classes = self.hparams.get("num_classes")
+        limit = (
+            f", labels >= the model's num_classes={num_classes} included" if num_classes is not None else ""
+        )
+        where = "a training epoch" if stage == "train" else stage
+        raise CorruptDataError(
+            f"{where}: no usable row on any rank ({corrupt} corrupt rows{limit}): the run would train or "
+            f"evaluate on nothing.{causes}"
+        )
 
     # -- optimiser settings and EMA ---------------------------------------------------------------
 
@@ -533,6 +586,7 @@ class TrainingTask(L.LightningModule):
         self._skip_this_step = False
         if float(bad) == 0:
             self._consecutive_skips = 0
+            self._step_trains = True  # counted in trained_steps at the optimizer step
             return loss
         where = f"global step {self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         value = loss.detach().float().flatten()[0].item()
@@ -556,6 +610,9 @@ class TrainingTask(L.LightningModule):
         optimizer = args[2] if len(args) > 2 else kwargs.get("optimizer")
         if optimizer is not None:
             self.check_weights(optimizer)
+        if getattr(self, "_step_trains", False):
+            self.trained_steps = getattr(self, "trained_steps", 0) + 1
+            self._step_trains = False
         ema = getattr(self, "ema", None)  # (no class attribute: it would shadow nn.Module's lookup)
         if ema is not None and not getattr(self, "_skip_this_step", False):
             ema.update(self.model)
@@ -593,6 +650,8 @@ class TrainingTask(L.LightningModule):
         remember the optimiser settings the checkpoint was trained with, so that
         :meth:`apply_resumed_optim` can apply the ones this run was given instead."""
         check_checkpoint_matches(self, checkpoint)
+        # a checkpoint from before the count: its steps trained (the data policy did not exist)
+        self.trained_steps = int(checkpoint.get("trained_steps", checkpoint.get("global_step", 0)))
         hparams = checkpoint.get("hyper_parameters") or {}
         saved = hparams.get("optim", upgrade_hparams(hparams).get("optim"))
         self._checkpoint_optim = dict(saved) if isinstance(saved, Mapping) else None
@@ -654,3 +713,16 @@ class TrainingTask(L.LightningModule):
             f"restored optimiser (lr now {groups[0]['lr']:.6g} at step {self.trainer.global_step})"
         )
         return changed
+
+    # -- what was trained ------------------------------------------------------------------------
+
+    def require_trained(self, what: str) -> None:
+        """Refuse ``what`` (an export of the trained weights) when no rank ever took an optimizer step
+        on a usable batch with a finite loss (every batch corrupt or skipped, or no step at all): it
+        would hand out untrained weights as the result. (Under DDP every rank counts the same steps:
+        :meth:`check_loss` decides on all ranks together.)"""
+        if not getattr(self, "trained_steps", 0):
+            raise RuntimeError(
+                f"refusing {what}: this run trained zero optimizer steps (global step {self.global_step}; "
+                "every batch was corrupt or skipped, or none ran), so the weights are untrained"
+            )

@@ -47,7 +47,8 @@ original UNet (the teacher) on image + caption data.
   moved elsewhere is accepted (same fingerprint).
 - **Export.** At the end of fit, rank 0 writes ``<export_dir>/gspn.safetensors`` and (with EMA)
   ``gspn_ema.safetensors`` with :func:`~gspn_lightning.models.sdxl.save_gspn_weights`; ``export_dir``
-  defaults to ``<trainer.default_root_dir>/gspn``.
+  defaults to ``<trainer.default_root_dir>/gspn``. A fit (or a checkpoint, for ``gspn distill-export``)
+  that trained zero optimizer steps (every batch corrupt or skipped) exports nothing: an error says so.
 - **Validation**: the same losses on held-out shards (exactly once over ranks), with a fixed draw per
   batch, for the raw and the EMA student (``val/*``, ``val_ema/*``).
 - Precision (``bf16-mixed``), the strategy (``ddp``, ``fsdp``) and the number of devices are Trainer
@@ -511,7 +512,8 @@ class DistillationTask(TrainingTask):
         return written
 
     def on_fit_end(self):
-        if self.global_rank != 0 or self.global_step == 0:
+        self.require_trained("to export the GSPN weights (gspn.safetensors)")  # on every rank
+        if self.global_rank != 0:
             return
         out = self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "gspn")
         for path in self.export_gspn(out):
