@@ -97,3 +97,8 @@ def task_data(datamodule: Any, protocol: type = TaskData, reader: str = "the tas
             f"{type(datamodule).__name__} has no {', '.join(missing)}"
         )
     return datamodule
+
+
+class CorruptDataError(RuntimeError):
+    """The data cannot be what the config says: ``max_sample_failures`` samples in a row could not be
+    decoded, or an epoch (training, or an evaluation) had no usable row at all."""

@@ -58,6 +58,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from .protocol import CorruptDataError  # noqa: F401 (defined with the tasks' view of the data; raised here)
 from .write_shards import IMAGE_EXTENSIONS, INDEX_NAME, read_index
 
 #: Label of a row whose sample could not be decoded (its tensor is all zeros).
@@ -157,11 +158,6 @@ def report_corrupt(raw: dict[str, Any], exc: BaseException, what: str = "corrupt
 # --------------------------------------------------------------------------------------------------
 # The corrupt-row policy (every decoder: images, latents, captions)
 # --------------------------------------------------------------------------------------------------
-
-
-class CorruptDataError(RuntimeError):
-    """The data cannot be what the config says: ``max_sample_failures`` samples in a row could not be
-    decoded, or an epoch (training, or an evaluation) had no usable row at all."""
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ when it updates) and the non-finite-loss policy.
   the restored optimiser and schedule, with a warning naming each change.
 - **No training on nothing.** Rows the data marked corrupt are dropped and counted
   (:meth:`TrainingTask.count_corrupt`); a training epoch, or an evaluation, with no usable row on any
-  rank is a :class:`~gspn_lightning.data.shards.CorruptDataError` on every rank, naming the causes the
+  rank is a :class:`~gspn_lightning.data.protocol.CorruptDataError` on every rank, naming the causes the
   datamodule finds in the split's first samples. ``trained_steps`` counts the optimizer steps that
   trained on a usable batch with a finite loss (saved in checkpoints); :meth:`TrainingTask.require_trained`
   refuses an export of a fit that trained none.
@@ -61,8 +61,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import SumMetric
 
-from gspn_lightning.data.protocol import TaskData, task_data
-from gspn_lightning.data.shards import CorruptDataError
+from gspn_lightning.data.protocol import CorruptDataError, TaskData, task_data
 
 from .checkpointing import (
     TASK_KEY,
