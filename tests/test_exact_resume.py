@@ -20,16 +20,7 @@ from gspn_lightning.tasks import ResumableCheckpoint
 from tests.conftest import torch_threads
 from tests.test_distill import caption_shards  # noqa: F401 (a fixture)
 from tests.test_dit_task import latent_data  # noqa: F401 (a fixture)
-from tests.test_fault_tolerance import small_dm, tiny_task, write_tar
-
-
-class StopAt(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
+from tests.test_fault_tolerance import StopAt, small_dm, tiny_task, write_tar
 
 
 def fit(make_task, make_dm, root: Path, *, max_steps: int, every: int, stop_at=None, ckpt_path=None, **kw):
