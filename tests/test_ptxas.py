@@ -205,7 +205,9 @@ def _find_nvcc() -> str:
     pytest.skip(f"{why}; CI (GSPN_BUILD_CUDA=1) runs this check")
 
 
+# ~12 s on an idle 2-core machine (~22 s of CPU: the two nvcc calls run in parallel)
 @pytest.mark.build
+@pytest.mark.slow
 def test_hot_kernels_do_not_spill(tmp_path):
     """Compile each hot-kernel source for each architecture (nvcc calls in parallel), print the
     resource table, and fail on spills or local memory in a hot kernel."""
