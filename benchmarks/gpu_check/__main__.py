@@ -62,10 +62,13 @@ def main(argv=None) -> int:
         rec.error(args.section, exc)
         traceback.print_exc()
     rec.finish()
-    if module is not None and hasattr(module, "table"):
-        text = "\n".join(module.table(rec.data)).strip()
-        (args.out / f"{args.section}.md").write_text(text + "\n" if text else "")
-        print(text)
+    if module is not None and hasattr(module, "table"):  # the section's table, beside its JSON
+        try:
+            text = "\n".join(module.table(rec.data)).strip()
+            (args.out / f"{args.section}.md").write_text(text + "\n" if text else "")
+            print(text)
+        except Exception:  # noqa: BLE001 - the JSON is what counts; the report retries the table
+            traceback.print_exc()
     print(f"[{args.section}] {rec.data['status']} in {rec.elapsed():.1f} s: {len(rec.data['results'])} rows, "
           f"{len(rec.data['skipped'])} skipped, {len(rec.data['errors'])} errors")  # fmt: skip
     return 0 if rec.data["status"] == "ok" else 1
