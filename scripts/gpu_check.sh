@@ -11,9 +11,10 @@
 # baseline: a per-line Triton kernel; train, gen: training steps; sdxl: an SD-XL UNet step, needs
 # diffusers; train_profile: the top kernels of two training steps) run when named in
 # GPU_CHECK_SECTIONS.  Each section runs in its own process under its own time limit, so a slow or
-# failing section cannot eat the others; a failure never stops the later sections.  Every section
-# rewrites its JSON after each case, and after each section the results so far are packed into $OUT,
-# so a run killed at any point keeps what it measured.  The sections are
+# failing section cannot eat the others; a failure never stops the later sections, except a failed
+# build (each later section would rebuild in its own time), after which only the report runs.  Every
+# section rewrites its JSON after each case, and after each section the results so far are packed into
+# $OUT, so a run killed at any point keeps what it measured.  The sections are
 # benchmarks/gpu_check/<section>.py, run as `python -m benchmarks.gpu_check SECTION` from the
 # repository root (no install needed); the tests section is pytest.
 #
@@ -135,23 +136,31 @@ run_section() {  # name budget command...
   printf '%s\t%s\t%s\n' "$name" "$code" "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" \
     >> "$RESULTS/sections.tsv"
   echo "== [$name] exit $code"
+  LAST_CODE=$code
   pack
 }
 
+BUILD_FAILED=0
+LAST_CODE=0
 py_section() {  # name budget
   local budget
   wanted "$1" || return 0
+  if [ "$BUILD_FAILED" = 1 ]; then  # each would rebuild (and fail) in its own time: keep the device time
+    echo "== [$1] not run: the build failed (see build.log)"
+    return 0
+  fi
   budget=$(awk -v b="$2" -v s="$SCALE" 'BEGIN { printf "%d", b * s }')
   run_section "$1" "$2" "$PYTHON" -m benchmarks.gpu_check "$1" --out "$RESULTS" --budget "$budget" $FLAG
 }
 
 py_section env "$B_ENV"
 py_section build "$B_BUILD"
+wanted build && [ "$LAST_CODE" != 0 ] && BUILD_FAILED=1
 py_section correct "$B_CORRECT"
 py_section profile "$B_PROFILE"
 py_section mixer "$B_MIXER"
 py_section directions "$B_DIRS"
-wanted tests && run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+wanted tests && [ "$BUILD_FAILED" = 0 ] && run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
   "${TEST_ARGS[@]}"
 py_section scan "$B_SCAN"
 py_section baseline "$B_BASE"

@@ -256,6 +256,22 @@ def test_cpu_rehearsal_of_the_older_sections(tmp_path):
     assert {f"{name}.json" for name in names} | {"tests.xml", "sections.tsv"} <= packed
 
 
+@pytest.mark.slow
+def test_a_failed_build_stops_the_measuring_sections(tmp_path):
+    """No compiler: the build section fails, the sections after it are not started (each would try to
+    build again in its own time), and the report still says what happened."""
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               GPU_CHECK_SECTIONS="env build correct", GSPN_EXTENSIONS_DIR=str(tmp_path / "cache"),
+               CXX=str(tmp_path / "no-such-c++"))  # fmt: skip
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-rehearsal"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert "== [correct] not run: the build failed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+    exits = (tmp_path / "out" / "sections.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in exits] == [["env", "0"], ["build", "1"]]
+    text = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| correct | missing |" in text and "cpu FAILED" in text
+
+
 def _measured(tmp_path, *, kernel_ms, planes_ms, sdpa_ms, peak_mib, ratios, op_ms, errors):
     """Section records at the acceptance's sizes, as a GPU run would write them."""
     mixer = [{"kind": "layer", "layer": layer, "grid": g, "tokens": g * g, "phase": "fwd+bwd", "ms": ms[g],
