@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check: on a bare GPU machine, in one command, build the CUDA extension for the visible GPU,
-# run every op/layer/model test (the CUDA-parametrised cases included), time the scan against the copy
-# roofline and against a per-line baseline, a GSPN mixer against flash attention, a gspn_t
-# training step, GSPN-DiT-XL/2 / DiT-XL/2 training steps at 256² and 512², and one SD-XL UNet step with
-# GSPN against SDPA self-attention at 1024² to 4096² (needs diffusers on PYTHONPATH, else skipped); write
-# JSON + a markdown table into the results folder and print the short table last.  Each section runs in
-# its own process under its own time limit, so a slow or failing section cannot eat the others; a
-# failure never stops the later sections.  The sections are benchmarks/gpu_check/<section>.py, run as
-# `python -m benchmarks.gpu_check SECTION` from the repository root (no install needed); the tests
-# section is pytest.
+# The GPU check: on a bare GPU machine, in one command of about seven minutes with the build, issue 24's
+# check of the channels-last propagation kernel: build the CUDA extension for the visible GPU only, then
+# (the default sections, in this order) `correct` (gspn_propagate_proj, the new op backend="kernel" and
+# the old path backend="planes", against the float64 CPU reference, fp32 and bf16, forward and every
+# gradient), `profile` (the top 15 kernels of a GSPN mixer's fwd+bwd at 128² and 256², old and new),
+# `mixer` (the mixer old / new against flash SDPA at 32²-256², time and peak memory) and `directions`
+# (the op per scan direction at 256², old and new); then the report, gpu_check.md, which opens with
+# issue 24's acceptance table (each row measured pass / FAIL, or not measured).  The older sections
+# (tests: the op/layer/model tests with their CUDA cases; scan: the scan against the copy roofline;
+# baseline: a per-line Triton kernel; train, gen: training steps; sdxl: an SD-XL UNet step, needs
+# diffusers; train_profile: the top kernels of two training steps) run when named in
+# GPU_CHECK_SECTIONS.  Each section runs in its own process under its own time limit, so a slow or
+# failing section cannot eat the others; a failure never stops the later sections, except a failed
+# build (each later section would rebuild in its own time), after which only the report runs.  Every
+# section rewrites its JSON after each case, and after each section the results so far are packed into
+# $OUT, so a run killed at any point keeps what it measured.  The sections are
+# benchmarks/gpu_check/<section>.py, run as `python -m benchmarks.gpu_check SECTION` from the
+# repository root (no install needed); the tests section is pytest.
 #
 #   bash scripts/gpu_check.sh                    # on a GPU machine (its own python3 is used)
 #   bash scripts/gpu_check.sh --cpu-rehearsal    # the same script on the CPU, tiny sizes (a test runs it)
@@ -16,12 +24,14 @@
 # Environment: PYTHON (interpreter; default .venv/bin/python in a rehearsal, else python3),
 # GPU_CHECK_OUT (results folder; default benchmarks/results/gpu_check, a temporary one in a rehearsal),
 # OUT (if set, as on the lent GPU machine, which brings back at most 8 files: gets gpu_check.tgz of the
-# whole results folder, gpu_check.md and gpu_check.json), GSPN_EXTENSIONS_DIR (build cache; default
-# ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE (multiplies every time limit; default 1),
-# GPU_CHECK_SECTIONS (the sections to run, space-separated; default all: env build tests scan baseline
-# mixer train gen sdxl profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split,
-# in place of the default list).  To compare two trees, run the check in each into its own
-# GPU_CHECK_OUT, then `python -m benchmarks.gpu_check compare --out DIR --trees a=DIR_A b=DIR_B`.
+# whole results folder after every section, and gpu_check.md and gpu_check.json at the end; the report
+# of a killed run: `python -m benchmarks.gpu_check report --out DIR` on the unpacked folder),
+# GSPN_EXTENSIONS_DIR (build cache; default ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE
+# (multiplies every time limit; default 1), GPU_CHECK_SECTIONS (the sections to run, space-separated;
+# default: env build correct profile mixer directions; the others: tests scan baseline train gen sdxl
+# train_profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split, in place of the
+# default list).  To compare two trees, run the check in each into its own GPU_CHECK_OUT, then
+# `python -m benchmarks.gpu_check compare --out DIR --trees a=DIR_A b=DIR_B`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,8 +63,9 @@ if [ "$REHEARSAL" = 0 ]; then
 fi
 export PYTHONDONTWRITEBYTECODE=1
 SCALE="${GPU_CHECK_SCALE:-1}"
-ALL_SECTIONS="env build tests scan baseline mixer train gen sdxl profile"
-SECTIONS_WANTED="${GPU_CHECK_SECTIONS:-$ALL_SECTIONS}"
+DEFAULT_SECTIONS="env build correct profile mixer directions"
+ALL_SECTIONS="$DEFAULT_SECTIONS tests scan baseline train gen sdxl train_profile"
+SECTIONS_WANTED="${GPU_CHECK_SECTIONS:-$DEFAULT_SECTIONS}"
 for s in $SECTIONS_WANTED; do
   case " $ALL_SECTIONS " in
     *" $s "*) ;;
@@ -66,19 +77,20 @@ wanted() { case " $SECTIONS_WANTED " in *" $1 "*) return 0 ;; *) return 1 ;; esa
 
 if [ "$REHEARSAL" = 1 ]; then
   FLAG=--rehearsal
-  B_ENV=20; B_BUILD=240; B_TESTS=120; B_SCAN=40; B_BASE=60; B_MIXER=40; B_TRAIN=40; B_GEN=40; B_SDXL=60
-  B_PROFILE=60
+  B_ENV=20; B_BUILD=240; B_CORRECT=40; B_PROFILE=40; B_MIXER=40; B_DIRS=40
+  B_TESTS=120; B_SCAN=40; B_BASE=60; B_TRAIN=40; B_GEN=40; B_SDXL=60; B_TPROF=60
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
   # shellcheck disable=SC2206  # the build section builds; tests marked `build` would build again
   [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS -m "not build")
   export TRITON_INTERPRET=1   # the Triton baseline runs in its CPU interpreter
 else
   FLAG=
-  # at most ~595 s in all (budgets + 10 s each), inside one 600 s device call; a typical run is well under that
-  # The first H200 run (2026-11-26) took 37 s to build, 23 s for the scan, 14 s for the mixer, and
-  # its tests needed more than 100 s on one process: they now spread over pytest-xdist workers.
-  B_ENV=15; B_BUILD=105; B_TESTS=100; B_SCAN=45; B_BASE=20; B_MIXER=35; B_TRAIN=35; B_GEN=50; B_SDXL=45
-  B_PROFILE=40
+  # The default run: budgets 10 + 120 + 75 + 45 + 60 + 45 = 355 s, + 10 s each for start-up and the
+  # last case = 415 s at most, inside one 600 s device call with room for the machine's start; a
+  # typical run is well under that (the first H200 run, 2026-11-26, built both extensions in 37 s and
+  # timed its mixer in 14 s).  The older sections, when named, add their own budgets.
+  B_ENV=10; B_BUILD=120; B_CORRECT=75; B_PROFILE=45; B_MIXER=60; B_DIRS=45
+  B_TESTS=100; B_SCAN=45; B_BASE=20; B_TRAIN=35; B_GEN=50; B_SDXL=45; B_TPROF=40
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
   # shellcheck disable=SC2206  # word-split on purpose: files and options
@@ -92,8 +104,8 @@ else
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
     TEST_ARGS+=(--timeout 30 --timeout-method thread)
   fi
-  # Build for the visible GPU only (fast), and let every later process (the tests) find the same
-  # cached build: the architecture list is part of the build cache's key.
+  # Build for the visible GPU only (fast), and let every later process find the same cached build:
+  # the architecture list is part of the build cache's key.
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c \
       "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null) || TORCH_CUDA_ARCH_LIST=
@@ -101,6 +113,15 @@ else
   fi
 fi
 echo "== gspn GPU check: python=$PYTHON out=$RESULTS rehearsal=$REHEARSAL cache=${GSPN_EXTENSIONS_DIR:-default}"
+echo "== sections: $SECTIONS_WANTED"
+
+# $OUT (the lent machine's return folder, which brings back at most 8 files), unless it is the results
+# folder itself: gpu_check.tgz of the whole results folder, replaced after every section.
+to_out() { [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2> /dev/null && pwd)" != "$RESULTS" ]; }
+pack() {
+  to_out || return 0
+  mkdir -p "$OUT" && tar czf "$OUT/.gpu_check.tgz.tmp" -C "$RESULTS" . && mv "$OUT/.gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
+}
 
 # Section time limits in seconds: a Python section stops starting new cases when its budget is spent;
 # the outer kill comes 10 s later (start-up, the last case, the final write).
@@ -115,26 +136,38 @@ run_section() {  # name budget command...
   printf '%s\t%s\t%s\n' "$name" "$code" "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" \
     >> "$RESULTS/sections.tsv"
   echo "== [$name] exit $code"
+  LAST_CODE=$code
+  pack
 }
 
+BUILD_FAILED=0
+LAST_CODE=0
 py_section() {  # name budget
   local budget
   wanted "$1" || return 0
+  if [ "$BUILD_FAILED" = 1 ]; then  # each would rebuild (and fail) in its own time: keep the device time
+    echo "== [$1] not run: the build failed (see build.log)"
+    return 0
+  fi
   budget=$(awk -v b="$2" -v s="$SCALE" 'BEGIN { printf "%d", b * s }')
   run_section "$1" "$2" "$PYTHON" -m benchmarks.gpu_check "$1" --out "$RESULTS" --budget "$budget" $FLAG
 }
 
 py_section env "$B_ENV"
 py_section build "$B_BUILD"
-wanted tests && run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+wanted build && [ "$LAST_CODE" != 0 ] && BUILD_FAILED=1
+py_section correct "$B_CORRECT"
+py_section profile "$B_PROFILE"
+py_section mixer "$B_MIXER"
+py_section directions "$B_DIRS"
+wanted tests && [ "$BUILD_FAILED" = 0 ] && run_section tests "$B_TESTS" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
   "${TEST_ARGS[@]}"
 py_section scan "$B_SCAN"
 py_section baseline "$B_BASE"
-py_section mixer "$B_MIXER"
 py_section train "$B_TRAIN"
 py_section gen "$B_GEN"
 py_section sdxl "$B_SDXL"
-py_section profile "$B_PROFILE"
+py_section train_profile "$B_TPROF"
 
 echo "== report"
 REPORT_TESTS=()
@@ -144,11 +177,9 @@ wanted tests && REPORT_TESTS=(--junit "$RESULTS/tests.xml" --test-log "$RESULTS/
 code=$?
 cat "$RESULTS/report.log"
 echo "results in $RESULTS"
-# $OUT (the lent machine's return folder, which brings back at most 8 files), unless it is the results
-# folder itself: gpu_check.tgz of the whole results folder, gpu_check.md and gpu_check.json.
-if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2> /dev/null && pwd)" != "$RESULTS" ]; then
-  mkdir -p "$OUT"
-  tar czf "$OUT/gpu_check.tgz" -C "$RESULTS" . && cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
+pack
+if to_out; then
+  cp "$RESULTS/gpu_check.md" "$RESULTS/gpu_check.json" "$OUT/" \
     && echo "packed into $OUT: gpu_check.tgz gpu_check.md gpu_check.json"
 fi
 exit $code

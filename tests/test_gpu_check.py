@@ -1,5 +1,7 @@
-"""The prepared GPU check (scripts/gpu_check.sh): its CPU rehearsal runs end to end, its report says
-what failed or was cut short, and the package imports on the GPU machine, which lacks webdataset,
+"""The prepared GPU check (scripts/gpu_check.sh): its CPU rehearsal runs end to end (the default
+sections, issue 24's check, as on the GPU machine without webdataset, diffusers, jsonargparse,
+omegaconf; the older sections when named), its report says what failed or was cut short and judges
+issue 24's acceptance rows, and the package imports on the GPU machine, which lacks webdataset,
 diffusers, jsonargparse, omegaconf and torch-fidelity."""
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import log_slope
-from benchmarks.gpu_check import SECTIONS, sdxl
+from benchmarks.gpu_check import DEFAULT_SECTIONS, OTHER_SECTIONS, sdxl
 from benchmarks.gpu_check.compare import compare
 from benchmarks.gpu_check.harness import Record
-from benchmarks.gpu_check.report import parse_junit, report
+from benchmarks.gpu_check.report import acceptance, parse_junit, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,17 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # either (metrics/ is imported only by the tasks that compute FID).
 MISSING_ON_GPU_MACHINE = ("webdataset", "diffusers", "jsonargparse", "omegaconf", "braceexpand")
 
+# Python code that makes those packages look uninstalled: find_spec and import both fail.
+HIDE = f"""
+import sys
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MISSING_ON_GPU_MACHINE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, Hide())
+"""
+
 
 def test_package_imports_without_the_packages_the_gpu_machine_lacks():
-    code = f"""
-        import sys
-
-        class Hide:  # as if these packages were not installed: find_spec and import both fail
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {MISSING_ON_GPU_MACHINE!r}:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-
-        sys.meta_path.insert(0, Hide())
+    code = HIDE + textwrap.dedent("""
         import gspn_lightning, gspn_lightning.ops, gspn_lightning.nn, gspn_lightning.models
         import gspn_lightning.tasks, gspn_lightning.data
         from gspn_lightning.models import create_model
@@ -44,11 +50,21 @@ def test_package_imports_without_the_packages_the_gpu_machine_lacks():
         import torch
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
         print("IMPORT-OK")
-    """
-    r = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "IMPORT-OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_hiding_packages_works(tmp_path):
+    """The stand-in for the GPU machine's missing packages, as the default rehearsal below installs it
+    (a ``sitecustomize`` on PYTHONPATH), does hide them in a fresh interpreter (else that rehearsal
+    would prove nothing)."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    for name in MISSING_ON_GPU_MACHINE[:4]:
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        assert r.returncode != 0 and f"No module named '{name}'" in r.stderr, (name, r.stderr[-2000:])
 
 
 def test_a_section_runs_from_a_plain_checkout(tmp_path):
@@ -108,30 +124,106 @@ def test_sdxl_section_records_why_it_skips_without_diffusers(tmp_path, monkeypat
     assert "**SD-XL UNet step**: not measured: diffusers cannot be imported" in text
 
 
-@pytest.mark.slow
-def test_cpu_rehearsal_end_to_end(tmp_path):
-    """``bash scripts/gpu_check.sh --cpu-rehearsal``: every section runs on the CPU with tiny sizes,
-    the Triton per-line baseline (in Triton's interpreter) and the kernel agree with the reference,
-    and the report is written; with ``OUT`` set (the lent machine's return folder, at most 8 files)
-    it also gets the whole results folder packed into one archive."""
-    import tarfile
-
-    back = tmp_path / "back"
-    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path), OUT=str(back), PYTHON=sys.executable)
+def _rehearsal(tmp_path, sections: str | None, hide: bool):
+    """``bash scripts/gpu_check.sh --cpu-rehearsal`` into ``tmp_path`` with ``OUT`` (the lent machine's
+    return folder, at most 8 files) set to ``tmp_path/back``; ``sections`` as GPU_CHECK_SECTIONS (None:
+    the default); ``hide``: every Python process without the packages the GPU machine lacks."""
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path), OUT=str(tmp_path / "back"), PYTHON=sys.executable)
+    env.pop("GPU_CHECK_SECTIONS", None)
+    if sections is not None:
+        env["GPU_CHECK_SECTIONS"] = sections
+    if hide:
+        site = tmp_path / "hide"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(HIDE)
+        env["PYTHONPATH"] = str(site)  # the sections run from the repository root, which is on sys.path
     r = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--cpu-rehearsal"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for name in SECTIONS:
-        data = json.loads((tmp_path / f"{name}.json").read_text())
-        assert data["status"] == "ok", (name, data.get("errors"))
-        assert data["rehearsal"] is True
     merged = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(e["exit"] == 0 for e in merged["exits"].values()), merged["exits"]
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "CPU rehearsal" in text
+    assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
+    back = tmp_path / "back"
+    assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
+    return r, merged, text
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_of_the_default_check(tmp_path):
+    """The default run (issue 24's check: env build correct profile mixer directions), on the CPU with
+    tiny sizes and without the packages the GPU machine lacks: every section runs and records what it
+    should, the report opens with the acceptance table, and $OUT gets the results packed."""
+    import tarfile
+
+    r, merged, text = _rehearsal(tmp_path, None, hide=True)
+    assert list(merged["exits"]) == list(DEFAULT_SECTIONS)
+    sections = merged["sections"]
+    for name in DEFAULT_SECTIONS:
+        assert sections[name]["status"] == "ok", (name, sections[name].get("errors"))
+        assert sections[name]["rehearsal"] is True
+        assert name == "env" or (tmp_path / f"{name}.md").exists()
+    for name in OTHER_SECTIONS:
+        assert sections[name]["status"] == "not requested"
+    # correct: every case in both dtypes and both backends, all within the error budget on the CPU
+    checks = sections["correct"]["results"]
+    cases = {r["case"] for r in checks}
+    assert len(cases) == 3 and len(checks) == 3 * 2 * 2
+    assert {(r["dtype"], r["backend"]) for r in checks} == {
+        (d, b) for d in ("float32", "bfloat16") for b in ("kernel", "planes")
+    }
+    assert all(r["ok"] and r["finite"] and set(r["errors"]) == {"y", "dx", "dproxy", "dweight", "dbias", "dmerge"}
+               for r in checks), [r for r in checks if not r["ok"]]  # fmt: skip
+    assert all(r["max_error"] <= 1e-5 for r in checks if r["dtype"] == "float32")
+    assert all(r["max_ratio"] > 0 for r in checks if r["dtype"] == "bfloat16")
+    # profile: both backends at both grids, with their top kernels and launch counts
+    profiled = sections["profile"]["results"]
+    assert {(r["backend"], r["grid"]) for r in profiled} == {
+        (b, g) for b in ("planes", "kernel") for g in (8, 12)
+    }
+    assert all(
+        r["device_ms"] > 0 and r["launches"] > 0 and r["top"] and r["top"][0]["ms"] > 0 for r in profiled
+    )
+    # mixer: old, new and SDPA, fwd+bwd and fwd, at both grids
+    layers = {(row["layer"], row["phase"], row["grid"]) for row in sections["mixer"]["results"]}
+    assert layers == {(n, p, g) for n in ("gspn_planes", "gspn_kernel", "sdpa") for p in ("fwd+bwd", "fwd")
+                      for g in (8, 12)}  # fmt: skip
+    # directions: each single direction and all four, old and new, and the ratios to t2b
+    ops = sections["directions"]["results"]
+    assert {(r["backend"], r["variant"]) for r in ops} == {
+        (b, v) for b in ("planes", "kernel") for v in ("t2b", "b2t", "l2r", "r2l", "all")
+    }
+    assert all(v > 0 for v in sections["directions"]["ratios_to_t2b"].values())
+    # the acceptance table: the speed rows need the GPU's sizes, the error rows are judged
+    verdicts = {row["check"]: row["verdict"] for row in merged["acceptance"]}
+    assert len(verdicts) == 8
+    assert [v for c, v in verdicts.items() if "error" not in c] == ["not measured"] * 6
+    assert [v for c, v in verdicts.items() if "error" in c] == ["pass", "pass"]
+    assert "## Issue 24 acceptance" in text and "**Correctness**" in text and "**Op per direction**" in text
+    assert "**Mixer vs SDPA**" in text and "**Profile**, mixer fwd+bwd" in text
+    with tarfile.open(tmp_path / "back" / "gpu_check.tgz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {f"{name}.json" for name in DEFAULT_SECTIONS} | {"sections.tsv", "gpu_check.md"} <= names
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_of_the_older_sections(tmp_path):
+    """The sections outside the default run when named: the tests (pytest), the scan against the
+    reference and the copy roofline, the Triton per-line baseline (in Triton's interpreter), the
+    training steps, the SD-XL step and the training-step profile."""
+    import tarfile
+
+    names = ("env", "build", *OTHER_SECTIONS)
+    r, merged, text = _rehearsal(tmp_path, " ".join(("env", "build", "tests", *OTHER_SECTIONS)), hide=False)
+    sections = merged["sections"]
+    for name in names:
+        assert sections[name]["status"] == "ok", (name, sections[name].get("errors"))
+        assert sections[name]["rehearsal"] is True
     assert merged["tests"]["finished"] and merged["tests"]["counts"]["passed"] > 0
     assert merged["tests"]["counts"]["failures"] == 0
-    sections = merged["sections"]
     checks = [row for row in sections["scan"]["results"] if row["kind"] == "check"]
     assert len(checks) == 8 and all(row["ok"] and row["finite"] for row in checks)
     scans = [row for row in sections["scan"]["results"] if row["kind"] == "scan"]
@@ -140,8 +232,6 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     base = sections["baseline"]
     assert base["results"][0]["ok"], base["results"][0]
     assert base["speedup_vs_best_baseline"] > 0
-    layers = {(row["layer"], row["phase"]) for row in sections["mixer"]["results"]}
-    assert layers == {(n, p) for n in ("gspn", "sdpa") for p in ("fwd", "fwd+bwd")}
     assert sections["train"]["results"][0]["loss_finite"]
     gen = sections["gen"]["results"]
     assert {(r["model"], r["latent"]) for r in gen} == {
@@ -152,17 +242,89 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
     assert {(r["variant"], r["latent"]) for r in sdxl} == {(v, s) for v in ("sdpa", "gspn") for s in (8, 16)}
     assert all(r["finite"] and r["ms"] > 0 for r in sdxl)
     assert sections["sdxl"]["self_attention_layers"] == 11
-    text = (tmp_path / "gpu_check.md").read_text()
-    assert "CPU rehearsal" in text and "Per-line baseline" in text and "SD-XL UNet step" in text
-    assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
-    profiled = sections["profile"]["results"]
+    assert "Per-line baseline" in text and "SD-XL UNet step" in text
+    profiled = sections["train_profile"]["results"]
     assert [r["case"].split()[0] for r in profiled] == ["gspn_dit_xl_2", "gspn_t"]
-    assert all(r["device_ms"] > 0 and r["top"] and r["top"][0]["ms"] > 0 for r in profiled)
+    assert all(
+        r["device_ms"] > 0 and r["launches"] > 0 and r["top"] and r["top"][0]["ms"] > 0 for r in profiled
+    )
     assert "**Profile** of one training step" in text
-    assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
-    with tarfile.open(back / "gpu_check.tgz") as tar:
-        names = {n.lstrip("./") for n in tar.getnames()}
-    assert {f"{name}.json" for name in SECTIONS} | {"tests.xml", "sections.tsv"} <= names
+    for name in DEFAULT_SECTIONS[2:]:
+        assert sections[name]["status"] == "not requested"
+    with tarfile.open(tmp_path / "back" / "gpu_check.tgz") as tar:
+        packed = {n.lstrip("./") for n in tar.getnames()}
+    assert {f"{name}.json" for name in names} | {"tests.xml", "sections.tsv"} <= packed
+
+
+@pytest.mark.slow
+def test_a_failed_build_stops_the_measuring_sections(tmp_path):
+    """No compiler: the build section fails, the sections after it are not started (each would try to
+    build again in its own time), and the report still says what happened."""
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               GPU_CHECK_SECTIONS="env build correct", GSPN_EXTENSIONS_DIR=str(tmp_path / "cache"),
+               CXX=str(tmp_path / "no-such-c++"))  # fmt: skip
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-rehearsal"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert "== [correct] not run: the build failed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+    exits = (tmp_path / "out" / "sections.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in exits] == [["env", "0"], ["build", "1"]]
+    text = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| correct | missing |" in text and "cpu FAILED" in text
+
+
+def _measured(tmp_path, *, kernel_ms, planes_ms, sdpa_ms, peak_mib, ratios, op_ms, errors):
+    """Section records at the acceptance's sizes, as a GPU run would write them."""
+    mixer = [{"kind": "layer", "layer": layer, "grid": g, "tokens": g * g, "phase": "fwd+bwd", "ms": ms[g],
+              "peak_mib": peak_mib if g == 256 else 100.0}
+             for layer, ms in (("gspn_kernel", kernel_ms), ("gspn_planes", planes_ms), ("sdpa", sdpa_ms))
+             for g in ms]  # fmt: skip
+    ops = [{"kind": "op", "backend": b, "variant": "all", "ms": op_ms[b], "peak_mib": 900.0} for b in op_ms]
+    correct = [{"case": "c", "dtype": dtype, "backend": b, "max_error": err, "max_ratio": ratio, "ok": ok}
+               for (dtype, b), (err, ratio, ok) in errors.items()]  # fmt: skip
+    records = {
+        "mixer": {"dim": 256, "batch": 2, "results": mixer},
+        "directions": {"grid": 256, "E": 384, "batch": 2, "results": ops, "ratios_to_t2b": ratios},
+        "correct": {"results": correct},
+    }
+    for name, data in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"section": name, "status": "ok", **data}))
+
+
+def test_acceptance_rows_judge_what_was_measured(tmp_path):
+    """Each of issue 24's acceptance rows: pass, FAIL, or not measured, from the new op's figures."""
+    ok = {("float32", "kernel"): (3e-6, None, True), ("bfloat16", "kernel"): (8e-3, 1.1, True),
+          ("float32", "planes"): (2e-6, None, True), ("bfloat16", "planes"): (9e-3, 1.3, True)}  # fmt: skip
+    _measured(tmp_path, kernel_ms={64: 0.5, 128: 1.0, 256: 8.0}, planes_ms={64: 8.0, 128: 38.0, 256: 150.0},
+              sdpa_ms={64: 0.9, 128: 7.0, 256: 105.0}, peak_mib=1500.0,
+              ratios={"kernel l2r/t2b": 1.1, "kernel r2l/t2b": 1.2, "planes l2r/t2b": 5.0, "planes r2l/t2b": 5.1},
+              op_ms={"kernel": 3.5, "planes": 130.0}, errors=ok)  # fmt: skip
+    text = report(tmp_path, None)
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["acceptance"]
+    assert [r["verdict"] for r in rows] == ["pass"] * 8, rows
+    assert (
+        "| mixer fwd+bwd >= 10x faster than flash SDPA at 256² | 256²: 13.12x | 256²: 0.70x | pass |" in text
+    )
+    assert "l2r: 1.10x, r2l: 1.20x" in text and "256²: 1.46 GiB" in text
+    # slower than SDPA at 64², 4x at 128², too much memory, l2r 1.4x t2b, 4.5 ms, a failed bf16 case
+    bad = dict(ok)
+    bad[("bfloat16", "kernel")] = (3e-2, 2.5, False)
+    _measured(tmp_path, kernel_ms={64: 1.0, 128: 1.75, 256: 8.0}, planes_ms={}, sdpa_ms={64: 0.9, 128: 7.0, 256: 105.0},
+              peak_mib=2100.0, ratios={"kernel l2r/t2b": 1.4, "kernel r2l/t2b": 1.0},
+              op_ms={"kernel": 4.5}, errors=bad)  # fmt: skip
+    report(tmp_path, None)
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["acceptance"]
+    assert [r["verdict"] for r in rows] == ["FAIL", "FAIL", "pass", "FAIL", "FAIL", "FAIL", "pass", "FAIL"], (
+        rows
+    )
+    # nothing measured, or only part of a row
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert {r["verdict"] for r in acceptance({})} == {"not measured"}
+    _measured(empty, kernel_ms={64: 0.5}, planes_ms={}, sdpa_ms={64: 0.9}, peak_mib=0.0, ratios={},
+              op_ms={}, errors={})  # fmt: skip
+    report(empty, None)
+    rows = json.loads((empty / "gpu_check.json").read_text())["acceptance"]
+    assert rows[0]["verdict"] == "not measured (partly)" and rows[1]["verdict"] == "not measured"
 
 
 def test_sdxl_step_configs():

@@ -54,12 +54,21 @@ def main(argv=None) -> int:
         print(report(args.out, tests, None if args.sections is None else args.sections.split()))
         return 0
     rec = Record(args.out, args.section, args.budget, args.rehearsal)
+    module = None
     try:
-        importlib.import_module(f"benchmarks.gpu_check.{args.section}").run(args, rec)
+        module = importlib.import_module(f"benchmarks.gpu_check.{args.section}")
+        module.run(args, rec)
     except Exception as exc:  # noqa: BLE001 - the section's record says what went wrong
         rec.error(args.section, exc)
         traceback.print_exc()
     rec.finish()
+    if module is not None and hasattr(module, "table"):  # the section's table, beside its JSON
+        try:
+            text = "\n".join(module.table(rec.data)).strip()
+            (args.out / f"{args.section}.md").write_text(text + "\n" if text else "")
+            print(text)
+        except Exception:  # noqa: BLE001 - the JSON is what counts; the report retries the table
+            traceback.print_exc()
     print(f"[{args.section}] {rec.data['status']} in {rec.elapsed():.1f} s: {len(rec.data['results'])} rows, "
           f"{len(rec.data['skipped'])} skipped, {len(rec.data['errors'])} errors")  # fmt: skip
     return 0 if rec.data["status"] == "ok" else 1

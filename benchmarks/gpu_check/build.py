@@ -27,7 +27,8 @@ def run(args, rec: Record) -> None:
         cuda_home=_build.find_cuda_home(),
         arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"),
     )
-    _timed(rec, "cpu", lambda: _build.load_cpu(verbose=True))
+    if not _timed(rec, "cpu", lambda: _build.load_cpu(verbose=True)):  # the ops' schemas live there
+        raise RuntimeError(f"CPU extension failed: {_build.build_error('cpu')}")
     if args.rehearsal:
         rec.skip("cuda extension", "CPU rehearsal: no GPU (CI compiles it with GSPN_BUILD_CUDA=1)")
         return

@@ -91,7 +91,7 @@ def compare(out: Path, trees: list[tuple[str, Path]]) -> str:
     mix_key = lambda r: (r["layer"], f"{r['grid']}x{r['grid']}", r["phase"])  # noqa: E731
     side_by_side("**Mixer** (ms, median; peak MiB in brackets)", ("layer", "grid", "phase"),
                  {n: rows(n, "mixer", "layer", mix_key) for n in names},
-                 lambda r: f"{r['ms']:.3g} ({fmt_value(r['peak_mib'], 0)})", keep=lambda k: k[0] == "gspn")  # fmt: skip
+                 lambda r: f"{r['ms']:.3g} ({fmt_value(r['peak_mib'], 0)})", keep=lambda k: k[0].startswith("gspn"))  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(text)
     return text

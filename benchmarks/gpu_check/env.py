@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -42,9 +43,9 @@ def run(args, rec: Record) -> None:
         info["nvcc"] = nvcc.stdout.strip().splitlines()[-1] if nvcc.stdout.strip() else "?"
     except (OSError, subprocess.TimeoutExpired) as exc:
         info["nvcc"] = f"unavailable ({type(exc).__name__})"
-    for mod in PACKAGES:
+    for mod in PACKAGES:  # installed versions, read from the metadata: importing them takes seconds
         try:
-            info[f"pkg_{mod}"] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent is an answer
+            info[f"pkg_{mod}"] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:  # absent is an answer
             info[f"pkg_{mod}"] = None
     rec.set(info=info)

@@ -244,3 +244,27 @@ def time_training(model: torch.nn.Module, loss_fn, batch: int, device: torch.dev
     return {**t, "images_per_s": batch / (t["ms"] * 1e-3), "peak_mib": peak_mib(device),
             "loss_finite": all(bool(torch.isfinite(v)) for v in losses),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
+
+
+def top_kernels(step, device: torch.device, top: int) -> tuple[float, int, list[dict]]:
+    """(total device ms, kernel launches, the ``top`` kernels by self device time) of one call of
+    ``step`` (on the CPU: CPU ops and their self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels and copies only: the CPU-side ops would count their kernels twice
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, attr) for e in events) / 1e3
+    launches = sum(e.count for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    rows = [
+        {"name": e.key[:110], "ms": getattr(e, attr) / 1e3, "calls": e.count,
+         "share": getattr(e, attr) / 1e3 / total if total else None}
+        for e in events[:top]
+    ]  # fmt: skip
+    return total, launches, rows

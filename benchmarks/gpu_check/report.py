@@ -1,5 +1,6 @@
 """report: ``gpu_check.json`` (every section's record, the exit codes and wall times of
-``sections.tsv``, the tests' counts) and the short table ``gpu_check.md`` of them."""
+``sections.tsv``, the tests' counts, issue 24's acceptance rows) and ``gpu_check.md``: the acceptance
+table first (each row measured pass / FAIL, or not measured), then each section's table."""
 
 from __future__ import annotations
 
@@ -24,6 +25,84 @@ def table_of(section: str, data: dict) -> list[str]:
     return importlib.import_module(f"benchmarks.gpu_check.{section}").table(data)
 
 
+GIB_MIB = 1024.0
+
+
+def _verdict(values: list[bool | None]) -> str:
+    """FAIL if any measured value fails, pass if all were measured and pass, else not measured."""
+    if any(v is False for v in values):
+        return "FAIL"
+    if values and all(v is True for v in values):
+        return "pass"
+    return "not measured" if not any(v is not None for v in values) else "not measured (partly)"
+
+
+def acceptance(sections: dict) -> list[dict]:
+    """Issue 24's acceptance rows from the sections' records: ``check``, ``new`` (the op behind
+    ``backend="kernel"``) and ``old`` (``backend="planes"``) as text, and ``verdict`` (the new one's)."""
+    from benchmarks.gpu_check import correct, directions, mixer
+
+    rows = []
+    # only the acceptance's configurations count (a rehearsal's tiny sizes are "not measured")
+    m = sections.get("mixer", {})
+    mix = m.get("results", []) if (m.get("dim"), m.get("batch")) == (256, 2) else []
+    d = sections.get("directions", {})
+    measured_op = (d.get("grid"), d.get("E"), d.get("batch")) == (256, 384, 2)
+
+    def speedup(layer, g):
+        gspn, sdpa = mixer.find(mix, layer, g), mixer.find(mix, "sdpa", g)
+        return sdpa["ms"] / gspn["ms"] if gspn and sdpa else None
+
+    def show(values, unit="x", nd=2):
+        return ", ".join(f"{k}: {fmt_value(v, nd)}{unit if v is not None else ''}" for k, v in values.items())
+
+    grids = (64, 128, 256)
+    new = {f"{g}²": speedup("gspn_kernel", g) for g in grids}
+    old = {f"{g}²": speedup("gspn_planes", g) for g in grids}
+    rows.append({"check": "mixer fwd+bwd faster than flash SDPA from 64² (SDPA ms / GSPN ms > 1)",
+                 "new": show(new), "old": show(old),
+                 "verdict": _verdict([None if v is None else v > 1 for v in new.values()])})  # fmt: skip
+    for g, target in ((128, 5), (256, 10)):
+        n, o = speedup("gspn_kernel", g), speedup("gspn_planes", g)
+        rows.append({"check": f"mixer fwd+bwd >= {target}x faster than flash SDPA at {g}²",
+                     "new": show({f"{g}²": n}), "old": show({f"{g}²": o}),
+                     "verdict": _verdict([None if n is None else n >= target])})  # fmt: skip
+    peak = {k: mixer.find(mix, k, 256) for k in ("gspn_kernel", "gspn_planes")}
+    peak = {
+        k: r["peak_mib"] / GIB_MIB if r and r.get("peak_mib") is not None else None for k, r in peak.items()
+    }
+    rows.append({"check": "mixer fwd+bwd peak memory at 256² <= 2 GiB", "new": show({"256²": peak["gspn_kernel"]}, " GiB"),
+                 "old": show({"256²": peak["gspn_planes"]}, " GiB"),
+                 "verdict": _verdict([None if peak["gspn_kernel"] is None else peak["gspn_kernel"] <= 2.0])})  # fmt: skip
+    ratios = d.get("ratios_to_t2b", {}) if measured_op else {}
+    new = {d: ratios.get(f"kernel {d}/t2b") for d in ("l2r", "r2l")}
+    old = {d: ratios.get(f"planes {d}/t2b") for d in ("l2r", "r2l")}
+    rows.append({"check": "op fwd+bwd (256², E=384, B=2, bf16): l2r and r2l within 1.3x of t2b",
+                 "new": show(new), "old": show(old),
+                 "verdict": _verdict([None if v is None else v <= 1.3 for v in new.values()])})  # fmt: skip
+    ops = d.get("results", []) if measured_op else []
+    all4 = {b: directions.find(ops, b, "all") for b in ("kernel", "planes")}
+    ms = {b: r["ms"] if r else None for b, r in all4.items()}
+    rows.append({"check": "op fwd+bwd, all four directions (256², E=384, B=2, bf16) <= 4 ms",
+                 "new": show({"ms": ms["kernel"]}, ""), "old": show({"ms": ms["planes"]}, ""),
+                 "verdict": _verdict([None if ms["kernel"] is None else ms["kernel"] <= 4.0])})  # fmt: skip
+    checks = sections.get("correct", {}).get("results", [])
+    for dtype, what in (("float32", f"fp32 error <= {correct.FP32_MAX:g} of the float64 reference"),
+                        ("bfloat16", f"bf16 error <= {correct.BF16_RATIO_MAX:g}x PyTorch's own in bf16 (+{correct.BF16_SLACK:g})")):  # fmt: skip
+        cells, verdict = {}, "not measured"
+        for backend in ("kernel", "planes"):
+            m = [r for r in checks if r["dtype"] == dtype and r["backend"] == backend]
+            key = "max_ratio" if dtype == "bfloat16" else "max_error"
+            worst = max((r[key] for r in m), default=None)
+            unit = "x" if dtype == "bfloat16" else ""
+            cells[backend] = (f"{sum(r['ok'] for r in m)}/{len(m)} cases pass, worst {fmt_value(worst, 3)}{unit}"
+                              if m else "-")  # fmt: skip
+            if backend == "kernel" and m:
+                verdict = _verdict([r["ok"] for r in m])
+        rows.append({"check": what, "new": cells["kernel"], "old": cells["planes"], "verdict": verdict})
+    return rows
+
+
 def report(out: Path, tests: dict | None, requested: list[str] | None = None) -> str:
     """gpu_check.{json,md} from the sections' JSON in ``out``; a section without one is 'missing', or
     'not requested' when ``requested`` (GPU_CHECK_SECTIONS) leaves it out."""
@@ -37,7 +116,8 @@ def report(out: Path, tests: dict | None, requested: list[str] | None = None) ->
         for line in status_file.read_text().splitlines():
             name, code, secs = line.split("\t")
             exits[name] = {"exit": int(code), "wall_s": float(secs)}
-    merged = {"sections": sections, "exits": exits, "tests": tests}
+    accept = acceptance(sections)
+    merged = {"sections": sections, "exits": exits, "tests": tests, "acceptance": accept}
     (out / "gpu_check.json").write_text(json.dumps(merged, indent=1, default=str))
 
     info = sections["env"].get("info", {})
@@ -50,6 +130,13 @@ def report(out: Path, tests: dict | None, requested: list[str] | None = None) ->
         f"{info.get('nvidia_smi', '-')}",
         f"- torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), Python {info.get('python')}, "
         f"{info.get('nvcc', '-')}",
+        "",
+        "## Issue 24 acceptance"
+        + (" (CPU rehearsal: the speed and memory rows say nothing about a GPU)" if rehearsal else ""),
+        "",
+        "| check | new (backend=kernel) | old (backend=planes) | verdict |",
+        "|---|---|---|---|",
+        *(f"| {r['check']} | {r['new']} | {r['old']} | {r['verdict']} |" for r in accept),
         "",
         "| section | status | exit | wall s |",
         "|---|---|---:|---:|",

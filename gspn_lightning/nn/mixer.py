@@ -94,7 +94,9 @@ class MixerOptions:
         dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise;
             not used by the SD-XL swap, which has no such conv).
         directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
-        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto).
+        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto); ``"planes"`` runs
+            :func:`~gspn_lightning.ops.gspn_propagate_proj` as logits + per-plane kernel (CUDA's
+            default until the new kernel is shown correct on a GPU), ``"kernel"`` its own op.
         fused: steps 2-4 (gate normalisation, the scans, the merge) as one op (see :class:`GSPNMixer`).
         fuse_gates: with ``fused``, the gate projection fused into the op too (see :class:`GSPNMixer`).
     """
@@ -175,7 +177,9 @@ class GSPNMixer(nn.Module):
         chunk_size: ``None`` for global propagation, ``k`` for the local variant (restart every ``k`` lines).
         dw_kernel: kernel size of the depthwise conv after ``in_proj`` (odd; 1 makes it pointwise).
         directions: scan directions, a non-empty subset of ``("t2b", "b2t", "l2r", "r2l")``.
-        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto).
+        backend: passed to the ops (``None``: ``$GSPN_BACKEND`` / auto); ``"planes"`` runs
+            :func:`~gspn_lightning.ops.gspn_propagate_proj` as logits + per-plane kernel (CUDA's
+            default until the new kernel is shown correct on a GPU), ``"kernel"`` its own op.
         fused: steps 2-4 (gate normalisation, the scans, the merge) as one op,
             :func:`gspn_lightning.ops.gspn_propagate` (the default: it saves only its inputs for the
             backward); ``False`` composes :func:`normalize_gates` and :func:`gspn_scan` per direction,

@@ -1,6 +1,14 @@
 """Which implementation serves a call: the compiled kernel (:mod:`._build`) or the pure-PyTorch
 reference.  ``backend=None`` reads ``$GSPN_BACKEND`` (default ``"auto"``: the kernel where it is
-available for the tensors' device, else the reference with one warning per device type)."""
+available for the tensors' device, else the reference with one warning per device type).
+
+``gspn_propagate_proj`` has two compiled paths, so it resolves with :func:`resolve_proj_backend`:
+``"kernel"`` (its own op, ``propagate_proj_fwd``, which projects the gate logits on the fly) and
+``"planes"`` (the logits materialised by one 1x1 convolution, then the per-plane fused
+``propagate_fwd`` kernel: the CUDA path the new kernel replaces, kept selectable to compare against).
+On CUDA ``"auto"`` resolves to :data:`CUDA_PROJ_DEFAULT`.  The other ops have one compiled path each,
+the per-plane kernel, so for them ``"planes"`` means ``"kernel"`` (one ``$GSPN_BACKEND=planes``
+selects the per-plane kernels throughout a model)."""
 
 from __future__ import annotations
 
@@ -11,7 +19,14 @@ import torch
 
 from . import _build
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = ("auto", "kernel", "planes", "reference")
+
+#: What ``backend="auto"`` (or ``None``) gives ``gspn_propagate_proj`` on CUDA tensors.  "planes" (the
+#: materialised logits + the per-plane kernel) until a GPU run has shown the channels-last lanes
+#: kernel behind ``propagate_proj_fwd`` correct: flip it to "kernel" once ``scripts/gpu_check.sh``
+#: (its ``correct`` section) has passed on a GPU.
+CUDA_PROJ_DEFAULT = "planes"
+
 _warned_fallback: set[str] = set()
 
 
@@ -25,28 +40,55 @@ def kernel_available(device: torch.device | str = "cpu") -> bool:
     return False
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """``"kernel"`` or ``"reference"`` for tensors on ``device``; raises if ``"kernel"`` was asked for
-    and is unavailable."""
+def requested_backend(backend: str | None) -> str:
+    """``backend``, or ``$GSPN_BACKEND`` (default ``"auto"``) when it is ``None``, checked."""
     if backend is None:
         backend = os.environ.get("GSPN_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(
             f"backend must be one of {BACKENDS} (or None to read $GSPN_BACKEND), got {backend!r}"
         )
-    if backend == "reference":
-        return "reference"
+    return backend
+
+
+def _compiled_or_reference(asked: str, device: torch.device) -> bool:
+    """Whether the compiled kernel serves ``device``: raises if ``asked`` named a compiled path
+    (``"kernel"``/``"planes"``) that is unavailable; for ``"auto"`` warns once per device type."""
     if kernel_available(device):
-        return "kernel"
+        return True
     why = _build.build_error(device.type) or f"no compiled kernel for {device.type} tensors"
-    if backend == "kernel":
-        raise RuntimeError(f"backend='kernel' asked for, but the GSPN kernel is unavailable: {why}")
+    if asked != "auto":
+        raise RuntimeError(f"backend={asked!r} asked for, but the GSPN kernel is unavailable: {why}")
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         warnings.warn(
             f"GSPN {device.type} kernel unavailable ({why}); using the pure-PyTorch reference scan, "
             "which is correct but slower",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return "reference"
+    return False
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``"kernel"`` or ``"reference"`` for tensors on ``device`` (an op with one compiled path, the
+    per-plane kernel, so ``"planes"`` is ``"kernel"``); raises if a compiled path was asked for and is
+    unavailable."""
+    asked = requested_backend(backend)
+    if asked == "reference":
+        return "reference"
+    return "kernel" if _compiled_or_reference(asked, device) else "reference"
+
+
+def resolve_proj_backend(backend: str | None, device: torch.device) -> str:
+    """``"kernel"``, ``"planes"`` or ``"reference"`` for ``gspn_propagate_proj`` on ``device``:
+    ``"auto"`` is :data:`CUDA_PROJ_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where
+    nothing is compiled); raises if a compiled path was asked for and is unavailable."""
+    asked = requested_backend(backend)
+    if asked == "reference":
+        return "reference"
+    if not _compiled_or_reference(asked, device):
+        return "reference"
+    if asked == "auto":
+        return CUDA_PROJ_DEFAULT if device.type == "cuda" else "kernel"
+    return asked

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, resolve_proj_backend
 from ._checks import check_chunk_size, check_direction, check_tensors
 from .reference import DIRECTIONS, GATE_FIELDS, project_gates, scan_reference
 from .scan import normalize_gates
@@ -94,14 +94,21 @@ def _check_x_and_directions(x, directions) -> tuple[tuple[str, ...], tuple[int, 
     return directions, tuple(x.shape), len(directions)
 
 
+def _global_if_one_chunk(x: torch.Tensor, chunk_size: int | None) -> int | None:
+    """The checked ``chunk_size``, ``None`` where one chunk covers every scan axis (the global scan,
+    whatever ``k``)."""
+    check_chunk_size(chunk_size)
+    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
+        return None
+    return chunk_size
+
+
 def _chunk_and_backend(
     x: torch.Tensor, chunk_size: int | None, backend: str | None
 ) -> tuple[int | None, bool]:
-    """The checked ``chunk_size`` (``None`` where one chunk covers every scan axis: the global scan,
-    whatever ``k``) and whether ``backend`` resolves to the reference for ``x``'s device."""
-    check_chunk_size(chunk_size)
-    if chunk_size is not None and chunk_size >= max(x.shape[-2:]):
-        chunk_size = None
+    """:func:`_global_if_one_chunk` and whether ``backend`` resolves to the reference for ``x``'s
+    device."""
+    chunk_size = _global_if_one_chunk(x, chunk_size)
     return chunk_size, resolve_backend(backend, x.device) == "reference"
 
 
@@ -129,7 +136,8 @@ def gspn_propagate(
         merge: ``(K, C)`` weight of each direction's term per channel.
         directions: the ``K`` distinct scan directions, in the order of ``gates`` and ``merge``.
         chunk_size: as in :func:`gspn_scan` (``None``: global).
-        backend: ``"kernel"``, ``"reference"`` or ``"auto"``/``None`` as in :func:`gspn_scan`.
+        backend: ``"kernel"``, ``"reference"`` or ``"auto"``/``None`` as in :func:`gspn_scan`;
+            ``"planes"`` is ``"kernel"`` here (this op's kernel is the per-plane one).
 
     All three tensors share one floating dtype and device; 16-bit inputs accumulate in float32.
     Differentiable in ``x``, ``gates`` and ``merge``.
@@ -207,14 +215,28 @@ def gspn_propagate_proj(
     value) into a per-thread buffer and never writes them to memory; its backward recomputes them and
     the scans, and reduces the logit gradients into those of the proxy (over channels and
     directions), the weight and the bias (over batch and pixels) with per-thread partial sums added in
-    a fixed order.  **On CUDA there is no such kernel yet**: the op materialises the logits (one 1x1
-    convolution) and runs the fused :func:`gspn_propagate` CUDA kernel, so it is correct there but
-    saves no memory or time over calling the two yourself.
+    a fixed order.
+
+    ``backend`` picks the path (``None``: ``$GSPN_BACKEND``, default ``"auto"``):
+
+    - ``"kernel"``: the op ``torch.ops.gspn_lightning.propagate_proj_fwd``, the kernel that projects
+      the logits on the fly (the CPU lane kernel on CPU tensors, the CUDA kernel on CUDA tensors);
+    - ``"planes"``: the logits materialised (:func:`project_gates`, one 1x1 convolution, ``6 K`` times
+      the size of ``x``), then the per-plane fused :func:`gspn_propagate` kernel, differentiable
+      through its own autograd; the older CUDA path, kept to compare against;
+    - ``"reference"``: :func:`propagate_proj_reference` in pure PyTorch;
+    - ``"auto"``: ``"kernel"`` on the CPU and ``"planes"`` on CUDA
+      (:data:`~gspn_lightning.ops._backend.CUDA_PROJ_DEFAULT`, until a GPU run has shown the CUDA
+      ``"kernel"`` correct), the reference where nothing is compiled.
     """
     directions = _check_proj_inputs(x, proxy, weight, bias, merge, directions)
-    chunk_size, reference = _chunk_and_backend(x, chunk_size, backend)
-    if reference:
+    chunk_size = _global_if_one_chunk(x, chunk_size)
+    path = resolve_proj_backend(backend, x.device)
+    if path == "reference":
         return propagate_proj_reference(x, proxy, weight, bias, merge, directions, chunk_size)
+    if path == "planes":
+        gates = project_gates(proxy, weight, bias, len(directions))
+        return torch.ops.gspn_lightning.propagate_fwd(x, gates, merge, list(directions), chunk_size or 0)
     return torch.ops.gspn_lightning.propagate_proj_fwd(
         x, proxy, weight, bias, merge, list(directions), chunk_size or 0
     )
