@@ -107,6 +107,8 @@ def test_mixer_guards(case, token):
     # forward copies nothing at all
     if case == "fp32":
         assert rec.copies_of(1, "fwd") == [], rec.table("fwd")
+    if token:  # the out-projection's channels-last output is a contiguous (B, N, C) tensor
+        assert y.is_contiguous()
 
 
 def test_the_size_guard_bites_on_materialised_logits():
