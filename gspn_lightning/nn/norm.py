@@ -89,6 +89,11 @@ class _GRN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # the dtypes are chosen here, as in grn()
+            return _GRN._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, gamma, beta, g, m, n, s = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula, twice if asked
             params = (x, gamma, beta)
@@ -117,7 +122,10 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1
     ``x``'s): ``x * (1 + gamma * N) + beta``, ``N = ||x||_2 / (mean_c ||x||_2 + eps)`` over ``(H, W)``
     per channel, ``gamma`` and ``beta`` of shape ``(1, C, 1, 1)``.  See :class:`_GRN` for the backward.
     """
-    return _GRN.apply(x, gamma, beta, eps)
+    # Autocast off: the dtypes are chosen here (maps in x's dtype, statistics in float32), and CUDA
+    # autocast would run the norm and the sums on a float32 copy of a 16-bit map.
+    with torch.autocast(x.device.type, enabled=False):
+        return _GRN.apply(x, gamma, beta, eps)
 
 
 class GRN(nn.Module):
