@@ -150,14 +150,40 @@ def test_token_mixer_round_trip():
         tok(x, (H, W + 1))
 
 
-def test_layernorm2d_matches_layernorm():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layernorm2d_matches_layernorm(channels_last):
+    """Contiguous and channels-last inputs give nn.LayerNorm's result per pixel (a channels-last
+    output); a channels-last input is normalised in place of a view: no copy op runs."""
+    from .dispatch_guard import OpRecorder
+
     ln = LayerNorm2d(6)
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()
     x = torch.randn(2, 6, 5, 3)
     ref = F.layer_norm(x.permute(0, 2, 3, 1), (6,), ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2)
-    torch.testing.assert_close(ln(x), ref)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with OpRecorder() as rec:
+        out = ln(x)
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert [r.name for r in rec.launches()] == ["aten.native_layer_norm.default"], rec.table()
+
+
+def test_layernorm2d_autocast_keeps_16_bit_maps():
+    """Under autocast a bfloat16 map gives a bfloat16 output (statistics in float32 inside the op, not on
+    a float32 copy of the map), equal to the float32 result rounded; a float32 map is left to autocast."""
+    ln = LayerNorm2d(6)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ln(x.bfloat16())
+        assert ln(x).dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ln(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
 
 
 def test_grn():
@@ -172,22 +198,70 @@ def test_grn():
     torch.testing.assert_close(grn(x), 0.5 * x * nx + 0.1 + x)
 
 
-def test_grn_gradients_match_formula():
-    """GRN (computed as x * (gamma N + 1) + beta) against gamma * (x * N) + beta + x: output and the
-    gradients of x, gamma and beta, per-channel random parameters, float64."""
+def grn_formula(grn, x):
+    """GRN as ConvNeXt-V2 writes it, gamma * (x * N) + beta + x, with autograd's backward (N in x's
+    dtype: GRN takes its statistics in float64 for a float64 input)."""
+    g = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+    n = g / (g.mean(dim=1, keepdim=True) + grn.eps)
+    return grn.gamma * (x * n) + grn.beta + x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grn_gradients_match_formula(channels_last):
+    """GRN (computed as x * (gamma N + 1) + beta, with its own backward) against
+    gamma * (x * N) + beta + x: output and the gradients of x, gamma and beta, per-channel random
+    parameters, float64, one channel of x all zeros (its norm is 0: the formula's gradient there is
+    autograd's masked one); contiguous and channels-last input (the output keeps the layout)."""
     grn = randomize_(GRN(6), seed=1)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 6, 5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64, generator=gen)
+    x[1, 2] = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     go = torch.randn(2, 6, 5, 3, dtype=torch.float64, generator=gen)
-    # N as GRN computes it (in float32, whatever the input's dtype), so that only the rewrite is tested
-    g = torch.linalg.vector_norm(x.float(), dim=(2, 3), keepdim=True)
-    n = (g / (g.mean(dim=1, keepdim=True) + grn.eps)).to(x.dtype)
-    ref = grn.gamma * (x * n) + grn.beta + x
+    ref = grn_formula(grn, x)
     out = grn(x)
     torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     params = (x, grn.gamma, grn.beta)
-    for a, b in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(ref, params, go), strict=True):
+    ref_grads = torch.autograd.grad(ref, params, go, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(out, params, go), ref_grads, strict=True):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
+    # only some inputs needing a gradient
+    (gx,) = torch.autograd.grad(grn(x), (x,), go)
+    torch.testing.assert_close(gx, ref_grads[0])
+
+
+def test_grn_double_backward():
+    """A gradient of the gradient (create_graph=True) differentiates the formula: gradgradcheck passes."""
+    grn = randomize_(GRN(3), seed=4)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(grn, (x,))
+    torch.autograd.gradgradcheck(grn, (x,))
+
+
+def test_grn_bf16_makes_no_float32_map_and_matches_the_float32_result():
+    """A bfloat16 map stays bfloat16 through GRN, forward and backward (float32 only in the per-channel
+    statistics), and agrees with the float32 computation to bfloat16's resolution."""
+    from .dispatch_guard import OpRecorder
+
+    grn = randomize_(GRN(8), seed=5).float()
+    x32 = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    go = torch.randn(2, 8, 6, 5)
+    x16 = x32.detach().bfloat16().requires_grad_()
+    grn16 = GRN(8).bfloat16()
+    grn16.load_state_dict(grn.state_dict())
+    with OpRecorder() as rec:
+        out16 = grn16(x16)
+        out16.backward(go.bfloat16())
+    assert out16.dtype == x16.grad.dtype == torch.bfloat16
+    assert rec.of_dtype(torch.float32, x16.numel()) == [], rec.table()
+    out32 = grn(x32)
+    out32.backward(go)
+    for a, b in ((out16, out32), (x16.grad, x32.grad), (grn16.gamma.grad, grn.gamma.grad)):
+        assert (a.float() - b).abs().max() <= 3e-2 * b.abs().max()
 
 
 def test_drop_path():

@@ -16,6 +16,13 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
                                                          fused op, gspn_propagate_proj, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
 
+Every step keeps the input's memory format, and the layer is written for channels-last maps (what the
+token layout ``(B, N, C)`` is, and what the models feed it): the convolutions keep it, LayerNorm
+normalises a ``(B, H, W, C)`` view, GRN reduces and scales in place of copies, and no float32 map is
+made for a 16-bit input outside the propagation op (see :mod:`gspn_lightning.nn.norm`).  The forward
+has no host syncs and no value-dependent shapes, so it can be captured in a CUDA graph (docs/design.md,
+"The GSPN mixer").
+
 Choices (the paper leaves them open):
 
 - ``lam = sigmoid(.)``: the input injection stays in (0, 1); with row-stochastic taps the scan is a
@@ -277,7 +284,9 @@ class GSPNTokenMixer(GSPNMixer):
     """:class:`GSPNMixer` on token sequences: ``(B, N, C)`` with ``N = H * W`` (row-major) ``-> (B, N, C)``.
 
     Same constructor and parameters as :class:`GSPNMixer` (state dicts are interchangeable); ``forward``
-    takes the spatial size ``hw = (H, W)`` of the token grid.
+    takes the spatial size ``hw = (H, W)`` of the token grid.  A contiguous ``(B, N, C)`` tensor is a
+    channels-last ``(B, C, H, W)`` map, so both conversions are views (no copy) and the whole layer runs
+    channels-last.
     """
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
@@ -285,5 +294,8 @@ class GSPNTokenMixer(GSPNMixer):
         H, W = hw
         if H * W != N:
             raise ValueError(f"hw={tuple(hw)} gives {H * W} tokens but x has N={N}")
+        # views both ways for contiguous tokens: (B, N, C) has the strides of a channels-last
+        # (B, C, H, W) map (reshape copies only other token layouts), and the
+        # out-projection of a channels-last map is channels-last, i.e. a contiguous (B, N, C) tensor
         y = super().forward(x.transpose(1, 2).reshape(B, C, H, W))
         return y.flatten(2).transpose(1, 2)
