@@ -174,6 +174,9 @@ class DistillationTask(TrainingTask):
         gradient_checkpointing: the student UNet's gradient checkpointing.
         export_dir: where the GSPN weights go at the end of fit (``None``: ``<default_root_dir>/gspn``).
         seed: seed of the noise/timestep/dropout draws (``None``: the run's ``seed_everything``, else 0).
+        eval_weights: which weights evaluate: ``null`` (validation/test evaluate the raw weights and
+            their EMA, predict and sampling use the EMA), ``raw`` or ``ema`` (only those, everywhere);
+            see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
 
@@ -195,6 +198,7 @@ class DistillationTask(TrainingTask):
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         seed: int | None = None,
+        eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
     ):
@@ -259,6 +263,7 @@ class DistillationTask(TrainingTask):
                 "is not supported (epsilon or v_prediction)"
             )
         self.init_optim(optim, DISTILLATION_OPTIM)
+        self.init_eval_weights(eval_weights)
         self.eval_terms = torch.nn.ModuleDict(
             {f"{s}_{t}": MeanMetric() for s in ("val", "val_ema", "test", "test_ema") for t in TERMS}
         )
@@ -404,7 +409,7 @@ class DistillationTask(TrainingTask):
         for name in TERMS:
             self.log(f"train/{name}", terms[name].detach(), prog_bar=name == "loss", on_step=True,
                      on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))  # fmt: skip
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        self.log_lr()
         return loss
 
     @torch.no_grad()
