@@ -433,6 +433,55 @@ class DistillationTask(TrainingTask):
                          sync_dist=False)  # fmt: skip
                 metric.reset()
 
+    # -- looking at it: the teacher and the student on the same prompts and noise -------------------------
+
+    def grid_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the teacher | student images: the data's resolution, else the UNet's."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        resolution = getattr(dm, "resolution", None)
+        if resolution is not None:
+            return tuple(resolution)
+        side = int(self.teacher.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return side, side
+
+    @torch.no_grad()
+    def teacher_student_images(
+        self, prompts: list[str], *, steps: int = 20, guidance_scale: float = 5.0,
+        size: tuple[int, int] | None = None, seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """uint8 ``(P, 3, H, W)`` images of the teacher and of the student (its EMA where kept, as
+        :meth:`predict_net` says) for ``prompts``, drawn by SD-XL's pipeline with a DDIM schedule of
+        ``steps``; image ``k`` of both from the noise of ``seed + k``, so the two differ only by the UNet."""
+        if self.text_encoder is None:
+            raise ValueError(
+                "the teacher | student grid encodes its prompts: it needs model.init_args.text_encoders: true"
+            )
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        height, width = size or self.grid_size()
+        frozen = _DTYPES[self.hparams.frozen_dtype]
+        out = []
+        for unet in (self.teacher, self.predict_net()):
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=unet,
+                scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
+            )  # fmt: skip
+            pipe.set_progress_bar_config(disable=True)
+            generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(len(prompts))]
+            was_training = unet.training
+            unet.eval()
+            # a float32 student beside bfloat16 frozen parts (frozen_dtype): one dtype inside the pipeline
+            with torch.autocast(self.device.type, dtype=frozen, enabled=frozen != torch.float32):
+                images = pipe(
+                    prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
+                    guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                ).images  # fmt: skip
+            unet.train(was_training)
+            out.append((images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu())
+        return out[0], out[1]
+
     # -- checkpoints: only what training changes -----------------------------------------------------
 
     def unsaved_keys(self) -> set[str]:
