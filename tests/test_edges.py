@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from gspn_lightning.tasks import ClassificationTask, DiffusionTask
+from tests.test_metrics import weights  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -129,3 +131,49 @@ def test_eval_weights_are_checked_and_reach_the_cli(monkeypatch):
         cli = main(args=["--config", str(ROOT / "configs/dit/tiny.yaml"), "--model.init_args.eval_weights=raw"],
                    run=False)  # fmt: skip
     assert cli.model.eval_weights == "raw" and cli.model.sampling_net() is cli.model.model
+
+
+# -- gspn stats on an ImageFolder tree ------------------------------------------------------------------
+
+
+def _image_tree(root: Path) -> int:
+    """An ImageFolder tree (class subfolders, one nested deeper, a hidden folder left out): the count."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    n = 0
+    for sub, k in (("cat", 3), ("dog", 2), ("dog/puppies", 1), (".thumbnails", 2)):
+        (root / sub).mkdir(parents=True)
+        for i in range(k):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / sub / f"{i}.png")
+            n += not sub.startswith(".")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return n
+
+
+def test_image_folders_are_read_recursively(tmp_path):
+    from gspn_lightning.metrics.inputs import image_batches, list_images
+
+    n = _image_tree(tmp_path / "tree")
+    files = list_images(tmp_path / "tree")
+    assert [f.relative_to(tmp_path / "tree").as_posix() for f in files] == [
+        "cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/puppies/0.png",
+    ]  # fmt: skip
+    batches, total = image_batches(tmp_path / "tree", batch_size=4)
+    assert total == n == sum(len(b) for b in batches)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_stats_command_on_an_image_folder_tree(weights, tmp_path, capsys):  # noqa: F811
+    from gspn_lightning.cli.stats import main as stats_main
+    from gspn_lightning.metrics import Statistics
+
+    n = _image_tree(tmp_path / "tree")
+    out = tmp_path / "ref.npz"
+    assert stats_main([str(tmp_path / "tree"), str(out), "--weights", str(weights), "--device", "cpu",
+                       "--no-progress", "--keep-features"]) == 0  # fmt: skip
+    assert f"wrote statistics of {n} images" in capsys.readouterr().out
+    assert Statistics.load(out).num_images == n
