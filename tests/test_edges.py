@@ -4,6 +4,8 @@ and no runpy warning from ``python -m`` of the tools."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import yaml
 
 from gspn_lightning.tasks import ClassificationTask, DiffusionTask
+from tests.cli_helpers import ONE_THREAD
 from tests.test_metrics import weights  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +180,63 @@ def test_stats_command_on_an_image_folder_tree(weights, tmp_path, capsys):  # no
                        "--no-progress", "--keep-features"]) == 0  # fmt: skip
     assert f"wrote statistics of {n} images" in capsys.readouterr().out
     assert Statistics.load(out).num_images == n
+
+
+# -- python -m of the tools: runs them, once, without runpy's warning --------------------------------------
+
+
+def test_cli_package_imports_none_of_its_tool_modules():
+    """runpy warns ("found in sys.modules after import of package") when ``python -m pkg.mod`` runs a
+    module its package already imported; the cli package imports none of its tool modules."""
+    code = (
+        "import sys, gspn_lightning.cli as c; "
+        "print(sorted(m for m in sys.modules if m.startswith('gspn_lightning.cli.')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_every_tool_module_runs_its_subcommand(tmp_path, capsys, monkeypatch):
+    """``python -m gspn_lightning.cli.<module> ARGS`` is ``gspn SUB ARGS`` (it used to run nothing and
+    exit 0): each module's ``__main__`` block hands its arguments to :func:`run_module`."""
+    from gspn_lightning.cli import COMMANDS, LIGHTNING_COMMANDS, run_module
+
+    monkeypatch.setattr(sys, "argv", ["gspn"])  # (LightningCLI reads it too)
+    modules = sorted({module for module, _ in COMMANDS.values()})
+    for module in modules:
+        source = (ROOT / "gspn_lightning/cli" / f"{module}.py").read_text()
+        assert 'if __name__ == "__main__":' in source and "run_module(__spec__.name)" in source, module
+        subs = [n for n, (m, _) in COMMANDS.items() if m == module]
+        with pytest.raises(SystemExit) as exit_:
+            run_module(f"gspn_lightning.cli.{module}", ["--help"] if len(subs) == 1 else [subs[0], "--help"])
+        assert exit_.value.code == 0, module
+        assert "usage" in capsys.readouterr().out.lower(), module
+    assert run_module("gspn_lightning.cli.lightning", ["sample"]) == 2  # not one of fit/validate/test/predict
+    assert set(LIGHTNING_COMMANDS) == {n for n, (m, _) in COMMANDS.items() if m == "lightning"}
+    _image_tree(tmp_path / "tree")
+    assert run_module("gspn_lightning.cli.write_shards", [str(tmp_path / "tree"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert "wrote " in capsys.readouterr().out and (tmp_path / "out" / "index.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "module", ["write_shards", "write_captions", "write_demo_mnist", "encode_latents", "distill_export"]
+)
+def test_python_m_of_the_writers_and_export_warns_nothing(module, tmp_path):
+    """The writer and export commands as ``python -m`` of their module, runpy's warnings as errors."""
+    r = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", f"gspn_lightning.cli.{module}", "--help"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **ONE_THREAD),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RuntimeWarning" not in r.stderr and r.stdout.startswith("usage: gspn "), r.stdout + r.stderr
+    if module == "write_shards":
+        _image_tree(tmp_path / "tree")
+        r = subprocess.run(
+            [sys.executable, "-W", "error::RuntimeWarning", "-m", "gspn_lightning.cli.write_shards",
+             str(tmp_path / "tree"), str(tmp_path / "out"), "--quiet"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), **ONE_THREAD),
+        )  # fmt: skip
+        assert r.returncode == 0 and (tmp_path / "out" / "index.json").exists(), r.stdout + r.stderr

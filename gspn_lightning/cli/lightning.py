@@ -33,6 +33,7 @@ A LightningCLI with the task and the datamodule chosen by ``class_path`` in the 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 # Large fresh CPU tensors (activations, gradients) are otherwise mmapped and page-faulted in 4 KiB
@@ -198,3 +199,10 @@ def main(args=None, run: bool = True) -> GSPNCLI:
         args=args,
         run=run,
     )
+
+
+# python -m gspn_lightning.cli.lightning: the same as gspn {fit,validate,test,predict}
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

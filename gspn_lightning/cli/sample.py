@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -162,3 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
         print(f"drew {drawn} on rank 0; {args.num_samples} samples in {path}")
     return 0
+
+
+# python -m gspn_lightning.cli.sample: the same as gspn sample
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))
