@@ -4,6 +4,7 @@ and no runpy warning from ``python -m`` of the tools."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -240,3 +241,59 @@ def test_python_m_of_the_writers_and_export_warns_nothing(module, tmp_path):
             env=dict(os.environ, PYTHONPATH=str(ROOT), **ONE_THREAD),
         )  # fmt: skip
         assert r.returncode == 0 and (tmp_path / "out" / "index.json").exists(), r.stdout + r.stderr
+
+
+# -- every tiny config under 2 ranks ----------------------------------------------------------------------
+
+#: the configs a user runs first: every tiny one and the digits demos
+SMALL_CONFIGS = sorted({*ROOT.glob("configs/**/tiny*.yaml"), ROOT / "configs/dit/digits.yaml",
+                        ROOT / "configs/classification/demo_mnist.yaml",
+                        ROOT / "configs/classification/debug_mnist.yaml"})  # fmt: skip
+
+
+def schedule_problems(cli, world_size: int) -> list[str]:
+    """What stops (or empties) a run of ``cli``'s config under ``world_size`` ranks, from the numbers
+    alone: the datamodule's batches per rank against the trainer's validation interval, gradient
+    accumulation and checkpoint period."""
+    dm, trainer = cli.datamodule, cli.trainer
+    problems = []
+    if dm.epoch_samples is not None and dm.epoch_samples < world_size * dm.batch_size:
+        problems.append(f"epoch_samples {dm.epoch_samples} < one batch of {dm.batch_size} per rank")
+    batches = dm.train_batches_per_epoch(world_size)
+    interval = trainer.val_check_interval
+    if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > batches:
+        # Lightning refuses this at start: the interval counts batches within one epoch
+        problems.append(f"val_check_interval {interval} > {batches} training batches per rank and epoch")
+    if trainer.accumulate_grad_batches > batches:
+        problems.append(f"accumulate_grad_batches {trainer.accumulate_grad_batches} > {batches} batches per epoch")
+    every = cli.config["checkpoint"].get("every_n_train_steps") or 0
+    if trainer.max_steps > 0 and every > trainer.max_steps:
+        problems.append(f"checkpoint.every_n_train_steps {every} > max_steps {trainer.max_steps}")
+    return problems
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=[f"{c.parent.name}/{c.stem}" for c in SMALL_CONFIGS])
+def test_small_configs_run_under_one_and_two_ranks(config, tiny_sdxl_dir, monkeypatch):
+    from gspn_lightning.cli.lightning import main
+
+    monkeypatch.setattr(sys, "argv", ["gspn"])
+    args, device = ["--config", str(config)], torch.device("meta")  # full-size models cost nothing
+    if config.parent.name == "sdxl":  # (loads the tiny folder's weights: not on meta)
+        args, device = args + [f"--model.init_args.pretrained={tiny_sdxl_dir}"], contextlib.nullcontext()
+    with device:
+        cli = main(args=args, run=False)
+    for world_size in (1, 2):
+        assert schedule_problems(cli, world_size) == [], (config.name, world_size)
+
+
+def test_schedule_problems_sees_the_old_dit_tiny_config(monkeypatch):
+    """The check itself: configs/dit/tiny.yaml as it was (validation every 2 batches within an epoch of 8
+    samples in batches of 4) fails under 2 ranks, one batch each."""
+    from gspn_lightning.cli.lightning import main
+
+    monkeypatch.setattr(sys, "argv", ["gspn"])
+    with torch.device("meta"):
+        cli = main(args=["--config", str(ROOT / "configs/dit/tiny.yaml"), "--trainer.check_val_every_n_epoch=1"],
+                   run=False)  # fmt: skip
+    assert schedule_problems(cli, 1) == []
+    assert schedule_problems(cli, 2) == ["val_check_interval 2 > 1 training batches per rank and epoch"]
