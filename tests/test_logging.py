@@ -14,7 +14,6 @@ import tomllib
 import torch
 
 from gspn_lightning.tasks import ClassificationTask
-from gspn_lightning.tasks.base import format_lr, show_lr_scientific
 from tests.cli_helpers import last_scalars, logged, run_dirs
 from tests.test_distill import caption_shards  # noqa: F401 (fixture)
 from tests.test_dit_task import latent_data  # noqa: F401 (fixture)
@@ -57,9 +56,13 @@ def test_default_logger_is_tensorboard_in_lightning_logs(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tiny_fit_writes_scalars_and_the_sample_grid_to_tensorboard(latent_data, tmp_path, monkeypatch):  # noqa: F811
     """A tiny DiT fit through the command line with no logger set: one event file holding the training
-    and validation scalars and the sample grid as an image, which is also a PNG."""
+    and validation scalars and the sample grid as an image, which is also a PNG (TensorBoard whatever
+    Lightning would pick)."""
+    from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
+
     from gspn_lightning.cli.lightning import main
 
+    monkeypatch.setattr(logger_connector, "_TENSORBOARD_AVAILABLE", False)
     monkeypatch.setattr(sys, "argv", ["gspn"])
     run = tmp_path / "run"
     main(args=[
@@ -100,6 +103,8 @@ def test_progress_bar_shows_a_small_lr_in_scientific_notation(bar, tmp_path):
     """Lightning's rich bar (its default where rich is installed) printed ``lr: 0.000`` for 3e-5."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    from gspn_lightning.tasks.base import format_lr, show_lr_scientific
 
     callback = RichProgressBar() if bar == "rich" else TQDMProgressBar()
     task = _tiny_classifier(lr=3e-5)
