@@ -4,7 +4,8 @@ Each trial launches a config (``--config``, by default the tiny classification o
 ``configs/classification/debug_mnist.yaml``; any task's config works) on data the benchmark writes
 itself (the MNIST demo shards for classification; random images encoded to latent shards by a tiny
 random VAE for diffusion; the tiny random SD-XL folder and captioned random images for distillation),
-on the CPU with gloo, as two torchrun "nodes" of one process each over 127.0.0.1,
+on the CPU with gloo, as two torchrun "nodes" of one process each over 127.0.0.1 (the torchrun line of
+docs/multinode.md, read from the page: :func:`node_command`),
 SIGKILLs the training process of one rank (chosen at random) at a random moment of training, waits
 for the job to go down, then relaunches both nodes with ``--ckpt_path last`` and lets them finish.
 Half the trials kill at a random moment of training (after a random checkpointed step but the last,
@@ -50,6 +51,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from multinode import torchrun_command  # noqa: E402
 from scan import machine_info  # noqa: E402
 
 CONFIG = REPO / "configs" / "classification" / "debug_mnist.yaml"
@@ -186,28 +188,35 @@ class Watcher(threading.Thread):
         self.scan()
 
 
+def node_command(root: Path, data: list[str], args, node: int, port: int) -> list[str]:
+    """Node ``node``'s command: the torchrun line of docs/multinode.md (read from the page by
+    :mod:`multinode`, the one copy) as 2 nodes x 1 process over 127.0.0.1, then this benchmark's data
+    and schedule. The line always carries ``--ckpt_path last``: the first launch starts fresh (no
+    checkpoint yet), a relaunch resumes."""
+    values = {
+        "NNODES": 2, "NPROC_PER_NODE": 1, "NODE_RANK": node, "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port, "CONFIG": args.config,
+    }  # fmt: skip
+    return torchrun_command(values, python=sys.executable) + [
+        *data, f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu",
+        f"--trainer.max_steps={args.max_steps}", "--trainer.max_epochs=1000",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        f"--checkpoint.every_n_train_steps={args.every}",
+        "--checkpoint.monitor=null", "--checkpoint.save_top_k=1",
+        "--data.init_args.num_workers=1",
+        f"--seed_everything={args.seed}",
+    ]  # fmt: skip
+
+
 def launch(root: Path, data: list[str], args, resume: bool, log_prefix: Path) -> list[subprocess.Popen]:
+    """Both nodes of a job (``resume``: a relaunch, which the docs' line resumes by itself)."""
     port = free_port()
     procs = []
     for node in range(2):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-            "--master_addr=127.0.0.1", f"--master_port={port}",
-            str(REPO / "cli.py"), "fit", "--config", str(args.config), *data,
-            f"--trainer.default_root_dir={root}",
-            "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
-            "--trainer.num_nodes=2", "--trainer.devices=1",
-            f"--trainer.max_steps={args.max_steps}", "--trainer.max_epochs=1000",
-            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-            f"--checkpoint.every_n_train_steps={args.every}",
-            "--checkpoint.monitor=null", "--checkpoint.save_top_k=1",
-            "--data.init_args.num_workers=1",
-            f"--seed_everything={args.seed}",
-        ]  # fmt: skip
-        if resume:
-            cmd.append("--ckpt_path=last")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = node_command(root, data, args, node, port)
+        # `-m gspn_lightning.cli` imports this checkout's package, as cli.py from it did
+        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
         log = open(f"{log_prefix}-node{node}.log", "w")
         procs.append(
             subprocess.Popen(

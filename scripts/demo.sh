@@ -18,3 +18,5 @@ fi
 .venv/bin/python -m gspn_lightning.cli fit --config configs/classification/demo_mnist.yaml "$@"
 echo "== validating the last checkpoint (raw weights and their EMA)"
 .venv/bin/python -m gspn_lightning.cli validate --config configs/classification/demo_mnist.yaml --ckpt_path last "$@"
+echo "== predicting the held-out digits with the last checkpoint (top-5 each, into runs/demo_mnist/predictions/)"
+.venv/bin/python -m gspn_lightning.cli predict --config configs/classification/demo_mnist.yaml --ckpt_path last "$@"

@@ -41,3 +41,42 @@ def run_cli_chain(*commands, cwd, timeout=900):
     outs = r.stdout.split("=== gspn ")[1:]
     assert len(outs) == len(commands), r.stdout[-8000:]
     return outs
+
+
+def run_dirs(root, version: int | None = None) -> list[Path]:
+    """The log folders ``<root>/lightning_logs/version_*`` of the runs under ``root`` (or only run
+    ``version``), oldest first."""
+    pattern = f"lightning_logs/version_{'*' if version is None else version}"
+    return sorted((p for p in Path(root).glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+def logged(run_dir) -> "EventAccumulator":  # noqa: F821
+    """The TensorBoard events of one run folder (the default logger's), every scalar and image kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def scalar_series(root, name: str) -> list[float]:
+    """Every value of the scalar ``name`` logged by the runs under ``root``, runs oldest first."""
+    values: list[float] = []
+    for run in run_dirs(root):
+        events = logged(run)
+        if name in events.Tags()["scalars"]:
+            values += [e.value for e in events.Scalars(name)]
+    return values
+
+
+def last_scalars(root, version: int | None = None, merge_runs: bool = False) -> dict[str, float]:
+    """The last value of every scalar logged to TensorBoard by the newest run under ``root`` (or by
+    run ``version``; with ``merge_runs`` by all runs, later runs winning)."""
+    runs = run_dirs(root, version)
+    assert runs, f"no lightning_logs/version_{'*' if version is None else version} under {root}"
+    merged: dict[str, float] = {}
+    for run in runs if merge_runs else runs[-1:]:
+        events = logged(run)
+        for tag in events.Tags()["scalars"]:
+            merged[tag] = events.Scalars(tag)[-1].value
+    return merged

@@ -1,7 +1,6 @@
 """The classification path end to end: every config parses and instantiates, and cli.py fits,
 resumes, validates and runs two-process DDP on the MNIST demo shards (subprocesses, CPU, gloo)."""
 
-import csv
 import math
 import os
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_helpers import ONE_THREAD, run_cli_chain
+from tests.cli_helpers import ONE_THREAD, last_scalars, run_cli_chain
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "classification").glob("*.yaml"))
@@ -46,16 +45,9 @@ def data_args(shards):
 
 
 def last_metrics(root: Path, version: int | None = None) -> dict:
-    """Merge all rows of the newest CSVLogger metrics.csv under ``root`` (or of run ``version``; last
-    value wins)."""
-    pattern = f"lightning_logs/version_{'*' if version is None else version}/metrics.csv"
-    files = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-    assert files, f"no {pattern} under {root}"
-    merged = {}
-    with open(files[-1]) as f:
-        for row in csv.DictReader(f):
-            merged.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return merged
+    """The last value of every scalar the newest run under ``root`` (or run ``version``) logged to
+    TensorBoard, the default logger."""
+    return last_scalars(root, version)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -7,7 +7,6 @@ process group with a timeout, so a deadlock fails the test instead of hanging it
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from gspn_lightning.data.write_shards import write_shards
-from tests.cli_helpers import ONE_THREAD
+from tests.cli_helpers import ONE_THREAD, last_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +43,8 @@ def run_two_ranks(args: list[str], timeout: int = 420) -> str:
 
 
 def metrics(root: Path) -> dict:
-    row: dict = {}
-    for path in sorted(root.glob("lightning_logs/version_*/metrics.csv")):
-        with open(path) as f:
-            for r in csv.DictReader(f):
-                row.update({k: float(v) for k, v in r.items() if v})
-    return row
+    """The last value of every scalar logged (TensorBoard) by the runs under ``root``."""
+    return last_scalars(root, merge_runs=True)
 
 
 @pytest.mark.slow

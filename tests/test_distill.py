@@ -30,7 +30,7 @@ from gspn_lightning.models.sdxl import (
 from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 from gspn_lightning.tasks.base import param_groups
 from gspn_lightning.tasks.distill import DistillationTask
-from tests.cli_helpers import ONE_THREAD, run_cli_chain
+from tests.cli_helpers import ONE_THREAD, run_cli_chain, scalar_series
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(96, 64), (64, 112)]  # portrait and landscape sources, cropped to 64x64
@@ -341,13 +341,7 @@ def _run(args, timeout=900):
 
 
 def _metric(run: Path, name: str) -> list[float]:
-    import csv
-
-    values = []
-    for path in sorted(run.glob("lightning_logs/version_*/metrics.csv")):
-        with open(path) as f:
-            values += [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
-    return values
+    return scalar_series(run, name)
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@
     gspn SUB --help                                  # the options of one
 
 Without an install, ``python -m gspn_lightning.cli SUB ...`` (and ``python cli.py SUB ...`` from the
-checkout) is the same command. Each subcommand lives in its own module of this package (its argument
+checkout) is the same command, and so is ``python -m gspn_lightning.cli.<module> ...`` of the module
+that runs ``SUB`` (:func:`run_module`; where it would otherwise run nothing and exit 0). No module of
+this package is imported by the package itself, so ``python -m`` of any of them runs it once, without
+runpy's "found in sys.modules" warning. Each subcommand lives in its own module of this package (its argument
 parser and the glue that calls the library); the module is imported only when its subcommand runs, so
 ``gspn --help`` does not import torch or Lightning.
 """
@@ -17,7 +20,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "LIGHTNING_COMMANDS", "main"]
+__all__ = ["COMMANDS", "LIGHTNING_COMMANDS", "main", "run_module"]
 
 #: the LightningCLI subcommands, run by :mod:`.lightning`
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -80,3 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = module.main(rest)
     # the tools return their exit status; a few return what they made (for their tests): success
     return result if isinstance(result, int) else 0
+
+
+def run_module(module: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m gspn_lightning.cli.<module> ARGS``: the same as ``gspn SUB ARGS`` for the subcommand
+    that module runs (for :mod:`.lightning` the first argument names it: ``fit``, ``validate`` ...)."""
+    short = module.rsplit(".", 1)[-1]
+    names = [name for name, (mod, _) in COMMANDS.items() if mod == short]
+    if not names:
+        raise ValueError(f"{module} runs no gspn subcommand")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(names) > 1:  # the LightningCLI subcommands
+        if argv and argv[0] not in ("-h", "--help") and argv[0] not in names:
+            print(f"usage: python -m {module} {{{','.join(names)}}} ...", file=sys.stderr)
+            return 2
+        return main(argv)
+    return main([names[0], *argv])

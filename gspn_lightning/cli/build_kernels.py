@@ -5,6 +5,7 @@ first use (:mod:`gspn_lightning.ops._build`: the cache folder, the locking, the 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gspn_lightning.ops._build import build_error, load_cpu, load_cuda
 
@@ -23,3 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cuda extension: {'ok' if ok_cuda else 'FAILED: ' + str(build_error('cuda'))}")
         ok = ok and ok_cuda
     return 0 if ok else 1
+
+
+# python -m gspn_lightning.cli.build_kernels: the same as gspn build-kernels
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

@@ -38,3 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {path}")
     return 0
+
+
+# python -m gspn_lightning.cli.convert_inception: the same as gspn convert-inception
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

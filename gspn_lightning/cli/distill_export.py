@@ -36,3 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in task.export_gspn(args.out):
         print(f"wrote {path}")
     return 0
+
+
+# python -m gspn_lightning.cli.distill_export: the same as gspn distill-export
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

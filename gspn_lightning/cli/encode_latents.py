@@ -6,6 +6,7 @@ latent shards for latent diffusion, split over every device Lightning Fabric see
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gspn_lightning.data.latents import encode_shards
 
@@ -40,3 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if index is not None:
         print(f"wrote {index['total']} latents in {len(index['shards'])} shards to {a.out}")
     return 0
+
+
+# python -m gspn_lightning.cli.encode_latents: the same as gspn encode-latents
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+# python -m gspn_lightning.cli.evaluate: the same as gspn evaluate
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

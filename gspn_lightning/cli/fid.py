@@ -62,3 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+# python -m gspn_lightning.cli.fid: the same as gspn fid
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

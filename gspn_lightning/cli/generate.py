@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,3 +77,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {len(paths)} images to {args.out}")
     return paths
+
+
+# python -m gspn_lightning.cli.generate: the same as gspn generate
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

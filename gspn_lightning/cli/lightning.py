@@ -21,12 +21,19 @@ A LightningCLI with the task and the datamodule chosen by ``class_path`` in the 
   other model arguments when it is loaded, naming both values (see
   :func:`~gspn_lightning.tasks.checkpointing.check_checkpoint_matches`). (Lightning's own CLI would
   instead replace the command line's model arguments by the checkpoint's, silently.)
-- ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``.
+- ``predict`` saves its outputs to ``<trainer.default_root_dir>/predictions/predictions-rank<r>.pt``;
+  a ``predict`` without ``data.init_args.predict_shards`` stops at start-up saying so (instead of
+  predicting nothing and exiting 0);
+- the logger: TensorBoard by default (:func:`default_logger`: ``<trainer.default_root_dir>/
+  lightning_logs/version_<n>``, where Lightning's CSV logger wrote, the SLURM job id as the version
+  under SLURM), whatever Lightning would pick; ``trainer.logger`` in a config names another (the
+  CSV logger: see docs/design.md) and ``--trainer.logger false`` none.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 # Large fresh CPU tensors (activations, gradients) are otherwise mmapped and page-faulted in 4 KiB
@@ -54,6 +61,42 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 def prediction_dir(default_root_dir: str | None) -> str:
     return os.path.join(default_root_dir or os.getcwd(), "predictions")
+
+
+#: the folder (under ``trainer.default_root_dir``) of each run's logs, as Lightning's default loggers name it
+LOG_NAME = "lightning_logs"
+
+
+def default_logger(default_root_dir: str | None):
+    """The logger of a run whose config sets none: TensorBoard, in ``<default_root_dir>/lightning_logs/
+    version_<n>`` (the SLURM job id as the version under SLURM), the folders Lightning's own default
+    loggers use. Lightning itself would fall back to its CSV logger, silently, where ``tensorboard`` is
+    not installed; this is an error naming the two ways out instead."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    save_dir = default_root_dir or os.getcwd()
+    try:
+        return TensorBoardLogger(save_dir=save_dir, name=LOG_NAME, version=SLURMEnvironment.job_id())
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"the default logger is TensorBoard, and tensorboard is not installed ({exc}): install it "
+            "(pip install tensorboard; it is a dependency of gspn-lightning), or set trainer.logger "
+            "(class_path: lightning.pytorch.loggers.CSVLogger, or false)"
+        ) from exc
+
+
+def check_predict_data(subcommand: str | None, data_args) -> None:
+    """``predict`` needs predict shards (``data_args``: the data's ``init_args`` as parsed): without
+    them Lightning would run over nothing and exit 0. Checked before anything is built."""
+    if subcommand != "predict" or data_args is None:
+        return
+    if "predict_shards" in data_args and not data_args["predict_shards"]:
+        raise ValueError(
+            "predict has nothing to run over: set data.init_args.predict_shards (a folder of shards "
+            "written by gspn write-shards, its index.json or a brace pattern), e.g. "
+            "--data.init_args.predict_shards data/shards/my_images"
+        )
 
 
 def data_fact(name: str):
@@ -103,6 +146,19 @@ class GSPNCLI(LightningCLI):
         if class_path:
             check_checkpoint_task(written, class_path, ckpt_path)
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        data = config.get("data")
+        check_predict_data(self.subcommand, data.get("init_args") if data is not None else None)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with :func:`default_logger` where the config sets no logger (``trainer.logger``
+        unset or ``true``)."""
+        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        if "logger" not in kwargs and trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = default_logger(trainer_config.get("default_root_dir"))
+        return super().instantiate_trainer(**kwargs)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         kwargs["weights_only"] = True  # Lightning's own load of the checkpoint (fit/validate/test/predict)
@@ -143,3 +199,10 @@ def main(args=None, run: bool = True) -> GSPNCLI:
         args=args,
         run=run,
     )
+
+
+# python -m gspn_lightning.cli.lightning: the same as gspn {fit,validate,test,predict}
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

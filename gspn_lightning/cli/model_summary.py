@@ -6,6 +6,7 @@ the meta device, nothing is allocated).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from gspn_lightning.models import list_models, model_entry
@@ -33,3 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(summary_table(classification, args.img_size))
     if diffusion:
         print(generation_table(diffusion, args.latent_size))
+
+
+# python -m gspn_lightning.cli.model_summary: the same as gspn models
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

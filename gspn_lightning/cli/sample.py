@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -135,7 +136,26 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_channels": args.guidance_channels, "clip_sample": clip, "seed": args.seed,
         "vae": vae_path, "image_size": size,
     }  # fmt: skip
-    check_out_folder(args.out, record, write=rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        # rank 0 checks and records the settings before any rank draws: a rank that started first
+        # would otherwise draw into a folder without a record, which rank 0 then refuses
+        refused = None
+        if rank == 0:
+            try:
+                check_out_folder(args.out, record, write=True)
+            except SystemExit as exc:
+                refused = exc
+        dist.barrier()
+        if refused is not None:
+            raise refused
+        if rank != 0:
+            check_out_folder(args.out, record, write=False)
+    else:
+        check_out_folder(args.out, record, write=True)
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = draw(
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
@@ -162,3 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
         print(f"drew {drawn} on rank 0; {args.num_samples} samples in {path}")
     return 0
+
+
+# python -m gspn_lightning.cli.sample: the same as gspn sample
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

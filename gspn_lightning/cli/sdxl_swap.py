@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,3 +65,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"parameters after:  {after:,} ({after / 1e6:.1f}M), of which GSPN modules {gspn:,} "
           f"(+{after - before:,} new gate parameters)")  # fmt: skip
     return result
+
+
+# python -m gspn_lightning.cli.sdxl_swap: the same as gspn sdxl-swap
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

@@ -66,3 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     path = stats.save(a.out)
     print(f"wrote statistics of {stats.num_images} images to {path}")
     return 0
+
+
+# python -m gspn_lightning.cli.stats: the same as gspn stats
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

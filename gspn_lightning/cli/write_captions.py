@@ -67,3 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {index['total']} captioned images into {len(index['shards'])} shard(s) in {a.out}")
     return 0
+
+
+# python -m gspn_lightning.cli.write_captions: the same as gspn write-captions
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

@@ -40,3 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {indexes['train']['total']} train and {indexes['val']['total']} val digits to {args.out}"
         )
     return 0
+
+
+# python -m gspn_lightning.cli.write_demo_mnist: the same as gspn write-demo-mnist
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

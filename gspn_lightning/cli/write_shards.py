@@ -42,3 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(index['shards'])} shard(s) in {args.out}"
     )
     return 0
+
+
+# python -m gspn_lightning.cli.write_shards: the same as gspn write-shards
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))

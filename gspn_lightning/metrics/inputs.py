@@ -2,8 +2,9 @@
 
 A source is one of
 
-- a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.webp``; not recursive, sorted by
-  name, each opened with PIL and converted to RGB, as torch-fidelity does);
+- a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.webp``), searched recursively (an
+  ImageFolder tree of class subfolders is one set of images), sorted by path, each opened with PIL and
+  converted to RGB, as torch-fidelity does;
 - an ``.npz`` file of uint8 images: the array ``images``, else ``arr_0``, else its only array (the
   ``.npz`` the sampling command writes, and ADM's/OpenAI's sample batches, use ``arr_0``);
 - a uint8 ``torch.Tensor`` or ``numpy.ndarray`` of images;
@@ -62,10 +63,16 @@ def to_uint8_nchw(images, name: str = "images") -> torch.Tensor:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside ``folder``, sorted by name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files in ``folder`` and all its subfolders (an ImageFolder tree: class folders),
+    sorted by their path below ``folder``; hidden files and folders are left out."""
+    root = Path(folder)
+    files = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).parts,
+    )  # fmt: skip
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder} or its subfolders")
     return files
 
 

@@ -1,6 +1,6 @@
 """LightningModules (one per task) and the callbacks and checkpointing they share."""
 
-from .callbacks import InTrainingFID, PredictionWriter, SampleGrid
+from .callbacks import InTrainingFID, PredictionWriter, SampleGrid, TeacherStudentGrid
 from .checkpointing import ResumableCheckpoint
 from .classification import ClassificationTask
 from .diffusion import DiffusionTask
@@ -14,4 +14,5 @@ __all__ = [
     "PredictionWriter",
     "ResumableCheckpoint",
     "SampleGrid",
+    "TeacherStudentGrid",
 ]

@@ -39,6 +39,13 @@ when it updates) and the non-finite-loss policy.
   exception checkpoint of a diverged run, and :meth:`TrainingTask.apply_resumed_optim` applies the
   ``optim`` settings given to a resume (``lr``, ``base_batch_size``, ``weight_decay``, ``betas``) to
   the restored optimiser and schedule, with a warning naming each change.
+- **Which weights evaluate.** Every task takes ``eval_weights`` (:data:`EVAL_WEIGHTS`): by default
+  (``null``) validation and test evaluate the raw weights (``val/*``) and their EMA (``val_ema/*``)
+  and ``predict`` and sampling use the EMA; ``raw`` or ``ema`` evaluates, predicts and samples with
+  those weights only (:meth:`TrainingTask.eval_nets`, :meth:`TrainingTask.predict_net`), e.g.
+  ``gspn predict ... --model.init_args.eval_weights raw`` after a run too short for its EMA.
+- **The learning rate** is logged as ``lr`` each step (:meth:`TrainingTask.log_lr`) and shown on the
+  progress bar in scientific notation (``3.0e-05``, where Lightning's bars would print ``0.000``).
 - **No training on nothing.** Rows the data marked corrupt are dropped and counted
   (:meth:`TrainingTask.count_corrupt`); a training epoch, or an evaluation, with no usable row on any
   rank is a :class:`~gspn_lightning.data.protocol.CorruptDataError` on every rank, naming the causes the
@@ -82,6 +89,8 @@ RECOVERY = (
     "a diverged run is never the one 'last' resumes)"
 )
 SCHEDULES = ("cosine", "constant")
+#: ``eval_weights`` of every task: ``None`` (raw and EMA evaluated, the EMA predicts), or one of these
+EVAL_WEIGHTS = ("raw", "ema")
 EMA_SCOPES = ("all", "trainable")
 
 
@@ -268,6 +277,30 @@ def upgrade_hparams(hparams: dict, renamed: dict[str, str] | None = None) -> dic
     return out
 
 
+def format_lr(value) -> str:
+    """A learning rate as the progress bar shows it: ``3.0e-05``."""
+    return f"{float(value):.1e}"
+
+
+def show_lr_scientific(bar) -> None:
+    """Make the progress bar ``bar`` (Lightning's TQDM or rich one, or ``None``) show ``lr`` in scientific
+    notation: the rich bar prints every number with three decimals (``lr: 0.000`` for any lr below
+    5e-4). Its metrics pass through :func:`format_lr` on their way to the bar; the loggers get the number."""
+    if bar is None or getattr(bar, "_lr_scientific", False):
+        return
+    get_metrics = bar.get_metrics
+
+    def metrics(trainer, pl_module):
+        items = get_metrics(trainer, pl_module)
+        value = items.get("lr")
+        if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+            items = {**items, "lr": format_lr(value)}
+        return items
+
+    bar.get_metrics = metrics
+    bar._lr_scientific = True
+
+
 class TrainingTask(L.LightningModule):
     """Base of the task LightningModules. Subclasses take ``optim: OptimSettings`` (with their own
     default instance), set ``self.model`` and call :meth:`init_optim` and :meth:`configure_fault_policy`
@@ -311,10 +344,50 @@ class TrainingTask(L.LightningModule):
 
     # -- evaluation: the same hooks for every task ---------------------------------------------------
 
+    def init_eval_weights(self, eval_weights: str | None) -> None:
+        """Check the task's ``eval_weights`` argument (after :meth:`init_optim`, which makes the EMA):
+        ``None``, ``"raw"`` or ``"ema"`` (which needs an EMA)."""
+        if eval_weights is not None and eval_weights not in EVAL_WEIGHTS:
+            raise ValueError(
+                f"model.init_args.eval_weights must be one of {EVAL_WEIGHTS} or null (both), got {eval_weights!r}"
+            )
+        if eval_weights == "ema" and getattr(self, "ema", None) is None:
+            raise ValueError(
+                "model.init_args.eval_weights is ema but the task keeps no EMA (optim.ema_decay is null)"
+            )
+
+    @property
+    def eval_weights(self) -> str | None:
+        return self.hparams.get("eval_weights")
+
     def eval_nets(self, stage: str) -> list[tuple[str, torch.nn.Module]]:
         """The networks evaluated at ``stage`` with their log prefixes: the raw weights as ``stage``,
-        their EMA as ``{stage}_ema`` where the task keeps one."""
-        return [(stage, self.model)] + ([(f"{stage}_ema", self.ema.module)] if self.ema is not None else [])
+        their EMA as ``{stage}_ema`` where the task keeps one; only one of them with ``eval_weights``
+        ``raw`` or ``ema``."""
+        ema = getattr(self, "ema", None)
+        nets = [(stage, self.model)] if self.eval_weights != "ema" else []
+        if ema is not None and self.eval_weights != "raw":
+            nets.append((f"{stage}_ema", ema.module))
+        return nets
+
+    def predict_net(self) -> torch.nn.Module:
+        """The weights that predict and sample: the EMA where the task keeps one, unless
+        ``eval_weights`` is ``raw``."""
+        ema = getattr(self, "ema", None)
+        return ema.module if ema is not None and self.eval_weights != "raw" else self.model
+
+    def predict_weights(self) -> str:
+        """``"ema"`` or ``"raw"``: which weights :meth:`predict_net` returns."""
+        return "raw" if self.predict_net() is self.model else "ema"
+
+    # -- the learning rate on the logger and the progress bar ------------------------------------------
+
+    def log_lr(self) -> None:
+        """Log the current lr as ``lr`` (each step, on the progress bar too)."""
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+
+    def on_fit_start(self) -> None:
+        show_lr_scientific(self.trainer.progress_bar_callback)
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         """Update this stage's metrics with one batch (no logging: a rank with no batch would skip

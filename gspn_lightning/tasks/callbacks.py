@@ -1,5 +1,6 @@
-"""Callbacks of the tasks: the prediction writer of the command line, and the sample grids and
-in-training FID of any generative task (listed under ``trainer.callbacks`` in a config).
+"""Callbacks of the tasks: the prediction writer of the command line, the sample grids and
+in-training FID of any generative task, and the SD-XL distillation's teacher | student grid (listed
+under ``trainer.callbacks`` in a config).
 
 The generative callbacks (:class:`SampleGrid`, :class:`InTrainingFID`) work with any LightningModule
 that keeps this small contract (:class:`~gspn_lightning.tasks.DiffusionTask` does):
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -112,7 +113,7 @@ class _Sampling:
 class SampleGrid(_Sampling, Callback):
     """A grid of samples every ``every_n_steps`` optimizer steps (and at the end of fit), written on
     rank 0 as ``<trainer.default_root_dir>/samples/step-NNNNNNN.png`` and logged as the image
-    ``samples`` when the logger is TensorBoard.
+    ``samples`` to TensorBoard (the default logger).
 
     Row ``k`` holds ``per_class`` samples of class ``k``, for the first ``classes`` classes; sample ``j``
     of the grid is seeded by ``j``, so the grids of different steps show the same noise.  The task keeps
@@ -165,9 +166,7 @@ class SampleGrid(_Sampling, Callback):
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"step-{trainer.global_step:07d}.png"
         write_png(grid, str(path))
-        experiment = getattr(pl_module.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, trainer.global_step)
+        log_image(pl_module, "samples", grid, trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -177,6 +176,94 @@ class SampleGrid(_Sampling, Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and self._last != trainer.global_step:
+            self.write(trainer, pl_module)
+
+
+def log_image(pl_module, tag: str, image: torch.Tensor, step: int) -> None:
+    """Log the uint8 ``(3, H, W)`` ``image`` to every logger of ``pl_module`` that takes images
+    (TensorBoard, the default logger)."""
+    trainer = pl_module.trainer
+    for logger in trainer.loggers if trainer is not None else []:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image(tag, image, step)
+
+
+class TeacherStudentGrid(Callback):
+    """The SD-XL distillation at a glance: after each validation (not the sanity check), rank 0 draws
+    ``prompts`` with the teacher and with the student (its EMA where kept) from the same noise and
+    writes the grid (row ``k``: prompt ``k``, teacher left, student right) as
+    ``<trainer.default_root_dir>/samples/teacher_student-step-NNNNNNN.png`` and logs it as the image
+    ``teacher_student`` (TensorBoard). For :class:`~gspn_lightning.tasks.DistillationTask` (its
+    :meth:`~gspn_lightning.tasks.DistillationTask.teacher_student_images`, which needs the text encoders).
+
+    Args:
+        prompts: the fixed prompts, the same at every validation.
+        steps / guidance_scale: the DDIM steps and classifier-free guidance of the pipeline.
+        size: ``[height, width]`` (or one side) of the images; ``None``: the data's resolution.
+        seed: prompt ``k``'s noise is seeded by ``seed + k`` (for the teacher and the student).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        steps: int = 20,
+        guidance_scale: float = 5.0,
+        size: int | list[int] | None = None,
+        seed: int = 0,
+    ):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"TeacherStudentGrid: prompts must be a non-empty list of strings, got {prompts!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"TeacherStudentGrid: steps must be an int >= 1, got {steps!r}")
+        if not guidance_scale >= 0:
+            raise ValueError(f"TeacherStudentGrid: guidance_scale must be >= 0, got {guidance_scale}")
+        if size is not None:
+            size = [size, size] if isinstance(size, int) else list(size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"TeacherStudentGrid: size must be an int or [height, width], got {size!r}")
+        self.prompts, self.steps, self.guidance_scale = prompts, steps, float(guidance_scale)
+        self.size, self.seed = (tuple(size) if size else None), seed
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not hasattr(pl_module, "teacher_student_images"):
+            raise TypeError(f"TeacherStudentGrid needs a DistillationTask, not {type(pl_module).__name__}")
+        self._enabled = getattr(pl_module, "text_encoder", None) is not None
+        if not self._enabled:  # shards with prompt embeddings: a valid run, without this grid
+            rank_zero_warn(
+                "TeacherStudentGrid draws nothing: it encodes its prompts, and model.init_args.text_encoders "
+                "is false (set it true to see the grid)"
+            )
+
+    @torch.no_grad()
+    def grid(self, pl_module) -> torch.Tensor:
+        """A uint8 ``(3, H', W')`` grid: a row per prompt, teacher | student."""
+        from torchvision.utils import make_grid
+
+        teacher, student = pl_module.teacher_student_images(
+            self.prompts, steps=self.steps, guidance_scale=self.guidance_scale, size=self.size, seed=self.seed
+        )
+        pairs = torch.stack([teacher, student], dim=1).flatten(0, 1)  # t0, s0, t1, s1, ...
+        return make_grid(pairs, nrow=2, padding=2, pad_value=255)
+
+    def write(self, trainer, pl_module) -> Path | None:
+        """Write (rank 0) and log the grid of the current step; its path (``None`` on other ranks)."""
+        if trainer.global_rank != 0:
+            return None
+        from torchvision.io import write_png
+
+        grid = self.grid(pl_module)
+        root = Path(trainer.default_root_dir) / "samples"
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"teacher_student-step-{trainer.global_step:07d}.png"
+        write_png(grid, str(path))
+        log_image(pl_module, "teacher_student", grid, trainer.global_step)
+        return path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # after the epoch-end collectives: the other ranks wait at the next one while rank 0 draws
+        if not trainer.sanity_checking and getattr(self, "_enabled", True):
             self.write(trainer, pl_module)
 
 

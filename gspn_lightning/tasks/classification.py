@@ -59,6 +59,9 @@ class ClassificationTask(TrainingTask):
         cutmix_alpha: CutMix Beta parameter (0 disables CutMix); with both on, one is picked per batch.
         mix_prob: probability that a training batch is mixed at all.
         batch_size: per-device batch size, only needed when there is no datamodule to read it from.
+        eval_weights: which weights evaluate: ``null`` (validation/test evaluate the raw weights and
+            their EMA, predict and sampling use the EMA), ``raw`` or ``ema`` (only those, everywhere);
+            see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         nonfinite_loss: ``"error"`` stops the run at a NaN/inf training loss (naming the step);
             ``"skip"`` skips such batches (no update), see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         max_consecutive_skips: with ``"skip"``, more skipped batches in a row than this is an error.
@@ -77,6 +80,7 @@ class ClassificationTask(TrainingTask):
         cutmix_alpha: float = 1.0,
         mix_prob: float = 1.0,
         batch_size: int | None = None,
+        eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
     ):
@@ -85,6 +89,7 @@ class ClassificationTask(TrainingTask):
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         self.model = build_model(model, model_kwargs, num_classes=num_classes, in_chans=in_chans)
         self.init_optim(optim, CLASSIFICATION_OPTIM)
+        self.init_eval_weights(eval_weights)
         mixers = []
         with torch.device("cpu"):  # their Beta samplers live on the CPU (also when built under meta)
             if mixup_alpha > 0:
@@ -143,27 +148,27 @@ class ClassificationTask(TrainingTask):
         self.train_acc.update(logits.detach(), targets.argmax(-1))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in self.train_acc.items()}, on_step=False, on_epoch=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        self.log_lr()
         return loss
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
-        acc, ema_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_ema_acc")
         images, labels = self.drop_corrupt(batch, stage)
         if labels.numel() == 0:
             return
-        logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        # no self.log here: a rank with no batches would skip the collectives of per-step logging
-        self.eval_loss[stage].update(loss.detach(), weight=labels.numel())
-        acc.update(logits, labels)
-        if self.ema is not None:
-            ema_acc.update(self.ema(images), labels)
+        # the raw weights and/or their EMA (eval_weights); val/loss is the first one's
+        for i, (name, net) in enumerate(self.eval_nets(stage)):
+            logits = net(images)
+            if i == 0:
+                loss = F.cross_entropy(logits.float(), labels)
+                # no self.log here: a rank with no batches would skip the collectives of per-step logging
+                self.eval_loss[stage].update(loss.detach(), weight=labels.numel())
+            getattr(self, f"{name}_acc").update(logits, labels)
 
     def predict_step(self, batch, batch_idx):
-        """Top-5 classes and probabilities from the EMA weights (the raw ones without EMA)."""
+        """Top-5 classes and probabilities from the EMA weights (the raw ones without EMA, or with
+        ``eval_weights: raw``)."""
         images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        net = self.ema if self.ema is not None else self.model
-        probs = net(images).float().softmax(-1)
+        probs = self.predict_net()(images).float().softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         out = {"pred": top.indices[:, 0], "topk": top.indices, "topk_prob": top.values}
         if labels is not None:
@@ -172,13 +177,14 @@ class ClassificationTask(TrainingTask):
 
     def _eval_epoch_end(self, stage: str) -> None:
         """Compute (sync over ranks, on every rank) and log the epoch's evaluation metrics."""
-        acc, ema_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_ema_acc")
-        results = {f"{stage}/loss": self.eval_loss[stage].compute()}
+        nets = self.eval_nets(stage)
+        # the loss of the first evaluated weights: the raw ones, or the EMA with eval_weights: ema
+        results = {f"{nets[0][0]}/loss": self.eval_loss[stage].compute()}
         self.eval_loss[stage].reset()
-        pairs = [(stage, acc)] + ([(f"{stage}_ema", ema_acc)] if self.ema is not None else [])
-        for prefix, metrics in pairs:
+        for prefix, _ in nets:
+            metrics = getattr(self, f"{prefix}_acc")
             results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
             metrics.reset()
         # already reduced over ranks by the metrics themselves: no sync_dist
         for key, value in results.items():
-            self.log(key, value, prog_bar=key.startswith(f"{stage}/top"), sync_dist=False)
+            self.log(key, value, prog_bar=key.startswith(f"{nets[0][0]}/top"), sync_dist=False)

@@ -63,6 +63,9 @@ class DiffusionTask(TrainingTask):
             [-1, 1], as DDPM does; ``None`` for latents, as DiT does).
         vae: local diffusers VAE folder to decode latents for grids and sampling (``None``: the one
             the latent shards record, if any; else the data are pixels).
+        eval_weights: which weights evaluate: ``null`` (validation/test evaluate the raw weights and
+            their EMA, predict and sampling use the EMA), ``raw`` or ``ema`` (only those, everywhere);
+            see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
 
@@ -80,6 +83,7 @@ class DiffusionTask(TrainingTask):
         prediction: str = "eps",
         clip_sample: float | None = None,
         vae: str | None = None,
+        eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
     ):
@@ -91,6 +95,7 @@ class DiffusionTask(TrainingTask):
             class_dropout=class_dropout, learn_sigma=learn_sigma,
         )  # fmt: skip
         self.init_optim(optim, DIFFUSION_OPTIM)
+        self.init_eval_weights(eval_weights)
         self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma, snr_gamma=snr_gamma, prediction=prediction)
         self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")})
         self.init_sample_counts()
@@ -127,7 +132,7 @@ class DiffusionTask(TrainingTask):
             sel = quarter == q
             if sel.any():
                 self.log(f"train/loss_q{q}", losses["loss"][sel].mean().detach(), on_step=True, on_epoch=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        self.log_lr()
         return loss
 
     def _eval_step(self, batch, batch_idx, stage: str):
@@ -155,7 +160,8 @@ class DiffusionTask(TrainingTask):
         return self.hparams.num_classes
 
     def sampling_net(self):
-        return self.ema.module if self.ema is not None else self.model
+        """The EMA where the task keeps one, unless ``eval_weights`` is ``raw`` (:meth:`predict_net`)."""
+        return self.predict_net()
 
     def vae(self):
         if self.hparams.vae and self._vae is None:
@@ -194,4 +200,4 @@ class DiffusionTask(TrainingTask):
     def sampling_protocol(self) -> dict:
         """What the samples depend on besides the sampler settings (printed with every FID)."""
         hp = self.hparams
-        return {"weights": "ema" if self.ema else "raw", "clip_sample": hp.get("clip_sample"), "vae": hp.vae}
+        return {"weights": self.predict_weights(), "clip_sample": hp.get("clip_sample"), "vae": hp.vae}

@@ -174,6 +174,9 @@ class DistillationTask(TrainingTask):
         gradient_checkpointing: the student UNet's gradient checkpointing.
         export_dir: where the GSPN weights go at the end of fit (``None``: ``<default_root_dir>/gspn``).
         seed: seed of the noise/timestep/dropout draws (``None``: the run's ``seed_everything``, else 0).
+        eval_weights: which weights evaluate: ``null`` (validation/test evaluate the raw weights and
+            their EMA, predict and sampling use the EMA), ``raw`` or ``ema`` (only those, everywhere);
+            see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
     """
 
@@ -195,6 +198,7 @@ class DistillationTask(TrainingTask):
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         seed: int | None = None,
+        eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
     ):
@@ -259,6 +263,7 @@ class DistillationTask(TrainingTask):
                 "is not supported (epsilon or v_prediction)"
             )
         self.init_optim(optim, DISTILLATION_OPTIM)
+        self.init_eval_weights(eval_weights)
         self.eval_terms = torch.nn.ModuleDict(
             {f"{s}_{t}": MeanMetric() for s in ("val", "val_ema", "test", "test_ema") for t in TERMS}
         )
@@ -404,7 +409,7 @@ class DistillationTask(TrainingTask):
         for name in TERMS:
             self.log(f"train/{name}", terms[name].detach(), prog_bar=name == "loss", on_step=True,
                      on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))  # fmt: skip
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+        self.log_lr()
         return loss
 
     @torch.no_grad()
@@ -427,6 +432,55 @@ class DistillationTask(TrainingTask):
                 self.log(f"{name}/{term}", metric.compute(), prog_bar=name == stage and term == "loss",
                          sync_dist=False)  # fmt: skip
                 metric.reset()
+
+    # -- looking at it: the teacher and the student on the same prompts and noise -------------------------
+
+    def grid_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the teacher | student images: the data's resolution, else the UNet's."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        resolution = getattr(dm, "resolution", None)
+        if resolution is not None:
+            return tuple(resolution)
+        side = int(self.teacher.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return side, side
+
+    @torch.no_grad()
+    def teacher_student_images(
+        self, prompts: list[str], *, steps: int = 20, guidance_scale: float = 5.0,
+        size: tuple[int, int] | None = None, seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """uint8 ``(P, 3, H, W)`` images of the teacher and of the student (its EMA where kept, as
+        :meth:`predict_net` says) for ``prompts``, drawn by SD-XL's pipeline with a DDIM schedule of
+        ``steps``; image ``k`` of both from the noise of ``seed + k``, so the two differ only by the UNet."""
+        if self.text_encoder is None:
+            raise ValueError(
+                "the teacher | student grid encodes its prompts: it needs model.init_args.text_encoders: true"
+            )
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        height, width = size or self.grid_size()
+        frozen = _DTYPES[self.hparams.frozen_dtype]
+        out = []
+        for unet in (self.teacher, self.predict_net()):
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=unet,
+                scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
+            )  # fmt: skip
+            pipe.set_progress_bar_config(disable=True)
+            generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(len(prompts))]
+            was_training = unet.training
+            unet.eval()
+            # a float32 student beside bfloat16 frozen parts (frozen_dtype): one dtype inside the pipeline
+            with torch.autocast(self.device.type, dtype=frozen, enabled=frozen != torch.float32):
+                images = pipe(
+                    prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
+                    guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                ).images  # fmt: skip
+            unet.train(was_training)
+            out.append((images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu())
+        return out[0], out[1]
 
     # -- checkpoints: only what training changes -----------------------------------------------------
 
