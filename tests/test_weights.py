@@ -349,3 +349,76 @@ def test_ema_warmup_in_training_follows_the_optimizer_steps(warmup):
     d1, d2 = (0.0, 1 - 2 ** (-2 / 3)) if warmup else (0.99, 0.99)
     torch.testing.assert_close(e1, d1 * start + (1 - d1) * w1)
     torch.testing.assert_close(e2, d2 * e1 + (1 - d2) * w2)
+
+
+# --------------------------------------------------------------------------------------------------
+# distillation: from an exported adapter or another run's checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def distill_task(folder, **kwargs):
+    from gspn_lightning.tasks.distill import DistillationTask
+
+    torch.manual_seed(0)
+    kwargs = {"mixer": {"d_state": 4}, "optim": {"ema_decay": 0.9}, "text_encoders": False, **kwargs}
+    return DistillationTask(str(folder), **kwargs)
+
+
+def trained(task):
+    return {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+
+
+def test_distillation_starts_from_an_exported_adapter_or_a_checkpoint(tiny_sdxl_dir, tmp_path, capsys):
+    src = distill_task(tiny_sdxl_dir)
+    with torch.no_grad():  # a "trained" adapter: raw and EMA apart from the swap's initialisation
+        for p in trained(src).values():
+            p.add_(0.01 * torch.randn_like(p))
+        src.ema.update(src.model)
+    raw_file, ema_file = src.export_gspn(tmp_path / "export")  # what `gspn distill-export` writes
+    ckpt = {"state_dict": src.state_dict(), "global_step": 7}
+    src.on_save_checkpoint(ckpt)  # what a distillation checkpoint holds: the trained part and its EMA
+    torch.save(ckpt, tmp_path / "distill.ckpt")
+
+    src_ema = dict(src.ema.module.named_parameters())
+    for init_from, weights, expected in (
+        (ema_file, None, src_ema),
+        (tmp_path / "distill.ckpt", None, src_ema),
+        (tmp_path / "distill.ckpt", "raw", trained(src)),
+    ):
+        task = distill_task(tiny_sdxl_dir, init_from=str(init_from), init_weights=weights)
+        task.configure_model()
+        mine = trained(task)
+        assert mine and all(torch.equal(p, expected[n]) for n, p in mine.items()), init_from
+        assert all(torch.equal(p, dict(task.ema.module.named_parameters())[n]) for n, p in mine.items())
+        # the frozen weights are still the SD-XL folder's, shared with the teacher (never written)
+        frozen = [(n, p) for n, p in task.model.named_parameters() if not p.requires_grad]
+        assert frozen and all(p is task.teacher.get_parameter(n) for n, p in frozen)
+        assert f"loaded {len(mine)} tensors" in capsys.readouterr().out
+
+    # an adapter swapped with other options: strict, naming the shapes
+    with pytest.raises(ValueError, match=r"shape mismatch .*attn1\..* \(source .*, model .*\)"):
+        distill_task(tiny_sdxl_dir, mixer={"d_state": 2}, init_from=str(raw_file)).load_init_weights()
+    # trainable: all from an adapter: the rest of the UNet is missing from it (strict), or keeps the
+    # folder's weights (not strict)
+    everything = distill_task(tiny_sdxl_dir, trainable="all", optim={"ema_decay": None}, init_from=str(raw_file))
+    with pytest.raises(ValueError, match=r"missing from the source \(\d+, keep their fresh values\): .*conv_in\.bias"):
+        everything.load_init_weights()
+    everything = distill_task(
+        tiny_sdxl_dir, trainable="all", optim={"ema_decay": None}, init_from=str(raw_file), init_strict=False
+    )
+    report = everything.load_init_weights()
+    assert len(report.loaded) == len(trained(src)) and report.missing and not report.unexpected
+    # a trainable-gspn run from a trainable-all checkpoint: its frozen weights are not loaded (strict: refused)
+    full = {"state_dict": everything.state_dict(), "global_step": 1}
+    everything.on_save_checkpoint(full)
+    torch.save(full, tmp_path / "all.ckpt")
+    with pytest.raises(ValueError, match=r"unexpected \(\d+, not loaded\): .*conv_in\.bias \(a frozen weight of this run\)"):
+        distill_task(tiny_sdxl_dir, init_from=str(tmp_path / "all.ckpt"), init_weights="raw").load_init_weights()
+
+
+def test_distillation_compile_and_checkpointing_are_the_shared_switches(tiny_sdxl_dir):
+    task = distill_task(tiny_sdxl_dir, compile=True, gradient_checkpointing=True, optim={"ema_decay": None})
+    assert task.model.is_gradient_checkpointing and task.model._compiled_call_impl is None
+    task.configure_model()  # compiled when the trainer configures the model, in place
+    assert task.model._compiled_call_impl is not None
+    assert all(k.startswith(("down_blocks", "up_blocks", "mid_block", "conv", "time", "add")) for k in task.model.state_dict())
