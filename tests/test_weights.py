@@ -422,3 +422,21 @@ def test_distillation_compile_and_checkpointing_are_the_shared_switches(tiny_sdx
     task.configure_model()  # compiled when the trainer configures the model, in place
     assert task.model._compiled_call_impl is not None
     assert all(k.startswith(("down_blocks", "up_blocks", "mid_block", "conv", "time", "add")) for k in task.model.state_dict())
+
+
+def test_export_model_writes_a_folder_that_rebuilds_by_name(trained_ckpt, tmp_path, capsys):
+    from gspn_lightning.cli import main
+    from gspn_lightning.models import create_model, from_pretrained
+
+    path, src = trained_ckpt
+    assert main(["export-model", str(path), str(tmp_path / "ema")]) == 0
+    assert main(["export-model", str(path), str(tmp_path / "raw"), "--raw-weights"]) == 0
+    assert "(EMA weights of gspn_t)" in capsys.readouterr().out
+    assert same(from_pretrained(tmp_path / "ema"), src.ema.module)
+    assert same(create_model("gspn_t", pretrained=tmp_path / "raw"), src.model)
+    # and a task starts from it
+    task = classifier(init_from=str(tmp_path / "raw"))
+    assert task.load_init_weights().exact and same(task.model, src.model)
+    torch.save({"state_dict": {}, "gspn_task": "gspn_lightning.tasks.distill.DistillationTask"}, tmp_path / "d.ckpt")
+    assert main(["export-model", str(tmp_path / "d.ckpt"), str(tmp_path / "x")]) == 1
+    assert "use gspn distill-export" in capsys.readouterr().err
