@@ -231,16 +231,24 @@ def test_the_documented_yaml_configures_the_task_as_written(page, config, tmp_pa
     from gspn_lightning.cli.lightning import main
 
     overlay = _doc_yaml(page)
-    assert {"init_from", "compile", "activation_checkpointing", "optim"} <= set(overlay["model"]["init_args"])
-    overlay["model"]["init_args"]["init_from"] = str(tmp_path / "weights")
+    args = overlay["model"]["init_args"]
+    assert {"init_from", "compile", "activation_checkpointing", "optim"} <= set(args)
+    source = tmp_path / __import__("pathlib").Path(args["init_from"]).name  # the documented kind of source
+    args["init_from"] = str(source)
     (tmp_path / "overlay.yaml").write_text(__import__("yaml").safe_dump(overlay))
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     cli = main(args=["--config", str(REPO / config), "--config", str(tmp_path / "overlay.yaml")], run=False)
-    task, args = cli.model, overlay["model"]["init_args"]
-    assert task._init_from == (str(tmp_path / "weights"), args.get("init_strict", True), args.get("init_weights"))
+    task = cli.model
+    assert task._init_from == (str(source), args.get("init_strict", True), args.get("init_weights"))
     flags = [m.grad_checkpointing for m in task.model.modules() if hasattr(m, "grad_checkpointing")]
     assert task._compile and flags and all(flags)
     assert task.optim.ema_warmup and task.ema.warmup_power == pytest.approx(2 / 3)
+    # the source the page names (a run's .ckpt, or an export folder) loads with the page's keys
+    if source.suffix == ".ckpt":
+        torch.save({"state_dict": task.state_dict(), "global_step": 0}, source)
+    else:
+        save_pretrained(task.model, source)
+    assert task.load_init_weights().exact
 
 
 def test_task_configs_take_init_from_on_the_command_line(trained_ckpt, monkeypatch):
