@@ -94,6 +94,12 @@ def test_create_model_pretrained_checks_name_keys_and_shapes(tmp_path):
         create_model("gspn_t", pretrained=folder / "model.safetensors", **deeper)
 
 
+def test_a_training_checkpoint_is_not_pretrained_weights(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="gspn export-model CKPT OUT"):
+        create_model("gspn_t", pretrained=tmp_path / "last.ckpt", **TINY["classification"])
+
+
 def test_a_model_not_built_by_name_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="not built by create_model"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")

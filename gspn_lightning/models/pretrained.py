@@ -104,6 +104,11 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{path}: pretrained weights are a save_pretrained folder or a .safetensors file (a training "
+            "checkpoint becomes one with `gspn export-model CKPT OUT`; a task's init_from reads .ckpt files)"
+        )
     return load_file(str(path), device="cpu")
 
 
