@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the subcommands the docs name (the dispatcher must offer exactly these)
 EXPECTED = [
     "fit", "validate", "test", "predict", "sample", "evaluate", "stats", "fid", "convert-inception",
-    "write-shards", "write-demo-mnist", "write-captions", "encode-latents", "distill-export", "sdxl-swap",
-    "generate", "build-kernels", "models",
+    "write-shards", "write-demo-mnist", "write-captions", "encode-latents", "distill-export", "export-model",
+    "sdxl-swap", "generate", "build-kernels", "models",
 ]  # fmt: skip
 
 

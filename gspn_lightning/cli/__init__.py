@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "write-captions": ("write_captions", "write captioned images into image + caption shards (SD-XL)"),
     "encode-latents": ("encode_latents", "encode image shards into VAE latent shards (latent diffusion)"),
     "distill-export": ("distill_export", "write the GSPN weights of an SD-XL distillation checkpoint"),
+    "export-model": ("export_model", "write a checkpoint's model as safetensors + config.json (from_pretrained)"),
     "sdxl-swap": ("sdxl_swap", "swap a diffusers UNet's self-attention for GSPN and print the counts"),
     "generate": ("generate", "text-to-image with SD-XL (GSPN or attention) from a local folder"),
     "build-kernels": ("build_kernels", "build and load the compiled GSPN kernels now"),

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.checkpointing import run_block
 from ..nn.embeddings import (
     AdaLNFinalLayer,
     LabelEmbedder,
@@ -111,7 +112,12 @@ class DiT(nn.Module):
         self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout, label_init_std)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = AdaLNFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (recomputed in the backward pass, not stored)."""
+        self.grad_checkpointing = bool(enable)
 
     def reset_parameters(self) -> None:
         """DiT's initialisation: linears Xavier-uniform with zero bias, the patch embedding like a
@@ -142,7 +148,7 @@ class DiT(nn.Module):
         tokens = tokens + sincos_pos_embed_2d(self.hidden_size, h, w, x.device, tokens.dtype)  # (B, N, D)
         c = self.t_embed(t) + self.y_embed(y, force_drop, generator)  # (B, D)
         for blk in self.blocks:
-            tokens = blk(tokens, c)  # (B, N, D)
+            tokens = run_block(blk, tokens, c, checkpointing=self.grad_checkpointing)  # (B, N, D)
         grid = tokens.transpose(1, 2).reshape(B, self.hidden_size, h, w)  # (B, D, h, w)
         return self.final(grid, c)  # (B, C_out, H, W)
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..nn import GSPNBlock, GSPNMixer, LayerNorm2d, MixerOptions
+from ..nn.checkpointing import run_block
 from .registry import register_model
 
 __all__ = ["GSPN_SIZES", "GSPNClassifier", "resolve_global_blocks"]
@@ -87,9 +88,13 @@ class GSPNStage(nn.Module):
         else:
             self.downsample = nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), LayerNorm2d(dim))
         self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        for blk in self.blocks:
+            x = run_block(blk, x, checkpointing=self.grad_checkpointing)
+        return x
 
 
 class GSPNClassifier(nn.Module):
@@ -174,6 +179,11 @@ class GSPNClassifier(nn.Module):
         for m in self.modules():
             if isinstance(m, GSPNMixer):
                 m.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (recomputed in the backward pass, not stored)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
 
     def chunk_sizes(self) -> list[list[int | None]]:
         """The scan chunk of every block, per stage (``None`` = global)."""

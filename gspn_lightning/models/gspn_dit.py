@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..nn import DropPath, GSPNMixer, LayerNorm2d, MixerOptions
+from ..nn.checkpointing import run_block
 from ..nn.embeddings import (
     AdaLNFinalLayer,
     LabelEmbedder,
@@ -171,7 +172,12 @@ class GSPNDiT(nn.Module):
         self.out_blocks = nn.ModuleList(block(half + 1 + i, skip=True) for i in range(half))
         self.norm = LayerNorm2d(hidden_size)
         self.final = AdaLNFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (recomputed in the backward pass, not stored)."""
+        self.grad_checkpointing = bool(enable)
 
     @staticmethod
     def _global_set(spec: str | Iterable[int] | None, n_blocks: int) -> set[int]:
@@ -231,13 +237,14 @@ class GSPNDiT(nn.Module):
         check_patch_input(x, self.in_channels, p)
         c = self.t_embed(t) + self.y_embed(y, force_drop, generator)  # (B, D)
         h = self.patch_embed(x) + c[:, :, None, None]  # (B, D, H/p, W/p)
+        ckpt = self.grad_checkpointing
         skips = []
         for blk in self.in_blocks:
-            h = blk(h, c=c)  # (B, D, H/p, W/p)
+            h = run_block(blk, h, c=c, checkpointing=ckpt)  # (B, D, H/p, W/p)
             skips.append(h)
-        h = self.mid_block(h, c=c)  # (B, D, H/p, W/p)
+        h = run_block(self.mid_block, h, c=c, checkpointing=ckpt)  # (B, D, H/p, W/p)
         for blk in self.out_blocks:
-            h = blk(h, skips.pop(), c)  # (B, D, H/p, W/p)
+            h = run_block(blk, h, skips.pop(), c, checkpointing=ckpt)  # (B, D, H/p, W/p)
         return self.final(self.norm(h), c)  # (B, C_out, H, W)
 
 

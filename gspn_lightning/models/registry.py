@@ -8,8 +8,10 @@ task="classification", defaults={...})``); :mod:`gspn_lightning.models` imports 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -59,21 +61,47 @@ def list_models(task: str | None = None) -> list[str]:
     return sorted(n for n, e in _REGISTRY.items() if task is None or e.task == task)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
     """Build the model registered as ``name``; ``overrides`` replace its default constructor arguments.
     A dict-valued default (the ``mixer`` options) is updated by a dict override, key by key:
     ``create_model("gspn_s", mixer={"dw_kernel": 5})`` keeps gspn_s's ``d_state`` of 16.
 
-    Build on the meta device (no memory, no init cost) with ``with torch.device("meta"): ...``.
+    ``pretrained``: weights to load, strictly (every key and shape must match, or a ``ValueError``
+    names the ones that do not): a :func:`~gspn_lightning.models.pretrained.save_pretrained` folder,
+    whose ``config.json`` gives the arguments (it must name the same model; ``overrides`` still
+    apply over it), or a ``.safetensors`` file of this model's state dict. Nothing is unpickled.
+
+    The model records its name and arguments as ``model.model_config`` (what ``save_pretrained``
+    writes). Build on the meta device (no memory, no init cost) with ``with torch.device("meta"): ...``.
     """
     entry = model_entry(name)
     kwargs = dict(entry.defaults)
+    if pretrained is not None and Path(pretrained).is_dir():
+        from .pretrained import read_pretrained_config
+
+        config = read_pretrained_config(pretrained)
+        if config["model"] != name:
+            raise ValueError(f"{pretrained} holds a {config['model']!r} model, not {name!r}")
+        kwargs = _merged(kwargs, config.get("kwargs") or {})
+    kwargs = _merged(kwargs, overrides)
+    model = entry.builder(**kwargs)
+    model.model_config = {"model": name, "kwargs": kwargs}
+    if pretrained is not None:
+        from .pretrained import load_state_strict, read_weights_file
+
+        load_state_strict(model, read_weights_file(pretrained), pretrained)
+    return model
+
+
+def _merged(kwargs: dict, overrides: Mapping) -> dict:
+    """``kwargs`` updated by ``overrides``, a dict-valued argument key by key."""
+    out = dict(kwargs)
     for key, value in overrides.items():
-        default = kwargs.get(key)
+        default = out.get(key)
         if isinstance(default, Mapping) and isinstance(value, Mapping):
             value = {**default, **value}
-        kwargs[key] = value
-    return entry.builder(**kwargs)
+        out[key] = value
+    return out
 
 
 def check_patch_grid(input_size: int, patch_size: int) -> None:

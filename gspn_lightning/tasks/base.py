@@ -46,6 +46,16 @@ when it updates) and the non-finite-loss policy.
   ``gspn predict ... --model.init_args.eval_weights raw`` after a run too short for its EMA.
 - **The learning rate** is logged as ``lr`` each step (:meth:`TrainingTask.log_lr`) and shown on the
   progress bar in scientific notation (``3.0e-05``, where Lightning's bars would print ``0.000``).
+- **Starting from weights.** Every task takes ``init_from`` (a ``.ckpt`` of another run, a
+  ``.safetensors`` file or a ``save_pretrained`` folder), ``init_strict`` and ``init_weights``
+  (:meth:`TrainingTask.init_weights_from`): the weights are loaded into the model (and the EMA
+  restarts from them) when the trainer configures the model, before any step, and what loaded and
+  what did not is printed (:mod:`gspn_lightning.tasks.weights`). Only weights: the optimiser, the
+  schedule and the step count start fresh; a resume (``ckpt_path``) restores its own weights over them.
+- **Compile and activation checkpointing.** ``compile`` and ``activation_checkpointing``
+  (:meth:`TrainingTask.configure_switches`): ``torch.compile`` of the model in place (its state-dict
+  keys unchanged, so checkpoints are the same with and without), and the model's per-block activation
+  checkpointing (:func:`enable_activation_checkpointing`).
 - **No training on nothing.** Rows the data marked corrupt are dropped and counted
   (:meth:`TrainingTask.count_corrupt`); a training epoch, or an evaluation, with no usable row on any
   rank is a :class:`~gspn_lightning.data.protocol.CorruptDataError` on every rank, naming the causes the
@@ -134,6 +144,18 @@ def build_model(name: str, model_kwargs: dict | None, **facts):
         raise TypeError(f"model.init_args.model_kwargs for model {name!r}: {exc}") from exc
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Per-block activation checkpointing of ``model``: the registry models' own
+    ``set_grad_checkpointing`` (each block through a non-reentrant ``torch.utils.checkpoint``), or a
+    diffusers model's ``enable_gradient_checkpointing`` (the SD-XL student)."""
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    elif hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no per-block checkpointing")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and kernels only: none on norms, biases and other 1-D parameters.
     Parameters that do not require gradients are left out."""
@@ -182,6 +204,11 @@ class OptimSettings:
         ema_decay: decay of the weight EMA (``None``: no EMA).
         ema_scope: ``"all"`` parameters in the EMA, or only the ``"trainable"`` ones (the frozen ones
             are then shared with the model, not copied).
+        ema_warmup: let the EMA decay grow with the optimizer steps, as timm's ``ModelEmaV3`` does:
+            the decay of step ``n`` is ``min(ema_decay, 1 - (1 + (n - 1) / ema_warmup_gamma) **
+            -ema_warmup_power)`` (0 at the first step). Off by default (a fixed ``ema_decay``).
+        ema_warmup_power / ema_warmup_gamma: the warm-up's shape (2/3 and 1: 0.999 after about 32k
+            steps; 3/4 reaches it after about 10k, for short runs).
 
     Gradient clipping is a Trainer setting (``trainer.gradient_clip_val``).
     """
@@ -197,6 +224,9 @@ class OptimSettings:
     min_lr: float = 0.0
     ema_decay: float | None = 0.9999
     ema_scope: str = "all"
+    ema_warmup: bool = False
+    ema_warmup_power: float = 2.0 / 3.0
+    ema_warmup_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -216,6 +246,11 @@ class OptimSettings:
             raise ValueError(f"optim.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         if self.ema_scope not in EMA_SCOPES:
             raise ValueError(f"optim.ema_scope must be one of {EMA_SCOPES}, got {self.ema_scope!r}")
+        if not self.ema_warmup_power > 0 or not self.ema_warmup_gamma > 0:
+            raise ValueError(
+                f"optim.ema_warmup_power and ema_warmup_gamma must be > 0, got {self.ema_warmup_power}, "
+                f"{self.ema_warmup_gamma}"
+            )
 
     @classmethod
     def build(cls, optim: OptimSettings | Mapping | None, default: OptimSettings) -> OptimSettings:
@@ -579,17 +614,107 @@ class TrainingTask(L.LightningModule):
         self.optim = OptimSettings.build(optim, default)
         if "optim" in self.hparams:
             self.hparams.optim = self.optim.as_dict()
-        self.init_ema(self.optim.ema_decay, self.optim.ema_scope)
+        o = self.optim
+        warmup = (o.ema_warmup_power, o.ema_warmup_gamma) if o.ema_warmup else (None, 1.0)
+        self.init_ema(o.ema_decay, o.ema_scope, *warmup)
 
-    def init_ema(self, decay: float | None, scope: str = "all") -> None:
+    def init_ema(
+        self,
+        decay: float | None,
+        scope: str = "all",
+        warmup_power: float | None = None,
+        warmup_gamma: float = 1.0,
+    ) -> None:
         """``self.ema``: an EMA of ``self.model`` (``decay=None``: none). ``scope="trainable"`` averages
-        only the parameters that require gradients and shares the frozen ones with the model."""
+        only the parameters that require gradients and shares the frozen ones with the model;
+        ``warmup_power`` turns on the decay warm-up (:class:`~gspn_lightning.tasks.ema.ModelEMA`)."""
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1) or null, got {decay}")
         if scope not in EMA_SCOPES:
             raise ValueError(f"optim.ema_scope must be one of {EMA_SCOPES}, got {scope!r}")
         include = None if scope == "all" else (lambda name, p: p.requires_grad)
-        self.ema = ModelEMA(self.model, decay, include=include) if decay is not None else None
+        self.ema = (
+            ModelEMA(self.model, decay, include=include, warmup_power=warmup_power, warmup_gamma=warmup_gamma)
+            if decay is not None
+            else None
+        )
+
+    # -- weights in: init_from -------------------------------------------------------------------
+
+    def init_weights_from(
+        self, init_from: str | None, strict: bool = True, weights: str | None = None
+    ) -> None:
+        """Record where the run's weights start (every task's ``init_from``, ``init_strict``,
+        ``init_weights`` arguments); :meth:`configure_model` loads them (see
+        :mod:`gspn_lightning.tasks.weights`). The file is not opened here: a checkpoint loaded later
+        with ``load_from_checkpoint`` records the path but never reads it."""
+        from .weights import INIT_WEIGHTS
+
+        if weights is not None and weights not in INIT_WEIGHTS:
+            raise ValueError(
+                f"model.init_args.init_weights must be one of {INIT_WEIGHTS} or null, got {weights!r}"
+            )
+        self._init_from = (os.fspath(init_from) if init_from is not None else None, bool(strict), weights)
+        self._init_report = None
+
+    def init_targets(self) -> dict[str, torch.Tensor]:
+        """The tensors ``init_from`` initialises, by state-dict name of ``self.model``: all of them
+        (the distillation task: only the trained ones)."""
+        return dict(self.model.state_dict())
+
+    def load_init_weights(self):
+        """Load ``init_from`` into the model (once; the EMA restarts from the loaded weights) and print
+        what loaded and what did not. Strict: any missing, unexpected or shape-mismatched key is a
+        ``ValueError`` naming them, before anything is loaded. Returns the
+        :class:`~gspn_lightning.tasks.weights.InitReport` (``None`` without ``init_from``)."""
+        from .weights import apply_weights, match_weights, read_init_source
+
+        path, strict, weights = getattr(self, "_init_from", (None, True, None))
+        if path is None or getattr(self, "_init_report", None) is not None:
+            return getattr(self, "_init_report", None)
+        state, source = read_init_source(path, weights)
+        targets = self.init_targets()
+        report = match_weights(targets, self.model.state_dict().keys(), state, source)
+        if not report.loaded or (strict and not report.exact):
+            advice = (
+                " (init_strict: false loads the keys that match and lists the others)"
+                if strict and report.loaded
+                else ""
+            )
+            raise ValueError(
+                f"model.init_args.init_from: the weights of {source} do not match this "
+                f"{type(self).__name__}'s model{advice}: loaded {len(report.loaded)}; "
+                + "; ".join(report.problems() or ["nothing in common"])
+            )
+        apply_weights(targets, state, report)
+        if self.ema is not None:
+            self.ema.reset(self.model)
+        self._init_report = report
+        self._print(report.summary() + ("" if report.exact else "\n  (init_strict: false: loaded the rest)"))
+        return report
+
+    def _print(self, message: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(message, flush=True)
+
+    # -- switches: compile, activation checkpointing ---------------------------------------------
+
+    def configure_switches(self, compile: bool = False, activation_checkpointing: bool = False) -> None:
+        """Every task's ``compile`` and ``activation_checkpointing`` arguments: activation
+        checkpointing is switched on now (:func:`enable_activation_checkpointing`), ``torch.compile``
+        when the trainer configures the model (:meth:`configure_model`), in place
+        (``nn.Module.compile``: the state-dict keys stay those of the plain model)."""
+        self._compile = bool(compile)
+        if activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+
+    def configure_model(self) -> None:
+        """Lightning's hook before the optimiser is built and a checkpoint restored: ``init_from``'s
+        weights (:meth:`load_init_weights`), then ``compile`` (each once)."""
+        self.load_init_weights()
+        if getattr(self, "_compile", False) and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -687,7 +812,9 @@ class TrainingTask(L.LightningModule):
             self._step_trains = False
         ema = getattr(self, "ema", None)  # (no class attribute: it would shadow nn.Module's lookup)
         if ema is not None and not getattr(self, "_skip_this_step", False):
-            ema.update(self.model)
+            # this optimizer step, counted from 1 (global_step counts the completed ones, this one not yet):
+            # it sets the decay under the warm-up
+            ema.update(self.model, step=self.trainer.global_step + 1 if self._trainer is not None else None)
         return out
 
     def check_weights(self, optimizer: torch.optim.Optimizer) -> None:
@@ -722,6 +849,8 @@ class TrainingTask(L.LightningModule):
         remember the optimiser settings the checkpoint was trained with, so that
         :meth:`apply_resumed_optim` can apply the ones this run was given instead."""
         check_checkpoint_matches(self, checkpoint)
+        if getattr(self, "_init_report", None) is not None:
+            self._print("init_from: this run restores a checkpoint, whose weights replace those of init_from")
         # a checkpoint from before the count: its steps trained (the data policy did not exist)
         self.trained_steps = int(checkpoint.get("trained_steps", checkpoint.get("global_step", 0)))
         hparams = checkpoint.get("hyper_parameters") or {}

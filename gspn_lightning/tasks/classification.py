@@ -65,6 +65,17 @@ class ClassificationTask(TrainingTask):
         nonfinite_loss: ``"error"`` stops the run at a NaN/inf training loss (naming the step);
             ``"skip"`` skips such batches (no update), see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         max_consecutive_skips: with ``"skip"``, more skipped batches in a row than this is an error.
+        init_from: start from these weights (fine-tuning): a ``.ckpt`` of another run, a
+            ``.safetensors`` file or a ``save_pretrained`` folder, loaded when the trainer configures the
+            model, with a printed list of the keys loaded and not loaded (and why); only the weights:
+            optimiser, schedule and step start fresh (see :mod:`gspn_lightning.tasks.weights`).
+        init_strict: any missing, unexpected or shape-mismatched key is an error naming them; ``False``
+            loads the matching keys and lists the others (a new head for other classes).
+        init_weights: ``"ema"`` or ``"raw"`` weights of an ``init_from`` checkpoint (``None``: its EMA
+            when it has one).
+        compile: ``torch.compile`` the model (in place: checkpoints are the same as without).
+        activation_checkpointing: recompute each block's activations in the backward pass instead of
+            storing them (``torch.utils.checkpoint``, non-reentrant): less memory, the same gradients.
     """
 
     def __init__(
@@ -83,11 +94,18 @@ class ClassificationTask(TrainingTask):
         eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        init_weights: str | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.configure_fault_policy(nonfinite_loss, max_consecutive_skips)
         self.model = build_model(model, model_kwargs, num_classes=num_classes, in_chans=in_chans)
+        self.configure_switches(compile, activation_checkpointing)
+        self.init_weights_from(init_from, init_strict, init_weights)
         self.init_optim(optim, CLASSIFICATION_OPTIM)
         self.init_eval_weights(eval_weights)
         mixers = []

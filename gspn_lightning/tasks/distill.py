@@ -171,13 +171,21 @@ class DistillationTask(TrainingTask):
         text_encoders: load the frozen text encoders to encode captions; ``False`` when the shards
             hold the prompt embeddings (a batch without them is then an error).
         frozen_dtype: dtype of the teacher, VAE and text encoders (``"bfloat16"`` halves their memory).
-        gradient_checkpointing: the student UNet's gradient checkpointing.
+        gradient_checkpointing: the student UNet's gradient checkpointing (the other tasks'
+            ``activation_checkpointing``, through the same switch: diffusers' per-block checkpointing).
         export_dir: where the GSPN weights go at the end of fit (``None``: ``<default_root_dir>/gspn``).
         seed: seed of the noise/timestep/dropout draws (``None``: the run's ``seed_everything``, else 0).
         eval_weights: which weights evaluate: ``null`` (validation/test evaluate the raw weights and
             their EMA, predict and sampling use the EMA), ``raw`` or ``ema`` (only those, everywhere);
             see :class:`~gspn_lightning.tasks.base.TrainingTask`.
         nonfinite_loss / max_consecutive_skips: see :class:`~gspn_lightning.tasks.base.TrainingTask`.
+        init_from: start the student's trained weights from a file: the adapter ``gspn distill-export``
+            (or the end of a fit) wrote (``gspn.safetensors``, ``gspn_ema.safetensors``), or a ``.ckpt``
+            of another distillation run (its EMA, or ``init_weights: raw``); only the weights, the
+            optimiser, schedule and step start fresh. The frozen weights always come from
+            ``pretrained``. ``init_strict`` / ``init_weights``: as in the other tasks (see
+            :mod:`gspn_lightning.tasks.weights`).
+        compile: ``torch.compile`` the student (in place: checkpoints are the same as without).
     """
 
     RENAMED_ARGUMENTS = {"gspn_options": "mixer"}
@@ -201,6 +209,10 @@ class DistillationTask(TrainingTask):
         eval_weights: str | None = None,
         nonfinite_loss: str = "error",
         max_consecutive_skips: int = 10,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        init_weights: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -239,9 +251,9 @@ class DistillationTask(TrainingTask):
         if trainable == "gspn":
             for name in self.gspn_names:
                 student.get_submodule(name).requires_grad_(True)
-        if gradient_checkpointing:
-            student.enable_gradient_checkpointing()
         self.model = student.train()
+        self.configure_switches(compile, activation_checkpointing=gradient_checkpointing)
+        self.init_weights_from(init_from, init_strict, init_weights)
         dtype = _DTYPES[frozen_dtype]
         self.teacher = _cast(teacher, dtype).requires_grad_(False).eval()
         self.shared_with_teacher = _share_frozen(student, self.teacher)
@@ -495,6 +507,12 @@ class DistillationTask(TrainingTask):
                 if self.ema is not None and not averaged[i]:
                     keys.add(f"ema.module.{name}")
         return keys
+
+    def init_targets(self) -> dict[str, torch.Tensor]:
+        """``init_from`` initialises what a checkpoint holds of the student: its trainable weights (the
+        GSPN modules with ``trainable: gspn``); the frozen ones come from ``pretrained``."""
+        unsaved = self.unsaved_keys()
+        return {k: t for k, t in self.model.state_dict().items() if f"model.{k}" not in unsaved}
 
     #: the arguments that define the trained network (a checkpoint of others is refused by name)
     MODEL_ARGUMENTS = ("mixer", "trainable")
