@@ -47,3 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = save_pretrained(task.ema.module if use_ema else task.model, args.out)
     print(f"wrote {folder} ({'EMA' if use_ema else 'raw'} weights of {task.hparams.model})")
     return 0
+
+
+# python -m gspn_lightning.cli.export_model: the same as gspn export-model
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))
