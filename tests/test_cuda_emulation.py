@@ -1,11 +1,15 @@
 """The CUDA kernels of csrc/cuda executed on the CPU (tests/cuda_emu: one host thread per CUDA thread,
 a barrier for ``__syncthreads``, emulated warp collectives), against the float64 reference.
 
-Both ops, forward and backward, float32 and float64, every direction, global and chunked, staged and
-in-place (the fused op), on small odd shapes chosen to reach every launch path of the kernels: blocks
-of several warps and of several lines or planes, partial blocks, threads striding over lines longer
-than a block, and the global workspaces for lines too long for shared memory
-(:func:`test_the_cases_reach_every_launch_path` checks that they do).  Then the emulation itself: the
+The scan and the per-plane fused op, forward and backward, float32 and float64, every direction,
+global and chunked, staged and in-place (the fused op), on small odd shapes chosen to reach every
+launch path of the kernels: blocks of several warps and of several lines or planes, partial blocks,
+threads striding over lines longer than a block, and the global workspaces for lines too long for
+shared memory (:func:`test_the_cases_reach_every_launch_path` checks that they do).  The channels-last
+``propagate_proj`` kernels (``gspn_lanes_kernels.h``) forward and backward in float64, float32 and
+bfloat16 against the float64 reference and the CPU kernel, with their fallback for large proxies,
+channels-last outputs and every lane-group width and run layout
+(:func:`test_lanes_cases_reach_every_launch_path`).  Then the emulation itself: the
 warp collectives, shared memory and atomics it offers, the errors it reports, and (slow) the kernels
 under ThreadSanitizer, which finds a missing barrier whatever the threads' scheduling.
 
@@ -282,7 +286,7 @@ def test_emulation_aborts_a_deadlocked_launch(emu):
 @pytest.mark.slow
 @pytest.mark.build
 def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
-    """tests/cuda_emu/race_check.cpp runs both ops' kernels, forward and backward, through the launch
+    """tests/cuda_emu/race_check.cpp runs the ops' kernels, forward and backward, through the launch
     paths above under ThreadSanitizer, which reports any two accesses of different CUDA threads that
     no barrier orders (a missing __syncthreads), whether or not the results came out wrong."""
     exe = tmp_path / "race_check"
@@ -293,7 +297,7 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2, run.stdout  # every launch ran
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2, run.stdout  # every launch ran
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -390,9 +394,7 @@ def test_lanes_kernels_chunked(emu, chunk):
     check_lanes(emu, (1, 5, 17, 23), 8, DIRECTIONS, chunk)
 
 
-@pytest.mark.parametrize(
-    "directions", [("r2l",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join
-)
+@pytest.mark.parametrize("directions", [("r2l",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join)
 def test_lanes_kernels_direction_subsets(emu, directions):
     check_lanes(emu, (1, 5, 9, 13), 3, directions, 4)
 

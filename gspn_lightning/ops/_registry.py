@@ -106,7 +106,13 @@ def register() -> None:
     for op, fake_fwd, fake_bwd, setup_context, backward in (
         ("scan", _fake_fwd, _fake_scan_bwd, _setup_context, _backward),
         ("propagate", _fake_fwd, _fake_fused_bwd, _setup_fused, _fused_backward("propagate_bwd")),
-        ("propagate_proj", _fake_proj_fwd, _fake_proj_bwd, _setup_fused, _fused_backward("propagate_proj_bwd")),
+        (
+            "propagate_proj",
+            _fake_proj_fwd,
+            _fake_proj_bwd,
+            _setup_fused,
+            _fused_backward("propagate_proj_bwd"),
+        ),
     ):
         torch.library.register_fake(f"gspn_lightning::{op}_fwd")(fake_fwd)
         torch.library.register_fake(f"gspn_lightning::{op}_bwd")(fake_bwd)

@@ -207,9 +207,17 @@ def gspn_propagate_proj(
     value) into a per-thread buffer and never writes them to memory; its backward recomputes them and
     the scans, and reduces the logit gradients into those of the proxy (over channels and
     directions), the weight and the bias (over batch and pixels) with per-thread partial sums added in
-    a fixed order.  **On CUDA there is no such kernel yet**: the op materialises the logits (one 1x1
-    convolution) and runs the fused :func:`gspn_propagate` CUDA kernel, so it is correct there but
-    saves no memory or time over calling the two yourself.
+    a fixed order.  On CUDA, ``backend="kernel"`` runs the channels-last CUDA kernels
+    (``csrc/cuda/gspn_lanes_kernels.h``): one thread block per batch element, direction and group of
+    8-32 channels (one channel per lane) walks whole lines, rows and columns alike, projecting the
+    logits from the proxy in registers; the backward recomputes the scans from checkpoints every 8
+    lines and reduces the proxy, weight and bias gradients as it goes, with fixed-order partial sums.
+    ``x`` and ``proxy`` are read channels-last (free when they already are, as the mixer's
+    convolutions leave them) and ``y``, ``dx`` and ``dproxy`` come back channels-last; nothing of the
+    logits' size is allocated.  Proxies of more than 16 channels take the materialising path there
+    (the logits as one matrix product, then the per-channel-plane :func:`gspn_propagate` kernel).
+    These kernels are executed on the CPU by the test suite (a host emulation of CUDA) and compiled
+    for sm_80/sm_90, but not yet run on a GPU.
     """
     directions = _check_proj_inputs(x, proxy, weight, bias, merge, directions)
     chunk_size, reference = _chunk_and_backend(x, chunk_size, backend)

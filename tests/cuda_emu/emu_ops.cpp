@@ -1,11 +1,12 @@
 // The CUDA kernels of csrc/cuda, executed on the CPU under the host emulation (cuda_host_emu.h), as
-// torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors (float32 and float64: the emulation has no
-// 16-bit types).
+// torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors: the scan and the per-plane fused propagation
+// in float32 and float64, the channels-last propagate_proj kernels in every dtype the CUDA op takes
+// (c10::BFloat16 and c10::Half are plain host types; the kernels use no 16-bit intrinsics).
 //
 // Each op does what the CUDA binding and launcher do (gspn_cuda.cpp, gspn_cuda.cu,
-// gspn_propagate_cuda.cu): the same layout code (gspn_layout.h), the same launch plan and workspaces
-// (gspn_cuda_plan.h), then the kernels through cuda_emu::launch instead of <<<...>>>.  Built by
-// tests/cuda_emu/__init__.py.
+// gspn_propagate_cuda.cu, gspn_lanes_cuda.cu): the same layout code (gspn_layout.h), the same launch
+// plan and workspaces (gspn_cuda_plan.h; for propagate_proj the whole op), then the kernels through
+// cuda_emu::launch instead of <<<...>>>.  Built by tests/cuda_emu/__init__.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
