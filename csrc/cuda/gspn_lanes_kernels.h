@@ -17,7 +17,8 @@
 // chunks (groups of `chunk_size` lines, independent of each other), so local (chunked) layers get
 // CTAs along the scan axis; a global scan is one run.  Each lane keeps its direction's 6 projection
 // rows (S values each, zero-padded to the compile-time capacity kS = 8 or 16) and 6 biases in
-// registers, reads a pixel's S proxy values (one address for all lanes of the pixel: a broadcast)
+// registers (the backward: the rows in shared memory where they are large, float kS = 16 or double,
+// see shared_rows), reads a pixel's S proxy values (one address for all lanes of the pixel: a broadcast)
 // and projects the logits itself; the gate math runs in acc_t (float for 16-bit inputs).  Lanes past
 // C load and store nothing and hold zero rows, so they stay finite and contribute nothing.
 //
@@ -168,6 +169,13 @@ __device__ acc_t* line_buffers(unsigned char* smem, acc_t* ws, const LanesGeomet
   return geo.global_lines ? ws + t.cta * geo.ws_per_cta + ws_offset : reinterpret_cast<acc_t*>(smem);
 }
 
+// The backward keeps a lane's projection rows in shared memory instead of registers where they are
+// large (kS x 6 values of more than 32 bytes per field: float kS = 16, double), next to dL/dweight's
+// as many accumulators: that pair did not fit in 255 registers (ptxas spilled).  [lane][kS*6 + 1]: the
+// odd stride puts the lanes of a row on different banks.
+constexpr bool shared_rows(int kS, int acc_size) { return kS * acc_size > 32; }
+constexpr int64_t shared_rows_elems(int kS, int64_t G) { return G * (kS * kGateFields + 1); }
+
 // Values a lane sums over the CTA's positions in the backward: dL/dweight [kS][6], dL/dbias [6], dL/dm.
 constexpr int reduce_values(int kS) { return kS * kGateFields + kGateFields + 1; }
 
@@ -269,6 +277,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   LaneRows<acc_t, kS> rows;
   rows.load(geo, t, weight, bias, merge);
   const int64_t G = geo.G, P2 = t.M + 2, C = geo.C, S = geo.S, HWB = geo.B * geo.H * geo.W;
+  constexpr bool kSharedRows = shared_rows(kS, sizeof(acc_t));
+  const acc_t* wrow;  // the lane's projection rows [s][field]
+  if constexpr (kSharedRows) {
+    acc_t* wsm = reinterpret_cast<acc_t*>(smem_raw) + (geo.global_lines ? 0 : geo.line_elems) +
+                 t.lane * (kS * kGateFields + 1);
+    if (t.p == 0) {
+      GSPN_UNROLL
+      for (int i = 0; i < kS * kGateFields; ++i) wsm[i] = rows.w[i];
+    }
+    wrow = wsm;  // read after the first __syncthreads below
+  } else {
+    wrow = rows.w;
+  }
   const int64_t R = kCheckpoint;
   acc_t* ckpt = ws + t.cta * geo.ws_per_cta;         // [segments - 1][M][G]
   acc_t* seg = ckpt + geo.ckpt_elems;                // [R + 1][M + 2][G]: the previous line, then R lines
@@ -302,7 +323,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           acc_t pr[kS];
           load_proxy<acc_t, kS>(proxy, q, S, pr);
           acc_t g[kGateFields];
-          project_logits(rows.w, rows.bias, pr, kS, g);
+          project_logits(wrow, rows.bias, pr, kS, g);
           const acc_t xv = t.live ? static_cast<acc_t>(x[q * C + t.c]) : acc_t(0);
           const acc_t* hp = prev + j * G + t.lane;
           const acc_t h = fused_h<acc_t>(xv, g[kGateNeg], g[kGateMid], g[kGatePos], g[kGateLam], hp[-G], hp[0],
@@ -338,7 +359,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           acc_t pr[kS];
           load_proxy<acc_t, kS>(proxy, q, S, pr);
           acc_t g[kGateFields];
-          project_logits(rows.w, rows.bias, pr, kS, g);
+          project_logits(wrow, rows.bias, pr, kS, g);
           const acc_t xv = t.live ? static_cast<acc_t>(x[q * C + t.c]) : acc_t(0);
           const acc_t* hp = hl + j * G;
           hc[j * G] = fused_h<acc_t>(xv, g[kGateNeg], g[kGateMid], g[kGatePos], g[kGateLam], hp[-G], hp[0], hp[G],
@@ -362,7 +383,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             const int64_t q = t.pixel(geo, s, j);
             load_proxy<acc_t, kS>(proxy, q, S, pr);
             acc_t g[kGateFields];
-            project_logits(rows.w, rows.bias, pr, kS, g);
+            project_logits(wrow, rows.bias, pr, kS, g);
             const acc_t xv = t.live ? static_cast<acc_t>(x[q * C + t.c]) : acc_t(0);
             const acc_t dy = t.live ? static_cast<acc_t>(gy[q * C + t.c]) : acc_t(0);
             const bool first = step == 0;
@@ -397,20 +418,27 @@ __global__ void __launch_bounds__(kMaxThreads)
             GSPN_UNROLL
             for (int f = 0; f < kGateFields; ++f) dg[f] = acc_t(0);
           }
-          // dL/dproxy of the pixel: this lane's share, summed over the G lanes
-          acc_t v[kS];
+          // dL/dproxy of the pixel: this lane's share, summed over the G lanes, in blocks of up to 8
+          // proxy channels (fewer live registers)
+          constexpr int kBlock = kS < 8 ? kS : 8;
+          const int64_t q = active ? t.pixel(geo, s, j) : 0;
           GSPN_UNROLL
-          for (int s2 = 0; s2 < kS; ++s2) {
-            const acc_t* w2 = rows.w + s2 * kGateFields;
-            v[s2] = (w2[0] * dg[0] + w2[1] * dg[1]) + (w2[2] * dg[2] + w2[3] * dg[3]) + (w2[4] * dg[4] + w2[5] * dg[5]);
-          }
-          int first_s, count;
-          lane_reduce<kS>(v, t.lane, geo.G, first_s, count);
-          if (active) {
-            const int64_t q = t.pixel(geo, s, j);
-            GSPN_UNROLL
-            for (int i = 0; i < kS; ++i) {
-              if (i < count && first_s + i < S) dpo[q * S + first_s + i] = v[i];
+          for (int h = 0; h < kS / kBlock; ++h) {
+            if (h * kBlock < S) {
+              acc_t v[kBlock];
+              GSPN_UNROLL
+              for (int s2 = 0; s2 < kBlock; ++s2) {
+                const acc_t* w2 = wrow + (h * kBlock + s2) * kGateFields;
+                v[s2] = (w2[0] * dg[0] + w2[1] * dg[1]) + (w2[2] * dg[2] + w2[3] * dg[3]) +
+                        (w2[4] * dg[4] + w2[5] * dg[5]);
+              }
+              int first_s, count;
+              lane_reduce<kBlock>(v, t.lane, geo.G, first_s, count);
+              GSPN_UNROLL
+              for (int i = 0; i < kBlock; ++i) {
+                const int64_t s2 = h * kBlock + first_s + i;
+                if (active && i < count && s2 < S) dpo[q * S + s2] = v[i];
+              }
             }
           }
         }
@@ -489,7 +517,12 @@ inline LanesPlan plan_lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t 
     geo.reverse[k] = reverse[k];
   }
   const int lines = backward ? kBackwardLines : kForwardLines;
-  auto smem = [&](int64_t G) { return lines * (geo.side + 2) * G * static_cast<int64_t>(sizeof(acc_t)); };
+  const int64_t acc_size = sizeof(acc_t);
+  const int kS = S <= 8 ? 8 : 16;
+  const bool rows_smem = backward && shared_rows(kS, static_cast<int>(acc_size));
+  auto lines_bytes = [&](int64_t G) { return lines * (geo.side + 2) * G * acc_size; };
+  auto rows_bytes = [&](int64_t G) { return rows_smem ? shared_rows_elems(kS, G) * acc_size : 0; };
+  auto smem = [&](int64_t G) { return lines_bytes(G) + rows_bytes(G); };
   // chunks per direction: the runs a chunked scan can be cut into
   int64_t max_groups = 1;
   for (int64_t k = 0; k < K; ++k) {
@@ -524,14 +557,14 @@ inline LanesPlan plan_lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t 
   }
   geo.ckpt_elems = backward ? ckpt : 0;
   geo.seg_elems = backward ? (kCheckpoint + 1) * (geo.side + 2) * G : 0;
-  geo.red_elems = backward ? static_cast<int64_t>(reduce_values(S <= 8 ? 8 : 16)) * geo.P * G : 0;
+  geo.red_elems = backward ? static_cast<int64_t>(reduce_values(kS)) * geo.P * G : 0;
   geo.ws_per_cta = geo.ckpt_elems + geo.seg_elems + geo.red_elems + (geo.global_lines ? geo.line_elems : 0);
   plan.grid[0] = static_cast<unsigned int>(geo.groups);
   plan.grid[1] = static_cast<unsigned int>(K);
   plan.grid[2] = static_cast<unsigned int>(B * geo.zruns);
   plan.block[0] = static_cast<unsigned int>(G);
   plan.block[1] = static_cast<unsigned int>(geo.P);
-  plan.shared_bytes = geo.global_lines ? 0 : static_cast<size_t>(smem(G));
+  plan.shared_bytes = static_cast<size_t>((geo.global_lines ? 0 : lines_bytes(G)) + rows_bytes(G));
   plan.ws_elems = geo.ws_per_cta * geo.groups * K * B * geo.zruns;
   return plan;
 }
