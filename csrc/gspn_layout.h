@@ -134,10 +134,11 @@ struct PropagateArgs {
   std::vector<Direction> dirs;
 };
 
-// x, merge and the directions checked (gates left undefined): what the fused ops share.
+// x, merge and the directions checked (gates left undefined): what the fused ops share.  x is made
+// contiguous in `format` (channels-last for the CUDA propagate_proj kernels: free for NHWC inputs).
 inline PropagateArgs propagate_geometry(const at::Tensor& x, const at::Tensor& merge,
                                         const std::vector<std::string>& directions, int64_t chunk_size,
-                                        const char* op) {
+                                        const char* op, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -147,7 +148,7 @@ inline PropagateArgs propagate_geometry(const at::Tensor& x, const at::Tensor& m
               ": merge must have shape (K, C) = (", K, ", ", C, "), got ", merge.sizes());
   TORCH_CHECK(merge.scalar_type() == x.scalar_type(), op, ": merge must have the dtype of x");
   TORCH_CHECK(merge.device() == x.device(), op, ": merge must be on the device of x");
-  PropagateArgs a{x.contiguous(), at::Tensor(), merge.contiguous(), B, C, H, W, K, chunk_size <= 0 ? 0 : chunk_size, {}};
+  PropagateArgs a{x.contiguous(format), at::Tensor(), merge.contiguous(), B, C, H, W, K, chunk_size <= 0 ? 0 : chunk_size, {}};
   for (const auto& d : directions) {
     a.dirs.push_back(parse_direction(d));
     for (size_t i = 0; i + 1 < a.dirs.size(); ++i) {
@@ -174,7 +175,7 @@ inline PropagateArgs propagate_args(const at::Tensor& x, const at::Tensor& gates
 
 // The fused op with the gate projection (propagate_proj_*): besides x and merge, the low-rank proxy
 // (B, S, H, W) and the 1x1 projection weight (K*6*C, S) and bias (K*6*C), whose row (k*6 + f)*C + c
-// gives field f of direction k at channel c.
+// gives field f of direction k at channel c.  x and the proxy are made contiguous in `format`.
 struct ProjArgs {
   PropagateArgs p;
   at::Tensor proxy, weight, bias;
@@ -183,8 +184,9 @@ struct ProjArgs {
 
 inline ProjArgs proj_args(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& merge,
-                          const std::vector<std::string>& directions, int64_t chunk_size, const char* op) {
-  PropagateArgs p = propagate_geometry(x, merge, directions, chunk_size, op);
+                          const std::vector<std::string>& directions, int64_t chunk_size, const char* op,
+                          at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  PropagateArgs p = propagate_geometry(x, merge, directions, chunk_size, op, format);
   const int64_t R = p.K * 6 * p.C;
   TORCH_CHECK(proxy.dim() == 4 && proxy.size(0) == p.B && proxy.size(2) == p.H && proxy.size(3) == p.W, op,
               ": proxy must have shape (B, S, H, W) with (B, H, W) = (", p.B, ", ", p.H, ", ", p.W, "), got ",
@@ -198,7 +200,7 @@ inline ProjArgs proj_args(const at::Tensor& x, const at::Tensor& proxy, const at
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": proxy, weight and bias must have the dtype of x");
     TORCH_CHECK(t->device() == x.device(), op, ": proxy, weight and bias must be on the device of x");
   }
-  return {std::move(p), proxy.contiguous(), weight.contiguous(), bias.contiguous(), S};
+  return {std::move(p), proxy.contiguous(format), weight.contiguous(), bias.contiguous(), S};
 }
 
 // dL/dmerge (K, C) in the dtype of x, from per-(batch, channel, direction) partial sums (B, C, K).

@@ -24,6 +24,12 @@
 #else
 #define GSPN_HD inline __attribute__((always_inline))
 #endif
+// Full unrolling of a loop with a compile-time trip count (register arrays stay in registers).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GSPN_UNROLL _Pragma("unroll")
+#else
+#define GSPN_UNROLL
+#endif
 
 namespace gspn {
 
@@ -166,6 +172,23 @@ GSPN_HD acc_t gexp(acc_t v) {
 #else
   return exp_approx(v);
 #endif
+}
+
+// The six logits of one pixel from its low-rank proxy: g_f = b[f] + sum_{s < n} w[s * 6 + f] p[s], the
+// projection rows of a lane (or, on the CPU, of a vector of lanes) laid out [s][field].  `V` is acc_t
+// or a vector of it, `P` the proxy's scalar (broadcast over the lanes); `n` is a compile-time
+// capacity on the GPU (registers, zero-padded rows) and the padded proxy length on the CPU.
+template <typename V, typename P, typename N>
+GSPN_HD void project_logits(const V* w, const V* b, const P* p, N n, V (&g)[kGateFields]) {
+  GSPN_UNROLL
+  for (int f = 0; f < kGateFields; ++f) g[f] = b[f];
+  GSPN_UNROLL
+  for (N s = 0; s < n; ++s) {
+    const V ps = V{} + p[s];
+    const V* ws = w + s * kGateFields;
+    GSPN_UNROLL
+    for (int f = 0; f < kGateFields; ++f) g[f] += ws[f] * ps;
+  }
 }
 
 // Normalised taps of one pixel; `q*` = 1 - sigmoid(logit) for the backward.  A tap whose neighbour

@@ -1,11 +1,15 @@
 """The CUDA kernels of csrc/cuda executed on the CPU (tests/cuda_emu: one host thread per CUDA thread,
 a barrier for ``__syncthreads``, emulated warp collectives), against the float64 reference.
 
-Both ops, forward and backward, float32 and float64, every direction, global and chunked, staged and
-in-place (the fused op), on small odd shapes chosen to reach every launch path of the kernels: blocks
-of several warps and of several lines or planes, partial blocks, threads striding over lines longer
-than a block, and the global workspaces for lines too long for shared memory
-(:func:`test_the_cases_reach_every_launch_path` checks that they do).  Then the emulation itself: the
+The scan and the per-plane fused op, forward and backward, float32 and float64, every direction,
+global and chunked, staged and in-place (the fused op), on small odd shapes chosen to reach every
+launch path of the kernels: blocks of several warps and of several lines or planes, partial blocks,
+threads striding over lines longer than a block, and the global workspaces for lines too long for
+shared memory (:func:`test_the_cases_reach_every_launch_path` checks that they do).  The channels-last
+``propagate_proj`` kernels (``gspn_lanes_kernels.h``) forward and backward in float64, float32 and
+bfloat16 against the float64 reference and the CPU kernel, with their fallback for large proxies,
+channels-last outputs and every lane-group width and run layout
+(:func:`test_lanes_cases_reach_every_launch_path`).  Then the emulation itself: the
 warp collectives, shared memory and atomics it offers, the errors it reports, and (slow) the kernels
 under ThreadSanitizer, which finds a missing barrier whatever the threads' scheduling.
 
@@ -26,6 +30,7 @@ from gspn_lightning.ops import (
     GATE_FIELDS,
     _build,
     normalize_gates,
+    propagate_proj_reference,
     propagate_reference,
     scan_reference,
 )
@@ -281,7 +286,7 @@ def test_emulation_aborts_a_deadlocked_launch(emu):
 @pytest.mark.slow
 @pytest.mark.build
 def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
-    """tests/cuda_emu/race_check.cpp runs both ops' kernels, forward and backward, through the launch
+    """tests/cuda_emu/race_check.cpp runs the ops' kernels, forward and backward, through the launch
     paths above under ThreadSanitizer, which reports any two accesses of different CUDA threads that
     no barrier orders (a missing __syncthreads), whether or not the results came out wrong."""
     exe = tmp_path / "race_check"
@@ -292,7 +297,7 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2, run.stdout  # every launch ran
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2, run.stdout  # every launch ran
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -301,3 +306,189 @@ def test_the_cuda_build_hashes_every_kernel_file():
     hashed = set(_build._CUDA_SOURCES) | set(_build._HEADERS) | set(_build._CUDA_HEADERS)
     files = {p.relative_to(_build.CSRC).as_posix() for p in (_build.CSRC / "cuda").iterdir() if p.is_file()}
     assert files <= hashed, files - hashed
+
+
+# ---- the channels-last propagate_proj kernels (csrc/cuda/gspn_lanes_kernels.h) ----
+
+# the plan's CTA target on a GPU (gspn_lanes_kernels.h kTargetCtas); 1 gives the widest channel
+# groups (G = 32 for C > 16) and one run per direction, a huge one G = 8 and a run per chunk
+GPU_CTAS = 264
+WIDE, NARROW = 1, 1 << 40
+PROJ_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+PROJ_NAMES = ("y", "x", "proxy", "weight", "bias", "merge")
+
+
+def proj_inputs(shape, S, K, dtype=torch.float64, seed=0):
+    """x, proxy, projection weight and bias (logits spread over a few units), merge weights, dL/dy."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    proxy = torch.randn(B, S, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(K * len(GATE_FIELDS) * C, S, generator=g, dtype=torch.float64) * (2 / S**0.5)
+    bias = torch.randn(K * len(GATE_FIELDS) * C, generator=g, dtype=torch.float64)
+    merge = torch.rand(K, C, generator=g, dtype=torch.float64) + 0.1
+    grad_y = torch.randn(shape, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, proxy, weight, bias, merge)], grad_y.to(dtype)
+
+
+def proj_reference(ins, grad_y, directions, chunk):
+    """y and the five gradients of propagate_proj_reference (autograd), in the inputs' dtype."""
+    ref_ins = [t.detach().clone().requires_grad_() for t in ins]
+    y = propagate_proj_reference(*ref_ins, directions, chunk)
+    return [y.detach(), *torch.autograd.grad(y, ref_ins, grad_y)]
+
+
+def lanes_run(emu, ins, grad_y, directions, chunk, ctas=GPU_CTAS):
+    y = emu.propagate_proj_fwd(*ins, list(directions), chunk or 0, ctas)
+    grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas)
+    return [y, *grads]
+
+
+def cpu_kernel_run(ins, grad_y, directions, chunk):
+    assert _build.load_cpu(), _build.build_error("cpu")
+    ops = torch.ops.gspn_lightning
+    y = ops.propagate_proj_fwd(*ins, list(directions), chunk or 0)
+    return [y, *ops.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0)]
+
+
+def assert_rel(got, want, tol, what):
+    """max |got - want| <= tol max |want| (every output is compared at the scale of its largest value)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    scale = want.double().abs().max().item()
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g} at scale {scale:.3g}"
+
+
+def check_lanes(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
+    """The lane kernels forward and backward against the float64 reference and the CPU kernel."""
+    ins, grad_y = proj_inputs(shape, S, len(directions), dtype)
+    got = lanes_run(emu, ins, grad_y, directions, chunk, ctas)
+    ref = proj_reference([t.double() for t in ins], grad_y.double(), directions, chunk)
+    cpu = cpu_kernel_run(ins, grad_y, directions, chunk)
+    for name, g, r, c in zip(PROJ_NAMES, got, ref, cpu):
+        assert_rel(g, r.to(dtype), PROJ_TOL[dtype], f"{name} vs the float64 reference")
+        assert_rel(g, c, PROJ_TOL[dtype], f"{name} vs the CPU kernel")
+    return got
+
+
+# (shape (B, C, H, W), S, chunk): odd maps both ways round, single rows and columns, a square, one
+# 64 x 64; C = 5 (one partial group of 8 lanes) and 19 (a partial last group)
+LANE_SHAPES = [
+    ((1, 5, 17, 23), 8, None),
+    ((1, 5, 23, 17), 3, None),
+    ((1, 5, 1, 37), 8, None),
+    ((1, 5, 37, 1), 16, None),
+    ((2, 19, 8, 8), 8, None),
+]
+LANE_CHUNKS = [1, 3, 4, 5]  # 5 divides neither 17 nor 23
+
+
+@pytest.mark.parametrize("shape,S,chunk", LANE_SHAPES, ids=_id)
+def test_lanes_kernels_match_reference_and_cpu_kernel(emu, shape, S, chunk):
+    check_lanes(emu, shape, S, DIRECTIONS, chunk)
+
+
+@pytest.mark.parametrize("chunk", LANE_CHUNKS)
+def test_lanes_kernels_chunked(emu, chunk):
+    """Chunked scans, cut into runs of chunks (one CTA per chunk at these sizes)."""
+    check_lanes(emu, (1, 5, 17, 23), 8, DIRECTIONS, chunk)
+
+
+@pytest.mark.parametrize("directions", [("r2l",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join)
+def test_lanes_kernels_direction_subsets(emu, directions):
+    check_lanes(emu, (1, 5, 9, 13), 3, directions, 4)
+
+
+@pytest.mark.parametrize(
+    "shape,ctas,chunk",
+    [((1, 19, 9, 11), WIDE, None), ((1, 12, 9, 11), WIDE, 3), ((1, 19, 9, 11), NARROW, 2)],
+    ids=["G32", "G16-chunked", "G8-runs"],
+)
+def test_lanes_kernels_channel_groups(emu, shape, ctas, chunk):
+    """Groups of 32 and 16 lanes with masked lanes, and 8-lane groups with a run per chunk."""
+    check_lanes(emu, shape, 16, DIRECTIONS, chunk, ctas=ctas)
+
+
+def test_lanes_kernels_float32_and_64x64(emu):
+    check_lanes(emu, (1, 5, 17, 23), 16, DIRECTIONS, 3, dtype=torch.float32)
+    check_lanes(emu, (1, 5, 64, 64), 8, ("t2b", "l2r"), None, dtype=torch.float32)
+
+
+def test_lanes_kernels_long_lines_use_the_global_workspace(emu):
+    """Lines whose backward buffers do not fit in shared memory (float64, 300 positions) run with
+    the line buffers in the global workspace."""
+    x = torch.zeros(1, 5, 2, 300, dtype=torch.float64)
+    plan = emu.propagate_proj_plan(x, x[:, :3], ["t2b"], 0, True, GPU_CTAS)
+    lines_bytes = 6 * (300 + 2) * plan[0] * 8  # three products of this and the next line, float64
+    assert plan[6] == 1 and plan[5] < lines_bytes, plan  # shared memory: the projection rows only
+    check_lanes(emu, (1, 5, 2, 300), 3, ("t2b", "b2t"), None)
+
+
+def test_lanes_bfloat16_error_bound(emu):
+    """bfloat16 in and out (float32 inside): each output errs at most twice as much as the same
+    reference computed by PyTorch in bfloat16, both against float64 (as test_ops'
+    test_low_precision_error_bound); and it agrees with the CPU kernel's bfloat16 result."""
+    shape, directions, chunk = (1, 19, 9, 13), DIRECTIONS, None
+    ins, grad_y = proj_inputs(shape, 8, len(directions))
+    exact = proj_reference(ins, grad_y, directions, chunk)
+    low = [t.to(torch.bfloat16) for t in ins]
+    gy = grad_y.to(torch.bfloat16)
+    got = lanes_run(emu, low, gy, directions, chunk)
+    torch_bf16 = proj_reference(low, gy, directions, chunk)
+    cpu = cpu_kernel_run(low, gy, directions, chunk)
+    for name, g, r, e, c in zip(PROJ_NAMES, got, torch_bf16, exact, cpu):
+        assert g.dtype == torch.bfloat16, name
+        scale = e.abs().max().item()
+        err_k = (g.double() - e).abs().max().item()
+        err_r = (r.double() - e).abs().max().item()
+        assert err_k <= 2 * err_r + 1e-3 * scale, f"{name}: kernel {err_k:.3g} vs PyTorch bf16 {err_r:.3g}"
+        assert_rel(g, c, 2e-2, f"{name} vs the CPU kernel")
+
+
+def test_lanes_outputs_are_channels_last(emu):
+    """y, dL/dx and dL/dproxy come back channels-last whatever the inputs' layout, with the same
+    values for NCHW and NHWC inputs (the kernels read NHWC; NHWC inputs need no copy)."""
+    ins, grad_y = proj_inputs((1, 5, 6, 7), 3, 2)
+    dirs = ["t2b", "l2r"]
+    nchw = lanes_run(emu, ins, grad_y, dirs, None)
+    cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ins]
+    nhwc = lanes_run(emu, cl, grad_y.contiguous(memory_format=torch.channels_last), dirs, None)
+    for out in (nchw, nhwc):
+        for t in (out[0], out[1], out[2]):
+            assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        assert all(t.is_contiguous() for t in out[3:])
+    for a, b in zip(nchw, nhwc):
+        assert torch.equal(a, b)
+
+
+def test_lanes_large_proxy_falls_back_to_materialised_logits(emu):
+    """S > 16: the logits are materialised and the per-plane kernels run (emulated here), outputs
+    still channels-last."""
+    out = check_lanes(emu, (1, 3, 5, 6), 20, DIRECTIONS, None)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in out[:3])
+    x = torch.zeros(1, 3, 5, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="at most 16"):
+        emu.propagate_proj_plan(x, torch.zeros(1, 20, 5, 6, dtype=torch.float64), ["t2b"], 0, False, GPU_CTAS)
+
+
+def test_lanes_cases_reach_every_launch_path(emu):
+    """The cases above reach what the lane kernels do differently: G = 8, 16 and 32 with masked
+    lanes, several channel groups, several runs per direction, and one run of several chunks."""
+    plans = []  # (G, P, groups, runs, chunks per run, shared bytes, global lines, workspace)
+    cases = [(s, S, c, DIRECTIONS, GPU_CTAS) for s, S, c in LANE_SHAPES]
+    cases += [((1, 5, 17, 23), 8, c, DIRECTIONS, GPU_CTAS) for c in LANE_CHUNKS]
+    cases += [
+        ((1, 19, 9, 11), 16, None, DIRECTIONS, WIDE),
+        ((1, 12, 9, 11), 16, 3, DIRECTIONS, WIDE),
+        ((1, 19, 9, 11), 16, 2, DIRECTIONS, NARROW),
+    ]
+    for shape, S, chunk, dirs, ctas in cases:
+        x = torch.zeros(shape, dtype=torch.float64)
+        proxy = torch.zeros(shape[0], S, *shape[2:], dtype=torch.float64)
+        for bwd in (False, True):
+            plans.append((shape[1], emu.propagate_proj_plan(x, proxy, list(dirs), chunk or 0, bwd, ctas)))
+    assert {p[0] for _, p in plans} == {8, 16, 32}, "every lane-group width"
+    assert any(c % p[0] for c, p in plans), "masked lanes"
+    assert any(p[2] > 1 for _, p in plans), "several channel groups"
+    assert any(p[3] > 1 for _, p in plans), "several runs per direction"
+    assert any(p[4] > 1 for _, p in plans), "a run of several chunks"

@@ -402,8 +402,8 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
 def test_cuda_extension_builds_and_registers():
     """CI compiles and links the CUDA kernels (no GPU to run them): the CUDA dispatch key is filled."""
     assert _build.load_cuda(force=True), _build.build_error("cuda")
-    for name in ("gspn_lightning::scan_fwd", "gspn_lightning::scan_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    for op in ("scan_fwd", "scan_bwd", "propagate_fwd", "propagate_bwd", "propagate_proj_fwd", "propagate_proj_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gspn_lightning::{op}", "CUDA"), op
 
 
 # ---------------------------------------------------------------------------------- faults (issue 7)

@@ -3,8 +3,8 @@ definition (``project_gates`` then ``propagate_reference``) forward and in the g
 inputs, for every subset of directions, chunked and global, odd and non-square maps, one and several
 proxy channels; float64 gradcheck; the 16-bit error budget; the per-task reductions (several tasks
 sharing a batch element, run-to-run identical); the torch.library registration (opcheck,
-torch.compile, double backward refused); what the forward saves; the materialising implementation
-registered for CUDA; input checking; and the mixer's three paths."""
+torch.compile, double backward refused, the fake outputs' strides); what the forward saves; input
+checking; and the mixer's three paths.  The CUDA kernels run on the CPU in tests/test_cuda_emulation.py."""
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ from gspn_lightning.ops import (
     DIRECTIONS,
     GATE_FIELDS,
     _build,
-    _registry,
     gspn_propagate,
     gspn_propagate_proj,
     project_gates,
@@ -188,20 +187,26 @@ def test_forward_saves_only_its_inputs():
     assert sorted(saved) == sorted(t.numel() for t in (x, proxy, weight, bias, merge))
 
 
-def test_materialising_implementation_for_cuda():
-    """The CUDA implementation (materialised logits around the fused op) is registered for the CUDA
-    dispatch key and, run here on CPU tensors, computes what the CPU kernel computes."""
+def test_fake_outputs_have_the_kernels_strides():
+    """torch.compile traces the op with fake tensors whose strides are the kernels': the CUDA kernels
+    (csrc/cuda/gspn_lanes_kernels.h, executed on the CPU by tests/test_cuda_emulation.py, which also
+    covers their fallback for proxies of more than 16 channels) return y, dL/dx and dL/dproxy
+    channels-last, the CPU kernel contiguous; the parameter gradients are contiguous on both."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     assert _build.load_cpu(), _build.build_error("cpu")
-    for name in ("gspn_lightning::propagate_proj_fwd", "gspn_lightning::propagate_proj_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
-    directions, chunk = ["b2t", "l2r", "r2l"], 2
-    ins = [t.detach() for t in rand_proj_inputs((2, 3, 5, 6), 3, directions, seed=12)]
-    go = torch.randn(2, 3, 5, 6, dtype=torch.float64)
-    y = _registry.proj_fwd_materialised(*ins, directions, chunk)
-    torch.testing.assert_close(y, torch.ops.gspn_lightning.propagate_proj_fwd(*ins, directions, chunk))
-    expected = torch.ops.gspn_lightning.propagate_proj_bwd(go, *ins, directions, chunk)
-    for name, a, b in zip(NAMES, _registry.proj_bwd_materialised(go, *ins, directions, chunk), expected):
-        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad {n}: {m}")
+    ops = torch.ops.gspn_lightning
+    dirs = ["t2b", "l2r"]
+    with FakeTensorMode():
+        for device, fmt in (("cuda", torch.channels_last), ("cpu", torch.contiguous_format)):
+            x, proxy = torch.empty(2, 3, 4, 5, device=device), torch.empty(2, 4, 4, 5, device=device)
+            weight, bias = torch.empty(36, 4, device=device), torch.empty(36, device=device)
+            merge = torch.empty(2, 3, device=device)
+            y = ops.propagate_proj_fwd(x, proxy, weight, bias, merge, dirs, 0)
+            grads = ops.propagate_proj_bwd(x, x, proxy, weight, bias, merge, dirs, 0)
+            for t in (y, grads[0], grads[1]):
+                assert t.is_contiguous(memory_format=fmt) and t.is_contiguous() == (device == "cpu"), device
+            assert all(t.is_contiguous() for t in grads[2:])
 
 
 def test_definition_is_projection_then_propagate():

@@ -125,18 +125,6 @@ struct ProjInputs {
         merge(pa.p.merge.const_data_ptr<scalar_t>()) {}
 };
 
-// The six logits of one pixel for the unit's lanes: g_f = b[f] + sum_s w[s * 6 + f] p[s].
-template <typename V, typename acc_t>
-inline __attribute__((always_inline)) void project_pixel(const V* w, const V* b, const acc_t* p, int64_t Sp,
-                                                         V (&g)[kGateFields]) {
-  for (int f = 0; f < kGateFields; ++f) g[f] = b[f];
-  for (int64_t s = 0; s < Sp; ++s) {
-    const V ps = V{} + p[s];
-    const V* ws = w + s * kGateFields;
-    for (int f = 0; f < kGateFields; ++f) g[f] += ws[f] * ps;
-  }
-}
-
 // What the backward keeps of a pixel between its recomputation and its adjoint.
 template <typename V>
 struct LaneKept {
@@ -316,7 +304,7 @@ void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
       for_line(M, [&](auto neg, auto pos, int64_t j) {
         const int64_t q = lg.pixel(s, j);
         V g[kGateFields];
-        project_pixel(w, bias, P + q * Sp, Sp, g);
+        project_logits(w, bias, P + q * Sp, Sp, g);
         const V xv = X[q];
         const V hv = fused_h<V>(xv, g[kGateNeg], g[kGateMid], g[kGatePos], g[kGateLam], prev[j - 1], prev[j],
                                 prev[j + 1], neg, pos, step == 0);
@@ -366,7 +354,7 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
         const int64_t q = lg.pixel(s, j);
         qs[step * M + j] = q;
         V g[kGateFields];
-        project_pixel(w, bias, P + q * Sp, Sp, g);
+        project_logits(w, bias, P + q * Sp, Sp, g);
         LaneKept<V>& kp = kc[j];
         kp.lam = sigmoid_and_grad<V>(g[kGateLam]);
         kp.gu = g[kGateU];

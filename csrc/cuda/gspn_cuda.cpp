@@ -28,6 +28,10 @@ Grads scan_bwd_cuda(const at::Tensor& grad_h, const at::Tensor& x, const at::Ten
                        launch_scan_bwd_cuda);
 }
 
+}  // namespace
+
+// The per-plane fused propagation ops (also the fallback of propagate_proj for large proxies,
+// gspn_lanes_cuda.cu).
 at::Tensor propagate_fwd_cuda(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& merge,
                               std::vector<std::string> directions, int64_t chunk_size) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -53,7 +57,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(const at::Tens
   return {dx.to(x.scalar_type()), dgates, merge_grad(dm_partial, x.scalar_type())};
 }
 
-}  // namespace
 }  // namespace gspn
 
 TORCH_LIBRARY_IMPL(gspn_lightning, CUDA, m) {

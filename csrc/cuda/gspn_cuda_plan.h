@@ -1,16 +1,25 @@
 // The launch plans of the CUDA kernels from the ops' arguments: argument checks, plan and workspace.
-// Shared by the launchers (gspn_cuda.cu, gspn_propagate_cuda.cu) and the test suite's host emulation
-// of the kernels (tests/cuda_emu/), so both launch the same grids.  ATen, but no CUDA runtime.
+// Shared by the launchers (gspn_cuda.cu, gspn_propagate_cuda.cu, gspn_lanes_cuda.cu) and the test
+// suite's host emulation of the kernels (tests/cuda_emu/), so both launch the same grids.  ATen, but
+// no CUDA runtime: the propagate_proj ops (lanes_proj_fwd / lanes_proj_bwd) are written here whole,
+// from the arguments to the returned tensors, around a `launch(kernel, grid, block, shared_bytes,
+// args...)` that the CUDA launcher implements with <<<...>>> and the emulation with cuda_emu::launch.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "../gspn_layout.h"
+#include "gspn_lanes_kernels.h"
 #include "gspn_propagate_kernels.h"
 #include "gspn_scan_kernels.h"
 
@@ -54,6 +63,184 @@ propagate_cuda::PropagatePlan plan_propagate_launch(const PropagateArgs& a, bool
   for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
   return propagate_cuda::plan_propagate<scalar_t, acc_t>(a.B, a.C, a.H, a.W, a.K, a.chunk, transpose, reverse,
                                                          backward, staging, aligned);
+}
+
+// ---- propagate_proj: the channels-last lane kernels (gspn_lanes_kernels.h) ----
+
+// The lane kernels' launch for `pa` (x and proxy channels-last).
+template <typename acc_t>
+lanes_cuda::LanesPlan plan_lanes_launch(const ProjArgs& pa, bool backward,
+                                        int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  const PropagateArgs& a = pa.p;
+  TORCH_CHECK(pa.S <= lanes_cuda::kMaxLaneS, "gspn propagate_proj: the lane kernels take proxies of at most ",
+              lanes_cuda::kMaxLaneS, " channels");
+  TORCH_CHECK(std::max(a.H, a.W) <= INT_MAX / 2, "gspn propagate_proj: lines too long for the CUDA kernel");
+  bool transpose[4] = {}, reverse[4] = {};
+  for (int64_t k = 0; k < a.K; ++k) {
+    transpose[k] = a.dirs[k].transpose;
+    reverse[k] = a.dirs[k].reverse;
+  }
+  const lanes_cuda::LanesPlan p =
+      lanes_cuda::plan_lanes<acc_t>(a.B, a.C, a.H, a.W, a.K, a.chunk, pa.S, transpose, reverse, backward, target_ctas);
+  TORCH_CHECK(p.grid[2] <= 65535 && static_cast<int64_t>(p.grid[2]) == a.B * p.geo.zruns,
+              "gspn propagate_proj: too many (batch x run) blocks for one launch");
+  TORCH_CHECK(p.geo.groups <= INT_MAX, "gspn propagate_proj: too many channel groups for one launch");
+  return p;
+}
+
+// The projection op's arguments with x and the proxy channels-last.
+inline ProjArgs lanes_args(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& merge, const std::vector<std::string>& directions,
+                           int64_t chunk_size, const char* op) {
+  return proj_args(x, proxy, weight, bias, merge, directions, chunk_size, op, at::MemoryFormat::ChannelsLast);
+}
+
+inline at::Tensor empty_channels_last(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::empty(sizes, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// y = sum_k part[k] (K partials of n values each; K = 1: part is y already).
+template <typename scalar_t, typename acc_t, typename Launch>
+void lanes_merge(const at::Tensor& part, at::Tensor& out, int64_t K, Launch&& launch) {
+  if (K == 1) return;
+  const int64_t n = out.numel();
+  launch(lanes_cuda::lanes_merge_kernel<scalar_t, acc_t>, dim3(lanes_cuda::merge_blocks(n)),
+         dim3(lanes_cuda::kMergeThreads), size_t{0}, part.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+         n, K);
+}
+
+// Calls f(std::integral_constant<int, kS>) with the register capacity for S proxy channels.
+template <typename F>
+void with_lane_capacity(int64_t S, F&& f) {
+  if (S <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else {
+    f(std::integral_constant<int, 16>{});
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Launch>
+at::Tensor lanes_forward(const ProjArgs& pa, Launch&& launch, int64_t target_ctas) {
+  const PropagateArgs& a = pa.p;
+  at::Tensor y = empty_channels_last(a.x, a.x.sizes());
+  if (y.numel() == 0) return y;
+  const lanes_cuda::LanesPlan p = plan_lanes_launch<acc_t>(pa, /*backward=*/false, target_ctas);
+  at::Tensor ws = launch_workspace<acc_t>(p.ws_elems, a.x);
+  at::Tensor part = a.K == 1 ? y : at::empty({a.K, y.numel()}, a.x.options());
+  with_lane_capacity(pa.S, [&](auto cap) {
+    launch(lanes_cuda::lanes_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+           dim3(p.block[0], p.block[1]), p.shared_bytes, a.x.const_data_ptr<scalar_t>(),
+           pa.proxy.const_data_ptr<scalar_t>(), pa.weight.const_data_ptr<scalar_t>(),
+           pa.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), part.mutable_data_ptr<scalar_t>(),
+           workspace_data<acc_t>(ws), p.geo);
+  });
+  lanes_merge<scalar_t, acc_t>(part, y, a.K, launch);
+  return y;
+}
+
+using ProjGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename scalar_t, typename acc_t, typename Launch>
+ProjGrads lanes_backward(const ProjArgs& pa, const at::Tensor& grad_y, Launch&& launch, int64_t target_ctas) {
+  const PropagateArgs& a = pa.p;
+  const int64_t S = pa.S, R = a.K * kGateFields * a.C, n = a.x.numel();
+  const at::ScalarType dtype = a.x.scalar_type();
+  const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = empty_channels_last(a.x, a.x.sizes());
+  if (n == 0) {
+    return {dx, at::zeros_like(pa.proxy), at::zeros_like(pa.weight), at::zeros_like(pa.bias), at::zeros_like(a.merge)};
+  }
+  const lanes_cuda::LanesPlan p = plan_lanes_launch<acc_t>(pa, /*backward=*/true, target_ctas);
+  const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t pixels = a.B * a.H * a.W, zb = a.B * p.geo.zruns;
+  at::Tensor ws = launch_workspace<acc_t>(p.ws_elems, a.x);
+  at::Tensor dx_part = a.K == 1 ? dx : at::empty({a.K, n}, a.x.options());
+  at::Tensor dproxy_part = at::empty({a.K * p.geo.groups, pixels * S}, acc);
+  at::Tensor dwb_part = at::zeros({zb, R * (S + 1)}, acc);
+  at::Tensor dm_part = at::zeros({zb, a.K * a.C}, acc);
+  with_lane_capacity(S, [&](auto cap) {
+    launch(lanes_cuda::lanes_bwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+           dim3(p.block[0], p.block[1]), p.shared_bytes, gy.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+           pa.proxy.const_data_ptr<scalar_t>(), pa.weight.const_data_ptr<scalar_t>(),
+           pa.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(),
+           dx_part.mutable_data_ptr<scalar_t>(), dproxy_part.mutable_data_ptr<acc_t>(),
+           dwb_part.mutable_data_ptr<acc_t>(), dm_part.mutable_data_ptr<acc_t>(), workspace_data<acc_t>(ws), p.geo);
+  });
+  lanes_merge<scalar_t, acc_t>(dx_part, dx, a.K, launch);
+  // the partial sums added in a fixed order (deterministic)
+  const at::Tensor dproxy =
+      dproxy_part.sum(0).view({a.B, a.H, a.W, S}).permute({0, 3, 1, 2}).to(dtype);  // channels-last strides
+  const at::Tensor dwb = dwb_part.sum(0).view({R, S + 1});
+  const at::Tensor dweight = dwb.narrow(1, 0, S).to(dtype).contiguous();
+  const at::Tensor dbias = dwb.select(1, S).to(dtype).contiguous();
+  const at::Tensor dmerge = dm_part.sum(0).view({a.K, a.C}).to(dtype);
+  return {dx, dproxy, dweight, dbias, dmerge};
+}
+
+// The logits materialised: gates (B, K, 6, C, H, W) = weight @ proxy + bias per pixel (proxies of more
+// than kMaxLaneS channels, whose rows do not fit in a lane's registers).
+inline at::Tensor materialise_gates(const ProjArgs& pa) {
+  const PropagateArgs& a = pa.p;
+  const int64_t R = a.K * kGateFields * a.C;
+  const at::Tensor p = pa.proxy.reshape({a.B, pa.S, a.H * a.W});
+  return at::matmul(pa.weight, p).add_(pa.bias.view({1, R, 1})).view({a.B, a.K, kGateFields, a.C, a.H, a.W});
+}
+
+// propagate_proj_fwd for S > kMaxLaneS: the logits materialised and `propagate_fwd(x, gates, merge,
+// directions, chunk)` (the per-plane kernels of gspn_propagate_kernels.h); y channels-last like the
+// lane kernels'.
+template <typename PropagateFwd>
+at::Tensor proj_fwd_materialised(const ProjArgs& pa, const std::vector<std::string>& directions, int64_t chunk,
+                                 PropagateFwd&& propagate_fwd) {
+  const at::Tensor y = propagate_fwd(pa.p.x, materialise_gates(pa), pa.p.merge, directions, chunk);
+  return y.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// propagate_proj_bwd likewise: `propagate_bwd` on the recomputed logits, then the projection's adjoint.
+template <typename PropagateBwd>
+ProjGrads proj_bwd_materialised(const ProjArgs& pa, const at::Tensor& grad_y, const std::vector<std::string>& directions,
+                                int64_t chunk, PropagateBwd&& propagate_bwd) {
+  const PropagateArgs& a = pa.p;
+  auto [dx, dgates, dmerge] = propagate_bwd(grad_y, a.x, materialise_gates(pa), a.merge, directions, chunk);
+  const at::Tensor dg = dgates.reshape({a.B, -1, a.H * a.W});
+  const at::Tensor p = pa.proxy.reshape({a.B, pa.S, a.H * a.W});
+  const at::Tensor dproxy = at::matmul(pa.weight.t(), dg).view({a.B, pa.S, a.H, a.W});
+  const at::Tensor dweight = at::matmul(dg, p.transpose(1, 2)).sum(0);
+  return {dx.contiguous(at::MemoryFormat::ChannelsLast), dproxy.contiguous(at::MemoryFormat::ChannelsLast), dweight,
+          dg.sum({0, 2}), dmerge};
+}
+
+// The whole propagate_proj_fwd op around `launch` (the lane kernels) or, for S > kMaxLaneS,
+// `propagate_fwd` (materialised logits).  `target_ctas`: the plan's CTA target (the CUDA launcher
+// keeps the default; the emulated op lets the tests vary it).
+template <typename Launch, typename PropagateFwd>
+at::Tensor lanes_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                          const at::Tensor& bias, const at::Tensor& merge, const std::vector<std::string>& directions,
+                          int64_t chunk_size, Launch&& launch, PropagateFwd&& propagate_fwd,
+                          int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_fwd");
+  if (pa.S > lanes_cuda::kMaxLaneS) return proj_fwd_materialised(pa, directions, chunk_size, propagate_fwd);
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_fwd_lanes", [&] {
+    y = lanes_forward<scalar_t, at::opmath_type<scalar_t>>(pa, launch, target_ctas);
+  });
+  return y;
+}
+
+template <typename Launch, typename PropagateBwd>
+ProjGrads lanes_proj_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy,
+                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
+                         const std::vector<std::string>& directions, int64_t chunk_size, Launch&& launch,
+                         PropagateBwd&& propagate_bwd, int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_bwd");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              "gspn propagate_proj_bwd: grad_y must have the shape, dtype and device of x");
+  if (pa.S > lanes_cuda::kMaxLaneS) return proj_bwd_materialised(pa, grad_y, directions, chunk_size, propagate_bwd);
+  ProjGrads out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_bwd_lanes", [&] {
+    out = lanes_backward<scalar_t, at::opmath_type<scalar_t>>(pa, grad_y, launch, target_ctas);
+  });
+  return out;
 }
 
 }  // namespace gspn

@@ -63,7 +63,12 @@ _CPU_SOURCES = [
     "cpu/gspn_propagate_cpu.cpp",
     "cpu/gspn_propagate_proj_cpu.cpp",
 ]
-_CUDA_SOURCES = ["cuda/gspn_cuda.cpp", "cuda/gspn_cuda.cu", "cuda/gspn_propagate_cuda.cu"]
+_CUDA_SOURCES = [
+    "cuda/gspn_cuda.cpp",
+    "cuda/gspn_cuda.cu",
+    "cuda/gspn_propagate_cuda.cu",
+    "cuda/gspn_lanes_cuda.cu",
+]
 _HEADERS = [
     "gspn_step.h",
     "gspn_layout.h",
@@ -102,6 +107,7 @@ _CUDA_HEADERS = [
     "cuda/gspn_kernel_common.h",
     "cuda/gspn_scan_kernels.h",
     "cuda/gspn_propagate_kernels.h",
+    "cuda/gspn_lanes_kernels.h",
     "cuda/gspn_cuda_plan.h",
 ]
 

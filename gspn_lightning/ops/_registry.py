@@ -4,9 +4,9 @@ The schemas and the CPU/CUDA kernels come from the C++ extensions (``csrc/gspn_o
 kernel files under ``csrc/cpu`` and ``csrc/cuda``); this module adds what lets ``torch.compile`` trace
 the op (fake tensors) and what lets autograd differentiate it (the backward is another op,
 ``scan_bwd``).
-For CUDA tensors ``propagate_proj_fwd``/``_bwd`` are implemented here, in Python, by materialising the
-gate logits and calling the fused CUDA op (no CUDA kernel computes the projection on the fly yet).
-Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
+The fake tensors have the kernels' strides: ``propagate_proj``'s CUDA kernels
+(``csrc/cuda/gspn_lanes_kernels.h``) return ``y``, ``dx`` and ``dproxy`` channels-last, every other
+output is contiguous.  Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
 (the reference backend supports it).
 """
 
@@ -14,14 +14,31 @@ from __future__ import annotations
 
 import torch
 
-from .reference import project_gates
-
 _REGISTERED = False
 
 
 def _fake_fwd(x, *args):
     """Every forward op returns one tensor shaped like ``x``."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _channels_last_on_cuda(t):
+    """The memory format of a ``propagate_proj`` map output for ``t``'s device: channels-last from the
+    CUDA kernels, contiguous from the CPU kernel."""
+    return torch.channels_last if t.device.type == "cuda" else torch.contiguous_format
+
+
+def _fake_proj_fwd(x, *args):
+    return torch.empty_like(x, memory_format=_channels_last_on_cuda(x))
+
+
+def _fake_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size):
+    fmt = _channels_last_on_cuda(x)
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(proxy, memory_format=fmt),
+        *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (weight, bias, merge)),
+    )
 
 
 def _fake_scan_bwd(grad_h, x, lam, w_neg, w_mid, w_pos, h, direction, chunk_size):
@@ -81,46 +98,27 @@ def _refuse_double_backward(ctx, *grads):
     )
 
 
-def proj_fwd_materialised(x, proxy, weight, bias, merge, directions, chunk_size):
-    """``propagate_proj_fwd`` by materialising the logits (one 1x1 convolution) and calling
-    ``propagate_fwd``: the implementation registered for CUDA tensors, where no kernel computes the
-    projection on the fly yet."""
-    gates = project_gates(proxy, weight, bias, len(directions))
-    return torch.ops.gspn_lightning.propagate_fwd(x, gates, merge, directions, chunk_size)
-
-
-def proj_bwd_materialised(grad_y, x, proxy, weight, bias, merge, directions, chunk_size):
-    """``propagate_proj_bwd`` likewise: ``propagate_bwd`` on the recomputed logits, then the adjoint of
-    the 1x1 projection."""
-    gates = project_gates(proxy, weight, bias, len(directions))
-    dx, dgates, dmerge = torch.ops.gspn_lightning.propagate_bwd(
-        grad_y, x, gates, merge, directions, chunk_size
-    )
-    B, _, H, W = proxy.shape
-    dg = dgates.reshape(B, -1, H * W)
-    dproxy = torch.matmul(weight.t(), dg).view(proxy.shape)
-    dweight = torch.matmul(dg, proxy.reshape(B, -1, H * W).transpose(1, 2)).sum(0)
-    return dx, dproxy, dweight, dg.sum((0, 2)), dmerge
-
-
 def register() -> None:
     """Attach fake and autograd implementations to the ops the loaded extension defined."""
     global _REGISTERED
     if _REGISTERED:
         return
-    for op, fake_bwd, setup_context, backward in (
-        ("scan", _fake_scan_bwd, _setup_context, _backward),
-        ("propagate", _fake_fused_bwd, _setup_fused, _fused_backward("propagate_bwd")),
-        ("propagate_proj", _fake_fused_bwd, _setup_fused, _fused_backward("propagate_proj_bwd")),
+    for op, fake_fwd, fake_bwd, setup_context, backward in (
+        ("scan", _fake_fwd, _fake_scan_bwd, _setup_context, _backward),
+        ("propagate", _fake_fwd, _fake_fused_bwd, _setup_fused, _fused_backward("propagate_bwd")),
+        (
+            "propagate_proj",
+            _fake_proj_fwd,
+            _fake_proj_bwd,
+            _setup_fused,
+            _fused_backward("propagate_proj_bwd"),
+        ),
     ):
-        torch.library.register_fake(f"gspn_lightning::{op}_fwd")(_fake_fwd)
+        torch.library.register_fake(f"gspn_lightning::{op}_fwd")(fake_fwd)
         torch.library.register_fake(f"gspn_lightning::{op}_bwd")(fake_bwd)
         torch.library.register_autograd(f"gspn_lightning::{op}_fwd", backward, setup_context=setup_context)
         # The backward op has no derivative of its own: refuse loudly instead of returning zeros.
         torch.library.register_autograd(
             f"gspn_lightning::{op}_bwd", _refuse_double_backward, setup_context=_setup_bwd_context
         )
-    # CUDA: no kernel with the projection fused in yet; materialise the logits around the fused op.
-    torch.library.impl("gspn_lightning::propagate_proj_fwd", "CUDA")(proj_fwd_materialised)
-    torch.library.impl("gspn_lightning::propagate_proj_bwd", "CUDA")(proj_bwd_materialised)
     _REGISTERED = True

@@ -217,6 +217,18 @@ def gspn_propagate_proj(
     directions), the weight and the bias (over batch and pixels) with per-thread partial sums added in
     a fixed order.
 
+    On CUDA, ``backend="kernel"`` runs the channels-last CUDA kernels
+    (``csrc/cuda/gspn_lanes_kernels.h``): one thread block per batch element, direction and group of
+    8-32 channels (one channel per lane) walks whole lines, rows and columns alike, projecting the
+    logits from the proxy in registers; the backward recomputes the scans from checkpoints every 8
+    lines and reduces the proxy, weight and bias gradients as it goes, with fixed-order partial sums.
+    ``x`` and ``proxy`` are read channels-last (free when they already are, as the mixer's
+    convolutions leave them) and ``y``, ``dx`` and ``dproxy`` come back channels-last; nothing of the
+    logits' size is allocated.  Proxies of more than 16 channels take the materialising path there
+    (the logits as one matrix product, then the per-channel-plane :func:`gspn_propagate` kernel).
+    These kernels are executed on the CPU by the test suite (a host emulation of CUDA) and compiled
+    for sm_80/sm_90, but not yet run on a GPU.
+
     ``backend`` picks the path (``None``: ``$GSPN_BACKEND``, default ``"auto"``):
 
     - ``"kernel"``: the op ``torch.ops.gspn_lightning.propagate_proj_fwd``, the kernel that projects

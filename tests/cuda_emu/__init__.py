@@ -3,9 +3,9 @@
 ``cuda_host_emu.h`` emulates the CUDA execution model on the host (one std::thread per CUDA thread,
 a std::barrier for ``__syncthreads``, warp shuffles through a per-warp exchange); ``emu_ops.cpp``
 compiles the kernel headers (``csrc/cuda/*_kernels.h``) with it and registers
-``torch.ops.gspn_cuda_emu.*``: the scan and the fused propagation, forward and backward, launched
+``torch.ops.gspn_cuda_emu.*``: the scan and the fused propagations, forward and backward, launched
 with the same plan as the CUDA launchers (``csrc/cuda/gspn_cuda_plan.h``), on CPU tensors of float32
-or float64.  :func:`load` builds that library with ``torch.utils.cpp_extension.load`` (C++20) into the
+or float64 (``propagate_proj``: also bfloat16 and float16).  :func:`load` builds that library with ``torch.utils.cpp_extension.load`` (C++20) into the
 kernels' cache folder, keyed by a hash of every source it compiles, like the kernels' own builds: the
 first build takes half a minute to a minute on a loaded 2-core machine, later processes load it at
 once.  ``race_check.cpp`` runs the same kernels in a plain program for ThreadSanitizer.

@@ -33,9 +33,10 @@
 // them (in practice a missing __syncthreads in the GSPN kernels fails most test cases); compiled with
 // -fsanitize=thread (race_check.cpp) every access pair that no barrier orders is reported.
 //
-// Not emulated: the memory model beyond what the barriers order, __launch_bounds__ (ignored), 16-bit
-// types (c10::Half, __nv_bfloat16), textures, cooperative groups, clusters, and warp collectives over
-// a subset of a warp.
+// Not emulated: the memory model beyond what the barriers order, __launch_bounds__ (ignored), CUDA's
+// own 16-bit types and intrinsics (__half, __nv_bfloat16; kernels templated on c10::Half /
+// c10::BFloat16, which are host types too, run), textures, cooperative groups, clusters, and warp
+// collectives over a subset of a warp.
 #pragma once
 
 #if defined(__CUDACC__)

@@ -1,12 +1,15 @@
 // The CUDA kernels of csrc/cuda, executed on the CPU under the host emulation (cuda_host_emu.h), as
-// torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors (float32 and float64: the emulation has no
-// 16-bit types).
+// torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors: the scan and the per-plane fused propagation
+// in float32 and float64, the channels-last propagate_proj kernels in every dtype the CUDA op takes
+// (c10::BFloat16 and c10::Half are plain host types; the kernels use no 16-bit intrinsics).
 //
 // Each op does what the CUDA binding and launcher do (gspn_cuda.cpp, gspn_cuda.cu,
-// gspn_propagate_cuda.cu): the same layout code (gspn_layout.h), the same launch plan and workspaces
-// (gspn_cuda_plan.h), then the kernels through cuda_emu::launch instead of <<<...>>>.  Built by
-// tests/cuda_emu/__init__.py.
+// gspn_propagate_cuda.cu, gspn_lanes_cuda.cu): the same layout code (gspn_layout.h), the same launch
+// plan and workspaces (gspn_cuda_plan.h; for propagate_proj the whole op), then the kernels through
+// cuda_emu::launch instead of <<<...>>>.  Built by tests/cuda_emu/__init__.py.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -20,6 +23,7 @@
 
 // The kernels see the device side of gspn_step.h (gexp is expf / exp, as on a GPU).
 #define __CUDA_ARCH__ 900
+#include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
 #undef __CUDA_ARCH__
@@ -210,6 +214,60 @@ std::vector<int64_t> propagate_plan_info(const at::Tensor& x, const at::Tensor& 
   return out;
 }
 
+
+// ---- the channels-last propagate_proj kernels (gspn_lanes_cuda.cu) ----
+
+// gspn_lanes_cuda.cu's launch, through the emulation.
+struct EmuLaunch {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) const {
+    cuda_emu::launch(kernel, grid, block, shared_bytes, std::forward<Args>(args)...);
+  }
+};
+
+// What gspn_lanes_cuda.cu's bindings do (gspn_cuda_plan.h's lanes_proj_fwd / _bwd, every dtype the
+// CUDA op takes: c10::BFloat16 and c10::Half are host types too), with the emulated per-plane kernels
+// (staged where they fit) for proxies of more than 16 channels.  `target_ctas` is the plan's CTA
+// target (gspn_lanes_kernels.h, kTargetCtas = 264 on the GPU): small shapes reach every G and run
+// layout with it.
+at::Tensor propagate_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions,
+                              int64_t chunk_size, int64_t target_ctas) {
+  return gspn::lanes_proj_fwd(x, proxy, weight, bias, merge, directions, chunk_size, EmuLaunch{},
+                              [](const at::Tensor& x_, const at::Tensor& g, const at::Tensor& m,
+                                 const std::vector<std::string>& d, int64_t c) { return propagate_fwd(x_, g, m, d, c, true); },
+                              target_ctas);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions, int64_t chunk_size,
+    int64_t target_ctas) {
+  return gspn::lanes_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size, EmuLaunch{},
+                              [](const at::Tensor& gy, const at::Tensor& x_, const at::Tensor& g, const at::Tensor& m,
+                                 const std::vector<std::string>& d,
+                                 int64_t c) { return propagate_bwd(gy, x_, g, m, d, c, true); },
+                              target_ctas);
+}
+
+// (G, P, channel groups, runs per batch element, chunks per run, shared bytes, global line buffers,
+// global workspace elements) of the lane kernels' launch, for the tests.
+std::vector<int64_t> propagate_proj_plan_info(const at::Tensor& x, const at::Tensor& proxy,
+                                              std::vector<std::string> directions, int64_t chunk_size,
+                                              bool backward, int64_t target_ctas) {
+  const int64_t K = static_cast<int64_t>(directions.size()), R = K * 6 * x.size(1);
+  const at::Tensor weight = at::zeros({R, proxy.size(1)}, x.options()), bias = at::zeros({R}, x.options());
+  const at::Tensor merge = at::zeros({K, x.size(1)}, x.options());
+  const gspn::ProjArgs pa = gspn::lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn plan");
+  std::vector<int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_lanes_plan", [&] {
+    const auto p = gspn::plan_lanes_launch<at::opmath_type<scalar_t>>(pa, backward, target_ctas);
+    out = {p.geo.G,         p.geo.P, p.geo.groups, p.geo.zruns, p.geo.cpr, static_cast<int64_t>(p.shared_bytes),
+           p.geo.global_lines, p.ws_elems};
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace gspn_emu
 
@@ -220,5 +278,8 @@ TORCH_LIBRARY(gspn_cuda_emu, m) {
   m.def("propagate_fwd", &gspn_emu::propagate_fwd);
   m.def("propagate_bwd", &gspn_emu::propagate_bwd);
   m.def("propagate_plan", &gspn_emu::propagate_plan_info);
+  m.def("propagate_proj_fwd", &gspn_emu::propagate_proj_fwd);
+  m.def("propagate_proj_bwd", &gspn_emu::propagate_proj_bwd);
+  m.def("propagate_proj_plan", &gspn_emu::propagate_proj_plan_info);
   gspn_emu::register_selftests(m);
 }

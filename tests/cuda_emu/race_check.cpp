@@ -13,6 +13,7 @@
 #include "cuda_host_emu.h"
 
 #define __CUDA_ARCH__ 900
+#include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
 #undef __CUDA_ARCH__
@@ -81,6 +82,41 @@ void propagate(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, bool s
   }
 }
 
+
+// The channels-last propagate_proj kernels (all four directions, or with `rows` t2b and b2t; S proxy
+// channels), forward with the merge kernel and backward, with the plan's CTA target `ctas`.
+void lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S, int64_t ctas, std::mt19937& rng,
+           bool rows = false) {
+  using namespace gspn::lanes_cuda;
+  const int64_t K = rows ? 2 : 4, n = B * C * H * W, R = K * 6 * C;
+  const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
+  Buffer x(n, rng), proxy(B * S * H * W, rng), weight(R * S, rng), bias(R, rng), merge(K * C, rng, 0.1f, 1.0f);
+  Buffer gy(n, rng), part(K * n, rng), y(n, rng);
+  for (bool backward : {false, true}) {
+    const LanesPlan p = plan_lanes<float>(B, C, H, W, K, chunk, S, transpose, reverse, backward, ctas);
+    Buffer ws(p.ws_elems, rng);
+    const dim3 grid(p.grid[0], p.grid[1], p.grid[2]), block(p.block[0], p.block[1]);
+    if (!backward) {
+      auto kernel = S <= 8 ? lanes_fwd_kernel<float, float, 8> : lanes_fwd_kernel<float, float, 16>;
+      cuda_emu::launch(kernel, grid, block, p.shared_bytes, x.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(),
+                       merge.ptr(), part.ptr(), ws.ptr(), p.geo);
+    } else {
+      const int64_t zb = B * p.geo.zruns;
+      Buffer dproxy(K * p.geo.groups * B * H * W * S, rng), dwb(zb * R * (S + 1), rng), dm(zb * K * C, rng);
+      auto kernel = S <= 8 ? lanes_bwd_kernel<float, float, 8> : lanes_bwd_kernel<float, float, 16>;
+      cuda_emu::launch(kernel, grid, block, p.shared_bytes, gy.ptr(), x.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(),
+                       merge.ptr(), part.ptr(), dproxy.ptr(), dwb.ptr(), dm.ptr(), ws.ptr(), p.geo);
+    }
+    cuda_emu::launch(lanes_merge_kernel<float, float>, dim3(merge_blocks(n)), dim3(kMergeThreads), 0, part.ptr(),
+                     y.ptr(), n, K);
+    std::printf("lanes %lldx%lldx%lldx%lld S=%lld chunk=%lld %s: G=%d P=%d, %lld runs, global lines %d\n",
+                static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+                static_cast<long long>(W), static_cast<long long>(S), static_cast<long long>(chunk),
+                backward ? "backward" : "forward", p.geo.G, p.geo.P, static_cast<long long>(p.geo.zruns),
+                p.geo.global_lines);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -94,5 +130,8 @@ int main() {
   propagate(2, 3, 4, 4, 0, true, rng);    // several planes per block, 16-byte copies
   propagate(2, 5, 5, 33, 3, true, rng);   // several staged blocks, the last one partial
   propagate(1, 1, 2, 1600, 0, true, rng, true);  // in place, the global workspace in the backward
+  lanes(1, 19, 9, 11, 0, 16, 1, rng);   // 32 lanes, masked ones, checkpoints every 8 lines
+  lanes(2, 5, 7, 10, 3, 3, 264, rng);   // 8 lanes, runs of chunks
+  lanes(1, 3, 2, 600, 0, 8, 264, rng, true);  // the line buffers in the global workspace (backward)
   return 0;
 }

@@ -1,0 +1,63 @@
+// Launcher and CUDA registration of the channels-last propagate_proj kernels (gspn_lanes_kernels.h).
+// The op itself — channels-last arguments, plan, workspaces, partial buffers, the kernel sequence and
+// the final sums — is gspn_cuda_plan.h's lanes_proj_fwd / lanes_proj_bwd, which the test suite's
+// host emulation runs too; this file gives it the CUDA launch (<<<...>>> on the current stream) and,
+// for proxies of more than kMaxLaneS (16) channels, the per-plane propagate kernels
+// (gspn_propagate_cuda.cu) on materialised logits.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "gspn_cuda.h"
+#include "gspn_cuda_plan.h"
+
+namespace gspn {
+namespace {
+
+// kernel<<<grid, block, shared_bytes, current stream>>>(args...), opting into more than 48 KB of
+// dynamic shared memory where the plan asks for it.
+struct CudaLaunch {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) const {
+    if (shared_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(shared_bytes)));
+    }
+    kernel<<<grid, block, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+at::Tensor propagate_proj_fwd_cuda(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+                                   const at::Tensor& bias, const at::Tensor& merge,
+                                   std::vector<std::string> directions, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lanes_proj_fwd(x, proxy, weight, bias, merge, directions, chunk_size, CudaLaunch{},
+                        [](const at::Tensor& x_, const at::Tensor& gates, const at::Tensor& m,
+                           const std::vector<std::string>& d, int64_t c) { return propagate_fwd_cuda(x_, gates, m, d, c); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lanes_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size, CudaLaunch{},
+                        [](const at::Tensor& gy, const at::Tensor& x_, const at::Tensor& gates, const at::Tensor& m,
+                           const std::vector<std::string>& d,
+                           int64_t c) { return propagate_bwd_cuda(gy, x_, gates, m, d, c); });
+}
+
+}  // namespace
+}  // namespace gspn
+
+TORCH_LIBRARY_IMPL(gspn_lightning, CUDA, m) {
+  m.impl("propagate_proj_fwd", &gspn::propagate_proj_fwd_cuda);
+  m.impl("propagate_proj_bwd", &gspn::propagate_proj_bwd_cuda);
+}
