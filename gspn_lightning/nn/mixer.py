@@ -196,8 +196,9 @@ class GSPNMixer(nn.Module):
             maps are computed per plane inside the kernel and never stored, neither for the forward
             nor for the backward.  ``False`` materialises them with the ``gates`` conv and calls
             :func:`gspn_lightning.ops.gspn_propagate` (the previous fused path).  Same parameters and
-            state dict either way (the op reads ``gates.weight`` through a view).  On CUDA the op
-            still materialises the logits internally (no CUDA kernel for the projection yet).
+            state dict either way (the op reads ``gates.weight`` through a view).  On CUDA the
+            channels-last kernel that projects them in registers runs with ``backend="kernel"``; the
+            default there is still ``"planes"`` (logits materialised) until a GPU run proves it.
     """
 
     def __init__(
