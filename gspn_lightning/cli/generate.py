@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gspn_lightning.models.sdxl_generate import generate, read_prompts
+from gspn_lightning.models.sdxl_progressive import DEFAULT_STRENGTH
 
 PROG = "gspn generate"
 
@@ -31,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and generation.json")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=None, help="default 1024 (not with --progressive)")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (not with --progressive)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--negative-prompt", default=None)
@@ -50,7 +51,41 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on cuda, else float32"
     )
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group(
+        "progressive generation (very large images: generate at the first size, then upscale and refine)"
+    )
+    g.add_argument(
+        "--progressive",
+        default=None,
+        metavar="SIZES",
+        help="increasing sizes, N or WxH, comma-separated, e.g. 1024,2048,4096 or 1024x768,2048x1536; "
+        "the last is the output's; implies VAE tiling",
+    )
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"noise level each refinement starts from, in (0, 1] (default {DEFAULT_STRENGTH})",
+    )
+    g.add_argument(
+        "--stage-steps",
+        default=None,
+        metavar="STEPS",
+        help="schedule length per size, comma-separated (default --steps for each); "
+        "a refinement runs the last int(steps * strength) of its steps",
+    )
+    g.add_argument("--save-stages", action="store_true", help="also save each earlier stage's image")
     return p
+
+
+def _csv(option: str, text: str | None, cast=str) -> list | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    try:
+        return [cast(t) for t in items]
+    except ValueError as err:
+        raise ValueError(f"{option} takes comma-separated values, got {text!r}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -71,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             gspn_options=options,
             dtype=None if args.dtype is None else _DTYPES[args.dtype],
             progress=not args.no_progress,
+            progressive=_csv("--progressive", args.progressive),
+            strength=args.strength,
+            stage_steps=_csv("--stage-steps", args.stage_steps, int),
+            save_stages=args.save_stages,
             **{k: getattr(args, k) for k in same},
         )
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
