@@ -27,7 +27,11 @@ def original(tiny_sdxl_dir):
 
 def test_stage_sizes_files_and_seeds(tiny_sdxl_dir, original, tmp_path):
     kw = dict(
-        progressive=[32, 64, 128], stage_steps=[3, 2, 2], strength=0.5, progress=False, pipeline=original
+        progressive=[32, 64, 128],
+        stage_steps=[3, 2, 4],
+        strength=[0.5, 0.25],
+        progress=False,
+        pipeline=original,
     )
     paths = generate(tiny_sdxl_dir, PROMPTS, tmp_path / "a", seed=5, batch_size=2, save_stages=True, **kw)
     assert [p.name for p in paths] == ["00000_5.png", "00001_6.png"]
@@ -39,11 +43,11 @@ def test_stage_sizes_files_and_seeds(tiny_sdxl_dir, original, tmp_path):
                 size,
             )
     info = json.loads((tmp_path / "a" / "generation.json").read_text())
-    assert (info["width"], info["height"], info["strength"], info["vae_tiling"]) == (128, 128, 0.5, True)
+    assert (info["width"], info["height"], info["vae_tiling"]) == (128, 128, True)
     assert info["progressive"] == [
-        {"width": 32, "height": 32, "steps": 3},
-        {"width": 64, "height": 64, "steps": 2},
-        {"width": 128, "height": 128, "steps": 2},
+        {"width": 32, "height": 32, "steps": 3, "strength": 1.0},
+        {"width": 64, "height": 64, "steps": 2, "strength": 0.5},
+        {"width": 128, "height": 128, "steps": 4, "strength": 0.25},
     ]
     assert info["images"][1]["stages"] == ["00001_6_stage0_32x32.png", "00001_6_stage1_64x64.png"]
     assert not original[0].vae.use_tiling  # switched on for the run only
@@ -57,11 +61,11 @@ def test_stage_sizes_files_and_seeds(tiny_sdxl_dir, original, tmp_path):
     assert np.abs(pixels(other[0]).astype(int) - pixels(paths[1])).max() > 10
     assert not list((tmp_path / "s").glob("*stage*"))
     # non-square, the default strength and --steps for every stage
-    wide = generate(tiny_sdxl_dir, PROMPTS[:1], tmp_path / "w", progressive=["64x32", (128, 64)], steps=2,
+    wide = generate(tiny_sdxl_dir, PROMPTS[:1], tmp_path / "w", progressive=["64x32", (128, 64)], steps=3,
                     progress=False, pipeline=original)  # fmt: skip
     assert Image.open(wide[0]).size == (128, 64)
     info = json.loads((tmp_path / "w" / "generation.json").read_text())
-    assert info["strength"] == 0.55 and [s["steps"] for s in info["progressive"]] == [2, 2]
+    assert [(s["steps"], s["strength"]) for s in info["progressive"]] == [(3, 1.0), (3, 0.4)]
 
 
 class _VaeSpy:
@@ -106,7 +110,7 @@ def test_refinement_starts_from_the_upscaled_previous_stage(original, monkeypatc
         for strength in (0.05, 1.0):  # a 20-step schedule: 1 step of it, then all 20
             outs, before = [], len(spy.samples)
             stages = plan_stages([32, 64], strength, 20)
-            final = run_stages(pipe, stages, strength, PROMPTS[:1], [torch.Generator().manual_seed(0)],
+            final = run_stages(pipe, stages, PROMPTS[:1], [torch.Generator().manual_seed(0)],
                                on_stage=lambda k, s, im, outs=outs: outs.append(im), progress=False)  # fmt: skip
             assert final.shape == (1, 3, 64, 64) and torch.equal(final, outs[-1])
             # the refinement encodes exactly the previous stage's image upscaled (in [-1, 1])
@@ -128,8 +132,8 @@ def test_tiled_vae_at_the_large_stage(original, monkeypatch):
     monkeypatch.setattr(pipe.vae, "tile_latent_min_size", 8)
     spy = _VaeSpy(pipe.vae, monkeypatch)
     try:
-        stages = [Stage(32, 32, 2), Stage(64, 64, 2), Stage(128, 128, 2)]
-        final = run_stages(pipe, stages, 0.5, PROMPTS[:1], [torch.Generator().manual_seed(0)], progress=False,
+        stages = [Stage(32, 32, 2), Stage(64, 64, 2, 0.5), Stage(128, 128, 2, 0.5)]
+        final = run_stages(pipe, stages, PROMPTS[:1], [torch.Generator().manual_seed(0)], progress=False,
                            guidance_scale=1.0)  # fmt: skip
     finally:
         spy.remove_hooks(pipe.vae)
@@ -171,6 +175,8 @@ def test_bad_plans():
         (dict(sizes=["64x32", "128x16"]), "sizes must increase"),
         (dict(strength=0.0), r"strength must be in \(0, 1\]"),
         (dict(strength=1.5), r"strength must be in \(0, 1\]"),
+        (dict(sizes=[32, 64, 128], strength=[0.5, 0.0]), r"strength must be in \(0, 1\]"),
+        (dict(strength=[0.5, 0.5]), "strength has 2 entries for 1 refinements"),
         (dict(stage_steps=[4]), "stage_steps has 1 entries for 2 progressive sizes"),
         (dict(stage_steps=[4, 0]), r"stage_steps\[1\] must be an integer >= 1"),
         (dict(stage_steps=[4, 1]), r"stage 1 runs no step: int\(steps 1 x strength 0.5\) = 0"),
@@ -178,7 +184,8 @@ def test_bad_plans():
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             plan_stages(**{"sizes": [32, 64], "strength": 0.5, "steps": 30, **kw})
-    assert plan_stages([32, "64x64"], 1.0, 1) == [Stage(32, 32, 1), Stage(64, 64, 1)]  # strength 1 is allowed
+    assert plan_stages([32, "64x64"], 1.0, 1) == [Stage(32, 32, 1), Stage(64, 64, 1, 1.0)]  # 1 is allowed
+    assert plan_stages([32, 64, 128], [0.5, 0.25], 8)[1:] == [Stage(64, 64, 8, 0.5), Stage(128, 128, 8, 0.25)]
 
 
 def test_bad_options_fail_before_loading(tmp_path):
@@ -195,6 +202,9 @@ def test_bad_options_fail_before_loading(tmp_path):
     with pytest.raises(SystemExit, match="--stage-steps takes comma-separated values"):
         main(["--sdxl", str(missing), "--prompt", "a", "--out", str(tmp_path), "--progressive", "32,64",
               "--stage-steps", "2,x"])  # fmt: skip
+    with pytest.raises(SystemExit, match="--strength takes comma-separated values"):
+        main(["--sdxl", str(missing), "--prompt", "a", "--out", str(tmp_path), "--progressive", "32,64",
+              "--strength", "half"])  # fmt: skip
     with pytest.raises(SystemExit, match="not both"):
         main(["--sdxl", str(missing), "--prompt", "a", "--out", str(tmp_path), "--progressive", "32,64",
               "--height", "64"])  # fmt: skip
@@ -203,7 +213,7 @@ def test_bad_options_fail_before_loading(tmp_path):
 def test_command_line(tiny_sdxl_dir, tmp_path, capfd):
     out = tmp_path / "out"
     paths = main(["--sdxl", str(tiny_sdxl_dir), "--prompt", "the sun", "--out", str(out), "--seed", "3",
-                  "--progressive", "32x32,64x32,128x64", "--stage-steps", "2,2,2", "--strength", "0.5",
+                  "--progressive", "32x32,64x32,128x64", "--stage-steps", "2,2,2", "--strength", "0.5,0.5",
                   "--save-stages"])  # fmt: skip
     assert [p.name for p in paths] == ["00000_3.png"] and Image.open(paths[0]).size == (128, 64)
     assert sorted(p.name for p in out.glob("*stage*.png")) == [

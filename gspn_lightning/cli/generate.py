@@ -63,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--strength",
-        type=float,
         default=None,
-        help=f"noise level each refinement starts from, in (0, 1] (default {DEFAULT_STRENGTH})",
+        metavar="S",
+        help=f"noise level each refinement starts from, in (0, 1] (default {DEFAULT_STRENGTH}): one value, "
+        "or one per size after the first, comma-separated",
     )
     g.add_argument(
         "--stage-steps",
@@ -88,6 +89,11 @@ def _csv(option: str, text: str | None, cast=str) -> list | None:
         raise ValueError(f"{option} takes comma-separated values, got {text!r}") from err
 
 
+def _strength(text: str | None) -> float | list[float] | None:
+    values = _csv("--strength", text, float)
+    return values[0] if values is not None and len(values) == 1 else values
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = _parser().parse_args(argv)
     try:
@@ -107,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             dtype=None if args.dtype is None else _DTYPES[args.dtype],
             progress=not args.no_progress,
             progressive=_csv("--progressive", args.progressive),
-            strength=args.strength,
+            strength=_strength(args.strength),
             stage_steps=_csv("--stage-steps", args.stage_steps, int),
             save_stages=args.save_stages,
             **{k: getattr(args, k) for k in same},

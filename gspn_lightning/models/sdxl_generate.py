@@ -20,7 +20,7 @@ PNGs are written atomically as ``<out>/<index>_<seed>.png`` beside ``<out>/gener
 prompt, seed, file and setting).  ``--vae-tiling`` decodes in tiles (``vae.enable_tiling()``), which
 large sizes need for memory.
 
-``--progressive 1024,2048,4096 [--strength 0.55] [--stage-steps 30,20,20] [--save-stages]`` makes very
+``--progressive 1024,2048,4096 [--strength 0.4] [--stage-steps 30,30,20] [--save-stages]`` makes very
 large images the way the GSPN paper timed them: the first size from text, then each next size by
 upscaling the previous image and refining it from an intermediate noise level (SDEdit), with the tiled
 VAE (:mod:`gspn_lightning.models.sdxl_progressive`).
@@ -142,7 +142,7 @@ def generate(
     progress: bool = True,
     pipeline=None,
     progressive: Sequence | None = None,
-    strength: float | None = None,
+    strength: float | Sequence[float] | None = None,
     stage_steps: Sequence[int] | None = None,
     save_stages: bool = False,
 ) -> list[Path]:
@@ -161,8 +161,8 @@ def generate(
         progressive: sizes (``N`` or ``WxH``, increasing), the first generated from text, each next one
             by upscaling the previous image and refining it (see
             :mod:`~gspn_lightning.models.sdxl_progressive`); the images have the last size.
-        strength: the noise level each refinement starts from, in (0, 1] (default 0.55): a stage of
-            ``n`` steps runs the last ``int(n * strength)`` of them.
+        strength: the noise level each refinement starts from, in (0, 1] (default 0.4), one for all or one
+            per refinement: a stage of ``n`` steps runs the last ``int(n * strength)`` of them.
         stage_steps: one schedule length per progressive size (default ``steps`` for each).
         save_stages: also write each earlier stage's image as ``<index>_<seed>_stage<k>_<W>x<H>.png``.
 
@@ -234,7 +234,7 @@ def generate(
                     stage_files.setdefault(k, []).append(path.name)
 
             images = run_stages(
-                pipe, stages, strength, [jobs[k][0] for k in chunk], generators, refiner=refiner,
+                pipe, stages, [jobs[k][0] for k in chunk], generators, refiner=refiner,
                 on_stage=save_stage, progress=progress, guidance_scale=float(guidance_scale),
                 negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
             ).permute(0, 2, 3, 1).cpu().numpy()  # fmt: skip
@@ -261,8 +261,10 @@ def generate(
         "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)) or stages is not None,
         "progressive": None
         if stages is None
-        else [{"width": st.width, "height": st.height, "steps": st.steps} for st in stages],
-        "strength": None if stages is None else float(strength),
+        else [
+            {"width": st.width, "height": st.height, "steps": st.steps, "strength": st.strength}
+            for st in stages
+        ],
         "seconds": round(time.perf_counter() - start, 3),
         "images": records,
     }

@@ -1,10 +1,10 @@
 """Progressive SD-XL generation to very high resolution: a base image, then upscale-and-refine stages.
 
-This is how the GSPN paper's 4K-16K SD-XL images (and their timings) are made, after LinFusion's
-"SDEdit" route and DemoFusion's progressive upscaling: text-to-image at a size the model was trained for
-(1024² for SD-XL), then, stage after stage, the image is upscaled to the next size, noised to an
-intermediate timestep (``strength``) and denoised from there with the same prompt, so the model only has
-to add the detail the new size allows, not invent the composition at a size it never saw.
+This is the route the GSPN release takes to its large SD-XL images (after LinFusion's "SDEdit" route and
+DemoFusion's progressive upscaling): its SD-XL inference script draws 512² from text, then refines to
+1024², 2048², 4096² and 8192², each stage from the previous image resized in pixel space, re-encoded and
+noised to strength 0.42, 0.32, 0.32, 0.28 (50 steps up to 2048², 30 above), with the tiled VAE.  The model
+only has to add the detail the new size allows, not invent a composition at a size it never saw.
 
 Each refinement stage:
 
@@ -20,6 +20,11 @@ Why pixel space and not the latent: SD-XL latents are not smooth images; interpo
 the decoder never saw (blur and colour shifts that a moderate ``strength`` does not repair), whereas the
 decoded image upscales cleanly and its re-encoding is a latent of a real, if soft, image, which is what
 SDEdit assumes.  The price, a tiled decode and encode per stage, is small next to the UNet at those sizes.
+
+Not done here (so times from this pipeline are not the paper's): the release's refinement also mixes the
+noised input latent back in at every step with a cosine weight (DemoFusion's skip residual) and runs a
+second UNet pass per step, with dilated convolutions, on a Gaussian-filtered latent (ScaleCrafter-like);
+ours is plain SDEdit, one (guided) UNet evaluation per step.
 
 The VAE's tiling is switched on for the run (``vae.enable_tiling()``; diffusers tiles only inputs larger
 than its tile, so small stages run whole) and restored afterwards.
@@ -44,16 +49,18 @@ __all__ = [
     "upscale",
 ]
 
-DEFAULT_STRENGTH = 0.55
+DEFAULT_STRENGTH = 0.4  # within the release's 0.28-0.42 (its SD-XL script's stages from 1K to 8K)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its size in pixels and the length of its schedule (stage 0 runs all of it)."""
+    """One stage: its size in pixels, the length of its schedule and the noise level it starts from (the
+    last ``int(steps * strength)`` steps run; stage 0, from text, has strength 1 and runs them all)."""
 
     width: int
     height: int
     steps: int
+    strength: float = 1.0
 
 
 def parse_size(size) -> tuple[int, int]:
@@ -74,7 +81,7 @@ def parse_size(size) -> tuple[int, int]:
 
 def plan_stages(
     sizes: Sequence,
-    strength: float,
+    strength: float | Sequence[float],
     steps: int,
     stage_steps: Sequence[int] | None = None,
     multiple: int = 8,
@@ -83,8 +90,9 @@ def plan_stages(
 
     ``sizes``: the base size then one size per refinement (at least two), each ``N`` or ``WxH``, each a
     multiple of ``multiple`` (the VAE's scale), no side smaller than the one before and none equal to it.
-    ``strength`` in (0, 1]; ``stage_steps`` (one per size, default ``steps`` for all) integers >= 1, and
-    every refinement must run at least one step: ``int(steps_k * strength) >= 1``.
+    ``strength``: one value in (0, 1] for every refinement or one per refinement (``len(sizes) - 1``);
+    ``stage_steps`` (one per size, default ``steps`` for all) integers >= 1, and every refinement must run
+    at least one step: ``int(steps_k * strength_k) >= 1``.
     """
     if isinstance(sizes, (str, int)) or len(sizes) < 2:
         raise ValueError(f"progressive needs at least two sizes (the base and one refinement), got {sizes!r}")
@@ -101,10 +109,17 @@ def plan_stages(
                 f"progressive sizes must increase: size {k} ({w}x{h}) is not larger than size {k - 1} "
                 f"({parsed[k - 1][0]}x{parsed[k - 1][1]}) on one side and no smaller on the other"
             )
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * (len(parsed) - 1)
+    if len(strengths) != len(parsed) - 1:
         raise ValueError(
-            f"strength must be in (0, 1] (the noise level each refinement starts from), got {strength!r}"
+            f"strength has {len(strengths)} entries for {len(parsed) - 1} refinements (give one, or one per size "
+            f"after the first)"
         )
+    for v in strengths:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(
+                f"strength must be in (0, 1] (the noise level a refinement starts from), got {strength!r}"
+            )
     if stage_steps is None:
         stage_steps = [steps] * len(parsed)
     stage_steps = list(stage_steps)
@@ -113,11 +128,12 @@ def plan_stages(
     for k, n in enumerate(stage_steps):
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"stage_steps[{k}] must be an integer >= 1, got {n!r}")
-        if k and int(n * strength) < 1:
+        if k and int(n * strengths[k - 1]) < 1:
             raise ValueError(
-                f"stage {k} runs no step: int(steps {n} x strength {strength}) = 0; raise its steps or strength"
+                f"stage {k} runs no step: int(steps {n} x strength {strengths[k - 1]}) = 0; "
+                f"raise its steps or strength"
             )
-    return [Stage(w, h, int(n)) for (w, h), n in zip(parsed, stage_steps)]
+    return [Stage(w, h, int(n), float(v)) for (w, h), n, v in zip(parsed, stage_steps, [1.0, *strengths])]
 
 
 def refine_pipeline(pipe):
@@ -145,7 +161,6 @@ def upscale(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
 def run_stages(
     pipe,
     stages: Sequence[Stage],
-    strength: float,
     prompt: list[str],
     generator: list[torch.Generator],
     refiner=None,
@@ -175,7 +190,7 @@ def run_stages(
                     result = runner(width=stage.width, height=stage.height, **kwargs)
                 else:
                     result = runner(
-                        image=upscale(images, stage.width, stage.height), strength=strength, **kwargs
+                        image=upscale(images, stage.width, stage.height), strength=stage.strength, **kwargs
                     )
             images = result.images.float()
             if on_stage is not None:
