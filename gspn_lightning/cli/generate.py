@@ -1,7 +1,8 @@
 """``gspn generate --sdxl SDXL_FOLDER --prompt TEXT --out DIR [--gspn-weights FILE] ...``: text-to-image
 with SD-XL from a local folder, with GSPN in place of self-attention (or the original attention), into
 PNGs and ``generation.json`` (:func:`gspn_lightning.models.sdxl_generate.generate`; the options and
-the seeding are described there).
+the seeding are described there).  ``--progressive 1024,2048,4096 [--strength S] [--stage-steps N,N,N]``
+makes very large images by upscale-and-refine stages (:mod:`gspn_lightning.models.sdxl_progressive`).
 """
 
 from __future__ import annotations
