@@ -10,7 +10,14 @@ from PIL import Image
 
 from gspn_lightning.cli.generate import main
 from gspn_lightning.models.sdxl_generate import build_pipeline, generate
-from gspn_lightning.models.sdxl_progressive import Stage, parse_size, plan_stages, run_stages, upscale
+from gspn_lightning.models.sdxl_progressive import (
+    Stage,
+    parse_size,
+    plan_stages,
+    refine_pipeline,
+    run_stages,
+    upscale,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 PROMPTS = ["a photo of a cat on the table", "a red apple"]
@@ -147,6 +154,10 @@ def test_tiled_vae_at_the_large_stage(original, monkeypatch):
 
 def test_gspn_swapped_unet(tiny_sdxl_dir, original, tmp_path):
     swapped = build_pipeline(tiny_sdxl_dir, gspn_options={"d_state": 2, "chunk_size": 4})
+    refiner = refine_pipeline(swapped[0])  # the refinements run the same modules, nothing copied
+    assert all(
+        getattr(refiner, n) is getattr(swapped[0], n) for n in ("unet", "vae", "text_encoder_2", "scheduler")
+    )
     kw = dict(progressive=[32, 64], stage_steps=[2, 2], strength=0.5, seed=1, progress=False)
     gspn = generate(tiny_sdxl_dir, PROMPTS[:1], tmp_path / "g", pipeline=swapped, **kw)
     again = generate(tiny_sdxl_dir, PROMPTS[:1], tmp_path / "g2", pipeline=swapped, **kw)

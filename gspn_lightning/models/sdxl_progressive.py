@@ -142,14 +142,12 @@ def refine_pipeline(pipe):
     Nothing is copied: the UNet (swapped or not), VAE, text encoders and scheduler are the same objects."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    refiner = StableDiffusionXLImg2ImgPipeline(
+    return StableDiffusionXLImg2ImgPipeline(
         **pipe.components,
         requires_aesthetics_score=False,  # SD-XL base's conditioning (the refiner model's is True)
         force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
         add_watermarker=False,
     )
-    refiner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return refiner
 
 
 def upscale(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
