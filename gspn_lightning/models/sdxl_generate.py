@@ -20,6 +20,11 @@ PNGs are written atomically as ``<out>/<index>_<seed>.png`` beside ``<out>/gener
 prompt, seed, file and setting).  ``--vae-tiling`` decodes in tiles (``vae.enable_tiling()``), which
 large sizes need for memory.
 
+``--progressive 1024,2048,4096 [--strength 0.4] [--stage-steps 30,30,20] [--save-stages]`` makes very
+large images the way the GSPN paper timed them: the first size from text, then each next size by
+upscaling the previous image and refining it from an intermediate noise level (SDEdit), with the tiled
+VAE (:mod:`gspn_lightning.models.sdxl_progressive`).
+
 This module does not import Lightning (it lives in ``models/`` beside the swap for that reason: the
 ``tasks`` package imports Lightning).
 """
@@ -37,6 +42,7 @@ import torch
 
 from .sdxl import swap_and_load_gspn_weights, swap_self_attention
 from .sdxl_pipeline import PARTS, load_sdxl
+from .sdxl_progressive import DEFAULT_STRENGTH, plan_stages, refine_pipeline, run_stages
 
 __all__ = ["build_pipeline", "generate", "read_prompts"]
 
@@ -98,12 +104,29 @@ def _check_size(name: str, value: int, multiple: int) -> int:
     return int(value)
 
 
+def _check_progressive(width, height, progressive, strength, steps, stage_steps, save_stages):
+    """Errors for options that do not go together, before a pipeline is built (the VAE's scale is
+    checked again once it is known)."""
+    if progressive is None:
+        for name, v in (
+            ("strength", strength),
+            ("stage_steps", stage_steps),
+            ("save_stages", save_stages or None),
+        ):
+            if v is not None:
+                raise ValueError(f"{name} is an option of progressive generation: give progressive sizes too")
+        return
+    if width is not None or height is not None:
+        raise ValueError("give width/height or progressive sizes, not both (the last size is the output's)")
+    plan_stages(progressive, DEFAULT_STRENGTH if strength is None else strength, steps, stage_steps)
+
+
 def generate(
     sdxl: str | Path,
     prompts: Sequence[str],
     out: str | Path,
-    width: int = 1024,
-    height: int = 1024,
+    width: int | None = None,
+    height: int | None = None,
     steps: int = 30,
     guidance_scale: float = 5.0,
     negative_prompt: str | None = None,
@@ -118,6 +141,10 @@ def generate(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     pipeline=None,
+    progressive: Sequence | None = None,
+    strength: float | Sequence[float] | None = None,
+    stage_steps: Sequence[int] | None = None,
+    save_stages: bool = False,
 ) -> list[Path]:
     """Generate ``num_images_per_prompt`` images per prompt at ``width x height`` into PNGs in ``out``.
 
@@ -130,6 +157,14 @@ def generate(
         gspn_weights, gspn_options: see :func:`build_pipeline`.
         device, dtype: default ``cuda``/``bfloat16`` when a GPU exists, else ``cpu``/``float32``.
         pipeline: a ``(pipeline, names)`` pair from :func:`build_pipeline` to reuse.
+        width, height: the size (default 1024 x 1024); not with ``progressive``.
+        progressive: sizes (``N`` or ``WxH``, increasing), the first generated from text, each next one
+            by upscaling the previous image and refining it (see
+            :mod:`~gspn_lightning.models.sdxl_progressive`); the images have the last size.
+        strength: the noise level each refinement starts from, in (0, 1] (default 0.4), one for all or one
+            per refinement: a stage of ``n`` steps runs the last ``int(n * strength)`` of them.
+        stage_steps: one schedule length per progressive size (default ``steps`` for each).
+        save_stages: also write each earlier stage's image as ``<index>_<seed>_stage<k>_<W>x<H>.png``.
 
     Returns the PNG paths in order.
     """
@@ -154,36 +189,62 @@ def generate(
             raise ValueError(f"seeds has {len(seeds)} entries for {len(jobs)} images")
     else:
         seeds = [int(seed) + k for k in range(len(jobs))]
+    _check_progressive(width, height, progressive, strength, steps, stage_steps, save_stages)
     pipe, names = pipeline if pipeline is not None else build_pipeline(
         sdxl, gspn_weights, gspn_options, device=device, dtype=dtype, vae_tiling=vae_tiling
     )  # fmt: skip
-    width = _check_size("width", width, pipe.vae_scale_factor)
-    height = _check_size("height", height, pipe.vae_scale_factor)
+    if progressive is not None:
+        strength = DEFAULT_STRENGTH if strength is None else strength
+        stages = plan_stages(progressive, strength, steps, stage_steps, pipe.vae_scale_factor)
+        width, height = stages[-1].width, stages[-1].height
+        refiner = refine_pipeline(pipe)
+    else:
+        stages = None
+        width = _check_size("width", 1024 if width is None else width, pipe.vae_scale_factor)
+        height = _check_size("height", 1024 if height is None else height, pipe.vae_scale_factor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{width}x{height}", dynamic_ncols=True)
     gen_device = device if torch.device(device).type == "cuda" else "cpu"
-    paths, records = [], []
+    paths, records, stage_files = [], [], {}
     start = time.perf_counter()
     for b in range(0, len(jobs), batch_size):
         chunk = list(range(b, min(b + batch_size, len(jobs))))
         generators = [torch.Generator(gen_device).manual_seed(seeds[k]) for k in chunk]
-        with torch.inference_mode():
-            result = pipe(
-                prompt=[jobs[k][0] for k in chunk],
+        if stages is None:
+            with torch.inference_mode():
+                images = pipe(
+                    prompt=[jobs[k][0] for k in chunk],
+                    negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
+                    width=width,
+                    height=height,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance_scale),
+                    generator=generators,
+                    output_type="np",
+                ).images
+        else:
+
+            def save_stage(i, stage, images, chunk=chunk):
+                if not save_stages or i == len(stages) - 1:
+                    return
+                for k, image in zip(chunk, images):
+                    path = out / f"{k:05d}_{seeds[k]}_stage{i}_{stage.width}x{stage.height}.png"
+                    _write_png(image.permute(1, 2, 0).cpu().numpy(), path)
+                    stage_files.setdefault(k, []).append(path.name)
+
+            images = run_stages(
+                pipe, stages, [jobs[k][0] for k in chunk], generators, refiner=refiner,
+                on_stage=save_stage, progress=progress, guidance_scale=float(guidance_scale),
                 negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
-                width=width,
-                height=height,
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance_scale),
-                generator=generators,
-                output_type="np",
-            )
-        for k, image in zip(chunk, result.images):  # float in [0, 1], (H, W, 3)
+            ).permute(0, 2, 3, 1).cpu().numpy()  # fmt: skip
+        for k, image in zip(chunk, images):  # float in [0, 1], (H, W, 3)
             path = out / f"{k:05d}_{seeds[k]}.png"
             _write_png(image, path)
             paths.append(path)
             records.append({"file": path.name, "prompt": jobs[k][0], "seed": seeds[k]})
+            if k in stage_files:
+                records[-1]["stages"] = stage_files[k]
     info = {
         "sdxl": str(sdxl) if pipeline is None else None,
         "gspn_weights": None if gspn_weights is None else str(gspn_weights),
@@ -197,7 +258,13 @@ def generate(
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
+        "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)) or stages is not None,
+        "progressive": None
+        if stages is None
+        else [
+            {"width": st.width, "height": st.height, "steps": st.steps, "strength": st.strength}
+            for st in stages
+        ],
         "seconds": round(time.perf_counter() - start, 3),
         "images": records,
     }
