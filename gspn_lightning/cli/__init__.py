@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "draw class-balanced samples from a diffusion checkpoint into PNGs and one .npz"),
     "evaluate": ("evaluate", "score generated samples: FID/KID, a classifier's accuracy, a grid"),
     "stats": ("stats", "save reference Inception statistics of real images (shards, a folder or .npz)"),
-    "fid": ("fid", "FID (and KID) between two image sets or saved statistics"),
+    "fid": ("fid", "ADM's metric table (FID, sFID, IS, precision, recall) and KID of samples against a reference"),
     "convert-inception": ("convert_inception", "convert the Inception-v3 FID weights once, offline"),
     "write-shards": ("write_shards", "write an ImageFolder tree into image + class webdataset shards"),
     "write-demo-mnist": ("write_demo_mnist", "write the bundled 5k MNIST digits into demo shards"),
