@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("lightning", "evaluate a checkpoint on the test data (LightningCLI)"),
     "predict": ("lightning", "run a checkpoint over the predict data, saving the outputs (LightningCLI)"),
     "sample": ("sample", "draw class-balanced samples from a diffusion checkpoint into PNGs and one .npz"),
-    "evaluate": ("evaluate", "score generated samples: FID/KID, a classifier's accuracy, a grid"),
+    "evaluate": ("evaluate", "score generated samples: ADM's table and KID, a classifier's accuracy, a grid"),
     "stats": ("stats", "save reference Inception statistics of real images (shards, a folder or .npz)"),
     "fid": ("fid", "ADM's metric table (FID, sFID, IS, precision, recall) and KID of samples against a reference"),
     "convert-inception": ("convert_inception", "convert the Inception-v3 FID weights once, offline"),

@@ -92,7 +92,9 @@ class Statistics:
         spatial = None
         if spatial_features is not None:
             if len(spatial_features) != len(features):
-                raise ValueError(f"{len(spatial_features)} spatial feature vectors for {len(features)} images")
+                raise ValueError(
+                    f"{len(spatial_features)} spatial feature vectors for {len(features)} images"
+                )
             spatial = cls.from_features(spatial_features, keep_features=False)
         return cls(
             mu=features.mean(axis=0, dtype=np.float64),
@@ -413,7 +415,9 @@ def format_table(result: dict) -> str:
     for metric in METRICS:
         label = METRIC_LABELS[metric]
         if metric == "is" and "inception_score" in result:
-            lines.append(f"{label}: {result['inception_score']:.4f} (std {result['inception_score_std']:.4f})")
+            lines.append(
+                f"{label}: {result['inception_score']:.4f} (std {result['inception_score_std']:.4f})"
+            )
         elif metric == "kid" and "kid_mean" in result:
             lines.append(f"{label}: {result['kid_mean']:.6f} (std {result['kid_std']:.6f})")
         elif metric in result:
