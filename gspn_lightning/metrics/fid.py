@@ -38,7 +38,7 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -347,18 +347,20 @@ def compute_metrics(
             skipped["is"] = str(e)
     needs_features = {"precision", "recall", "kid"} & set(wanted)
     sides: dict[str, Statistics] = {}
+    feats: dict[str, np.ndarray | None] = {}  # the pool features of each side's images
     for name, source in (("real", real), ("fake", fake)):
         stats = as_statistics(source)
         if stats is None:
             stats = compute_statistics(source, name=name, **kwargs)
-        elif stats.features is None and stats.images is not None and needs_features:
-            # ADM's reference batch: its stored statistics for FID/sFID, its images' features for the rest
-            pool = compute_features(load_npz_images(stats.images, name), name=name, **kwargs)
-            stats = replace(stats, features=pool)
+        feats[name] = stats.features
+        if stats.features is None and stats.images is not None and needs_features:
+            # ADM's reference batch: its stored statistics for FID/sFID (kept apart from these features,
+            # which they need not have been computed from), its images' features for the rest
+            feats[name] = compute_features(load_npz_images(stats.images, name), name=name, **kwargs)
         sides[name] = stats
     for metric in sorted(needs_features, key=METRICS.index):
-        for name, stats in sides.items():
-            if stats.features is None:
+        for name in sides:
+            if feats[name] is None:
                 what = "KID" if metric == "kid" else "precision/recall"
                 skipped[metric] = (
                     f"{name}: {what} needs features, and these statistics hold only mu/sigma; save them with "
@@ -374,7 +376,7 @@ def compute_metrics(
                     "hold; compute them again with `gspn stats`, which saves them"
                 )
                 break
-    if "is" in wanted and "is" not in skipped and sides["fake"].features is None:
+    if "is" in wanted and "is" not in skipped and feats["fake"] is None:
         skipped["is"] = "fake: the Inception Score needs the samples' features, not statistics"
     done = [m for m in wanted if m not in skipped]
     if not done:
@@ -382,7 +384,7 @@ def compute_metrics(
     real_s, fake_s = sides["real"], sides["fake"]
     out: dict = {"num_real": real_s.num_images, "num_fake": fake_s.num_images}
     if "is" in done:
-        logits = torch.from_numpy(fake_s.features).double() @ head.double().T
+        logits = torch.from_numpy(feats["fake"]).double() @ head.double().T
         from .scores import inception_score
 
         out["inception_score"], out["inception_score_std"] = inception_score(logits, is_splits)
@@ -393,12 +395,10 @@ def compute_metrics(
     if "precision" in done or "recall" in done:
         from .scores import precision_recall
 
-        precision, recall = precision_recall(
-            real_s.features, fake_s.features, k=pr_neighbourhood, device=device
-        )
+        precision, recall = precision_recall(feats["real"], feats["fake"], k=pr_neighbourhood, device=device)
         out.update({k: v for k, v in (("precision", precision), ("recall", recall)) if k in done})
     if "kid" in done:
-        f1, f2 = real_s.features, fake_s.features
+        f1, f2 = feats["real"], feats["fake"]
         out["kid_subset_size"] = min(len(f1), len(f2), kid_subset_size or sys.maxsize)
         out["kid_mean"], out["kid_std"] = kernel_distance(
             f1, f2, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed, progress=progress
