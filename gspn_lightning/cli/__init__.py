@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill-export": ("distill_export", "write the GSPN weights of an SD-XL distillation checkpoint"),
     "sdxl-swap": ("sdxl_swap", "swap a diffusers UNet's self-attention for GSPN and print the counts"),
     "generate": ("generate", "text-to-image with SD-XL (GSPN or attention) from a local folder"),
+    "t2i-eval": ("t2i_eval", "sample a caption set through SD-XL on every rank, then FID and CLIP score"),
     "build-kernels": ("build_kernels", "build and load the compiled GSPN kernels now"),
     "models": ("model_summary", "parameters and MACs of the registered models"),
 }

@@ -31,6 +31,8 @@ import torch
 
 from gspn_lightning.diffusion.samples import draw, pack, sample_indices
 
+from ._common import rank_and_world, wait_for_all_ranks
+
 PROG = "gspn sample"
 #: the file in ``--out`` recording the settings its images were drawn with
 RECORD = "drawing.json"
@@ -109,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.num_samples < 1:
         raise SystemExit("--num-samples must be >= 1")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local_rank = rank_and_world()
     device = args.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -143,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
         clip_sample=clip, prediction=hp.get("prediction", "eps"),
     )  # fmt: skip
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
+    wait_for_all_ranks(world)
     if rank == 0:
         path = pack(args.out, args.num_samples, num_classes)
         protocol = {

@@ -368,6 +368,16 @@ def compute_metrics(
                     "for KID, kid=False)"
                 )
                 break
+    for name, f in feats.items():  # too few images for a metric: skipped, not an error deep inside
+        if f is None:
+            continue
+        if len(f) <= pr_neighbourhood:
+            for metric in {"precision", "recall"} & set(wanted) - set(skipped):
+                skipped[metric] = (
+                    f"{name}: the {pr_neighbourhood}-NN manifold needs more than {pr_neighbourhood} images, got {len(f)}"
+                )
+        if len(f) < 2 and "kid" in wanted and "kid" not in skipped:
+            skipped["kid"] = f"{name}: KID needs at least 2 images, got {len(f)}"
     if "sfid" in wanted:
         for name, stats in sides.items():
             if stats.spatial is None:
@@ -378,6 +388,10 @@ def compute_metrics(
                 break
     if "is" in wanted and "is" not in skipped and feats["fake"] is None:
         skipped["is"] = "fake: the Inception Score needs the samples' features, not statistics"
+    elif "is" in wanted and "is" not in skipped and len(feats["fake"]) < is_splits:
+        skipped["is"] = (
+            f"fake: the Inception Score over {is_splits} splits needs at least {is_splits} samples"
+        )
     done = [m for m in wanted if m not in skipped]
     if not done:
         raise ValueError("; ".join(f"{m}: {skipped[m]}" for m in wanted))
