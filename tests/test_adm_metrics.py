@@ -249,3 +249,15 @@ def test_stats_keep_features_holds_everything_every_metric_needs(tmp_path, weigh
     assert out["metrics"] == ["fid", "sfid", "precision", "recall", "kid"] and list(out["skipped"]) == ["is"]
     table = format_table(out).splitlines()
     assert [line.split(":")[0] for line in table] == ["FID", "sFID", "Precision", "Recall", "KID", "Inception Score"]
+
+
+def test_too_few_images_skip_a_metric_with_the_reason(weights):  # noqa: F811
+    rng = np.random.default_rng(0)
+    many = Statistics.from_features(rng.standard_normal((12, 2048)), spatial_features=rng.standard_normal((12, 2023)))
+    three = Statistics.from_features(rng.standard_normal((3, 2048)), spatial_features=rng.standard_normal((3, 2023)))
+    out = compute_metrics(many, three, metrics="all", weights_path=weights, kid_subset_size=3, progress=False)
+    assert out["metrics"] == ["fid", "sfid", "kid"]
+    assert "3-NN manifold needs more than 3 images, got 3" in out["skipped"]["precision"]
+    assert set(out["skipped"]) == {"is", "precision", "recall"}
+    with pytest.raises(ValueError, match="unknown metrics \\['ssim'\\]"):
+        compute_metrics(many, three, metrics=["fid", "ssim"], weights_path=weights)
