@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae": vae_path, "image_size": size,
     }  # fmt: skip
     check_out_folder(args.out, record, write=rank == 0)
+    wait_for_all_ranks(world)  # no rank draws before rank 0 has checked and recorded the folder
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = draw(
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,

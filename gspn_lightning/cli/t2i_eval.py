@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     )
     check_out_folder(args.out, _record(args, captions, options), write=rank == 0)
+    wait_for_all_ranks(world)  # no rank draws before rank 0 has checked and recorded the folder
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         pipeline = build_pipeline(args.sdxl, args.gspn_weights, options, device=device, dtype=dtype)
