@@ -53,15 +53,9 @@ def test_read_captions_text_and_coco_json(tmp_path):
         read_captions(tmp_path / "empty.txt")
 
 
-@pytest.mark.slow
-def test_two_ranks_resume_fid_and_clip_score(tiny_sdxl_dir, tiny_clip, weights, tmp_path, monkeypatch, capsys):  # noqa: F811
-    captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"annotations": [{"id": i, "caption": c} for i, c in enumerate(CAPTIONS)]}))
-    reference = save_pngs(photo_crops(4, size=64), tmp_path / "real")
-    out = tmp_path / "t2i"
-    args = ["--sdxl", str(tiny_sdxl_dir), "--captions", str(captions), "--out", str(out), "--width", "64",
-            "--height", "64", "--steps", "2", "--seed", "5", "--reference", str(reference), "--clip", str(tiny_clip),
-            "--weights", str(weights), "--device", "cpu", "--no-progress", "--metrics", "fid,sfid"]  # fmt: skip
+def two_ranks(args: list[str]):
+    """``gspn t2i-eval ARGS`` as ranks 0 and 1 of 2 (gloo on this machine): the processes and their
+    (stdout, stderr)."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -75,7 +69,19 @@ def test_two_ranks_resume_fid_and_clip_score(tiny_sdxl_dir, tiny_clip, weights, 
         )
         for rank in (0, 1)
     ]
-    outs = [p.communicate(timeout=900) for p in procs]
+    return procs, [p.communicate(timeout=900) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_fid_and_clip_score(tiny_sdxl_dir, tiny_clip, weights, tmp_path, monkeypatch, capsys):  # noqa: F811
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"annotations": [{"id": i, "caption": c} for i, c in enumerate(CAPTIONS)]}))
+    reference = save_pngs(photo_crops(4, size=64), tmp_path / "real")
+    out = tmp_path / "t2i"
+    args = ["--sdxl", str(tiny_sdxl_dir), "--captions", str(captions), "--out", str(out), "--width", "64",
+            "--height", "64", "--steps", "2", "--seed", "5", "--reference", str(reference), "--clip", str(tiny_clip),
+            "--weights", str(weights), "--device", "cpu", "--no-progress", "--metrics", "fid,sfid"]  # fmt: skip
+    procs, outs = two_ranks(args)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     report = json.loads(outs[0][0])
@@ -123,9 +129,13 @@ def test_two_ranks_resume_fid_and_clip_score(tiny_sdxl_dir, tiny_clip, weights, 
     assert [f.stat().st_mtime_ns for f in files[:3]] == before[:3]
     assert np.abs(np.asarray(Image.open(files[3])).astype(int) - images[3].astype(int)).max() <= 1
     assert rerun["clip_score"] == pytest.approx(report["clip_score"], abs=0.05)
-    # other settings into the same folder are refused, naming the difference
+    # other settings into the same folder are refused, naming the difference, on one rank or on all
     with pytest.raises(SystemExit, match="steps: 2 there, 3 now"):
         main([*args[:-2], "--steps", "3"] + args[-2:])
+    procs, outs = two_ranks([*args[:-2], "--steps", "3"] + args[-2:])
+    assert [p.returncode for p in procs] == [1, 1]
+    assert all("steps: 2 there, 3 now" in err for _, err in outs), outs[1][1][-2000:]
+    assert len(list((out / "images").glob("*.png"))) == 4  # nothing drawn
 
 
 def test_missing_clip_folder_or_reference_fails_before_drawing(tiny_sdxl_dir, tmp_path):

@@ -31,8 +31,6 @@ import torch
 
 from gspn_lightning.diffusion.samples import draw, pack, sample_indices
 
-from ._common import rank_and_world, wait_for_all_ranks
-
 PROG = "gspn sample"
 #: the file in ``--out`` recording the settings its images were drawn with
 RECORD = "drawing.json"
@@ -111,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.num_samples < 1:
         raise SystemExit("--num-samples must be >= 1")
-    rank, world, local_rank = rank_and_world()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -137,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         "vae": vae_path, "image_size": size,
     }  # fmt: skip
     check_out_folder(args.out, record, write=rank == 0)
-    wait_for_all_ranks(world)  # no rank draws before rank 0 has checked and recorded the folder
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = draw(
         net, args.out, sample_indices(args.num_samples, rank, world), num_classes, shape, args.seed,
@@ -145,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
         clip_sample=clip, prediction=hp.get("prediction", "eps"),
     )  # fmt: skip
-    wait_for_all_ranks(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
     if rank == 0:
         path = pack(args.out, args.num_samples, num_classes)
         protocol = {

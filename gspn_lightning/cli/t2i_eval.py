@@ -161,6 +161,30 @@ def score(out: Path, captions: list[str], args) -> dict:
     return report
 
 
+def _check_out_folder_on_all_ranks(out: Path, record: dict, rank: int, world: int) -> None:
+    """:func:`gspn_lightning.cli.sample.check_out_folder` run by rank 0 before any rank draws (a rank
+    that started first would otherwise write a PNG into a folder without a record, which rank 0 then
+    refuses); a refusal stops every rank."""
+    from .sample import check_out_folder
+
+    refused = None
+    if rank == 0:
+        try:
+            check_out_folder(out, record, write=True)
+        except SystemExit as exc:
+            refused = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        wait_for_all_ranks(world)  # (starts the process group)
+        reason = [None if refused is None else str(refused.code)]
+        dist.broadcast_object_list(reason, src=0)
+        if reason[0] is not None and rank != 0:
+            raise SystemExit(f"rank 0 refused {out}: {reason[0]}")
+    if refused is not None:
+        raise refused
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -191,16 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from gspn_lightning.diffusion.samples import sample_indices
     from gspn_lightning.models.sdxl_generate import build_pipeline
 
-    from .sample import check_out_folder
-
     rank, world, local_rank = rank_and_world()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = (
         dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     )
-    check_out_folder(args.out, _record(args, captions, options), write=rank == 0)
-    wait_for_all_ranks(world)  # no rank draws before rank 0 has checked and recorded the folder
+    _check_out_folder_on_all_ranks(args.out, _record(args, captions, options), rank, world)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         pipeline = build_pipeline(args.sdxl, args.gspn_weights, options, device=device, dtype=dtype)
