@@ -250,3 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / REPORT).write_text(text + "\n")
     print(text)
     return 0
+
+
+# python -m gspn_lightning.cli.t2i_eval: the same as gspn t2i-eval (run_module comes with the edges
+# branch's change to gspn_lightning.cli, which every tool module's __main__ block uses)
+if __name__ == "__main__":
+    from gspn_lightning.cli import run_module
+
+    sys.exit(run_module(__spec__.name))
