@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_UNET_CONFIG", "make_tiny_sdxl", "tiny_vae"]
+__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_UNET_CONFIG", "make_tiny_clip", "make_tiny_sdxl", "tiny_vae"]
 
 
 #: configs/sdxl/tiny_unet_config.json (a test checks they agree): SD-XL's UNet structure at toy widths
@@ -204,3 +204,37 @@ def tiny_vae(in_channels: int = 3, latent_channels: int = 4, width: int = 16, sc
         sample_size=32,
         scaling_factor=scaling_factor,
     ).eval()
+
+
+def make_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random CLIP folder (``CLIPModel`` + ``CLIPProcessor``) that
+    :func:`gspn_lightning.metrics.clip_score.load_local_clip` reads like a real one, to ``path``.
+
+    One layer of width 16 in each tower, projection 16, a ``image_size`` vision input (patch 8), and
+    the tiny SD-XL's hand-written BPE vocabulary (77 positions). Random weights: for testing the
+    plumbing, not for judging images. Returns ``Path(path)``.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root = Path(path).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _tiny_bpe()
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **tower,
+        ),
+        vision_config=dict(image_size=image_size, patch_size=8, **tower),
+        projection_dim=16,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        CLIPModel(config).eval().save_pretrained(root)
+    _write_tokenizer(root / "_tokenizer", vocab, merges, pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "_tokenizer", local_files_only=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root)
+    return root

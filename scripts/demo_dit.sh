@@ -3,7 +3,7 @@
 # GSPN-DiT and the DiT baseline run side by side, one thread and one core each, so both get the same
 # wall-clock budget under the same machine load (on a shared machine, two runs one after the other
 # would not). Each trains for 12 minutes on the CPU, draws 1,000 samples (100 per class, DDIM 25
-# steps, guidance 4, predicted x_0 clipped to the pixel range), then scores them: FID/KID against the
+# steps, guidance 4, predicted x_0 clipped to the pixel range), then scores them: ADM's table and KID against the
 # 1,000 held-out digits, sample class accuracy under the classification demo's trained GSPN (trained
 # first if missing), and a 10x10 grid. Reports: runs/digits_{gspn_dit,dit}/report.json, logs beside
 # them (train.log, eval.log), and a summary table at the end (runs/digits_summary.md). A quick smoke run:
@@ -50,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-rows = ["| model | params | steps | s/step | FID | KID | sample class accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
+rows = ["| model | params | steps | s/step | FID | sFID | precision | recall | KID | sample class accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for name, label in (("gspn_dit", "GSPN-DiT"), ("dit", "DiT")):
     root = Path("runs") / f"digits_{name}"
     report = json.loads((root / "report.json").read_text())
@@ -61,7 +62,9 @@ for name, label in (("gspn_dit", "GSPN-DiT"), ("dit", "DiT")):
     acc = report.get("class_accuracy")
     rows.append(
         f"| {label} | {params / 1e6:.2f}M | {steps} | {wall / max(steps, 1):.2f} | {report['fid']:.1f} | "
-        f"{report.get('kid_mean', float('nan')):.4f} | {'-' if acc is None else f'{100 * acc:.1f} %'} |"
+        f"{report.get('sfid', float('nan')):.1f} | {report.get('precision', float('nan')):.3f} | "
+        f"{report.get('recall', float('nan')):.3f} | {report.get('kid_mean', float('nan')):.4f} | "
+        f"{'-' if acc is None else f'{100 * acc:.1f} %'} |"
     )
 text = "\n".join(rows)
 Path("runs/digits_summary.md").write_text(text + "\n")

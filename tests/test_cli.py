@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = [
     "fit", "validate", "test", "predict", "sample", "evaluate", "stats", "fid", "convert-inception",
     "write-shards", "write-demo-mnist", "write-captions", "encode-latents", "distill-export", "export-model",
-    "sdxl-swap", "generate", "build-kernels", "models",
+    "sdxl-swap", "generate", "t2i-eval", "build-kernels", "models",
 ]  # fmt: skip
 
 

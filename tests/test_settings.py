@@ -272,6 +272,50 @@ def test_fid_callback_logs_on_its_steps_with_its_protocol(tmp_path, monkeypatch,
         InTrainingFID("ref.npz", every_n_steps=0)
 
 
+def test_fid_callback_logs_every_metric_asked_for(tmp_path, monkeypatch, caplog):
+    """``metrics: [fid, sfid, precision, recall]`` logs each under its name; what a statistics-only
+    reference cannot give is refused when the callback is built, not at its first evaluation."""
+    import csv
+    import logging
+
+    import numpy as np
+
+    import gspn_lightning.metrics as metrics
+    from gspn_lightning.metrics import Statistics
+
+    caplog.set_level(logging.INFO)
+    asked = []
+
+    def fake_metrics(real, fake, metrics=None, **kw):
+        asked.append(metrics)
+        return {"fid": 12.5, "sfid": 30.25, "precision": 0.75, "recall": 0.5, "skipped": {}}
+
+    monkeypatch.setattr(metrics, "compute_metrics", fake_metrics)
+    rng = np.random.default_rng(0)
+    stats = Statistics.from_features(rng.standard_normal((4, 2048)), spatial_features=rng.standard_normal((4, 2023)))
+    with_features = stats.save(tmp_path / "with.npz")
+    fid = InTrainingFID(str(with_features), every_n_steps=2, num_samples=5, batch_size=5, steps=2,
+                        metrics=["recall", "fid", "precision", "sfid"])  # fmt: skip
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    _trainer(tmp_path, max_steps=2, callbacks=[fid], logger=logger, log_every_n_steps=1).fit(
+        _Painter(), _loader((1,), n=20, batch=2)
+    )
+    assert asked == [["fid", "sfid", "precision", "recall"]]  # ADM's table order
+    assert "FID 12.500, sFID 30.250, precision 0.750, recall 0.500 at step 2; protocol: {" in caplog.text
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fid")]
+    assert [(float(rows[0][k])) for k in ("fid", "sfid", "precision", "recall")] == [12.5, 30.25, 0.75, 0.5]
+    stats_only = stats.save(tmp_path / "stats_only.npz", keep_features=False)
+    with pytest.raises(ValueError, match=r"\['precision'\] need the reference's features.*--keep-features"):
+        InTrainingFID(str(stats_only), every_n_steps=2, metrics=["fid", "precision"])
+    InTrainingFID(str(stats_only), every_n_steps=2, metrics=["fid", "sfid"])  # what it holds: fine
+    np.savez(tmp_path / "old.npz", mu=stats.mu, sigma=stats.sigma)  # no spatial statistics
+    with pytest.raises(ValueError, match="sfid needs spatial statistics"):
+        InTrainingFID(str(tmp_path / "old.npz"), every_n_steps=2, metrics=["sfid"])
+    with pytest.raises(ValueError, match="metrics must be a non-empty list"):
+        InTrainingFID(str(stats_only), every_n_steps=2, metrics=["fid", "ssim"])
+
+
 class _Plainly(L.LightningModule):
     def __init__(self):
         super().__init__()

@@ -62,3 +62,27 @@ def is_shards(spec: str) -> bool:
     or a brace pattern) rather than a folder of images or an ``.npz``."""
     path = Path(spec)
     return path.is_dir() and any(path.glob("*.tar")) or path.name == "index.json" or "{" in spec
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of this process under torchrun (or SLURM via torchrun's
+    variables); ``(0, 1, 0)`` when started alone. Used by the commands that split work by index over
+    ranks (``gspn sample``, ``gspn t2i-eval``)."""
+    import os
+
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def wait_for_all_ranks(world: int) -> None:
+    """A barrier over every rank (a gloo process group, started here when none is), so that rank 0
+    packs or scores only once every rank has written its share; nothing when ``world == 1``."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()

@@ -1,4 +1,5 @@
-"""Score a set of generated samples: FID/KID against real images, how often a trained classifier
+"""Score a set of generated samples: ADM's table (FID, sFID, precision, recall; the Inception Score
+where the weights allow) and KID against real images, how often a trained classifier
 recognises each sample as the class it was conditioned on, and a grid to look at.
 
     gspn evaluate --samples runs/x/samples/samples.npz \\
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
-    from gspn_lightning.metrics import compute_metrics
+    from gspn_lightning.metrics import METRICS, compute_metrics, format_table
 
     data = np.load(a.samples)
     images, labels = data["arr_0"], data["labels"]
@@ -82,16 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     protocol = Path(a.samples).with_name("protocol.json")
     if protocol.exists():
         report["protocol"] = json.loads(protocol.read_text())
+    metrics = [m for m in METRICS if not (a.no_kid and m == "kid")]
     report.update(
         compute_metrics(
             real,
             images,
-            kid=not a.no_kid,
+            metrics=metrics,
             batch_size=a.batch_size,
             progress=not a.no_progress,
             kid_subset_size=min(1000, N),
         )  # fmt: skip
     )
+    print(format_table(report), file=sys.stderr)
     if a.classifier:
         net, hp = _classifier(a.classifier)
         norm = (a.mean, a.std) if a.mean and a.std else _normalisation(a.classifier)

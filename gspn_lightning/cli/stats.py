@@ -10,7 +10,8 @@ SOURCE is one of
   ``--size``, the size the samples will have (ADM's centre crop with ``--center-crop``, as the latent
   shards are made; else a plain resize), as ``--channels`` channels.
 
-Saves ``mu`` and ``sigma`` (and the features with ``--keep-features``, which KID needs).
+Saves ``mu`` and ``sigma`` of the pool features, ``mu_s`` and ``sigma_s`` of sFID's spatial features
+(ADM's names), and with ``--keep-features`` the pool features, which KID and precision/recall need.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("source", help="folder of images, .npz of uint8 images, or image shards")
     p.add_argument("out", help="output statistics .npz")
-    p.add_argument("--keep-features", action="store_true", help="also store the features (needed for KID)")
+    p.add_argument("--keep-features", action="store_true", help="also store the pool features (KID and precision/recall need them)")
     p.add_argument(
         "--size", type=int, default=None, help="shards: the image size of the samples to compare with"
     )

@@ -44,7 +44,7 @@ from .sdxl import swap_and_load_gspn_weights, swap_self_attention
 from .sdxl_pipeline import PARTS, load_sdxl
 from .sdxl_progressive import DEFAULT_STRENGTH, plan_stages, refine_pipeline, run_stages
 
-__all__ = ["build_pipeline", "generate", "read_prompts"]
+__all__ = ["build_pipeline", "draw_images", "generate", "read_prompts"]
 
 
 def read_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
@@ -119,6 +119,39 @@ def _check_progressive(width, height, progressive, strength, steps, stage_steps,
     if width is not None or height is not None:
         raise ValueError("give width/height or progressive sizes, not both (the last size is the output's)")
     plan_stages(progressive, DEFAULT_STRENGTH if strength is None else strength, steps, stage_steps)
+
+
+def generator_device(device: str | torch.device) -> str | torch.device:
+    """Where the per-image generators live: the GPU for CUDA pipelines, else the CPU."""
+    return device if torch.device(device).type == "cuda" else "cpu"
+
+
+def draw_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+    gen_device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """One batch through ``pipe``: image ``k`` of prompt ``prompts[k]`` from its own generator seeded
+    ``seeds[k]`` (so an image does not depend on its batch); float ``(B, H, W, 3)`` in [0, 1]."""
+    generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        result = pipe(
+            prompt=list(prompts),
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
+            width=width,
+            height=height,
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance_scale),
+            generator=generators,
+            output_type="np",
+        )
+    return result.images
 
 
 def generate(
@@ -205,25 +238,18 @@ def generate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{width}x{height}", dynamic_ncols=True)
-    gen_device = device if torch.device(device).type == "cuda" else "cpu"
+    gen_device = generator_device(device)
     paths, records, stage_files = [], [], {}
     start = time.perf_counter()
     for b in range(0, len(jobs), batch_size):
         chunk = list(range(b, min(b + batch_size, len(jobs))))
-        generators = [torch.Generator(gen_device).manual_seed(seeds[k]) for k in chunk]
         if stages is None:
-            with torch.inference_mode():
-                images = pipe(
-                    prompt=[jobs[k][0] for k in chunk],
-                    negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
-                    width=width,
-                    height=height,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(guidance_scale),
-                    generator=generators,
-                    output_type="np",
-                ).images
+            images = draw_images(
+                pipe, [jobs[k][0] for k in chunk], [seeds[k] for k in chunk], width, height, steps,
+                guidance_scale, negative_prompt, gen_device,
+            )  # fmt: skip
         else:
+            generators = [torch.Generator(gen_device).manual_seed(seeds[k]) for k in chunk]
 
             def save_stage(i, stage, images, chunk=chunk):
                 if not save_stages or i == len(stages) - 1:

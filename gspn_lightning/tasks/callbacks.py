@@ -268,9 +268,11 @@ class TeacherStudentGrid(Callback):
 
 
 class InTrainingFID(_Sampling, Callback):
-    """FID of ``num_samples`` samples against ``reference`` every ``every_n_steps`` optimizer steps,
-    computed on rank 0 and logged as ``fid``; the protocol (the task's ``sampling_protocol()`` and these
-    settings) is printed with every result, since FIDs from different protocols do not compare.
+    """FID (or any of ``metrics``) of ``num_samples`` samples against ``reference`` every
+    ``every_n_steps`` optimizer steps, computed on rank 0 and logged under each metric's name (``fid``,
+    ``sfid``, ``precision``, ``recall``, ``inception_score``, ``kid_mean``); the protocol (the task's
+    ``sampling_protocol()`` and these settings) is printed with every result, since FIDs from different
+    protocols do not compare.
 
     The samples are class-balanced (sample ``i`` of class ``i % num_classes``) and seeded by index
     (``FID_SEED_BASE + i``), drawn in batches of ``batch_size``; the task keeps the contract of this
@@ -283,6 +285,9 @@ class InTrainingFID(_Sampling, Callback):
         num_samples: samples per FID (>= 2).
         sampler / steps / guidance_scale / guidance_channels: how the task samples.
         batch_size: samples drawn at once.
+        metrics: which of :data:`gspn_lightning.metrics.METRICS` to compute (default ``["fid"]``); a
+            metric the reference cannot give (e.g. precision/recall against statistics saved without
+            features) is refused when the callback is built.
     """
 
     def __init__(
@@ -295,6 +300,7 @@ class InTrainingFID(_Sampling, Callback):
         guidance_scale: float = 1.0,
         guidance_channels: int | None = None,
         batch_size: int = 100,
+        metrics: list[str] | None = None,
     ):
         super().__init__(sampler, steps, guidance_scale, guidance_channels)
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
@@ -308,17 +314,49 @@ class InTrainingFID(_Sampling, Callback):
             raise FileNotFoundError(f"InTrainingFID: reference {reference} does not exist")
         self.reference, self.every_n_steps = reference, every_n_steps
         self.num_samples, self.batch_size = num_samples, batch_size
+        self.metrics = self._check_metrics(reference, metrics)
         self._last: int | None = None
+
+    @staticmethod
+    def _check_metrics(reference, metrics: list[str] | None) -> list[str]:
+        """The metric names, checked against what :mod:`gspn_lightning.metrics` knows and what a
+        statistics reference holds, so that a run does not find out at its first evaluation."""
+        from gspn_lightning.metrics.fid import METRICS, as_statistics
+
+        metrics = ["fid"] if metrics is None else [str(m).lower() for m in metrics]
+        unknown = sorted(set(metrics) - set(METRICS))
+        if not metrics or unknown:
+            raise ValueError(f"InTrainingFID: metrics must be a non-empty list from {list(METRICS)}, got {metrics}")
+        try:
+            stats = as_statistics(os.path.expanduser(str(reference)))
+        except Exception:  # noqa: BLE001 - any unreadable file: the first evaluation reports it
+            stats = None
+        if stats is not None:
+            if stats.features is None and stats.images is None:
+                needs = sorted({"precision", "recall", "kid"} & set(metrics))
+                if needs:
+                    raise ValueError(
+                        f"InTrainingFID: {needs} need the reference's features, and {reference} holds only "
+                        "statistics; save them with `gspn stats --keep-features`"
+                    )
+            if stats.spatial is None and "sfid" in metrics:
+                raise ValueError(
+                    f"InTrainingFID: sfid needs spatial statistics (mu_s/sigma_s), which {reference} lacks; "
+                    "compute it again with `gspn stats`"
+                )
+        return [m for m in METRICS if m in metrics]
 
     def protocol(self, pl_module) -> dict:
         return {
             "samples": self.num_samples, "class_balanced": True, **pl_module.sampling_protocol(),
             **self.sampling, "reference": self.reference,
+            **({} if self.metrics == ["fid"] else {"metrics": self.metrics}),
         }  # fmt: skip
 
     @torch.no_grad()
-    def compute(self, trainer, pl_module) -> float:
-        """FID of ``num_samples`` samples of the task against ``reference`` (on this rank)."""
+    def compute(self, trainer, pl_module) -> dict[str, float]:
+        """The metrics of ``num_samples`` samples of the task against ``reference`` (on this rank),
+        by the names they are logged under."""
         from gspn_lightning.metrics import compute_metrics
 
         n, device = self.num_samples, pl_module.device
@@ -328,15 +366,22 @@ class InTrainingFID(_Sampling, Callback):
             labels = torch.tensor([i % pl_module.num_classes for i in idx], device=device)
             seeds = [FID_SEED_BASE + i for i in idx]
             images.append(pl_module.sample_images(labels, seeds, **self.sampling).cpu())
-        out = compute_metrics(self.reference, torch.cat(images), kid=False, progress=False, device=device)
+        out = compute_metrics(
+            self.reference, torch.cat(images), metrics=self.metrics, progress=False, device=device
+        )
+        keys = {"is": "inception_score", "kid": "kid_mean"}
+        values = {keys.get(m, m): float(out[keys.get(m, m)]) for m in self.metrics if keys.get(m, m) in out}
+        labels = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "kid_mean": "KID"}
+        shown = ", ".join(f"{labels.get(k, k)} {v:.3f}" for k, v in values.items())
+        skipped = "".join(f"; {m} skipped: {why}" for m, why in (out.get("skipped") or {}).items())
         protocol = self.protocol(pl_module)
-        rank_zero_info(f"FID {out['fid']:.3f} at step {trainer.global_step}; protocol: {protocol}")
-        return out["fid"]
+        rank_zero_info(f"{shown} at step {trainer.global_step}; protocol: {protocol}{skipped}")
+        return values
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, every = trainer.global_step, self.every_n_steps
         if step > 0 and step % every == 0 and self._last != step:
             self._last = step
             if trainer.global_rank == 0:
-                fid = self.compute(trainer, pl_module)
-                pl_module.log("fid", fid, rank_zero_only=True, on_step=True, on_epoch=False)
+                for name, value in self.compute(trainer, pl_module).items():
+                    pl_module.log(name, value, rank_zero_only=True, on_step=True, on_epoch=False)
