@@ -62,6 +62,7 @@ _CPU_SOURCES = [
     "cpu/gspn_cpu.cpp",
     "cpu/gspn_propagate_cpu.cpp",
     "cpu/gspn_propagate_proj_cpu.cpp",
+    "cpu/gspn_attention_cpu.cpp",
 ]
 _CUDA_SOURCES = [
     "cuda/gspn_cuda.cpp",
