@@ -109,6 +109,7 @@ _CUDA_HEADERS = [
     "cuda/gspn_scan_kernels.h",
     "cuda/gspn_propagate_kernels.h",
     "cuda/gspn_lanes_kernels.h",
+    "cuda/gspn_attention_kernels.h",
     "cuda/gspn_cuda_plan.h",
 ]
 

@@ -39,6 +39,9 @@ TAP_FIELDS = ("g_neg", "g_mid", "g_pos")
 #: :func:`attention_planes`
 _OPEN = 40.0
 
+#: the CUDA lane kernels' largest proxy (csrc/cuda/gspn_lanes_kernels.h, kMaxLaneS)
+_MAX_LANE_S = 16
+
 
 def _tap_logits(proxy, weight, bias, K: int) -> torch.Tensor:
     """The tap logits ``(B, K, 3, E, H, W)``: row ``(k*3 + t)*E + e`` of ``weight`` gives tap ``t`` of
@@ -198,7 +201,15 @@ def gspn_attention(
             the CPU, :data:`~gspn_lightning.ops._backend.CUDA_ATTENTION_DEFAULT` on CUDA, the
             reference where nothing is compiled.
 
-    Returns ``(B, H, W, E)`` (the kernel's contiguous: ``.view(B, N, E)`` is the layout ``to_out`` takes).  All tensors
+    Returns ``(B, H, W, E)`` (the kernel's contiguous: ``.view(B, N, E)`` is the layout ``to_out`` takes).
+
+    The CPU kernel (``csrc/cpu/gspn_attention_cpu.cpp``) runs a group of channels per vector, both states
+    per lane, and recomputes in the backward.  On CUDA, ``backend="kernel"`` runs the channels-last lane
+    kernels of ``csrc/cuda/gspn_attention_kernels.h`` (a CTA per batch element, direction and group of
+    8-32 channels, the taps projected from the proxy in registers, per-direction states merged and
+    divided by a second kernel; proxies of more than 16 channels take the planes path).  They are
+    executed on the CPU by the test suite (host emulation) and compiled for sm_80/sm_90, but not yet run
+    on a GPU, so ``"auto"`` keeps ``"planes"`` there.  All tensors
     share one floating dtype and device; 16-bit inputs accumulate in float32.  Differentiable in every
     tensor input.
     """
@@ -207,6 +218,8 @@ def gspn_attention(
     if chunk_size is not None and chunk_size >= max(v.shape[1:3]):
         chunk_size = None
     path = resolve_attention_backend(backend, v.device)
+    if path == "kernel" and v.device.type == "cuda" and proxy.shape[-1] > _MAX_LANE_S:
+        path = "planes"  # the lane kernels hold a proxy of at most 16 channels in registers
     if path == "reference":
         return attention_reference(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size)
     if path == "planes":
