@@ -19,6 +19,7 @@ from gspn_lightning.ops import (
 )
 from gspn_lightning.ops._backend import resolve_attention_backend
 
+from .conftest import DEVICES
 from .test_ops import grads
 from .test_propagate import SUBSETS, assert_error_budget
 
@@ -26,7 +27,7 @@ NAMES = ("q", "k", "v", "proxy", "weight", "bias", "merge", "u_bias")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def rand_attention_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.0):
+def rand_attention_inputs(shape, S, directions, dtype=torch.float64, seed=0, scale=1.0, device="cpu"):
     """q, k, v (B, H, W, E), proxy (B, H, W, S), weight, bias, merge (softmaxed), u_bias as leaves;
     logits spread wide enough that the taps and lam differ between pixels."""
     B, H, W, E = shape
@@ -46,7 +47,7 @@ def rand_attention_inputs(shape, S, directions, dtype=torch.float64, seed=0, sca
         torch.softmax(r(K, E), dim=0),
         r(E),
     )
-    return [t.to(dtype).requires_grad_() for t in ins]
+    return [t.to(device, dtype).requires_grad_() for t in ins]
 
 
 def check_against_reference(ins, directions, chunk, rtol, atol):
@@ -91,10 +92,13 @@ def test_reference_is_a_gated_weighted_average():
     torch.testing.assert_close(out, const, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", SUBSETS, ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_every_direction_subset_matches_reference(directions, chunk):
-    ins = rand_attention_inputs((2, 5, 7, 3), 2, directions)
+def test_every_direction_subset_matches_reference(device, directions, chunk):
+    """On CUDA (where a GPU is) the CUDA lane kernels, which the CPU suite runs under the host
+    emulation (tests/test_cuda_emulation.py)."""
+    ins = rand_attention_inputs((2, 5, 7, 3), 2, directions, device=device)
     check_against_reference(ins, directions, chunk, rtol=1e-10, atol=1e-10)
 
 
@@ -154,10 +158,11 @@ def test_strided_inputs():
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("directions", [("t2b",), ("l2r", "b2t"), DIRECTIONS], ids="-".join)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_gradcheck_float64(directions, chunk):
-    ins = rand_attention_inputs((2, 4, 3, 2), 2, directions, seed=2)
+def test_gradcheck_float64(device, directions, chunk):
+    ins = rand_attention_inputs((2, 4, 3, 2), 2, directions, seed=2, device=device)
 
     def f(*t):
         return gspn_attention(*t, directions, chunk, backend="kernel")
