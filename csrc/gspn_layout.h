@@ -220,4 +220,62 @@ inline PlaneGeometry plane_geometry(const PropagateArgs& a, int64_t dir) {
   return {L, M, effective_chunk(a.chunk, L), d.transpose, d.reverse};
 }
 
+
+// ---- The fused attention of the SD-XL swap (attention_fwd / attention_bwd) ----
+
+// q, k, v (B, H, W, E) and the proxy (B, H, W, S), channels-last token grids made contiguous; the tap
+// projection weight (K*3*E, S) and bias (K*3*E) (row (k*3 + t)*E + e: tap t of direction k at channel
+// e), merge (K, E), u_bias (E).
+struct AttentionArgs {
+  at::Tensor q, k, v, proxy, weight, bias, merge, u_bias;
+  int64_t B, H, W, E, S, K, chunk;
+  std::vector<Direction> dirs;
+
+  // Scan geometry of direction i (lines are columns for l2r/r2l).
+  PlaneGeometry geometry(int64_t i) const {
+    const Direction& d = dirs[i];
+    const int64_t L = d.transpose ? W : H, M = d.transpose ? H : W;
+    return {L, M, effective_chunk(chunk, L), d.transpose, d.reverse};
+  }
+};
+
+inline AttentionArgs attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& proxy, const at::Tensor& weight, const at::Tensor& bias,
+                                    const at::Tensor& merge, const at::Tensor& u_bias,
+                                    const std::vector<std::string>& directions, int64_t chunk_size,
+                                    const char* op) {
+  TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, H, W, E), got ", v.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": expected floating-point tensors");
+  const int64_t B = v.size(0), H = v.size(1), W = v.size(2), E = v.size(3);
+  const int64_t K = static_cast<int64_t>(directions.size());
+  TORCH_CHECK(K >= 1 && K <= 4, op, ": between 1 and 4 directions, got ", K);
+  TORCH_CHECK(q.sizes() == v.sizes() && k.sizes() == v.sizes(), op, ": q and k must have the shape of v ",
+              v.sizes());
+  TORCH_CHECK(proxy.dim() == 4 && proxy.size(0) == B && proxy.size(1) == H && proxy.size(2) == W, op,
+              ": proxy must have shape (B, H, W, S) with (B, H, W) = (", B, ", ", H, ", ", W, "), got ",
+              proxy.sizes());
+  const int64_t S = proxy.size(3), R = K * 3 * E;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == R && weight.size(1) == S, op,
+              ": weight must have shape (K*3*E, S) = (", R, ", ", S, "), got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == R, op, ": bias must have shape (K*3*E,) = (", R, ",)");
+  TORCH_CHECK(merge.dim() == 2 && merge.size(0) == K && merge.size(1) == E, op,
+              ": merge must have shape (K, E) = (", K, ", ", E, "), got ", merge.sizes());
+  TORCH_CHECK(u_bias.dim() == 1 && u_bias.size(0) == E, op, ": u_bias must have shape (E,) = (", E, ",)");
+  for (const at::Tensor* t : {&q, &k, &proxy, &weight, &bias, &merge, &u_bias}) {
+    TORCH_CHECK(t->scalar_type() == v.scalar_type(), op, ": all tensors must have the dtype of v");
+    TORCH_CHECK(t->device() == v.device(), op, ": all tensors must be on the device of v");
+  }
+  AttentionArgs a{q.contiguous(), k.contiguous(), v.contiguous(), proxy.contiguous(), weight.contiguous(),
+                  bias.contiguous(), merge.contiguous(), u_bias.contiguous(), B, H, W, E, S, K,
+                  chunk_size <= 0 ? 0 : chunk_size, {}};
+  for (const auto& d : directions) {
+    a.dirs.push_back(parse_direction(d));
+    for (size_t i = 0; i + 1 < a.dirs.size(); ++i) {
+      TORCH_CHECK(a.dirs[i].transpose != a.dirs.back().transpose || a.dirs[i].reverse != a.dirs.back().reverse,
+                  op, ": directions must be distinct, got '", d, "' twice");
+    }
+  }
+  return a;
+}
+
 }  // namespace gspn

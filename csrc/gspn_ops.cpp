@@ -23,4 +23,14 @@ TORCH_LIBRARY(gspn_lightning, m) {
   // Gradients of x, proxy, weight, bias and merge given dL/dy (recomputes the logits and the scans).
   m.def("propagate_proj_bwd(Tensor grad_y, Tensor x, Tensor proxy, Tensor weight, Tensor bias, Tensor merge, "
         "str[] directions, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The fused GSPN attention of the SD-XL swap: q, k, v (B, H, W, E), proxy (B, H, W, S), tap weight
+  // (K*3*E, S) and bias (K*3*E) (row (k*3 + t)*E + e), merge (K, E), u_bias (E):
+  //   num, den = sum_k merge[k] * scan_k(v | 1; sigmoid(k), normalize_gates(proxy weight^T + bias))
+  //   out      = sigmoid(q + u_bias) * num / max(den, tiny)                 (B, H, W, E)
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor proxy, Tensor weight, Tensor bias, Tensor merge, "
+        "Tensor u_bias, str[] directions, int chunk_size) -> Tensor");
+  // Gradients of the eight tensor inputs given dL/dout (recomputes the taps and the scans).
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor proxy, Tensor weight, Tensor bias, "
+        "Tensor merge, Tensor u_bias, str[] directions, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
 }

@@ -174,21 +174,27 @@ GSPN_HD acc_t gexp(acc_t v) {
 #endif
 }
 
-// The six logits of one pixel from its low-rank proxy: g_f = b[f] + sum_{s < n} w[s * 6 + f] p[s], the
+// The F logits of one pixel from its low-rank proxy: g_f = b[f] + sum_{s < n} w[s * F + f] p[s], the
 // projection rows of a lane (or, on the CPU, of a vector of lanes) laid out [s][field].  `V` is acc_t
 // or a vector of it, `P` the proxy's scalar (broadcast over the lanes); `n` is a compile-time
 // capacity on the GPU (registers, zero-padded rows) and the padded proxy length on the CPU.
-template <typename V, typename P, typename N>
-GSPN_HD void project_logits(const V* w, const V* b, const P* p, N n, V (&g)[kGateFields]) {
+// project_logits: the mixer's six (GateField order); the attention op projects its three taps.
+template <int F, typename V, typename P, typename N>
+GSPN_HD void project_fields(const V* w, const V* b, const P* p, N n, V (&g)[F]) {
   GSPN_UNROLL
-  for (int f = 0; f < kGateFields; ++f) g[f] = b[f];
+  for (int f = 0; f < F; ++f) g[f] = b[f];
   GSPN_UNROLL
   for (N s = 0; s < n; ++s) {
     const V ps = V{} + p[s];
-    const V* ws = w + s * kGateFields;
+    const V* ws = w + s * F;
     GSPN_UNROLL
-    for (int f = 0; f < kGateFields; ++f) g[f] += ws[f] * ps;
+    for (int f = 0; f < F; ++f) g[f] += ws[f] * ps;
   }
+}
+
+template <typename V, typename P, typename N>
+GSPN_HD void project_logits(const V* w, const V* b, const P* p, N n, V (&g)[kGateFields]) {
+  project_fields<kGateFields>(w, b, p, n, g);
 }
 
 // Normalised taps of one pixel; `q*` = 1 - sigmoid(logit) for the backward.  A tap whose neighbour
@@ -309,6 +315,92 @@ GSPN_HD FusedGrads<acc_t> fused_backward(acc_t dy, acc_t m, acc_t x, acc_t gn, a
   const Taps<acc_t> taps = first ? zero : normalize_taps(gn, gm, gp, has_neg, has_pos);
   return fused_backward_with(dy, m, x, taps, sigmoid_and_grad(gl), gu, gd, h, hn, hm, hp, wn_r, a_r, wm_c, a_c,
                              wp_l, a_l, first);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The fused GSPN attention of the SD-XL swap (gspn_attention).  Per direction k, pixel and channel the
+// three tap logits give the taps w = normalize_taps(g); lam = sigmoid(k) is shared by the directions.
+// Each lane carries two states through the same recurrence, the numerator (input v) and the
+// denominator (input 1):
+//
+//     hn = lam v + wn hn_p[j-1] + wm hn_p[j] + wp hn_p[j+1]      hd = lam + wn hd_p[j-1] + ...
+//     num = sum_k m_k hn_k     den = sum_k m_k hd_k     out = sigmoid(q + u_bias) num / max(den, tiny)
+//
+// Reverse-mode, with dnum, dden from attention_out_backward: the adjoints an, ad of hn, hd follow
+// adjoint_step with the same taps (inputs m dnum, m dden); dv = lam an, dlam = v an + ad,
+// dw_t = an hn_p[t] + ad hd_p[t] (then normalize_taps_backward), dm = dnum hn + dden hd.
+// ---------------------------------------------------------------------------------------------------
+
+// The numerator and denominator states of one pixel, given the previous line's three neighbours of
+// each (`first`: the first line of a group, no recurrence term, taps unused).
+template <typename acc_t>
+GSPN_HD void attention_h(acc_t v, acc_t lam, const Taps<acc_t>& t, acc_t nn, acc_t nm, acc_t np, acc_t dn,
+                         acc_t dm, acc_t dp, bool first, acc_t& hn, acc_t& hd) {
+  if (first) {
+    hn = forward_first<acc_t>(v, lam);
+    hd = lam;
+  } else {
+    hn = forward_step<acc_t>(v, lam, t.wn, t.wm, t.wp, nn, nm, np);
+    hd = lam + t.wn * dn + t.wm * dm + t.wp * dp;
+  }
+}
+
+// The normalised, gated output of one pixel: sigmoid(gq) num / max(den, tiny) (gq = q + u_bias).
+template <typename acc_t>
+GSPN_HD acc_t attention_out(acc_t gq, acc_t num, acc_t den, acc_t tiny) {
+  const acc_t d = den < tiny ? tiny : den;
+  return sigmoid(gq) * (num / d);
+}
+
+// Its backward: dL/dnum, dL/dden and dL/d(q + u_bias) given dL/dout `g` (den's gradient 0 where the
+// clamp is active, as clamp_min's).
+template <typename acc_t>
+struct AttentionOutGrads {
+  acc_t dnum, dden, dgq;
+};
+
+template <typename acc_t>
+GSPN_HD AttentionOutGrads<acc_t> attention_out_backward(acc_t g, acc_t gq, acc_t num, acc_t den, acc_t tiny) {
+  const Sigmoid<acc_t> u = sigmoid_and_grad(gq);
+  const acc_t d = den < tiny ? tiny : den;
+  const acc_t r = num / d;
+  const acc_t dnum = g * u.s / d;
+  const acc_t dden = den < tiny ? acc_t{} : acc_t{} - dnum * r;
+  return {dnum, dden, g * r * u.ds};
+}
+
+// Backward of one pixel of one direction.  `m dnum`, `m dden` enter the adjoints; `hn, hd` are this
+// pixel's states, `*_p` the previous line's neighbours (0 for the first line of a group), `*_r, *_c,
+// *_l` the next line's taps and adjoints as in adjoint_step (0 for the last line of a group).
+// Returns the adjoints (which the previous line needs), this direction's shares of dv and dlam, the
+// tap logits' gradients and this pixel's share of dL/dm.
+template <typename acc_t>
+struct AttentionGrads {
+  acc_t an, ad, dv, dlam, dgn, dgm, dgp, dm;
+};
+
+template <typename acc_t>
+GSPN_HD AttentionGrads<acc_t> attention_backward_step(acc_t dnum, acc_t dden, acc_t m, acc_t v, acc_t lam,
+                                                      const Taps<acc_t>& taps, acc_t hn, acc_t hd, acc_t nn,
+                                                      acc_t nm, acc_t np, acc_t dn, acc_t dmid, acc_t dp,
+                                                      acc_t wn_r, acc_t an_r, acc_t ad_r, acc_t wm_c, acc_t an_c,
+                                                      acc_t ad_c, acc_t wp_l, acc_t an_l, acc_t ad_l, bool first) {
+  AttentionGrads<acc_t> r;
+  r.an = adjoint_step<acc_t>(m * dnum, wn_r, an_r, wm_c, an_c, wp_l, an_l);
+  r.ad = adjoint_step<acc_t>(m * dden, wn_r, ad_r, wm_c, ad_c, wp_l, ad_l);
+  r.dv = lam * r.an;
+  r.dlam = v * r.an + r.ad;
+  r.dm = dnum * hn + dden * hd;
+  if (first) {
+    r.dgn = r.dgm = r.dgp = acc_t{};
+  } else {
+    const TapGrads<acc_t> tg = normalize_taps_backward(taps, r.an * nn + r.ad * dn, r.an * nm + r.ad * dmid,
+                                                       r.an * np + r.ad * dp);
+    r.dgn = tg.dgn;
+    r.dgm = tg.dgm;
+    r.dgp = tg.dgp;
+  }
+  return r;
 }
 
 }  // namespace gspn

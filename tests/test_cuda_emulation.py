@@ -29,6 +29,7 @@ from gspn_lightning.ops import (
     DIRECTIONS,
     GATE_FIELDS,
     _build,
+    attention_reference,
     normalize_gates,
     propagate_proj_reference,
     propagate_reference,
@@ -297,7 +298,8 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2, run.stdout  # every launch ran
+    # every launch ran (the attention kernels print once per case)
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3, run.stdout
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -492,3 +494,123 @@ def test_lanes_cases_reach_every_launch_path(emu):
     assert any(p[2] > 1 for _, p in plans), "several channel groups"
     assert any(p[3] > 1 for _, p in plans), "several runs per direction"
     assert any(p[4] > 1 for _, p in plans), "a run of several chunks"
+
+
+# ---- the attention kernels of the SD-XL swap (csrc/cuda/gspn_attention_kernels.h) ----
+
+ATTN_NAMES = ("out", "q", "k", "v", "proxy", "weight", "bias", "merge", "u_bias")
+
+
+def attention_inputs(shape, S, K, dtype=torch.float64, seed=0):
+    """q, k, v (B, H, W, E), proxy, tap weight and bias, merge (softmaxed), u_bias, dL/dout."""
+    B, H, W, E = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, mul=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * mul
+
+    ins = (r(*shape, mul=2), r(*shape, mul=2), r(*shape), r(B, H, W, S), r(K * 3 * E, S, mul=2 / S**0.5),
+           r(K * 3 * E), torch.softmax(r(K, E), 0), r(E))  # fmt: skip
+    return [t.to(dtype) for t in ins], r(*shape).to(dtype)
+
+
+def attention_runs(emu, ins, grad_out, directions, chunk, ctas=GPU_CTAS):
+    """(emulated CUDA kernels, CPU kernel, float64 reference via autograd): out and the 8 gradients."""
+    d, c = list(directions), chunk or 0
+    got = [emu.attention_fwd(*ins, d, c, ctas), *emu.attention_bwd(grad_out, *ins, d, c, ctas)]
+    assert _build.load_cpu(), _build.build_error("cpu")
+    ops = torch.ops.gspn_lightning
+    cpu = [ops.attention_fwd(*ins, d, c), *ops.attention_bwd(grad_out, *ins, d, c)]
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    out = attention_reference(*ref_ins, directions, chunk)
+    ref = [
+        out.detach(),
+        *torch.autograd.grad(out, ref_ins, grad_out.double(), allow_unused=True, materialize_grads=True),
+    ]
+    return got, cpu, ref
+
+
+def check_attention(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
+    """Every output within PROJ_TOL of the reference's scale, or of 1 where that is smaller (the inputs
+    are of order 1; with chunk 1 or lines of one pixel the taps are unused, with one direction the merge
+    weight cancels: those gradients are 0 up to rounding)."""
+    ins, grad_out = attention_inputs(shape, S, len(directions), dtype)
+    got, cpu, ref = attention_runs(emu, ins, grad_out, directions, chunk, ctas)
+    for name, g, c, r in zip(ATTN_NAMES, got, cpu, ref):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        scale = max(r.abs().max().item(), 1.0)
+        for want, what in ((r, "the float64 reference"), (c, "the CPU kernel")):
+            err = (g.double() - want.double()).abs().max().item()
+            assert err <= PROJ_TOL[dtype] * scale, (
+                f"{name} vs {what}: max error {err:.3g} at scale {scale:.3g}"
+            )
+
+
+# (shape (B, H, W, E), S, chunk): odd grids both ways round, a single row and column; E = 5 (a partial
+# group of 8 lanes) and 19 (a partial last group)
+ATTN_SHAPES = [
+    ((1, 17, 23, 5), 8, None),
+    ((1, 23, 17, 5), 3, 4),
+    ((1, 1, 37, 5), 8, None),
+    ((1, 37, 1, 5), 16, 3),
+    ((2, 8, 8, 19), 8, None),
+]
+
+
+@pytest.mark.parametrize("shape,S,chunk", ATTN_SHAPES, ids=_id)
+def test_attention_kernels_match_reference_and_cpu_kernel(emu, shape, S, chunk):
+    check_attention(emu, shape, S, DIRECTIONS, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+@pytest.mark.parametrize("directions", [("r2l",), ("l2r", "t2b"), DIRECTIONS], ids="-".join)
+def test_attention_kernels_chunked_and_direction_subsets(emu, directions, chunk):
+    check_attention(emu, (1, 9, 13, 5), 3, directions, chunk)
+
+
+@pytest.mark.parametrize(
+    "shape,ctas,chunk,G",
+    [((1, 9, 11, 19), WIDE, None, 32), ((1, 9, 11, 12), WIDE, 3, 16), ((1, 9, 11, 19), NARROW, 2, 8)],
+    ids=["G32", "G16-chunked", "G8-runs"],
+)
+def test_attention_kernels_channel_groups(emu, shape, ctas, chunk, G):
+    """Groups of 32 and 16 lanes with masked lanes, and 8-lane groups with a run per chunk."""
+    check_attention(emu, shape, 16, DIRECTIONS, chunk, ctas=ctas)
+    plan = emu.attention_plan(
+        torch.zeros(shape, dtype=torch.float64), 16, list(DIRECTIONS), chunk or 0, True, ctas
+    )
+    assert plan[0] == G and plan[3] > (1 if G == 8 else 0), plan  # G; several runs per direction
+
+
+def test_attention_kernels_float32(emu):
+    check_attention(emu, (1, 17, 23, 5), 16, DIRECTIONS, 3, dtype=torch.float32)
+    check_attention(emu, (2, 12, 9, 19), 8, ("b2t", "l2r"), None, dtype=torch.float32)
+
+
+def test_attention_long_lines_use_the_global_workspace(emu):
+    """Lines whose backward buffers (twelve lines of products, two states) do not fit in shared memory
+    (float64, 300 positions) run with the line buffers in the global workspace."""
+    v = torch.zeros(1, 2, 300, 5, dtype=torch.float64)
+    plan = emu.attention_plan(v, 3, ["t2b"], 0, True, GPU_CTAS)
+    assert plan[6] == 1 and plan[5] == 0, plan
+    check_attention(emu, (1, 2, 300, 5), 3, ("t2b", "b2t"), None)
+
+
+def test_attention_bfloat16_error_bound(emu):
+    """bfloat16 in and out (float32 inside): each output errs at most twice as much as the reference
+    computed by PyTorch in bfloat16, both against float64; and it agrees with the CPU kernel's."""
+    shape, directions, chunk = (1, 9, 13, 19), DIRECTIONS, 4
+    ins, grad_out = attention_inputs(shape, 8, len(directions))
+    low = [t.to(torch.bfloat16) for t in ins]
+    gy = grad_out.to(torch.bfloat16)
+    got, cpu, exact = attention_runs(emu, low, gy, directions, chunk)
+    ref_ins = [t.detach().requires_grad_() for t in low]
+    out = attention_reference(*ref_ins, directions, chunk)
+    torch_bf16 = [out.detach(), *torch.autograd.grad(out, ref_ins, gy)]
+    for name, g, r, e, c in zip(ATTN_NAMES, got, torch_bf16, exact, cpu):
+        assert g.dtype == torch.bfloat16, name
+        scale = e.abs().max().item()
+        err_k = (g.double() - e).abs().max().item()
+        err_r = (r.double() - e).abs().max().item()
+        assert err_k <= 2 * err_r + 1e-3 * scale, f"{name}: kernel {err_k:.3g} vs PyTorch bf16 {err_r:.3g}"
+        assert_rel(g, c, 2e-2, f"{name} vs the CPU kernel")

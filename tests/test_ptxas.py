@@ -28,7 +28,8 @@ from gspn_lightning.ops import _build
 #: demangled kernel names checked there.  Each pattern must match at least one kernel (a rename fails
 #: here rather than silently checking nothing).  The channels-last lane kernels are hot in every
 #: instantiation a model runs by default: the 16-bit and float32 ones with a proxy of up to 8 channels
-#: (the mixer's and the SD-XL swap's d_state), and the merge.  Not hot, and not checked: float64 (tests
+#: (the mixer's and the SD-XL swap's d_state), and the merges; the SD-XL swap's attention kernels
+#: (gspn_attention_kernels.h, bound in gspn_lanes_cuda.cu) likewise.  Not hot, and not checked: float64 (tests
 #: and gradcheck only) and the S <= 16 capacity (proxies of 9-16 channels), whose backward spills a
 #: few bytes in 16 bits.
 HOT_KERNELS: dict[str, tuple[str, ...]] = {
@@ -37,6 +38,11 @@ HOT_KERNELS: dict[str, tuple[str, ...]] = {
         r"lanes_fwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
         r"lanes_bwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
         r"lanes_merge_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"attn_fwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
+        r"attn_bwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
+        r"attn_merge_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"attn_prep_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"attn_bwd_merge_kernel<(c10::BFloat16|c10::Half|float), float>",
     ),
 }
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../gspn_layout.h"
 
@@ -38,6 +39,57 @@ void for_blocks(int64_t ib, int64_t ie, int64_t jb, int64_t je, F&& f) {
       }
     }
   }
+}
+
+// ---- channel lanes (the propagate_proj and attention kernels) ----
+
+// The lane vectors of acc_t (GCC vector extensions): 64 bytes where AVX-512 is available (one
+// register), else 32 (one AVX2 register, two SSE registers on the baseline build).  Measured, not
+// better: two registers per vector (16 float lanes on AVX2: GCC lowered parts of it to scalar code,
+// ~7x slower), and a separate projection pass or projecting the next pixel ahead of this one's
+// exps and divisions (no gain or slower).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
+};
+
+// The lanes of a vector of kBytes bytes added as a tree of halves (vector adds, a fixed order).
+template <typename acc_t, int kBytes>
+inline __attribute__((always_inline)) acc_t tree_sum(const void* v) {
+  if constexpr (kBytes == static_cast<int>(sizeof(acc_t))) {
+    acc_t t;
+    __builtin_memcpy(&t, v, sizeof(acc_t));
+    return t;
+  } else {
+    typedef acc_t H __attribute__((vector_size(kBytes / 2)));
+    H lo, hi;
+    __builtin_memcpy(&lo, v, kBytes / 2);
+    __builtin_memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
+    const H sum = lo + hi;
+    return tree_sum<acc_t, kBytes / 2>(&sum);
+  }
+}
+
+template <bool kValue>
+using Bool = std::integral_constant<bool, kValue>;
+
+// f(has_neg, has_pos, j) over the positions of a line of M pixels, the boundary flags as constants.
+template <typename F>
+inline __attribute__((always_inline)) void for_line(int64_t M, F&& f) {
+  if (M == 1) {
+    f(Bool<false>{}, Bool<false>{}, 0);
+    return;
+  }
+  f(Bool<false>{}, Bool<true>{}, 0);
+  for (int64_t j = 1; j < M - 1; ++j) f(Bool<true>{}, Bool<true>{}, j);
+  f(Bool<true>{}, Bool<false>{}, M - 1);
 }
 
 inline bool any_columns(const PropagateArgs& a) {

@@ -14,11 +14,14 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../gspn_layout.h"
+#include "gspn_attention_kernels.h"
 #include "gspn_lanes_kernels.h"
 #include "gspn_propagate_kernels.h"
 #include "gspn_scan_kernels.h"
@@ -239,6 +242,141 @@ ProjGrads lanes_proj_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at
   ProjGrads out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_bwd_lanes", [&] {
     out = lanes_backward<scalar_t, at::opmath_type<scalar_t>>(pa, grad_y, launch, target_ctas);
+  });
+  return out;
+}
+
+// ---- attention: the channels-last lane kernels of the SD-XL swap (gspn_attention_kernels.h) ----
+
+// The launch plan of the attention kernels for `a` (two states per lane).
+template <typename acc_t>
+lanes_cuda::LanesPlan plan_attention_launch(const AttentionArgs& a, bool backward,
+                                            int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  TORCH_CHECK(a.S <= lanes_cuda::kMaxLaneS, "gspn attention: the CUDA kernels take proxies of at most ",
+              lanes_cuda::kMaxLaneS, " channels, got ", a.S);
+  bool transpose[4], reverse[4];
+  for (int64_t k = 0; k < a.K; ++k) {
+    transpose[k] = a.dirs[k].transpose;
+    reverse[k] = a.dirs[k].reverse;
+  }
+  const int values = attn_cuda::reduce_values(a.S <= 8 ? 8 : 16);
+  const lanes_cuda::LanesPlan p = lanes_cuda::plan_lanes<acc_t>(a.B, a.E, a.H, a.W, a.K, a.chunk, a.S, transpose,
+                                                                reverse, backward, target_ctas, values);
+  TORCH_CHECK(p.grid[2] <= 65535, "gspn attention: too many (batch x run) CTAs for one launch");
+  return p;
+}
+
+template <typename acc_t>
+acc_t attention_tiny(at::ScalarType t) {
+  return t == at::kDouble ? static_cast<acc_t>(std::numeric_limits<double>::min())
+                          : static_cast<acc_t>(std::numeric_limits<float>::min());
+}
+
+// The forward kernel's raw states hn, hd ([K][n] acc_t each) of every direction.
+template <typename scalar_t, typename acc_t, typename Launch>
+std::pair<at::Tensor, at::Tensor> attention_states(const AttentionArgs& a, Launch&& launch, int64_t target_ctas) {
+  const lanes_cuda::LanesPlan p = plan_attention_launch<acc_t>(a, /*backward=*/false, target_ctas);
+  const auto acc = a.v.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor hn = at::empty({a.K, a.v.numel()}, acc), hd = at::empty({a.K, a.v.numel()}, acc);
+  at::Tensor ws = launch_workspace<acc_t>(p.ws_elems, a.v);
+  with_lane_capacity(a.S, [&](auto cap) {
+    launch(attn_cuda::attn_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+           dim3(p.block[0], p.block[1]), p.shared_bytes, a.k.const_data_ptr<scalar_t>(),
+           a.v.const_data_ptr<scalar_t>(), a.proxy.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+           a.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), hn.mutable_data_ptr<acc_t>(),
+           hd.mutable_data_ptr<acc_t>(), workspace_data<acc_t>(ws), p.geo);
+  });
+  return {hn, hd};
+}
+
+// The whole attention_fwd op around `launch`.  `target_ctas`: the plan's CTA target (the CUDA launcher
+// keeps the default; the emulated op lets the tests vary it).
+template <typename Launch>
+at::Tensor attention_cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,
+                              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
+                              const at::Tensor& u_bias, const std::vector<std::string>& directions,
+                              int64_t chunk_size, Launch&& launch, int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  const AttentionArgs a =
+      attention_args(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, "gspn attention_fwd");
+  at::Tensor out = at::empty_like(a.v);
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "gspn_attention_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor hn, hd;
+    std::tie(hn, hd) = attention_states<scalar_t, acc_t>(a, launch, target_ctas);
+    launch(attn_cuda::attn_merge_kernel<scalar_t, acc_t>, dim3(lanes_cuda::merge_blocks(n)),
+           dim3(attn_cuda::kMergeThreads), size_t{0}, hn.const_data_ptr<acc_t>(), hd.const_data_ptr<acc_t>(),
+           a.q.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), a.u_bias.const_data_ptr<scalar_t>(),
+           out.mutable_data_ptr<scalar_t>(), n, a.E, a.K, attention_tiny<acc_t>(v.scalar_type()));
+  });
+  return out;
+}
+
+using AttentionGradsTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename Launch>
+AttentionGradsTuple attention_cuda_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& proxy, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& merge, const at::Tensor& u_bias,
+                                       const std::vector<std::string>& directions, int64_t chunk_size,
+                                       Launch&& launch, int64_t target_ctas = lanes_cuda::kTargetCtas) {
+  const AttentionArgs a =
+      attention_args(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, "gspn attention_bwd");
+  TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.scalar_type() == v.scalar_type() &&
+                  grad_out.device() == v.device(),
+              "gspn attention_bwd: grad_out must have the shape, dtype and device of v");
+  const int64_t n = a.v.numel(), S = a.S, R = a.K * 3 * a.E, pixels = a.B * a.H * a.W;
+  const at::ScalarType dtype = v.scalar_type();
+  if (n == 0) {
+    return {at::zeros_like(a.q),      at::zeros_like(a.k),    at::zeros_like(a.v),
+            at::zeros_like(a.proxy),  at::zeros_like(a.weight), at::zeros_like(a.bias),
+            at::zeros_like(a.merge),  at::zeros_like(a.u_bias)};
+  }
+  const at::Tensor gy = grad_out.contiguous();
+  AttentionGradsTuple out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gspn_attention_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t tiny = attention_tiny<acc_t>(dtype);
+    const auto acc = a.v.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor hn, hd;
+    std::tie(hn, hd) = attention_states<scalar_t, acc_t>(a, launch, target_ctas);
+    at::Tensor dnum = at::empty({n}, acc), dden = at::empty({n}, acc), dgq = at::empty({n}, acc);
+    const dim3 mgrid(lanes_cuda::merge_blocks(n)), mblock(attn_cuda::kMergeThreads);
+    launch(attn_cuda::attn_prep_kernel<scalar_t, acc_t>, mgrid, mblock, size_t{0}, gy.const_data_ptr<scalar_t>(),
+           hn.const_data_ptr<acc_t>(), hd.const_data_ptr<acc_t>(), a.q.const_data_ptr<scalar_t>(),
+           a.merge.const_data_ptr<scalar_t>(), a.u_bias.const_data_ptr<scalar_t>(), dnum.mutable_data_ptr<acc_t>(),
+           dden.mutable_data_ptr<acc_t>(), dgq.mutable_data_ptr<acc_t>(), n, a.E, a.K, tiny);
+    const lanes_cuda::LanesPlan p = plan_attention_launch<acc_t>(a, /*backward=*/true, target_ctas);
+    const int64_t zb = a.B * p.geo.zruns;
+    at::Tensor ws = launch_workspace<acc_t>(p.ws_elems, a.v);
+    at::Tensor dv_part = at::empty({a.K, n}, acc), dlam_part = at::empty({a.K, n}, acc);
+    at::Tensor dproxy_part = at::empty({a.K * p.geo.groups, pixels * S}, acc);
+    at::Tensor dwb_part = at::zeros({zb, R * (S + 1)}, acc);
+    at::Tensor dm_part = at::zeros({zb, a.K * a.E}, acc);
+    with_lane_capacity(S, [&](auto cap) {
+      launch(attn_cuda::attn_bwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+             dim3(p.block[0], p.block[1]), p.shared_bytes, dnum.const_data_ptr<acc_t>(), dden.const_data_ptr<acc_t>(),
+             hn.const_data_ptr<acc_t>(), hd.const_data_ptr<acc_t>(), a.k.const_data_ptr<scalar_t>(),
+             a.v.const_data_ptr<scalar_t>(), a.proxy.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+             a.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), dv_part.mutable_data_ptr<acc_t>(),
+             dlam_part.mutable_data_ptr<acc_t>(), dproxy_part.mutable_data_ptr<acc_t>(),
+             dwb_part.mutable_data_ptr<acc_t>(), dm_part.mutable_data_ptr<acc_t>(), workspace_data<acc_t>(ws), p.geo);
+    });
+    at::Tensor dv = at::empty_like(a.v), dk = at::empty_like(a.v);
+    launch(attn_cuda::attn_bwd_merge_kernel<scalar_t, acc_t>, mgrid, mblock, size_t{0},
+           dv_part.const_data_ptr<acc_t>(), dlam_part.const_data_ptr<acc_t>(), a.k.const_data_ptr<scalar_t>(),
+           dv.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), n, a.K);
+    // the partial sums added in a fixed order (deterministic)
+    const at::Tensor dq = dgq.view(a.v.sizes()).to(dtype);
+    const at::Tensor dub = dgq.view({pixels, a.E}).sum(0).to(dtype);
+    const at::Tensor dproxy = dproxy_part.sum(0).view({a.B, a.H, a.W, S}).to(dtype);
+    const at::Tensor dwb = dwb_part.sum(0).view({R, S + 1});
+    const at::Tensor dweight = dwb.narrow(1, 0, S).to(dtype).contiguous();
+    const at::Tensor dbias = dwb.select(1, S).to(dtype).contiguous();
+    const at::Tensor dmerge = dm_part.sum(0).view({a.K, a.E}).to(dtype);
+    out = {dq, dk, dv, dproxy, dweight, dbias, dmerge, dub};
   });
   return out;
 }

@@ -1,4 +1,6 @@
-// Launcher and CUDA registration of the channels-last propagate_proj kernels (gspn_lanes_kernels.h).
+// Launcher and CUDA registration of the channels-last propagate_proj kernels (gspn_lanes_kernels.h)
+// and of the attention kernels of the SD-XL swap (gspn_attention_kernels.h, the whole op in
+// gspn_cuda_plan.h's attention_cuda_fwd / _bwd).
 // The op itself — channels-last arguments, plan, workspaces, partial buffers, the kernel sequence and
 // the final sums — is gspn_cuda_plan.h's lanes_proj_fwd / lanes_proj_bwd, which the test suite's
 // host emulation runs too; this file gives it the CUDA launch (<<<...>>> on the current stream) and,
@@ -54,10 +56,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate
                            int64_t c) { return propagate_bwd_cuda(gy, x_, gates, m, d, c); });
 }
 
+at::Tensor attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,
+                              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
+                              const at::Tensor& u_bias, std::vector<std::string> directions, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  return attention_cuda_fwd(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, CudaLaunch{});
+}
+
+AttentionGradsTuple attention_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& proxy, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& merge, const at::Tensor& u_bias,
+                                       std::vector<std::string> directions, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  return attention_cuda_bwd(grad_out, q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size,
+                            CudaLaunch{});
+}
+
 }  // namespace
 }  // namespace gspn
 
 TORCH_LIBRARY_IMPL(gspn_lightning, CUDA, m) {
   m.impl("propagate_proj_fwd", &gspn::propagate_proj_fwd_cuda);
   m.impl("propagate_proj_bwd", &gspn::propagate_proj_bwd_cuda);
+  m.impl("attention_fwd", &gspn::attention_fwd_cuda);
+  m.impl("attention_bwd", &gspn::attention_bwd_cuda);
 }

@@ -501,7 +501,7 @@ inline int64_t pow2_ceil(int64_t v) {
 template <typename acc_t>
 inline LanesPlan plan_lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K, int64_t chunk, int64_t S,
                             const bool* transpose, const bool* reverse, bool backward,
-                            int64_t target_ctas = kTargetCtas) {
+                            int64_t target_ctas = kTargetCtas, int attention_values = 0) {
   LanesPlan plan{};
   LanesGeometry& geo = plan.geo;
   geo.B = B;
@@ -516,10 +516,14 @@ inline LanesPlan plan_lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t 
     geo.transpose[k] = transpose[k];
     geo.reverse[k] = reverse[k];
   }
-  const int lines = backward ? kBackwardLines : kForwardLines;
+  // the attention kernels (gspn_attention_kernels.h, attention_values > 0: the values a lane sums over
+  // the CTA's positions in their backward) carry two states per lane: twice the line buffers, no
+  // checkpoints or segments, the projection rows in registers
+  const bool attention = attention_values > 0;
+  const int lines = (backward ? kBackwardLines : kForwardLines) * (attention ? 2 : 1);
   const int64_t acc_size = sizeof(acc_t);
   const int kS = S <= 8 ? 8 : 16;
-  const bool rows_smem = backward && shared_rows(kS, static_cast<int>(acc_size));
+  const bool rows_smem = !attention && backward && shared_rows(kS, static_cast<int>(acc_size));
   auto lines_bytes = [&](int64_t G) { return lines * (geo.side + 2) * G * acc_size; };
   auto rows_bytes = [&](int64_t G) { return rows_smem ? shared_rows_elems(kS, G) * acc_size : 0; };
   auto smem = [&](int64_t G) { return lines_bytes(G) + rows_bytes(G); };
@@ -555,9 +559,9 @@ inline LanesPlan plan_lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t 
     const int64_t segs = (chunk_of(chunk, L) + kCheckpoint - 1) / kCheckpoint;
     ckpt = std::max(ckpt, (segs - 1) * M * G);
   }
-  geo.ckpt_elems = backward ? ckpt : 0;
-  geo.seg_elems = backward ? (kCheckpoint + 1) * (geo.side + 2) * G : 0;
-  geo.red_elems = backward ? static_cast<int64_t>(reduce_values(kS)) * geo.P * G : 0;
+  geo.ckpt_elems = backward && !attention ? ckpt : 0;
+  geo.seg_elems = backward && !attention ? (kCheckpoint + 1) * (geo.side + 2) * G : 0;
+  geo.red_elems = backward ? static_cast<int64_t>(attention ? attention_values : reduce_values(kS)) * geo.P * G : 0;
   geo.ws_per_cta = geo.ckpt_elems + geo.seg_elems + geo.red_elems + (geo.global_lines ? geo.line_elems : 0);
   plan.grid[0] = static_cast<unsigned int>(geo.groups);
   plan.grid[1] = static_cast<unsigned int>(K);

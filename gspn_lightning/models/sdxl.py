@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..nn.mixer import MixerOptions
-from ..ops import gspn_propagate, gspn_scan, propagate_reference
+from ..ops import attention_reference, gspn_attention, gspn_scan
 
 __all__ = [
     "GSPNSelfAttention",
@@ -45,9 +45,6 @@ __all__ = [
     "swap_and_load_gspn_weights",
     "swap_self_attention",
 ]
-
-#: sigmoid(_OPEN) is exactly 1.0 in float32/16-bit: the output gate of the denominator scan
-_OPEN = 40.0
 
 
 class GSPNSelfAttention(nn.Module):
@@ -64,9 +61,9 @@ class GSPNSelfAttention(nn.Module):
         den     = sum_k m_k *                    scan_k(1, lam, taps_k)
         out     = to_out(num / den)                           m = softmax over directions of merge_logits
 
-    The denominator is the same propagation applied to a constant 1 (one fused op call does both, as
-    ``2 E`` channels).  Because the taps of every pixel are row-stochastic, ``num / den`` (without the
-    gate) is a convex combination of ``v`` over the pixels the four scans reach, with weights
+    The denominator is the same propagation applied to a constant 1 (one fused op,
+    :func:`~gspn_lightning.ops.gspn_attention`, carries both per channel with the taps computed once).
+    Because the taps of every pixel are row-stochastic, ``num / den`` (without the gate) is a convex combination of ``v`` over the pixels the four scans reach, with weights
     ``lam = sigmoid(k)`` times the path weights: an attention-like weighted average of values, the
     normalised form of linear attention ``phi(q)^T S / phi(q)^T z``, rather than a running sum whose size
     grows with the image.  That keeps the output on the scale the pretrained ``to_out`` and the block's
@@ -171,39 +168,20 @@ class GSPNSelfAttention(nn.Module):
         if H * W != N:
             raise ValueError(f"spatial_size={(H, W)} gives {H * W} tokens but hidden_states has N={N}")
 
-        def grid(t: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, E, H, W), contiguous
-            return t.transpose(1, 2).reshape(B, -1, H, W).contiguous()
-
-        q, k, v = (grid(p(hidden_states)) for p in (self.to_q, self.to_k, self.to_v))
-        E, K = self.inner_dim, len(self.directions)
-        # the tap logits (K * 3 * E maps) come out channel-major from the matmul itself: transposing them
-        # from (B, N, K*3*E) afterwards was most of the layer's CPU time
-        proxy = self.proxy(hidden_states).transpose(1, 2)  # (B, S, N)
-        weight = self.gates.weight.expand(B, -1, -1)
-        taps = torch.baddbmm(self.gates.bias.view(1, -1, 1), weight, proxy).view(B, K, 3, 1, E, H, W)
-        # the numerator's channels (x = v, gate u) and the denominator's (x = 1, gate open), one op call:
-        # gates (B, K, 6, 2, E, H, W) = (3 taps, lam, u, d) x (numerator, denominator), written in place
-        gates = v.new_empty(B, K, 6, 2, E, H, W)
-        gates[:, :, :3] = taps
-        gates[:, :, 3] = k.view(B, 1, 1, E, H, W)
-        gates[:, :, 4, 0] = (q + self.u_bias.view(1, E, 1, 1)).view(B, 1, E, H, W)
-        gates[:, :, 4, 1] = _OPEN
-        gates[:, :, 5] = 0
-        gates = gates.view(B, K, 6, 2 * E, H, W)
-        x = torch.cat([v, torch.ones_like(v)], dim=1)
+        E = self.inner_dim
+        # token layout throughout: (B, N, E) viewed as (B, H, W, E), no transposes to planes
+        q, k, v, proxy = (
+            p(hidden_states).view(B, H, W, -1) for p in (self.to_q, self.to_k, self.to_v, self.proxy)
+        )
         logits = self.merge_logits  # softmax in float32 at least (16-bit weights), float64 kept as it is
-        merge = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
-        merge = merge.to(v.dtype).repeat(1, 2)
+        merge = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0).to(v.dtype)
+        gates = (self.gates.weight, self.gates.bias, merge, self.u_bias)
+        args = (q, k, v, proxy, *gates, self.directions, self.chunk_size)
         if self.fused:
-            y = gspn_propagate(x, gates, merge, self.directions, self.chunk_size, backend=self.backend)
+            out = gspn_attention(*args, backend=self.backend)
         else:
-            y = propagate_reference(
-                x, gates, merge, self.directions, self.chunk_size,
-                scan=lambda *a: gspn_scan(*a, backend=self.backend),
-            )  # fmt: skip
-        num, den = y.split(E, dim=1)
-        # den >= lam at the pixel itself > 0, unless every sigmoid(k) it sees underflowed (then num is 0 too)
-        out = (num / den.clamp_min(torch.finfo(den.dtype).tiny)).flatten(2).transpose(1, 2)
+            out = attention_reference(*args, scan=lambda *a: gspn_scan(*a, backend=self.backend))
+        out = out.reshape(B, N, E)
         for layer in self.to_out:
             out = layer(out)
         return out / self.rescale_output_factor

@@ -8,7 +8,8 @@ the docstrings below.
 Backends: ``"kernel"`` (the JIT-built C++/CUDA kernels, registered with ``torch.library``) or
 ``"reference"`` (pure PyTorch, :func:`scan_reference`).  ``gspn_propagate`` (in :mod:`.propagate`) is the
 mixer's whole propagation, four directions with gate normalisation and merge, as one fused op;
-``gspn_propagate_proj`` the same with the low-rank gate projection fused in as well.  ``backend=None`` reads ``$GSPN_BACKEND``
+``gspn_propagate_proj`` the same with the low-rank gate projection fused in as well;
+``gspn_attention`` (in :mod:`.attention`) the SD-XL swap's normalised GSPN attention, fused.  ``backend=None`` reads ``$GSPN_BACKEND``
 (default ``"auto"``: the kernel where it is available for the tensors' device, else the reference with
 one warning).  The package imports and works without a C++ compiler, only slower.
 
@@ -22,6 +23,7 @@ implementations).  This file only re-exports; inside the package the imports run
 from __future__ import annotations
 
 from ._backend import kernel_available
+from .attention import attention_planes, attention_reference, gspn_attention
 from .propagate import (
     GATE_FIELDS,
     gspn_propagate,
@@ -36,6 +38,9 @@ from .scan import gspn_scan, normalize_gates
 __all__ = [
     "DIRECTIONS",
     "GATE_FIELDS",
+    "attention_planes",
+    "attention_reference",
+    "gspn_attention",
     "gspn_propagate",
     "gspn_propagate_proj",
     "gspn_scan",

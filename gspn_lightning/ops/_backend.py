@@ -27,6 +27,11 @@ BACKENDS = ("auto", "kernel", "planes", "reference")
 #: (its ``correct`` section) has passed on a GPU.
 CUDA_PROJ_DEFAULT = "planes"
 
+#: What ``backend="auto"`` (or ``None``) gives ``gspn_attention`` on CUDA tensors: "planes" (the former
+#: composition, :func:`~gspn_lightning.ops.attention.attention_planes`) until a GPU run has shown a CUDA
+#: kernel behind ``attention_fwd`` correct.
+CUDA_ATTENTION_DEFAULT = "planes"
+
 _warned_fallback: set[str] = set()
 
 
@@ -91,4 +96,30 @@ def resolve_proj_backend(backend: str | None, device: torch.device) -> str:
         return "reference"
     if asked == "auto":
         return CUDA_PROJ_DEFAULT if device.type == "cuda" else "kernel"
+    return asked
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(op: str, key: str) -> bool:
+    """Whether the loaded extension registered ``op`` for the dispatch key ``key`` (a constant for
+    ``torch.compile``: the registrations do not change once loaded)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gspn_lightning::{op}", key)
+
+
+def resolve_attention_backend(backend: str | None, device: torch.device) -> str:
+    """``"kernel"``, ``"planes"`` or ``"reference"`` for ``gspn_attention`` on ``device``: ``"auto"`` is
+    :data:`CUDA_ATTENTION_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where nothing is
+    compiled); raises if a compiled path was asked for and is unavailable."""
+    asked = requested_backend(backend)
+    if asked == "reference":
+        return "reference"
+    if not _compiled_or_reference(asked, device):
+        return "reference"
+    if asked == "auto":
+        return CUDA_ATTENTION_DEFAULT if device.type == "cuda" else "kernel"
+    if asked == "kernel" and not _has_kernel("attention_fwd", "CUDA" if device.type == "cuda" else "CPU"):
+        raise RuntimeError(
+            f"backend='kernel' asked for, but the loaded GSPN extension has no attention kernel for "
+            f"{device.type} tensors; use backend='planes'"
+        )
     return asked

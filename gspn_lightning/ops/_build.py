@@ -62,6 +62,7 @@ _CPU_SOURCES = [
     "cpu/gspn_cpu.cpp",
     "cpu/gspn_propagate_cpu.cpp",
     "cpu/gspn_propagate_proj_cpu.cpp",
+    "cpu/gspn_attention_cpu.cpp",
 ]
 _CUDA_SOURCES = [
     "cuda/gspn_cuda.cpp",
@@ -108,6 +109,7 @@ _CUDA_HEADERS = [
     "cuda/gspn_scan_kernels.h",
     "cuda/gspn_propagate_kernels.h",
     "cuda/gspn_lanes_kernels.h",
+    "cuda/gspn_attention_kernels.h",
     "cuda/gspn_cuda_plan.h",
 ]
 

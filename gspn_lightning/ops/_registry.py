@@ -113,6 +113,7 @@ def register() -> None:
             _setup_fused,
             _fused_backward("propagate_proj_bwd"),
         ),
+        ("attention", _fake_fwd, _fake_fused_bwd, _setup_fused, _fused_backward("attention_bwd")),
     ):
         torch.library.register_fake(f"gspn_lightning::{op}_fwd")(fake_fwd)
         torch.library.register_fake(f"gspn_lightning::{op}_bwd")(fake_bwd)

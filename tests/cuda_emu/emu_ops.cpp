@@ -23,6 +23,7 @@
 
 // The kernels see the device side of gspn_step.h (gexp is expf / exp, as on a GPU).
 #define __CUDA_ARCH__ 900
+#include "cuda/gspn_attention_kernels.h"
 #include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
@@ -271,6 +272,48 @@ std::vector<int64_t> propagate_proj_plan_info(const at::Tensor& x, const at::Ten
 }  // namespace
 }  // namespace gspn_emu
 
+namespace gspn_emu {
+
+// ---- the attention kernels of the SD-XL swap (gspn_attention_kernels.h, bound in gspn_lanes_cuda.cu) ----
+
+at::Tensor attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,
+                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
+                         const at::Tensor& u_bias, std::vector<std::string> directions, int64_t chunk_size,
+                         int64_t target_ctas) {
+  return gspn::attention_cuda_fwd(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, EmuLaunch{},
+                                  target_ctas);
+}
+
+gspn::AttentionGradsTuple attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& proxy, const at::Tensor& weight,
+                                        const at::Tensor& bias, const at::Tensor& merge, const at::Tensor& u_bias,
+                                        std::vector<std::string> directions, int64_t chunk_size,
+                                        int64_t target_ctas) {
+  return gspn::attention_cuda_bwd(grad_out, q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size,
+                                  EmuLaunch{}, target_ctas);
+}
+
+// (G, P, channel groups, runs per batch element, chunks per run, shared bytes, global line buffers,
+// global workspace elements) of the attention kernels' launch, for the tests.
+std::vector<int64_t> attention_plan_info(const at::Tensor& v, int64_t S, std::vector<std::string> directions,
+                                         int64_t chunk_size, bool backward, int64_t target_ctas) {
+  const int64_t K = static_cast<int64_t>(directions.size()), E = v.size(3);
+  const at::Tensor proxy = at::zeros({v.size(0), v.size(1), v.size(2), S}, v.options());
+  const at::Tensor weight = at::zeros({K * 3 * E, S}, v.options()), bias = at::zeros({K * 3 * E}, v.options());
+  const at::Tensor merge = at::zeros({K, E}, v.options()), ub = at::zeros({E}, v.options());
+  const gspn::AttentionArgs a =
+      gspn::attention_args(v, v, v, proxy, weight, bias, merge, ub, directions, chunk_size, "gspn plan");
+  std::vector<int64_t> info;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "gspn_attention_plan", [&] {
+    const auto p = gspn::plan_attention_launch<at::opmath_type<scalar_t>>(a, backward, target_ctas);
+    info = {p.geo.G, p.geo.P, p.geo.groups, p.geo.zruns, p.geo.cpr, static_cast<int64_t>(p.shared_bytes),
+            p.geo.global_lines ? 1 : 0, p.ws_elems};
+  });
+  return info;
+}
+
+}  // namespace gspn_emu
+
 TORCH_LIBRARY(gspn_cuda_emu, m) {
   m.def("scan_fwd", &gspn_emu::scan_fwd);
   m.def("scan_bwd", &gspn_emu::scan_bwd);
@@ -281,5 +324,8 @@ TORCH_LIBRARY(gspn_cuda_emu, m) {
   m.def("propagate_proj_fwd", &gspn_emu::propagate_proj_fwd);
   m.def("propagate_proj_bwd", &gspn_emu::propagate_proj_bwd);
   m.def("propagate_proj_plan", &gspn_emu::propagate_proj_plan_info);
+  m.def("attention_fwd", &gspn_emu::attention_fwd);
+  m.def("attention_bwd", &gspn_emu::attention_bwd);
+  m.def("attention_plan", &gspn_emu::attention_plan_info);
   gspn_emu::register_selftests(m);
 }

@@ -13,6 +13,7 @@
 #include "cuda_host_emu.h"
 
 #define __CUDA_ARCH__ 900
+#include "cuda/gspn_attention_kernels.h"
 #include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
@@ -117,6 +118,51 @@ void lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S,
   }
 }
 
+// The attention kernels of the SD-XL swap (all four directions; S proxy channels), forward with the
+// merge kernel and backward with the prep and merge kernels, with the plan's CTA target `ctas`.
+void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_t S, int64_t ctas, std::mt19937& rng) {
+  using namespace gspn::attn_cuda;
+  const int64_t K = 4, n = B * E * H * W, R = K * 3 * E;
+  const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
+  Buffer q(n, rng), k(n, rng), v(n, rng), proxy(B * S * H * W, rng), weight(R * S, rng), bias(R, rng);
+  Buffer merge(K * E, rng, 0.1f, 1.0f), ub(E, rng), gy(n, rng), hn(K * n, rng), hd(K * n, rng), out(n, rng);
+  Buffer dnum(n, rng), dden(n, rng), dgq(n, rng), dv_part(K * n, rng), dl_part(K * n, rng), dv(n, rng), dk(n, rng);
+  const int values = reduce_values(S <= 8 ? 8 : 16);
+  const float tiny = 1.17549435e-38f;
+  for (bool backward : {false, true}) {
+    using gspn::lanes_cuda::plan_lanes;
+    const auto pf = plan_lanes<float>(B, E, H, W, K, chunk, S, transpose, reverse, false, ctas, values);
+    Buffer wsf(pf.ws_elems, rng);
+    auto fwd = S <= 8 ? attn_fwd_kernel<float, float, 8> : attn_fwd_kernel<float, float, 16>;
+    cuda_emu::launch(fwd, dim3(pf.grid[0], pf.grid[1], pf.grid[2]), dim3(pf.block[0], pf.block[1]), pf.shared_bytes,
+                     k.ptr(), v.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(), merge.ptr(), hn.ptr(), hd.ptr(), wsf.ptr(),
+                     pf.geo);
+    const dim3 mg(gspn::lanes_cuda::merge_blocks(n)), mb(kMergeThreads);
+    if (!backward) {
+      cuda_emu::launch(attn_merge_kernel<float, float>, mg, mb, 0, hn.ptr(), hd.ptr(), q.ptr(), merge.ptr(), ub.ptr(),
+                       out.ptr(), n, E, K, tiny);
+    } else {
+      cuda_emu::launch(attn_prep_kernel<float, float>, mg, mb, 0, gy.ptr(), hn.ptr(), hd.ptr(), q.ptr(), merge.ptr(),
+                       ub.ptr(), dnum.ptr(), dden.ptr(), dgq.ptr(), n, E, K, tiny);
+      const auto p = plan_lanes<float>(B, E, H, W, K, chunk, S, transpose, reverse, true, ctas, values);
+      const int64_t zb = B * p.geo.zruns;
+      Buffer ws(p.ws_elems, rng), dproxy(K * p.geo.groups * B * H * W * S, rng), dwb(zb * R * (S + 1), rng),
+          dm(zb * K * E, rng);
+      auto bwd = S <= 8 ? attn_bwd_kernel<float, float, 8> : attn_bwd_kernel<float, float, 16>;
+      cuda_emu::launch(bwd, dim3(p.grid[0], p.grid[1], p.grid[2]), dim3(p.block[0], p.block[1]), p.shared_bytes,
+                       dnum.ptr(), dden.ptr(), hn.ptr(), hd.ptr(), k.ptr(), v.ptr(), proxy.ptr(), weight.ptr(),
+                       bias.ptr(), merge.ptr(), dv_part.ptr(), dl_part.ptr(), dproxy.ptr(), dwb.ptr(), dm.ptr(), ws.ptr(),
+                       p.geo);
+      cuda_emu::launch(attn_bwd_merge_kernel<float, float>, mg, mb, 0, dv_part.ptr(), dl_part.ptr(), k.ptr(), dv.ptr(),
+                       dk.ptr(), n, K);
+      std::printf("attention %lldx%lldx%lldx%lld S=%lld chunk=%lld backward: G=%d P=%d, %lld runs, global lines %d\n",
+                  static_cast<long long>(B), static_cast<long long>(H), static_cast<long long>(W),
+                  static_cast<long long>(E), static_cast<long long>(S), static_cast<long long>(chunk), p.geo.G, p.geo.P,
+                  static_cast<long long>(p.geo.zruns), p.geo.global_lines);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -133,5 +179,8 @@ int main() {
   lanes(1, 19, 9, 11, 0, 16, 1, rng);   // 32 lanes, masked ones, checkpoints every 8 lines
   lanes(2, 5, 7, 10, 3, 3, 264, rng);   // 8 lanes, runs of chunks
   lanes(1, 3, 2, 600, 0, 8, 264, rng, true);  // the line buffers in the global workspace (backward)
+  attention(1, 19, 9, 11, 0, 16, 1, rng);  // 32 lanes, masked ones
+  attention(2, 5, 7, 10, 3, 3, 264, rng);  // 8 lanes, runs of chunks
+  attention(1, 5, 2, 300, 0, 8, 264, rng);  // the line buffers in the global workspace (backward)
   return 0;
 }
