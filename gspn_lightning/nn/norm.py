@@ -13,6 +13,8 @@ memory: neither copies the map for a layout change nor makes a float32 copy of a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,13 @@ def _grn_formula(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: 
     return torch.addcmul(beta.to(x.dtype), x, (gamma * n + 1).to(x.dtype))
 
 
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type``; nothing where it has no autocast (``meta``: MAC counting)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _GRN(torch.autograd.Function):
     """``out = x * (1 + gamma N) + beta`` with ``N = g / (mean_c g + eps)``, ``g = ||x||_2`` over the
     spatial axes, and a hand-written backward.
@@ -89,7 +98,7 @@ class _GRN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with torch.autocast(grad.device.type, enabled=False):  # the dtypes are chosen here, as in grn()
+        with _no_autocast(grad.device.type):  # the dtypes are chosen here, as in grn()
             return _GRN._backward(ctx, grad)
 
     @staticmethod
@@ -124,7 +133,7 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1
     """
     # Autocast off: the dtypes are chosen here (maps in x's dtype, statistics in float32), and CUDA
     # autocast would run the norm and the sums on a float32 copy of a 16-bit map.
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         return _GRN.apply(x, gamma, beta, eps)
 
 
