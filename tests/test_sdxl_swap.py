@@ -325,6 +325,9 @@ def test_sdxl_config_on_meta(capsys):
     assert result["self_attention_params"] == 409_683_200
     assert result["params_after"] > result["params_before"]
     assert "replaced 70 self-attention layers" in capsys.readouterr().out
+    assert result["chunk_size"] == 4  # the swap's default, local
+    glob = main(["--config", str(ROOT / "configs/sdxl/unet_config.json"), "--chunk-size", "none"])
+    assert glob["chunk_size"] is None and glob["params_after"] == result["params_after"]
 
 
 def test_module_gradients_float64_gradcheck(teacher):
