@@ -199,7 +199,82 @@ def main(argv=None) -> dict:
     print(f"SD-XL UNet / {args.divisor}: channels {config['block_out_channels']}, heads "
           f"{config['attention_head_dim']}, layers {config['transformer_layers_per_block']}, {attn1} attn1, "
           f"params {params}, variants {names}, {args.threads} thread(s), {info['cpu']}")  # fmt: skip
-    rows = []
+    stem = new_result_path(args.out_dir, f"sdxl_step_{info['name']}", args.replace)
+
+    def report(rows: list[dict]) -> tuple[dict, list[str]]:
+        """The result and its table for the sizes measured so far."""
+        exponents = {
+            name: fit_exponent([r["latent"] for r in rows], [r[name]["median"] for r in rows])
+            if len(rows) > 1
+            else None
+            for name in names
+        }
+        result = {
+            "benchmark": "sdxl_step",
+            "machine": info,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "config": {
+                k: config[k]
+                for k in (
+                    "block_out_channels",
+                    "attention_head_dim",
+                    "transformer_layers_per_block",
+                    "cross_attention_dim",
+                )
+            },  # fmt: skip
+            "divisor": args.divisor,
+            "head_dim": head_dim,
+            "self_attention_layers": attn1,
+            "variants": names,
+            "gspn": {"d_state": 8, "local_chunk": args.local_chunk},
+            "params": params,
+            "sizes": args.sizes,
+            "rows": rows,
+            "time_exponents": exponents,
+        }
+        md = [
+            f"# One SD-XL UNet step: SDPA, GSPN global, GSPN local and no self-attention, on {info['cpu']} "
+            f"({result['date']}, torch {torch.__version__}, {args.threads} thread(s))",
+            "",
+            f"SD-XL's UNet with channels / {args.divisor} ({config['block_out_channels']}, {head_dim} channels per "
+            f"head, transformer layers {config['transformer_layers_per_block']}, {attn1} self-attention layers), "
+            f"random weights, float32, batch 1, one forward in inference mode. SDPA: diffusers' AttnProcessor2_0; "
+            f"GSPN: d_state 8, global or chunk {args.local_chunk}; no attn1: every attn1 replaced by the identity "
+            f"(the floor). Parameters: "
+            + ", ".join(f"{LABELS[n]} {params[n] / 1e6:.1f}M" for n in names)
+            + f". Median [range] over {args.rounds} interleaved rounds, in ms; the ratios per round. "
+            "Peak = resident-set growth over one step (fresh process per variant and size).",
+            "",
+            "| latent | pixels | level-1 tokens | "
+            + " | ".join(f"{LABELS[n]} ms" for n in names)
+            + " | "
+            + " | ".join(f"SDPA / {LABELS[n]}" for n in names if n != "sdpa" and "sdpa" in names)
+            + (" | " if "sdpa" in names and len(names) > 1 else "")
+            + " | ".join(f"{LABELS[n]} peak MB" for n in names)
+            + " |",
+        ]
+        ncols = 3 + len(names) + (len(names) - 1 if "sdpa" in names else 0) + len(names)
+        md.append("|" + "---|" * 3 + "---:|" * (ncols - 3))
+        for r in rows:
+            cells = [f"{r['latent']}²", f"{r['pixels']}²", str(r["tokens_level1"])]
+            cells += [fmt(r[n], 1) for n in names]
+            cells += [f"{fmt(r[f'sdpa_over_{n}'])}x" for n in names if n != "sdpa" and "sdpa" in names]
+            cells += [f"{r.get(f'{n}_peak_MB', float('nan')):.0f}" for n in names]
+            md.append("| " + " | ".join(cells) + " |")
+        missing = [s for s in args.sizes if s not in {r["latent"] for r in rows}]
+        if missing:
+            md += ["", f"Not measured (the run stopped or is still running): latents {missing}."]
+        if all(v is not None for v in exponents.values()):
+            md += [
+                "",
+                "Fitted exponent p of time ~ pixels^p: "
+                + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in exponents.items()),
+            ]
+        return result, md
+
+    rows = []  # the files are written after every size: a run stopped later keeps what it measured
     for size in args.sizes:
         steps = {}
         for name, unet in models.items():
@@ -224,77 +299,12 @@ def main(argv=None) -> dict:
                          json.dumps(config["transformer_layers_per_block"])]  # fmt: skip
                 row[f"{name}_peak_MB"] = run_peak_child(__file__, ["--peak-child", *child]) / 2**20
         rows.append(row)
+        result, md = report(rows)
+        write_results(stem, result, md)
         print(f"latent {size}x{size} ({8 * size}² px): "
               + ", ".join(f"{LABELS[n]} {fmt(row[n], 1)} ms" for n in names)
               + ("" if args.no_peak else ", peak MB " + " / ".join(f"{row[f'{n}_peak_MB']:.0f}" for n in names))
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    exponents = {
-        name: fit_exponent([r["latent"] for r in rows], [r[name]["median"] for r in rows])
-        if len(rows) > 1
-        else None
-        for name in names
-    }
-    result = {
-        "benchmark": "sdxl_step",
-        "machine": info,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "config": {
-            k: config[k]
-            for k in (
-                "block_out_channels",
-                "attention_head_dim",
-                "transformer_layers_per_block",
-                "cross_attention_dim",
-            )
-        },  # fmt: skip
-        "divisor": args.divisor,
-        "head_dim": head_dim,
-        "self_attention_layers": attn1,
-        "variants": names,
-        "gspn": {"d_state": 8, "local_chunk": args.local_chunk},
-        "params": params,
-        "rows": rows,
-        "time_exponents": exponents,
-    }
-    md = [
-        f"# One SD-XL UNet step: SDPA, GSPN global, GSPN local and no self-attention, on {info['cpu']} "
-        f"({result['date']}, torch {torch.__version__}, {args.threads} thread(s))",
-        "",
-        f"SD-XL's UNet with channels / {args.divisor} ({config['block_out_channels']}, {head_dim} channels per "
-        f"head, transformer layers {config['transformer_layers_per_block']}, {attn1} self-attention layers), "
-        f"random weights, float32, batch 1, one forward in inference mode. SDPA: diffusers' AttnProcessor2_0; "
-        f"GSPN: d_state 8, global or chunk {args.local_chunk}; no attn1: every attn1 replaced by the identity "
-        f"(the floor). Parameters: "
-        + ", ".join(f"{LABELS[n]} {params[n] / 1e6:.1f}M" for n in names)
-        + f". Median [range] over {args.rounds} interleaved rounds, in ms; the ratios per round. "
-        "Peak = resident-set growth over one step (fresh process per variant and size).",
-        "",
-        "| latent | pixels | level-1 tokens | "
-        + " | ".join(f"{LABELS[n]} ms" for n in names)
-        + " | "
-        + " | ".join(f"SDPA / {LABELS[n]}" for n in names if n != "sdpa" and "sdpa" in names)
-        + (" | " if "sdpa" in names and len(names) > 1 else "")
-        + " | ".join(f"{LABELS[n]} peak MB" for n in names)
-        + " |",
-    ]
-    ncols = 3 + len(names) + (len(names) - 1 if "sdpa" in names else 0) + len(names)
-    md.append("|" + "---|" * 3 + "---:|" * (ncols - 3))
-    for r in rows:
-        cells = [f"{r['latent']}²", f"{r['pixels']}²", str(r["tokens_level1"])]
-        cells += [fmt(r[n], 1) for n in names]
-        cells += [f"{fmt(r[f'sdpa_over_{n}'])}x" for n in names if n != "sdpa" and "sdpa" in names]
-        cells += [f"{r.get(f'{n}_peak_MB', float('nan')):.0f}" for n in names]
-        md.append("| " + " | ".join(cells) + " |")
-    if all(v is not None for v in exponents.values()):
-        md += [
-            "",
-            "Fitted exponent p of time ~ pixels^p: "
-            + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in exponents.items()),
-        ]
-    stem = new_result_path(args.out_dir, f"sdxl_step_{info['name']}", args.replace)
-    write_results(stem, result, md)
     print("\n".join(md))
     return result
 
