@@ -246,6 +246,7 @@ def test_missing_or_incomplete_folder_is_one_clear_error(tiny_sdxl_dir, tmp_path
         DistillationTask(str(tiny_sdxl_dir), optim={"ema_scope": "all"})
 
 
+@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict")  # the frozen ones
 def test_local_by_default_and_an_old_checkpoint_stays_global(task, tiny_sdxl_dir, tmp_path):
     """``mixer`` without ``chunk_size`` swaps local (chunk 4), recorded in the hyper-parameters; a
     checkpoint that records no ``chunk_size`` (written when the default was global) is global: refused
