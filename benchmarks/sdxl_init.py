@@ -9,9 +9,10 @@ output compared with the teacher's attention output (relative Frobenius error; a
 beside ``to_out(mean of V)``, the output a perfectly uniform attention would give.  The whole UNet's
 noise prediction is compared too, with the UNet whose self-attention is removed as the reference.
 
-Variants: the default init (global, output-gate bias 3), the local variant (chunk 4), the gate bias
-at 0 and fully open (40), and "sharp" teachers whose ``to_q`` is scaled by 4 and 16 before the swap
-(peakier softmax, as trained attention is; the GSPN copy inherits the scaled Q).
+Variants: the default init (local, chunk 4, output-gate bias 3), the global variant (``chunk_size``
+None), the gate bias at 0 and fully open (40) (global), and "sharp" teachers whose ``to_q`` is scaled by
+4 and 16 before the swap (peakier softmax, as trained attention is; the GSPN copy inherits the scaled Q),
+global and local.
 Results: ``benchmarks/results/sdxl_init_<machine>[-N].{json,md}`` (a new file unless ``--replace``).
 """
 
@@ -37,12 +38,14 @@ from gspn_lightning.models.sdxl import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "default (global, u_bias 3)": ({}, 1.0),
-    "local (chunk 4)": ({"chunk_size": 4}, 1.0),
-    "u_bias 0": ({"u_bias_init": 0.0}, 1.0),
-    "u_bias 40 (gate open)": ({"u_bias_init": 40.0}, 1.0),
-    "sharp teacher (q x4)": ({}, 4.0),
-    "sharp teacher (q x16)": ({}, 16.0),
+    "local (chunk 4, the default)": ({}, 1.0),
+    "global (chunk_size None)": ({"chunk_size": None}, 1.0),
+    "global, u_bias 0": ({"chunk_size": None, "u_bias_init": 0.0}, 1.0),
+    "global, u_bias 40 (gate open)": ({"chunk_size": None, "u_bias_init": 40.0}, 1.0),
+    "global, sharp teacher (q x4)": ({"chunk_size": None}, 4.0),
+    "local, sharp teacher (q x4)": ({}, 4.0),
+    "global, sharp teacher (q x16)": ({"chunk_size": None}, 16.0),
+    "local, sharp teacher (q x16)": ({}, 16.0),
 }
 
 

@@ -90,7 +90,7 @@ else
   # typical run is well under that (the first H200 run, 2026-11-26, built both extensions in 37 s and
   # timed its mixer in 14 s).  The older sections, when named, add their own budgets.
   B_ENV=10; B_BUILD=120; B_CORRECT=75; B_PROFILE=45; B_MIXER=60; B_DIRS=45
-  B_TESTS=100; B_SCAN=45; B_BASE=20; B_TRAIN=35; B_GEN=50; B_SDXL=45; B_TPROF=40
+  B_TESTS=100; B_SCAN=45; B_BASE=20; B_TRAIN=35; B_GEN=50; B_SDXL=90; B_TPROF=40  # sdxl: 4 UNets x 5 sizes
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
   # shellcheck disable=SC2206  # word-split on purpose: files and options

@@ -29,6 +29,7 @@ from gspn_lightning.models.sdxl import (
 )
 from gspn_lightning.models.sdxl_pipeline import encode_prompt, load_sdxl
 from gspn_lightning.tasks.base import param_groups
+from gspn_lightning.tasks.checkpointing import CheckpointMismatchError
 from gspn_lightning.tasks.distill import DistillationTask
 from tests.cli_helpers import ONE_THREAD, run_cli_chain, scalar_series
 
@@ -245,6 +246,33 @@ def test_missing_or_incomplete_folder_is_one_clear_error(tiny_sdxl_dir, tmp_path
         DistillationTask(str(tiny_sdxl_dir), optim={"ema_scope": "all"})
 
 
+@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict")  # the frozen ones
+def test_local_by_default_and_an_old_checkpoint_stays_global(task, tiny_sdxl_dir, tmp_path):
+    """``mixer`` without ``chunk_size`` swaps local (chunk 4), recorded in the hyper-parameters; a
+    checkpoint that records no ``chunk_size`` (written when the default was global) is global: refused
+    by a local run, naming the difference, and rebuilt global by ``load_from_checkpoint``."""
+    import lightning
+
+    assert task.hparams.mixer == {"chunk_size": 4, "d_state": 4}
+    assert {task.model.get_submodule(n).chunk_size for n in task.gspn_names} == {4}
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": copy.deepcopy(dict(task.hparams)),
+                  "pytorch-lightning_version": lightning.__version__}  # fmt: skip
+    task.on_save_checkpoint(checkpoint)
+    task.on_load_checkpoint(copy.deepcopy(checkpoint))  # its own: accepted
+    old = copy.deepcopy(checkpoint)
+    old["hyper_parameters"]["mixer"] = {"d_state": 4}
+    with pytest.raises(CheckpointMismatchError, match="mixer.chunk_size: checkpoint None, this run 4"):
+        task.on_load_checkpoint(copy.deepcopy(old))
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    loaded = DistillationTask.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.hparams.mixer == {"chunk_size": None, "d_state": 4}
+    assert {loaded.model.get_submodule(n).chunk_size for n in loaded.gspn_names} == {None}
+    torch.save(checkpoint, path)  # a current one: as recorded
+    loaded = DistillationTask.load_from_checkpoint(path, map_location="cpu")
+    assert {loaded.model.get_submodule(n).chunk_size for n in loaded.gspn_names} == {4}
+
+
 def test_exported_gspn_weights_reload_to_identical_outputs(task, tiny_sdxl_dir, tmp_path):
     with torch.no_grad():  # move the weights away from their initialisation first
         for p in task.model.parameters():
@@ -257,7 +285,7 @@ def test_exported_gspn_weights_reload_to_identical_outputs(task, tiny_sdxl_dir, 
     outputs = {}
     for path, net in ((raw, task.model), (ema, task.ema.module)):
         fresh = load_sdxl(tiny_sdxl_dir, parts=("unet",)).unet
-        swap_self_attention(fresh, d_state=4)
+        swap_self_attention(fresh, d_state=4)  # local (chunk 4), as the task's default
         load_gspn_weights(fresh, path)
         with torch.no_grad():
             outputs[path.name] = net(sample, t, **kwargs).sample
@@ -295,13 +323,16 @@ def test_sdxl_configs_instantiate(config, tiny_sdxl_dir, caption_shards, monkeyp
         f"--data.init_args.train_shards={caption_shards / 'train'}",
         f"--data.init_args.val_shards={caption_shards / 'val'}",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-        "--model.init_args.mixer.chunk_size", "4",  # a command-line value arrives as a string
+        "--model.init_args.mixer.chunk_size", "2",  # a command-line value arrives as a string
         "--model.init_args.optim.lr", "3e-4",
     ]  # fmt: skip
     cli = main(args=args, run=False)
     task, dm = cli.model, cli.datamodule
-    assert task.hparams.mixer["chunk_size"] == 4  # read as YAML, typed in the checkpoint
-    assert {task.model.get_submodule(n).chunk_size for n in task.gspn_names} == {4}
+    assert task.hparams.mixer["chunk_size"] == 2  # read as YAML, typed in the checkpoint
+    assert {task.model.get_submodule(n).chunk_size for n in task.gspn_names} == {2}
+    # the config itself says the swap's default, local chunk 4 (the command line above overrides it)
+    raw = __import__("yaml").safe_load((ROOT / "configs/sdxl" / config).read_text())
+    assert raw["model"]["init_args"]["mixer"]["chunk_size"] == 4
     # the optim group: the command line's lr over the config's, the task's defaults under both
     assert task.optim.lr == 3e-4 and task.optim.ema_scope == "trainable" and task.hparams.optim["lr"] == 3e-4
     assert type(task).__name__ == "DistillationTask" and type(dm).__name__ == "CaptionWebDataModule"

@@ -239,7 +239,9 @@ def test_cpu_rehearsal_of_the_older_sections(tmp_path):
     }
     assert all(r["loss_finite"] and r["images_per_s"] > 0 for r in gen)
     sdxl = sections["sdxl"]["results"]
-    assert {(r["variant"], r["latent"]) for r in sdxl} == {(v, s) for v in ("sdpa", "gspn") for s in (8, 16)}
+    assert {(r["variant"], r["latent"]) for r in sdxl} == {
+        (v, s) for v in ("sdpa", "gspn_global", "gspn_local", "no_attn1") for s in (8, 16)
+    }
     assert all(r["finite"] and r["ms"] > 0 for r in sdxl)
     assert sections["sdxl"]["self_attention_layers"] == 11
     assert "Per-line baseline" in text and "SD-XL UNet step" in text
@@ -333,7 +335,7 @@ def test_sdxl_step_configs():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from benchmarks.sdxl_step import build_pair, sdxl_config
+    from benchmarks.sdxl_step import VARIANTS, NoSelfAttention, build_models, sdxl_config
 
     full = sdxl_config()
     assert full == json.loads((ROOT / "configs/sdxl/unet_config.json").read_text())  # heads 5/10/20 = 64 wide
@@ -344,12 +346,40 @@ def test_sdxl_step_configs():
     assert sum(n.endswith(".attn1") for n, _ in unet.named_modules()) == 70
     with pytest.raises(ValueError, match="divisor 7"):
         sdxl_config(divisor=7)
-    models = build_pair(sdxl_config(divisor=10, layers=[1, 1, 1]), "meta", torch.float32)
-    assert list(models) == ["sdpa", "gspn"] and models["sdpa"] is not models["gspn"]
-    swapped = [n for n, m in models["gspn"].named_modules() if type(m).__name__ == "GSPNSelfAttention"]
-    assert len(swapped) == 11 and not any(
-        type(m).__name__ == "GSPNSelfAttention" for m in models["sdpa"].modules()
-    )
+    models = build_models(sdxl_config(divisor=10, layers=[1, 1, 1]), "meta", torch.float32)
+    assert list(models) == list(VARIANTS) == ["sdpa", "gspn_global", "gspn_local", "no_attn1"]
+    assert len({id(m) for m in models.values()}) == 4  # four UNets, the same weights
+
+    def attn1(name):
+        return [m for n, m in models[name].named_modules() if n.endswith(".attn1")]
+
+    assert len(attn1("sdpa")) == 11 and all(type(m).__name__ == "Attention" for m in attn1("sdpa"))
+    assert [m.chunk_size for m in attn1("gspn_global")] == [None] * 11
+    assert [m.chunk_size for m in attn1("gspn_local")] == [4] * 11
+    assert len(attn1("no_attn1")) == 11 and all(isinstance(m, NoSelfAttention) for m in attn1("no_attn1"))
+    assert list(build_models(sdxl_config(divisor=10, layers=[1, 1, 1]), "meta", torch.float32,
+                             variants=("no_attn1", "sdpa"))) == ["sdpa", "no_attn1"]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_models(sdxl_config(divisor=10), "meta", torch.float32, variants=("flash",))
+
+
+def test_sdxl_section_times_the_four_variants(tmp_path):
+    """The sdxl section (rehearsal: SD-XL narrowed, one transformer layer per level, CPU) times SDPA,
+    GSPN global, GSPN local and no attn1 at each size, and its table puts them side by side."""
+    import argparse
+
+    rec = Record(tmp_path, "sdxl", budget=120, rehearsal=True)
+    sdxl.run(argparse.Namespace(rehearsal=True), rec)
+    rec.finish()
+    data = json.loads((tmp_path / "sdxl.json").read_text())
+    assert data["status"] == "ok" and data["variants"] == ["sdpa", "gspn_global", "gspn_local", "no_attn1"]
+    assert {(r["variant"], r["latent"]) for r in data["results"]} == {
+        (v, s) for v in data["variants"] for s in (8, 16)
+    }
+    assert all(r["finite"] and r["ms"] > 0 for r in data["results"])
+    text = "\n".join(sdxl.table(data))
+    assert "| latent | pixels | SDPA | GSPN global | GSPN local | no attn1 | SDPA / GSPN global |" in text
+    assert text.count("| 8² | 64² |") == 1 and text.count("| 16² | 128² |") == 1
 
 
 def test_training_diffusion_without_diffusers_is_dits(monkeypatch):

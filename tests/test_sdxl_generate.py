@@ -97,6 +97,16 @@ def test_gspn_weights_load_and_generate(tiny_sdxl_dir, original, gspn_file, tmp_
     assert json.loads((tmp_path / "again" / "generation.json").read_text())["gspn_layers"] == 11
 
 
+def test_chunk_size_comes_from_the_adapter_unless_overridden(tiny_sdxl_dir, gspn_file):
+    """Generation rebuilds the layers the adapter records (above); ``gspn_options`` override it
+    (``{"chunk_size": null}``: global), and a fresh swap takes the swap's default, local chunk 4."""
+    path, _ = gspn_file
+    pipe, names = build_pipeline(tiny_sdxl_dir, gspn_weights=path, gspn_options={"chunk_size": None})
+    assert {pipe.unet.get_submodule(n).chunk_size for n in names} == {None}
+    pipe, names = build_pipeline(tiny_sdxl_dir, gspn_options={"d_state": 2})
+    assert {pipe.unet.get_submodule(n).chunk_size for n in names} == {4}
+
+
 def test_fresh_swap_and_vae_tiling(tiny_sdxl_dir, tmp_path):
     pipe, names = build_pipeline(tiny_sdxl_dir, gspn_options={"d_state": 2, "chunk_size": 4}, vae_tiling=True)
     assert len(names) == 11 and pipe.vae.use_tiling

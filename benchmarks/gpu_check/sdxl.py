@@ -1,4 +1,5 @@
-"""sdxl: one SD-XL UNet step (real width, random weights, bf16) with GSPN against SDPA self-attention."""
+"""sdxl: one SD-XL UNet step (real width, random weights, bf16): SDPA, GSPN global, GSPN local (chunk 4)
+and the UNet with ``attn1`` removed, side by side (the variants of ``benchmarks/sdxl_step.py``)."""
 
 from __future__ import annotations
 
@@ -16,24 +17,31 @@ from benchmarks.gpu_check.harness import (
     pick_device,
     time_ms,
 )
+from benchmarks.sdxl_step import LABELS, VARIANTS  # no diffusers at import
 
 
 def run(args, rec: Record) -> None:
-    """The UNet of ``configs/sdxl/unet_config.json`` (2.57B parameters) and its GSPN-swapped copy, one
-    inference forward each at 1024² to 4096² pixels (128² to 512² latents), batch 1, bf16, the two
-    interleaved per size; CUDA events, peak allocated memory.  Needs diffusers, which the lent GPU
-    machine lacks: then the section records why and measures nothing (put a diffusers copy on
-    ``PYTHONPATH``, e.g. ``pip install --no-deps --target DIR diffusers``, to run it)."""
+    """The UNet of ``configs/sdxl/unet_config.json`` (2.57B parameters) as four variants of the same
+    weights (:data:`benchmarks.sdxl_step.VARIANTS`: SDPA, GSPN global, GSPN local with chunk 4, and every
+    ``attn1`` replaced by the identity, the floor no swap can beat), one inference forward each at
+    1024² to 4096² pixels (128² to 512² latents), batch 1, bf16, the variants interleaved per size;
+    CUDA events, peak allocated memory.  Needs diffusers, which the lent GPU machine lacks: then the
+    section records why and measures nothing.  Carry it as a wheel (pure Python; the machine has its
+    requirements, transformers among them): here ``pip download diffusers==0.42.1 --no-deps -d
+    .whl/``, there ``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site`` before ``GPU_CHECK_SECTIONS=sdxl bash scripts/gpu_check.sh``
+    (docs/benchmarks.md)."""
     try:
         import diffusers  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - missing, or failing to import against this transformers
         reason = (f"diffusers cannot be imported here ({type(exc).__name__}: {exc}); the SD-XL UNet is "
-                  "diffusers' UNet2DConditionModel, so nothing was measured")  # fmt: skip
+                  "diffusers' UNet2DConditionModel, so nothing was measured; carry it as a wheel, see "
+                  "docs/benchmarks.md, The GPU check")  # fmt: skip
         rec.set(skipped_reason=reason)
         rec.skip("sdxl", reason)
         print(reason)
         return
-    from benchmarks.sdxl_step import build_pair, make_step, sdxl_config, step_inputs
+    from benchmarks.sdxl_step import build_models, make_step, sdxl_config, step_inputs
 
     device = pick_device(args.rehearsal)
     if args.rehearsal:
@@ -42,10 +50,11 @@ def run(args, rec: Record) -> None:
         config, sizes, reps = sdxl_config(), (128, 192, 256, 384, 512), 3
     dtype = torch.bfloat16
     t0 = time.perf_counter()
-    models = build_pair(config, device, dtype)
-    names = [n for n, _ in models["gspn"].named_modules() if n.endswith(".attn1")]
+    models = build_models(config, device, dtype)
+    names = [n for n, _ in models["sdpa"].named_modules() if n.endswith(".attn1")]
     rec.set(channels=config["block_out_channels"], self_attention_layers=len(names), dtype="bfloat16",
             teacher_attention=type(models["sdpa"].get_submodule(names[0]).processor).__name__,
+            variants=list(VARIANTS), local_chunk=4,
             params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
             build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
     dead: set[str] = set()
@@ -70,16 +79,18 @@ def table(data: dict) -> list[str]:
     rows = data.get("results")
     if not rows:
         return []
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    others = [v for v in variants if v != "sdpa"]
     lines = ["", f"**SD-XL UNet step** (width {data.get('channels')}, {data.get('self_attention_layers')} "
-                 f"self-attention layers, bf16, batch 1, inference forward; teacher "
-                 f"{data.get('teacher_attention')}): ms / peak MiB", "",
-             "| latent | pixels | SDPA | GSPN | SDPA / GSPN time |", "|---|---|---|---|---:|"]  # fmt: skip
+                 f"self-attention layers, bf16, batch 1, inference forward; SDPA = "
+                 f"{data.get('teacher_attention')}, GSPN local = chunk {data.get('local_chunk', 4)}, no attn1 = "
+                 "attn1 replaced by the identity): ms / peak MiB, and SDPA's time over each", "",
+             "| latent | pixels | " + " | ".join(LABELS[v] for v in variants) + " | "
+             + " | ".join(f"SDPA / {LABELS[v]}" for v in others) + " |",
+             "|---|---|" + "---|" * len(variants) + "---:|" * len(others)]  # fmt: skip
     for size in sorted({r["latent"] for r in rows}):
         m = {r["variant"]: r for r in rows if r["latent"] == size}
-        cells = [
-            f"{m[v]['ms']:.4g} / {fmt_value(m[v]['peak_mib'], 0)}" if v in m else "-"
-            for v in ("sdpa", "gspn")
-        ]
-        ratio = f"{m['sdpa']['ms'] / m['gspn']['ms']:.2f}" if len(m) == 2 else "-"
-        lines.append(f"| {size}² | {8 * size}² | {cells[0]} | {cells[1]} | {ratio} |")
+        cells = [f"{m[v]['ms']:.4g} / {fmt_value(m[v]['peak_mib'], 0)}" if v in m else "-" for v in variants]
+        cells += [f"{m['sdpa']['ms'] / m[v]['ms']:.2f}" if "sdpa" in m and v in m else "-" for v in others]
+        lines.append(f"| {size}² | {8 * size}² | " + " | ".join(cells) + " |")
     return lines

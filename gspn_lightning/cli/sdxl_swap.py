@@ -1,4 +1,4 @@
-"""``gspn sdxl-swap --config UNET_CONFIG.json [--d-state 8] [--chunk-size N]``: a diffusers UNet built on
+"""``gspn sdxl-swap --config UNET_CONFIG.json [--d-state 8] [--chunk-size N|none]``: a diffusers UNet built on
 the meta device from its config, every self-attention swapped for GSPN
 (:func:`gspn_lightning.models.sdxl.swap_self_attention`), and the parameter counts before and after.
 """
@@ -13,10 +13,14 @@ from pathlib import Path
 
 import torch
 
-from gspn_lightning.models.sdxl import swap_self_attention
+from gspn_lightning.models.sdxl import DEFAULT_CHUNK_SIZE, swap_self_attention
 from gspn_lightning.models.summary import count_params
 
 PROG = "gspn sdxl-swap"
+
+
+def _chunk(value: str) -> int | None:
+    return None if value.lower() in ("none", "null") else int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -26,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=PROG, description=main.__doc__)
     parser.add_argument("--config", required=True, help="a diffusers UNet2DConditionModel config.json")
     parser.add_argument("--d-state", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=None, help="local variant (default: global)")
+    parser.add_argument(
+        "--chunk-size", type=_chunk, default=DEFAULT_CHUNK_SIZE,
+        help=f"local chunk (default {DEFAULT_CHUNK_SIZE}, the swap's); 'none': global",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     path = Path(args.config)
     if not path.is_file():
@@ -53,11 +60,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "params_after": after,
         "self_attention_params": sum(attn1.values()),
         "gspn_params": gspn,
+        "chunk_size": args.chunk_size,
     }
     print(f"config: {path}")
     print(
         f"replaced {len(names)} self-attention layers: "
         + ", ".join(f"{v} at {c} channels" for c, v in widths.items())
+        + (f", local (chunk {args.chunk_size})" if args.chunk_size else ", global")
     )
     print(
         f"parameters before: {before:,} ({before / 1e6:.1f}M), of which self-attention {result['self_attention_params']:,}"

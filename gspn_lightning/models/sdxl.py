@@ -2,7 +2,8 @@
 
     from gspn_lightning.models.sdxl import swap_self_attention, save_gspn_weights, load_gspn_weights
 
-    names = swap_self_attention(unet, d_state=8, chunk_size=None)   # every attn1 -> GSPNSelfAttention
+    names = swap_self_attention(unet, d_state=8)     # every attn1 -> GSPNSelfAttention, local (chunk 4)
+    swap_self_attention(other_unet, chunk_size=None)  # global propagation instead
     save_gspn_weights(unet, "gspn.safetensors")                      # only the GSPN modules' weights
     load_gspn_weights(fresh_swapped_unet, "gspn.safetensors")
 
@@ -33,6 +34,7 @@ from ..nn.mixer import MixerOptions
 from ..ops import attention_reference, gspn_attention, gspn_scan
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "GSPNSelfAttention",
     "attention_errors",
     "example_inputs",
@@ -45,6 +47,10 @@ __all__ = [
     "swap_and_load_gspn_weights",
     "swap_self_attention",
 ]
+
+#: the swap's default ``chunk_size``: local propagation restarting every 4 lines, as the GSPN release's
+#: SD-XL swap does; ``chunk_size=None`` is global (and the meaning of an adapter that records no chunk)
+DEFAULT_CHUNK_SIZE = 4
 
 
 class GSPNSelfAttention(nn.Module):
@@ -89,7 +95,9 @@ class GSPNSelfAttention(nn.Module):
         options: the layer's :class:`~gspn_lightning.nn.MixerOptions` (or a dict of them), the same
             object the GSPN models take; ``**overrides``: single fields of it.  Used here:
             ``d_state`` (rank of the proxy from which the gate logits are projected; ``None``: 8),
-            ``chunk_size`` (``None`` global, ``k`` local: restart every ``k`` lines), ``directions``,
+            ``chunk_size`` (``None`` global, ``k`` local: restart every ``k`` lines; when ``options``
+            is ``None`` or a dict without it, :data:`DEFAULT_CHUNK_SIZE`, 4; a ``MixerOptions`` object is
+            taken as it is), ``directions``,
             ``backend`` and ``fused`` (one :func:`gspn_propagate` call, or ``normalize_gates`` +
             ``gspn_scan`` per direction: the same function).  ``dw_kernel`` and ``fuse_gates`` do not
             apply (the module has no depthwise conv and projects its gates itself).
@@ -105,7 +113,7 @@ class GSPNSelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_attention(attn)
-        opts = MixerOptions.build(options, **overrides)
+        opts = MixerOptions.build(MixerOptions.for_model(options, chunk_size=DEFAULT_CHUNK_SIZE), **overrides)
         d_state = opts.d_state if opts.d_state is not None else 8
         chunk_size, directions, backend, fused = opts.chunk_size, opts.directions, opts.backend, opts.fused
         self.to_q = copy.deepcopy(attn.to_q)
@@ -241,12 +249,14 @@ def swap_self_attention(
 
     Args:
         unet: the model, changed in place (on any device, meta included).
-        options: the :class:`~gspn_lightning.nn.MixerOptions` of every swapped layer (or a dict of them).
+        options: the :class:`~gspn_lightning.nn.MixerOptions` of every swapped layer (taken as it is), or
+            a dict of them (read over the swap's default ``chunk_size``).
         u_bias_init: see :class:`GSPNSelfAttention`.
         **overrides: single fields of ``options`` (``d_state``, ``directions``, ``backend``, ``fused``), and
-            ``chunk_size``: ``None`` (global everywhere), an int (local everywhere), or a mapping from
-            ``fnmatch`` patterns of the replaced names to ``int | None``, first match wins, unmatched
-            layers global; e.g. ``{"down_blocks.*": 8, "*": None}``.
+            ``chunk_size``: an int (local everywhere; by default :data:`DEFAULT_CHUNK_SIZE`, 4, the GSPN
+            release's choice for SD-XL, unless ``options`` says otherwise), ``None`` (global everywhere),
+            or a mapping from ``fnmatch`` patterns of the replaced names to ``int | None``, first match
+            wins, unmatched layers global; e.g. ``{"down_blocks.*": 8, "*": None}``.
 
     Returns:
         The qualified names of the replaced modules (``...transformer_blocks.0.attn1``), in module order.
@@ -257,7 +267,7 @@ def swap_self_attention(
     per_layer = "chunk_size" in overrides
     chunk_size = overrides.pop("chunk_size", None)
     _chunk_for("", chunk_size)  # a wrong type is refused before anything changes
-    options = MixerOptions.build(options, **overrides)
+    options = MixerOptions.build(MixerOptions.for_model(options, chunk_size=DEFAULT_CHUNK_SIZE), **overrides)
     replaced: list[str] = []
     hosts = [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     if isinstance(unet, Transformer2DModel) and ("", unet) not in hosts:
@@ -339,7 +349,9 @@ def saved_gspn_options(path: str | Path) -> dict:
     """The :func:`swap_self_attention` options a :func:`save_gspn_weights` file was written with.
 
     Returns ``{"d_state": int, "directions": [...], "chunk_size": {layer name: int | None}}`` (the
-    per-layer chunk sizes as a mapping of exact names, which :func:`swap_self_attention` accepts).
+    per-layer chunk sizes as a mapping of exact names, which :func:`swap_self_attention` accepts). A
+    layer that records no ``chunk_size`` is global (``None``): what the swap built before its default
+    became local, so an adapter of that time rebuilds the layers it was trained with.
     Raises ``ValueError`` if the layers were swapped with different ``d_state`` or ``directions`` (one
     swap call cannot reproduce that)."""
     from safetensors import safe_open
@@ -358,7 +370,7 @@ def saved_gspn_options(path: str | Path) -> dict:
         if len(values) != 1:
             raise ValueError(f"{path}: the layers use different {key} ({sorted(values)}); swap them yourself")
         options[key] = json.loads(values.pop())
-    options["chunk_size"] = {name: v["chunk_size"] for name, v in layers.items()}
+    options["chunk_size"] = {name: v.get("chunk_size") for name, v in layers.items()}
     return options
 
 

@@ -10,7 +10,8 @@ original UNet (the teacher) on image + caption data.
   incomplete folder gets :func:`~gspn_lightning.models.sdxl_pipeline.check_sdxl_folder`'s one error
   listing what is missing; nothing downloads). The teacher is the folder's UNet, frozen; the student is a
   deep copy with every ``attn1`` swapped by :func:`~gspn_lightning.models.sdxl.swap_self_attention`
-  (``mixer``). ``trainable: gspn`` (default) trains only the GSPN modules (each one whole: its
+  (``mixer``; local propagation with ``chunk_size`` 4 unless it says otherwise, ``chunk_size: null``
+  global). ``trainable: gspn`` (default) trains only the GSPN modules (each one whole: its
   copied Q/K/V/out and the new gates); ``all`` trains the whole student. The VAE and the two text
   encoders are frozen; with prompt embeddings stored in the shards the text encoders are not needed
   (``text_encoders: false``).
@@ -66,11 +67,16 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gspn_lightning.models.sdxl import latent_multiple, save_gspn_weights, swap_self_attention
+from gspn_lightning.models.sdxl import (
+    DEFAULT_CHUNK_SIZE,
+    latent_multiple,
+    save_gspn_weights,
+    swap_self_attention,
+)
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
-from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values
-from .checkpointing import CheckpointMismatchError
+from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values, upgrade_hparams
+from .checkpointing import CheckpointMismatchError, _plain, load_checkpoint_file
 
 #: the checkpoint key recording the SD-XL folder a run was trained on (path and fingerprint)
 PRETRAINED_KEY = "sdxl_pretrained"
@@ -148,6 +154,18 @@ def _share_frozen(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
     return shared
 
 
+def saved_mixer_upgrade(hparams: dict, renamed: dict | None = None) -> dict | None:
+    """The ``mixer`` a checkpoint's ``hparams`` meant, when it does not say it: a checkpoint written before
+    the swap's default became local (``chunk_size`` 4) records no ``chunk_size`` and was trained global,
+    so its mixer gets ``chunk_size: None``. ``None`` for a checkpoint that records it (every checkpoint
+    since: the task writes the resolved value into its hyperparameters)."""
+    hparams = {**hparams, **upgrade_hparams(hparams, renamed)}
+    mixer = _plain(hparams.get("mixer"))
+    if isinstance(mixer, dict) and "chunk_size" in mixer:
+        return None
+    return {**(mixer or {}), "chunk_size": None}
+
+
 class DistillationTask(TrainingTask):
     """Distil SD-XL's UNet into its GSPN-swapped copy (see the module docstring).
 
@@ -155,8 +173,11 @@ class DistillationTask(TrainingTask):
         pretrained: the local SD-XL folder (diffusers layout).
         mixer: the options of every swapped layer, the GSPN models' mixer group
             (:class:`~gspn_lightning.nn.MixerOptions`: ``d_state``, ``directions``, ``backend``,
-            ``fused``) plus ``chunk_size`` (``null`` global, an int, or ``{name pattern: chunk}``) and
-            ``u_bias_init``; see :func:`~gspn_lightning.models.sdxl.swap_self_attention`.
+            ``fused``) plus ``chunk_size`` (an int, by default 4: local, as the GSPN release's SD-XL;
+            ``null`` global; or ``{name pattern: chunk}``) and ``u_bias_init``; see
+            :func:`~gspn_lightning.models.sdxl.swap_self_attention`. The resolved ``chunk_size`` is
+            recorded in the hyperparameters (a checkpoint that records none was trained global, and
+            loads so).
         trainable: ``"gspn"`` (only the GSPN modules) or ``"all"`` (the whole student).
         alpha, beta: weights of the output distillation and the per-layer attention terms.
         noise_weight: weight of the denoising term (1 in the recipe; 0 distils only, e.g. from a
@@ -216,8 +237,9 @@ class DistillationTask(TrainingTask):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if mixer is not None:  # typed, as saved with the checkpoint
-            mixer = self.hparams.mixer = cli_values(mixer)
+        # typed, as saved with the checkpoint, with the chunk size the swap uses spelled out
+        mixer = {"chunk_size": DEFAULT_CHUNK_SIZE, **(cli_values(mixer) if mixer is not None else {})}
+        self.hparams.mixer = mixer
         optim = OptimSettings.build(optim, DISTILLATION_OPTIM)
         if optim.ema_scope != "trainable":
             raise ValueError("model.init_args.optim.ema_scope must be trainable for DistillationTask")
@@ -245,7 +267,7 @@ class DistillationTask(TrainingTask):
 
         teacher = parts.unet
         student = _cast(copy.deepcopy(teacher), torch.float32)  # master weights in float32
-        self.gspn_names = swap_self_attention(student, **(mixer or {}))
+        self.gspn_names = swap_self_attention(student, **mixer)
         for p in student.parameters():
             p.requires_grad_(trainable == "all")
         if trainable == "gspn":
@@ -556,7 +578,25 @@ class DistillationTask(TrainingTask):
             "teacher, vae, text encoders and the frozen student parameters: loaded from hyper_parameters.pretrained"
         )
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """:meth:`TrainingTask.load_from_checkpoint`, with a checkpoint's ``mixer`` as it was trained: one
+        from before the local default (no ``chunk_size`` recorded) builds global layers."""
+        if "mixer" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
+            state = load_checkpoint_file(checkpoint_path, mmap=True)
+            mixer = saved_mixer_upgrade(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
+            del state
+            if mixer is not None:
+                kwargs["mixer"] = mixer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint from before the local default: its mixer was global, compared as such
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            mixer = saved_mixer_upgrade(hparams, self.RENAMED_ARGUMENTS)
+            if mixer is not None:
+                hparams["mixer"] = mixer
         # the task, the mixer/trainable arguments and the optimiser settings it was trained with
         super().on_load_checkpoint(checkpoint)
         self.check_pretrained(checkpoint)
