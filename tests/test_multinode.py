@@ -141,7 +141,22 @@ def test_sbatch_script_is_the_docs_and_lints():
     assert (ROOT / default).is_file()
 
 
-def test_sbatch_command_line_inside_a_slurm_allocation(monkeypatch):
+@pytest.fixture
+def process_state():
+    """Building a Trainer as rank 11 of 16 sets process-wide state that outlives the test: Lightning's
+    ``rank_zero_only.rank`` (which would silence every later ``rank_zero_warn`` and rank-0 log in this
+    worker) and environment variables such as ``MASTER_ADDR`` (which a later DDP subprocess would
+    inherit, and wait on a node that does not exist).  Both are restored afterwards."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    env, rank = dict(os.environ), getattr(rank_zero_only, "rank", None)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    rank_zero_only.rank = rank
+
+
+def test_sbatch_command_line_inside_a_slurm_allocation(monkeypatch, process_state):
     """The script's ``gspn fit`` line as Lightning reads it in task 11 of a 2 x 8 allocation: SLURM
     detected, 16 ranks, this one rank 11 (node 1, local 3), the master on the first node, the log
     version the job id. (On the CPU: this machine has no GPUs; the ranks are what is checked.)"""
