@@ -224,7 +224,6 @@ void attn_forward(const AttnGeometry& lg, int64_t k, AttnWorkspace<acc_t>& ws) {
   }
 }
 
-constexpr int64_t kSumBlock = 32;
 
 // Backward of direction k over the unit (ws.dnum, ws.dden set): adds its shares of dL/dv, dL/dlam to
 // ws.dv, ws.dlam and its dL/dproxy to ws.dps, sets ws.dwb to its dL/dweight, dL/dbias per lane and
@@ -309,7 +308,7 @@ typename Vec<acc_t>::type attn_backward(const AttnGeometry& lg, int64_t k, AttnW
       std::swap(adn, adc);
     }
     // the adjoint of the projection: dL/dproxy (summed over the lanes), dL/dweight and dL/dbias (per
-    // lane, in blocks of kSumBlock pixels whose sums are then added: short chains)
+    // lane, add_projection_grads)
     const int64_t n = len * M;
     for (int64_t i = 0; i < n; ++i) {
       const V* d = dg + i * kTaps;
@@ -320,30 +319,7 @@ typename Vec<acc_t>::type attn_backward(const AttnGeometry& lg, int64_t k, AttnW
         dp[s] += tree_sum<acc_t, kVecBytes>(&v);
       }
     }
-    V* dwv = ws.dwb.data();
-    for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
-      const int64_t i1 = std::min(n, i0 + kSumBlock);
-      for (int t = 0; t < kTaps; ++t) {
-        V sb{};
-        for (int64_t i = i0; i < i1; ++i) sb += dg[i * kTaps + t];
-        dwv[Sp * kTaps + t] += sb;
-        for (int64_t c0 = 0; c0 < Sp; c0 += 4) {
-          V a0{}, a1{}, a2{}, a3{};
-          for (int64_t i = i0; i < i1; ++i) {
-            const V d = dg[i * kTaps + t];
-            const acc_t* pp = P + qs[i] * Sp + c0;
-            a0 += d * pp[0];
-            a1 += d * pp[1];
-            a2 += d * pp[2];
-            a3 += d * pp[3];
-          }
-          dwv[(c0 + 0) * kTaps + t] += a0;
-          dwv[(c0 + 1) * kTaps + t] += a1;
-          dwv[(c0 + 2) * kTaps + t] += a2;
-          dwv[(c0 + 3) * kTaps + t] += a3;
-        }
-      }
-    }
+    add_projection_grads<kTaps>(ws.dwb.data(), dg, P, qs, n, Sp);
   }
   return dm;
 }

@@ -96,4 +96,38 @@ inline bool any_columns(const PropagateArgs& a) {
   return std::any_of(a.dirs.begin(), a.dirs.end(), [](const Direction& d) { return d.transpose; });
 }
 
+// The adjoint of a low-rank projection's weight and bias, added per lane into dwv ([Sp][kFields]
+// weight rows, then [kFields] biases): n pixels' logit gradients dg ([n][kFields] vectors), pixel i
+// reading proxy row qs[i] of P ([pixel][Sp] scalars, Sp a multiple of 4).  In blocks of 32 pixels whose
+// sums are then added: short chains, a float32 error like a pairwise sum's for planes of a few thousand
+// pixels.  Shared by the projection op (6 fields) and the SD-XL attention op (3 taps).
+template <int kFields, typename V, typename acc_t>
+void add_projection_grads(V* __restrict__ dwv, const V* __restrict__ dg, const acc_t* __restrict__ P,
+                          const int64_t* __restrict__ qs, int64_t n, int64_t Sp) {
+  constexpr int64_t kSumBlock = 32;
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+    const int64_t i1 = std::min(n, i0 + kSumBlock);
+    for (int f = 0; f < kFields; ++f) {
+      V sb{};
+      for (int64_t i = i0; i < i1; ++i) sb += dg[i * kFields + f];
+      dwv[Sp * kFields + f] += sb;
+      for (int64_t s0 = 0; s0 < Sp; s0 += 4) {
+        V a0{}, a1{}, a2{}, a3{};
+        for (int64_t i = i0; i < i1; ++i) {
+          const V d = dg[i * kFields + f];
+          const acc_t* p = P + qs[i] * Sp + s0;
+          a0 += d * p[0];
+          a1 += d * p[1];
+          a2 += d * p[2];
+          a3 += d * p[3];
+        }
+        dwv[(s0 + 0) * kFields + f] += a0;
+        dwv[(s0 + 1) * kFields + f] += a1;
+        dwv[(s0 + 2) * kFields + f] += a2;
+        dwv[(s0 + 3) * kFields + f] += a3;
+      }
+    }
+  }
+}
+
 }  // namespace gspn

@@ -269,7 +269,6 @@ void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
   }
 }
 
-constexpr int64_t kSumBlock = 32;
 
 // Backward of direction k over the unit: adds this direction's share of dL/dx to ws.acc, its dL/dproxy
 // to ws.dps, sets ws.dwb to its dL/dweight, dL/dbias per lane and returns dL/dmerge per lane.
@@ -359,32 +358,7 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
         dp[s] += tree_sum<acc_t, kVecBytes>(&v);
       }
     }
-    // (in blocks of kSumBlock pixels whose sums are then added: short chains, a float32 error like a
-    // pairwise sum's for planes of a few thousand pixels)
-    V* dwv = ws.dwb.data();
-    for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
-      const int64_t i1 = std::min(n, i0 + kSumBlock);
-      for (int f = 0; f < kGateFields; ++f) {
-        V sb{};
-        for (int64_t i = i0; i < i1; ++i) sb += dg[i * kGateFields + f];
-        dwv[Sp * kGateFields + f] += sb;
-        for (int64_t s0 = 0; s0 < Sp; s0 += 4) {
-          V a0{}, a1{}, a2{}, a3{};
-          for (int64_t i = i0; i < i1; ++i) {
-            const V d = dg[i * kGateFields + f];
-            const acc_t* p = P + qs[i] * Sp + s0;
-            a0 += d * p[0];
-            a1 += d * p[1];
-            a2 += d * p[2];
-            a3 += d * p[3];
-          }
-          dwv[(s0 + 0) * kGateFields + f] += a0;
-          dwv[(s0 + 1) * kGateFields + f] += a1;
-          dwv[(s0 + 2) * kGateFields + f] += a2;
-          dwv[(s0 + 3) * kGateFields + f] += a3;
-        }
-      }
-    }
+    add_projection_grads<kGateFields>(ws.dwb.data(), dg, P, qs, n, Sp);
   }
   return dm;
 }

@@ -52,27 +52,9 @@ constexpr int kMergeThreads = lanes_cuda::kMergeThreads;
 constexpr int reduce_values(int kS) { return kS * kTaps + kTaps + 1; }
 
 // A lane's tap projection rows of its direction ([s][tap], zero past S and for lanes past E), biases
-// and merge weight.
+// and merge weight: the mixer's LaneRows with 3 logits instead of 6.
 template <typename acc_t, int kS>
-struct TapRows {
-  acc_t w[kS * kTaps];
-  acc_t bias[kTaps];
-  acc_t m;
-  template <typename scalar_t>
-  __device__ void load(const LanesGeometry& geo, const LaneTask& t, const scalar_t* weight, const scalar_t* b,
-                       const scalar_t* merge) {
-    GSPN_UNROLL
-    for (int f = 0; f < kTaps; ++f) {
-      const int64_t r = (t.k * kTaps + f) * geo.C + t.c;
-      bias[f] = t.live ? static_cast<acc_t>(b[r]) : acc_t(0);
-      GSPN_UNROLL
-      for (int s = 0; s < kS; ++s) {
-        w[s * kTaps + f] = t.live && s < geo.S ? static_cast<acc_t>(weight[r * geo.S + s]) : acc_t(0);
-      }
-    }
-    m = t.live ? static_cast<acc_t>(merge[t.k * geo.C + t.c]) : acc_t(0);
-  }
-};
+using TapRows = lanes_cuda::LaneRows<acc_t, kS, kTaps>;
 
 // The normalised taps of pixel q at position j of a line of M (zero on a group's first line).
 template <typename acc_t, int kS, typename scalar_t>

@@ -128,21 +128,21 @@ struct LaneTask {
 
 // A lane's projection rows of its direction ([s][field], zero past S and for lanes past C), biases
 // and merge weight.
-template <typename acc_t, int kS>
+template <typename acc_t, int kS, int kFields = kGateFields>
 struct LaneRows {
-  acc_t w[kS * kGateFields];
-  acc_t bias[kGateFields];
+  acc_t w[kS * kFields];
+  acc_t bias[kFields];
   acc_t m;
   template <typename scalar_t>
   __device__ void load(const LanesGeometry& geo, const LaneTask& t, const scalar_t* weight, const scalar_t* b,
                        const scalar_t* merge) {
     GSPN_UNROLL
-    for (int f = 0; f < kGateFields; ++f) {
-      const int64_t r = (t.k * kGateFields + f) * geo.C + t.c;
+    for (int f = 0; f < kFields; ++f) {
+      const int64_t r = (t.k * kFields + f) * geo.C + t.c;
       bias[f] = t.live ? static_cast<acc_t>(b[r]) : acc_t(0);
       GSPN_UNROLL
       for (int s = 0; s < kS; ++s) {
-        w[s * kGateFields + f] = t.live && s < geo.S ? static_cast<acc_t>(weight[r * geo.S + s]) : acc_t(0);
+        w[s * kFields + f] = t.live && s < geo.S ? static_cast<acc_t>(weight[r * geo.S + s]) : acc_t(0);
       }
     }
     m = t.live ? static_cast<acc_t>(merge[t.k * geo.C + t.c]) : acc_t(0);
