@@ -303,31 +303,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       cur = tmp;
     }
   }
-  // the per-lane sums over the CTA's positions, in position order, into this (b, run)'s partial rows
-  constexpr int kValues = reduce_values(kS);
-  const int64_t zb = t.b * geo.zruns + t.run, Rows = geo.K * kTaps * C;
-  GSPN_UNROLL
-  for (int vi = 0; vi < kValues; ++vi) {
-    const acc_t val = vi < kS * kTaps ? dw[vi] : (vi < kS * kTaps + kTaps ? db[vi - kS * kTaps] : dm);
-    red[(vi * geo.P + t.p) * G + t.lane] = val;
-  }
-  __syncthreads();
-  for (int64_t i = t.tid; i < kValues * G; i += t.nthreads) {
-    const int vi = static_cast<int>(i / G), l = static_cast<int>(i % G);
-    const int64_t c = static_cast<int64_t>(blockIdx.x) * G + l;
-    if (c >= C) continue;
-    acc_t sum = acc_t(0);
-    for (int pp = 0; pp < geo.P; ++pp) sum += red[(vi * geo.P + pp) * G + l];
-    if (vi < kS * kTaps) {
-      const int s2 = vi / kTaps, f = vi % kTaps;
-      if (s2 < S) dwb_part[(zb * Rows + (t.k * kTaps + f) * C + c) * (S + 1) + s2] = sum;
-    } else if (vi < kS * kTaps + kTaps) {
-      const int f = vi - kS * kTaps;
-      dwb_part[(zb * Rows + (t.k * kTaps + f) * C + c) * (S + 1) + S] = sum;
-    } else {
-      dm_part[(zb * geo.K + t.k) * C + c] = sum;
-    }
-  }
+  // the per-lane sums over the CTA's positions into this (b, run)'s partial rows
+  lanes_cuda::store_lane_sums<kS, kTaps>(geo, t, dw, db, dm, red, dwb_part, dm_part);
 }
 
 }  // namespace attn_cuda

@@ -264,6 +264,42 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
+// The end of a backward CTA: each lane's sums over the CTA's positions (dL/dweight [kS][kFields],
+// dL/dbias [kFields], dL/dmerge), added in position order through the reduction workspace `red`
+// ([value][position][lane]), into this (batch, run)'s partial rows: dwb_part [B*runs][K*kFields*C][S+1]
+// (the bias last), dm_part [B*runs][K][C].  Every thread of the CTA calls it (one barrier).
+template <int kS, int kFields, typename acc_t>
+__device__ void store_lane_sums(const LanesGeometry& geo, const LaneTask& t, const acc_t (&dw)[kS * kFields],
+                                const acc_t (&db)[kFields], acc_t dm, acc_t* red, acc_t* dwb_part,
+                                acc_t* dm_part) {
+  constexpr int kValues = kS * kFields + kFields + 1;
+  const int G = geo.G;
+  const int64_t C = geo.C, S = geo.S;
+  const int64_t zb = t.b * geo.zruns + t.run, Rows = geo.K * kFields * C;
+  GSPN_UNROLL
+  for (int v = 0; v < kValues; ++v) {
+    const acc_t val = v < kS * kFields ? dw[v] : (v < kS * kFields + kFields ? db[v - kS * kFields] : dm);
+    red[(v * geo.P + t.p) * G + t.lane] = val;
+  }
+  __syncthreads();
+  for (int64_t i = t.tid; i < kValues * G; i += t.nthreads) {
+    const int v = static_cast<int>(i / G), l = static_cast<int>(i % G);
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * G + l;
+    if (c >= C) continue;
+    acc_t sum = acc_t(0);
+    for (int pp = 0; pp < geo.P; ++pp) sum += red[(v * geo.P + pp) * G + l];
+    if (v < kS * kFields) {
+      const int s2 = v / kFields, f = v % kFields;
+      if (s2 < S) dwb_part[(zb * Rows + (t.k * kFields + f) * C + c) * (S + 1) + s2] = sum;
+    } else if (v < kS * kFields + kFields) {
+      const int f = v - kS * kFields;
+      dwb_part[(zb * Rows + (t.k * kFields + f) * C + c) * (S + 1) + S] = sum;
+    } else {
+      dm_part[(zb * geo.K + t.k) * C + c] = sum;
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, int kS>
 __global__ void __launch_bounds__(kMaxThreads)
     lanes_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
@@ -449,33 +485,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     }
   }
-  // 3. the per-lane sums over the CTA's positions, in position order (through the CTA's reduction
-  // workspace, [value][position][lane]), into this (b, run)'s partial rows
-  constexpr int kValues = reduce_values(kS);
-  acc_t* red = seg + geo.seg_elems;
-  const int64_t zb = t.b * geo.zruns + t.run, Rows = geo.K * kGateFields * C;
-  GSPN_UNROLL
-  for (int v = 0; v < kValues; ++v) {
-    const acc_t val = v < kS * kGateFields ? dw[v] : (v < kS * kGateFields + kGateFields ? db[v - kS * kGateFields] : dm);
-    red[(v * geo.P + t.p) * G + t.lane] = val;
-  }
-  __syncthreads();
-  for (int64_t i = t.tid; i < kValues * G; i += t.nthreads) {
-    const int v = static_cast<int>(i / G), l = static_cast<int>(i % G);
-    const int64_t c = static_cast<int64_t>(blockIdx.x) * G + l;
-    if (c >= C) continue;
-    acc_t sum = acc_t(0);
-    for (int pp = 0; pp < geo.P; ++pp) sum += red[(v * geo.P + pp) * G + l];
-    if (v < kS * kGateFields) {
-      const int s2 = v / kGateFields, f = v % kGateFields;
-      if (s2 < S) dwb_part[(zb * Rows + (t.k * kGateFields + f) * C + c) * (S + 1) + s2] = sum;
-    } else if (v < kS * kGateFields + kGateFields) {
-      const int f = v - kS * kGateFields;
-      dwb_part[(zb * Rows + (t.k * kGateFields + f) * C + c) * (S + 1) + S] = sum;
-    } else {
-      dm_part[(zb * geo.K + t.k) * C + c] = sum;
-    }
-  }
+  // 3. the per-lane sums over the CTA's positions into this (b, run)'s partial rows
+  store_lane_sums<kS, kGateFields>(geo, t, dw, db, dm, seg + geo.seg_elems, dwb_part, dm_part);
 }
 
 // The launch over (B, C, H, W) channels-last maps with K directions and a proxy of S <= kMaxLaneS
