@@ -120,7 +120,17 @@ echo "== sections: $SECTIONS_WANTED"
 to_out() { [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2> /dev/null && pwd)" != "$RESULTS" ]; }
 pack() {
   to_out || return 0
-  mkdir -p "$OUT" && tar czf "$OUT/.gpu_check.tgz.tmp" -C "$RESULTS" . && mv "$OUT/.gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
+  mkdir -p "$OUT" || return 0
+  local out_abs exclude=()
+  out_abs="$(cd "$OUT" && pwd)"
+  # OUT inside the results folder (the rehearsal's test puts it there) is left out of its own archive:
+  # tar would otherwise read the half-written archive, fail ("file changed as we read it") and leave it
+  case "$out_abs/" in "$RESULTS"/*) exclude=("--exclude=./${out_abs#"$RESULTS"/}") ;; esac
+  if tar czf "$OUT/.gpu_check.tgz.tmp" "${exclude[@]}" -C "$RESULTS" .; then
+    mv "$OUT/.gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
+  else
+    rm -f "$OUT/.gpu_check.tgz.tmp"
+  fi
 }
 
 # Section time limits in seconds: a Python section stops starting new cases when its budget is spent;

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def _rehearsal(tmp_path, sections: str | None, hide: bool):
     assert text.strip().splitlines()[-1] in r.stdout  # the short table is printed last
     back = tmp_path / "back"
     assert sorted(p.name for p in back.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check.tgz"]
+    with tarfile.open(back / "gpu_check.tgz") as archive:  # the results, not the return folder itself
+        names = archive.getnames()
+    assert "./gpu_check.md" in names and not any(n.startswith("./back") for n in names), names
     return r, merged, text
 
 
