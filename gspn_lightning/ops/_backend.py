@@ -85,18 +85,35 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "kernel" if _compiled_or_reference(asked, device) else "reference"
 
 
-def resolve_proj_backend(backend: str | None, device: torch.device) -> str:
-    """``"kernel"``, ``"planes"`` or ``"reference"`` for ``gspn_propagate_proj`` on ``device``:
-    ``"auto"`` is :data:`CUDA_PROJ_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where
-    nothing is compiled); raises if a compiled path was asked for and is unavailable."""
+def _resolve_two_paths(backend: str | None, device: torch.device, cuda_default: str, op: str | None) -> str:
+    """``"kernel"``, ``"planes"`` or ``"reference"`` for an op with two compiled paths on ``device``:
+    ``"auto"`` is the module constant named ``cuda_default`` (read now) on CUDA and ``"kernel"``
+    elsewhere (the reference where nothing is compiled); raises if a compiled path was asked for and is
+    unavailable, or (``op`` given) ``"kernel"`` where the loaded extension registered no ``op`` kernel."""
     asked = requested_backend(backend)
     if asked == "reference":
         return "reference"
     if not _compiled_or_reference(asked, device):
         return "reference"
     if asked == "auto":
-        return CUDA_PROJ_DEFAULT if device.type == "cuda" else "kernel"
+        return globals()[cuda_default] if device.type == "cuda" else "kernel"
+    if (
+        op is not None
+        and asked == "kernel"
+        and not _has_kernel(op, "CUDA" if device.type == "cuda" else "CPU")
+    ):
+        raise RuntimeError(
+            f"backend='kernel' asked for, but the loaded GSPN extension has no {op.removesuffix('_fwd')} kernel for "
+            f"{device.type} tensors; use backend='planes'"
+        )
     return asked
+
+
+def resolve_proj_backend(backend: str | None, device: torch.device) -> str:
+    """``"kernel"``, ``"planes"`` or ``"reference"`` for ``gspn_propagate_proj`` on ``device``:
+    ``"auto"`` is :data:`CUDA_PROJ_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where
+    nothing is compiled); raises if a compiled path was asked for and is unavailable."""
+    return _resolve_two_paths(backend, device, "CUDA_PROJ_DEFAULT", None)
 
 
 @torch.compiler.assume_constant_result
@@ -110,16 +127,4 @@ def resolve_attention_backend(backend: str | None, device: torch.device) -> str:
     """``"kernel"``, ``"planes"`` or ``"reference"`` for ``gspn_attention`` on ``device``: ``"auto"`` is
     :data:`CUDA_ATTENTION_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where nothing is
     compiled); raises if a compiled path was asked for and is unavailable."""
-    asked = requested_backend(backend)
-    if asked == "reference":
-        return "reference"
-    if not _compiled_or_reference(asked, device):
-        return "reference"
-    if asked == "auto":
-        return CUDA_ATTENTION_DEFAULT if device.type == "cuda" else "kernel"
-    if asked == "kernel" and not _has_kernel("attention_fwd", "CUDA" if device.type == "cuda" else "CPU"):
-        raise RuntimeError(
-            f"backend='kernel' asked for, but the loaded GSPN extension has no attention kernel for "
-            f"{device.type} tensors; use backend='planes'"
-        )
-    return asked
+    return _resolve_two_paths(backend, device, "CUDA_ATTENTION_DEFAULT", "attention_fwd")
