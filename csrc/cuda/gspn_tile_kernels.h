@@ -60,7 +60,8 @@ struct TileGeometry {
   int64_t tiles_w;             // tiles per row of tiles
   int64_t acc_elems;           // acc_t elements of one accumulator: TH TW G
   int64_t h_elems;             // acc_t elements of one state's line buffers
-  bool transpose[4], reverse[4];
+  unsigned int transpose, reverse;  // bit k: direction k's (bits, not arrays: a kernel parameter indexed
+                                    // at run time would be copied to local memory)
 };
 
 // What a thread of a CTA works on: its lane, item slot, batch element, channel and tile.
@@ -102,7 +103,7 @@ struct TilePoint {
 template <typename acc_t, typename Body>
 __device__ void sweep_direction(const TileGeometry& geo, const TileTask& t, int k, int states, acc_t* buf,
                                 Body&& body) {
-  const bool tr = geo.transpose[k], rv = geo.reverse[k];
+  const bool tr = (geo.transpose >> k) & 1u, rv = (geo.reverse >> k) & 1u;
   const int64_t L = tr ? geo.W : geo.H, M = tr ? geo.H : geo.W, ck = geo.chunk, G = geo.G;
   const int64_t l0 = tr ? t.j0 : t.i0, l1 = tr ? t.j1 : t.i1;  // the tile's lines
   const int64_t q0 = tr ? t.i0 : t.j0, q1 = tr ? t.i1 : t.j1;  // its positions
@@ -271,8 +272,8 @@ inline TilePlan plan_tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
   geo.S = S;
   bool rows = false, cols = false;
   for (int64_t k = 0; k < K; ++k) {
-    geo.transpose[k] = transpose[k];
-    geo.reverse[k] = reverse[k];
+    geo.transpose |= transpose[k] ? 1u << k : 0u;
+    geo.reverse |= reverse[k] ? 1u << k : 0u;
     (transpose[k] ? cols : rows) = true;
   }
   const int64_t acc_size = sizeof(acc_t), halo = chunk - 1;
