@@ -298,8 +298,8 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
-    # every launch ran (the attention kernels print once per case)
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3, run.stdout
+    # every launch ran (the attention and tile kernels print once per case)
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3 + 2, run.stdout
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -642,7 +642,9 @@ def check_tile(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_C
     assert_rel(y, ref.to(dtype), PROJ_TOL[dtype], "y vs the float64 reference")
     assert_rel(y, cpu, PROJ_TOL[dtype], "y vs the CPU kernel")
     assert_rel(y, lanes, PROJ_TOL[dtype], "y vs the lane kernels")
-    assert torch.equal(emu.propagate_proj_fwd(*ins, d, chunk, ctas, AUTO), y), "the dispatch rule picks the tile"
+    assert torch.equal(emu.propagate_proj_fwd(*ins, d, chunk, ctas, AUTO), y), (
+        "the dispatch rule picks the tile"
+    )
     return y
 
 
@@ -652,7 +654,9 @@ def test_tile_kernel_matches_reference(emu, shape, chunk):
     check_tile(emu, shape, 3 if shape[2] > shape[3] else 8, DIRECTIONS, chunk)
 
 
-@pytest.mark.parametrize("directions", [("r2l",), ("t2b",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join)
+@pytest.mark.parametrize(
+    "directions", [("r2l",), ("t2b",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join
+)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_tile_kernel_direction_subsets(emu, directions, chunk):
     check_tile(emu, (1, 5, 17, 23), 8, directions, chunk)
@@ -710,8 +714,11 @@ def test_tile_dispatch_rule_and_cases_reach_every_launch_path(emu):
         ins, _ = proj_inputs((1, 5, 17, 23), 8, 4)
         emu.propagate_proj_fwd(*ins, d, 0, GPU_CTAS, TILE)
     # (tile, G, P, groups, TH, TW, tiles, shared bytes)
-    plans = [emu.tile_plan(torch.zeros(s, dtype=torch.float64), 8, d, c, 1, GPU_CTAS) for s in TILE_SHAPES
-             for c in TILE_CHUNKS]
+    plans = [
+        emu.tile_plan(torch.zeros(s, dtype=torch.float64), 8, d, c, 1, GPU_CTAS)
+        for s in TILE_SHAPES
+        for c in TILE_CHUNKS
+    ]
     plans.append(emu.tile_plan(torch.zeros(1, 3, 37, 35, dtype=torch.float64), 3, d, 8, 1, GPU_CTAS))
     assert all(p[0] == 1 for p in plans)
     assert any(p[6] == 1 for p in plans) and any(p[6] >= 4 for p in plans), "one and several tiles"
@@ -747,7 +754,9 @@ def test_attention_tile_kernel_matches_reference(emu, shape, S, chunk, direction
     for want, what in ((ref, "the float64 reference"), (cpu, "the CPU kernel"), (lanes, "the lane kernels")):
         err = (out - want).abs().max().item()
         assert err <= PROJ_TOL[torch.float64] * max(want.abs().max().item(), 1.0), f"out vs {what}: {err:.3g}"
-    assert torch.equal(emu.attention_fwd(*ins, d, chunk, GPU_CTAS, AUTO), out), "the dispatch rule picks the tile"
+    assert torch.equal(emu.attention_fwd(*ins, d, chunk, GPU_CTAS, AUTO), out), (
+        "the dispatch rule picks the tile"
+    )
 
 
 def test_attention_tile_kernel_float32(emu):
