@@ -693,6 +693,18 @@ def test_tile_kernel_channel_groups(emu, shape, ctas, chunk, G):
     assert plan[1] == G and plan[3] == -(-shape[1] // G), plan
 
 
+@pytest.mark.parametrize(
+    "shape,S,chunk,dtype",
+    [((1, 5, 17, 23), 24, 3, torch.float64), ((2, 19, 16, 16), 72, 2, torch.float32)],
+    ids=["S24", "S72-float32"],
+)
+def test_tile_kernel_large_proxies_rows_in_shared_memory(emu, shape, S, chunk, dtype):
+    """Proxies of more than 16 channels (GSPN-DiT's d_state = D / 16: 72 at XL's 1152): the projection
+    rows in shared memory, the proxy read in the projection loop; the lane kernels' path for them is
+    the materialised logits (emulated per-plane kernels)."""
+    check_tile(emu, shape, S, DIRECTIONS, chunk, dtype=dtype)
+
+
 def test_tile_kernel_large_tiles_and_chunk_8(emu):
     """Chunk 8 (tiles of 32 x 32 positions, a halo of 7) and chunk 6 on a map cut into several tiles
     with a partial last one, in float64 (where the side shrinks until a tile fits)."""
@@ -701,15 +713,17 @@ def test_tile_kernel_large_tiles_and_chunk_8(emu):
 
 
 def test_tile_dispatch_rule_and_cases_reach_every_launch_path(emu):
-    """The rule: chunked layers with chunks of 1 to 8 lines and proxies of at most 16 channels take
-    the tile kernel, global layers, longer chunks and larger proxies not.  And the cases above reach
+    """The rule: chunked layers with chunks of 1 to 8 lines and proxies of at most 128 channels
+    (attention: 16) take the tile kernel, global layers, longer chunks and larger proxies not.  And the cases above reach
     one and several tiles both ways, halos clipped at the map's edges and whole, a partial last tile,
     several item slots per step and steps of more items than slots."""
     x = torch.zeros(1, 5, 17, 23, dtype=torch.float64)
     d = list(DIRECTIONS)
     assert [emu.tile_plan(x, 8, d, c, 1, GPU_CTAS)[0] for c in (0, 1, 4, 8, 9)] == [0, 1, 1, 1, 0]
-    assert emu.tile_plan(x, 17, d, 2, 1, GPU_CTAS)[0] == 0
-    assert emu.tile_plan(x, 8, d, 2, 2, GPU_CTAS)[0] == 1  # attention: two states
+    assert emu.tile_plan(x, 72, d, 2, 1, GPU_CTAS)[0] == 1  # the rows in shared memory
+    assert emu.tile_plan(x, 129, d, 2, 1, GPU_CTAS)[0] == 0
+    assert emu.tile_plan(x, 8, d, 2, 2, GPU_CTAS)[0] == 1  # attention: two states, rows in registers
+    assert emu.tile_plan(x, 17, d, 2, 2, GPU_CTAS)[0] == 0
     with pytest.raises(RuntimeError, match="chunk sizes 1 to 8"):
         ins, _ = proj_inputs((1, 5, 17, 23), 8, 4)
         emu.propagate_proj_fwd(*ins, d, 0, GPU_CTAS, TILE)

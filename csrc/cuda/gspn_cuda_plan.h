@@ -243,15 +243,32 @@ tile_cuda::TilePlan plan_tile_launch(int64_t B, int64_t C, int64_t H, int64_t W,
   return p;
 }
 
-// Whether the forward runs the tile kernel (`plan` from plan_tile_launch for `chunk`, S).
-inline bool use_tile(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S,
+// Whether the forward runs the tile kernel (`plan` from plan_tile_launch for `chunk`, S and `states`).
+inline bool use_tile(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S, int states,
                      const char* op) {
   if (kernel == ForwardKernel::kLanes) return false;
-  const bool applies = tile_cuda::tile_pays(chunk, S) && plan.fits;
+  const int64_t max_s = states == 1 ? tile_cuda::kMaxTileS : lanes_cuda::kMaxLaneS;
+  const bool applies = tile_cuda::tile_pays(chunk, S, max_s) && plan.fits;
   TORCH_CHECK(kernel == ForwardKernel::kAuto || applies, op, ": the tile kernel takes chunk sizes 1 to ",
-              tile_cuda::kMaxChunk, " and proxies of at most ", lanes_cuda::kMaxLaneS, " channels, got chunk ",
-              chunk, " and ", S);
+              tile_cuda::kMaxChunk, " and proxies of at most ", max_s, " channels, got chunk ", chunk, " and ",
+              S);
   return applies;
+}
+
+// Calls f(std::integral_constant<int, kS>) with the tile kernel's capacity for S proxy channels (0:
+// the rows in shared memory).
+template <typename F>
+void with_tile_capacity(int64_t S, F&& f) {
+  switch (tile_cuda::tile_capacity(S)) {
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    default:
+      f(std::integral_constant<int, 0>{});
+  }
 }
 
 template <typename scalar_t, typename acc_t, typename Launch>
@@ -259,7 +276,7 @@ at::Tensor tile_forward(const ProjArgs& pa, const tile_cuda::TilePlan& p, Launch
   const PropagateArgs& a = pa.p;
   at::Tensor y = empty_channels_last(a.x, a.x.sizes());
   if (y.numel() == 0) return y;
-  with_lane_capacity(pa.S, [&](auto cap) {
+  with_tile_capacity(pa.S, [&](auto cap) {
     launch(tile_cuda::tile_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
            dim3(p.block[0], p.block[1]), p.shared_bytes, a.x.const_data_ptr<scalar_t>(),
            pa.proxy.const_data_ptr<scalar_t>(), pa.weight.const_data_ptr<scalar_t>(),
@@ -280,20 +297,21 @@ at::Tensor lanes_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at
                           ForwardKernel kernel = ForwardKernel::kAuto) {
   const char* op = "gspn propagate_proj_fwd";
   const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, op);
-  if (pa.S > lanes_cuda::kMaxLaneS && kernel != ForwardKernel::kTile) {
-    return proj_fwd_materialised(pa, directions, chunk_size, propagate_fwd);
-  }
   const PropagateArgs& a = pa.p;
   at::Tensor y;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_fwd_lanes", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const tile_cuda::TilePlan tp = plan_tile_launch<acc_t>(a.B, a.C, a.H, a.W, a.dirs, a.chunk, pa.S, 1, target_ctas);
-    if (use_tile(kernel, tp, a.chunk, pa.S, op)) {
+    if (use_tile(kernel, tp, a.chunk, pa.S, 1, op)) {
       y = tile_forward<scalar_t, acc_t>(pa, tp, launch);
-    } else {
+      done = true;
+    } else if (pa.S <= lanes_cuda::kMaxLaneS) {
       y = lanes_forward<scalar_t, acc_t>(pa, launch, target_ctas);
+      done = true;
     }
   });
+  if (!done) y = proj_fwd_materialised(pa, directions, chunk_size, propagate_fwd);
   return y;
 }
 
@@ -372,7 +390,7 @@ at::Tensor attention_cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "gspn_attention_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const tile_cuda::TilePlan tp = plan_tile_launch<acc_t>(a.B, a.E, a.H, a.W, a.dirs, a.chunk, a.S, 2, target_ctas);
-    if (use_tile(kernel, tp, a.chunk, a.S, op)) {
+    if (use_tile(kernel, tp, a.chunk, a.S, 2, op)) {
       with_lane_capacity(a.S, [&](auto cap) {
         launch(tile_cuda::tile_attn_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>,
                dim3(tp.grid[0], tp.grid[1], tp.grid[2]), dim3(tp.block[0], tp.block[1]), tp.shared_bytes,

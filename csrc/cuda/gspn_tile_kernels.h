@@ -24,7 +24,9 @@
 // Grid (tiles, channel groups, B), block (G lanes, P): thread (lane, p) handles items p, p + P, ... of
 // a step, an item being one position of one line (one per group of the tile).  Shared memory: the
 // accumulators [accs][TH TW][G] and the states' line buffers [states][TH or TW lines][halo'd positions
-// + 2 pads][G] (acc_t; all lines of the tile are kept, a step reads the line before it).
+// + 2 pads][G] (acc_t; all lines of the tile are kept, a step reads the line before it); for
+// propagate_proj with a proxy of more than kMaxLaneS channels (GSPN-DiT: d_state = D / 16) also the
+// direction's projection rows [G][S * 6 + 1], which do not fit in registers.
 //
 // Status: executed on the CPU by tests/test_cuda_emulation.py (host emulation) and compiled by nvcc for
 // sm_80 / sm_90 (tests/test_ptxas.py); not yet run or timed on a GPU.
@@ -42,15 +44,23 @@ namespace tile_cuda {
 
 constexpr int kMaxThreads = 256;          // G x P threads per CTA at most
 constexpr int64_t kMaxChunk = 8;          // chunk sizes the tile kernels take (the dispatch rule)
+constexpr int64_t kMaxTileS = 128;        // proxies the propagate_proj tile kernel takes (rows in shared
+                                          // memory past kMaxLaneS)
 constexpr int64_t kMinSide = 16;          // a tile's side: at least this, and at least 4 chunks
 constexpr int64_t kMaxShared = lanes_cuda::kMaxShared;
 constexpr int64_t kTargetCtas = lanes_cuda::kTargetCtas;
 
 // The dispatch rule of the ops (forward): chunked layers with chunks of at most kMaxChunk lines and a
-// proxy the lanes hold in registers.  Below it the serial chain is short (k steps a direction) and a
-// tile's halo (k - 1 positions a side, a tile side of max(16, 4k)) costs at most ~1.5x the tile's
-// projections, against the lane kernels' K partial maps written and read back by the merge kernel.
-inline bool tile_pays(int64_t chunk, int64_t S) { return chunk >= 1 && chunk <= kMaxChunk && S <= lanes_cuda::kMaxLaneS; }
+// proxy of at most `max_s` channels (propagate_proj: kMaxTileS, the projection rows in shared memory
+// past kMaxLaneS, as GSPN-DiT's d_state = D / 16 needs; attention: kMaxLaneS, in registers).  Below
+// it the serial chain is short (k steps a direction) and a tile's halo (k - 1 positions a side, a tile
+// side of max(16, 4k)) costs at most ~1.5x the tile's projections, against the lane kernels' K
+// partial maps written and read back by the merge kernel (or, past kMaxLaneS, the materialised logits).
+inline bool tile_pays(int64_t chunk, int64_t S, int64_t max_s) { return chunk >= 1 && chunk <= kMaxChunk && S <= max_s; }
+
+// The proxy capacity of a tile kernel instantiation: 8 or 16 (rows in registers), 0 (rows in shared
+// memory, any S up to kMaxTileS).
+inline int tile_capacity(int64_t S) { return S <= 8 ? 8 : (S <= lanes_cuda::kMaxLaneS ? 16 : 0); }
 
 struct TileGeometry {
   int64_t B, C, H, W, K, chunk, S;
@@ -60,6 +70,7 @@ struct TileGeometry {
   int64_t tiles_w;             // tiles per row of tiles
   int64_t acc_elems;           // acc_t elements of one accumulator: TH TW G
   int64_t h_elems;             // acc_t elements of one state's line buffers
+  int64_t rows_elems;          // acc_t elements of the projection rows in shared memory (capacity 0)
   unsigned int transpose, reverse;  // bit k: direction k's (bits, not arrays: a kernel parameter indexed
                                     // at run time would be copied to local memory)
 };
@@ -148,6 +159,23 @@ __device__ void zero_accumulators(acc_t* acc, int64_t n, const TileTask& t) {
   __syncthreads();
 }
 
+// The rows of direction k in shared memory, [lane][S * 6 + 1] (the odd stride puts a row's lanes on
+// different banks), written by the whole CTA, then a barrier.  The caller's last barrier must follow
+// every read of the previous direction's rows.
+template <typename acc_t, typename scalar_t>
+__device__ void load_shared_rows(acc_t* rows, const TileGeometry& geo, const TileTask& t, int k,
+                                 const scalar_t* weight) {
+  const int64_t G = geo.G, S = geo.S, F = kGateFields, stride = S * F + 1;
+  for (int64_t i = t.tid; i < G * S * F; i += t.nthreads) {
+    const int64_t l = i % G, f = i / G % F, s = i / (G * F);
+    const int64_t c = static_cast<int64_t>(blockIdx.y) * G + l;
+    rows[l * stride + s * F + f] = c < geo.C ? static_cast<acc_t>(weight[((k * F + f) * geo.C + c) * S + s]) : acc_t(0);
+  }
+  __syncthreads();
+}
+
+// kS = 8 or 16: the projection rows in registers (LaneRows); kS = 0: in shared memory (proxies of more
+// than kMaxLaneS channels, read from global memory in the projection loop).
 template <typename scalar_t, typename acc_t, int kS>
 __global__ void __launch_bounds__(kMaxThreads)
     tile_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ proxy,
@@ -158,15 +186,34 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t G = geo.G, C = geo.C, n = t.pixels() * G;
   acc_t* yacc = reinterpret_cast<acc_t*>(smem_raw);  // [pixel of the tile][lane]
   acc_t* hbuf = yacc + geo.acc_elems;
+  acc_t* srows = hbuf + geo.h_elems;  // capacity 0: this lane's rows at srows + lane (S * 6 + 1)
   zero_accumulators(yacc, n, t);
+  constexpr int kRegS = kS > 0 ? kS : 1;
   for (int k = 0; k < geo.K; ++k) {
-    lanes_cuda::LaneRows<acc_t, kS> rows;
-    rows.load_at(k, t.c, t.live, C, geo.S, weight, bias, merge);
+    lanes_cuda::LaneRows<acc_t, kRegS> rows;  // capacity 0: the biases and merge weight only
+    if constexpr (kS > 0) {
+      rows.load_at(k, t.c, t.live, C, geo.S, weight, bias, merge);
+    } else {
+      rows.load_at(k, t.c, t.live, C, int64_t{0}, weight, bias, merge);
+      load_shared_rows(srows, geo, t, k, weight);
+    }
     sweep_direction<acc_t>(geo, t, k, 1, hbuf, [&](const TilePoint& pt) {
-      acc_t pr[kS];
-      lanes_cuda::load_proxy<acc_t, kS>(proxy, pt.q, geo.S, pr);
       acc_t g[kGateFields];
-      project_logits(rows.w, rows.bias, pr, kS, g);
+      if constexpr (kS > 0) {
+        acc_t pr[kS];
+        lanes_cuda::load_proxy<acc_t, kS>(proxy, pt.q, geo.S, pr);
+        project_logits(rows.w, rows.bias, pr, kS, g);
+      } else {
+        const acc_t* w = srows + t.lane * (geo.S * kGateFields + 1);
+        const scalar_t* p = proxy + pt.q * geo.S;
+        GSPN_UNROLL
+        for (int f = 0; f < kGateFields; ++f) g[f] = rows.bias[f];
+        for (int64_t s2 = 0; s2 < geo.S; ++s2) {
+          const acc_t ps = static_cast<acc_t>(p[s2]);
+          GSPN_UNROLL
+          for (int f = 0; f < kGateFields; ++f) g[f] += w[s2 * kGateFields + f] * ps;
+        }
+      }
       const acc_t xv = t.live ? static_cast<acc_t>(x[pt.q * C + t.c]) : acc_t(0);
       acc_t hn = acc_t(0), hm = acc_t(0), hp = acc_t(0);
       if (pt.step > 0) {
@@ -243,8 +290,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // The launch over (B, C, H, W) channels-last maps (attention: (B, H, W, E), C = E) with K directions,
-// chunk 1 <= chunk <= kMaxChunk and S <= kMaxLaneS proxy channels; `states` 1 (propagate_proj) or 2
-// (attention, two accumulators too).  The tile side is max(kMinSide, 4 chunk) rounded up to whole
+// chunk 1 <= chunk <= kMaxChunk and S proxy channels (past kMaxLaneS: propagate_proj only, the rows
+// in shared memory); `states` 1 (propagate_proj) or 2 (attention, two accumulators too).  The tile side is max(kMinSide, 4 chunk) rounded up to whole
 // chunks (the map's side where that is smaller), less whole chunks until G = 8 fits in kMaxShared; G
 // from {32, 16, 8} (not above C rounded up to a power of two): the largest that fits with
 // `target_ctas` CTAs, else the smallest that fits; P item slots so that G P <= kMaxThreads, whole
@@ -283,7 +330,10 @@ inline TilePlan plan_tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
     const int64_t c = cols ? tw * (std::min(H, th + 2 * halo) + 2) : 0;
     return std::max(r, c);
   };
-  auto per_lane = [&](int64_t th, int64_t tw) { return (states * th * tw + states * line_elems(th, tw)) * acc_size; };
+  const int64_t rows_per_lane = tile_capacity(S) == 0 ? S * kGateFields + 1 : 0;  // shared rows
+  auto per_lane = [&](int64_t th, int64_t tw) {
+    return (states * th * tw + states * line_elems(th, tw) + rows_per_lane) * acc_size;
+  };
   int64_t side = (std::max(kMinSide, 4 * chunk) + chunk - 1) / chunk * chunk;
   auto extent = [&](int64_t n, int64_t sd) { return n <= sd ? n : sd; };
   while (side > chunk && per_lane(extent(H, side), extent(W, side)) * 8 > kMaxShared) side -= chunk;
@@ -306,6 +356,7 @@ inline TilePlan plan_tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
   geo.groups = (C + G - 1) / G;
   geo.acc_elems = geo.TH * geo.TW * G;
   geo.h_elems = line_elems(geo.TH, geo.TW) * G;
+  geo.rows_elems = rows_per_lane * G;
   // a step's items at most: the tile's groups times its positions with the halo
   const int64_t items = std::max(rows ? (geo.TH + chunk - 1) / chunk * std::min(W, geo.TW + 2 * halo) : 0,
                                  cols ? (geo.TW + chunk - 1) / chunk * std::min(H, geo.TH + 2 * halo) : 0);

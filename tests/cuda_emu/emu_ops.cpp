@@ -325,7 +325,7 @@ std::vector<int64_t> tile_plan_info(const at::Tensor& x, int64_t S, std::vector<
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_tile_plan", [&] {
     const auto p = gspn::plan_tile_launch<at::opmath_type<scalar_t>>(x.size(0), x.size(1), x.size(2), x.size(3), dirs,
                                                                       chunk, S, static_cast<int>(states), target_ctas);
-    const bool tile = gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, "gspn tile plan");
+    const bool tile = gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "gspn tile plan");
     info = {tile ? 1 : 0, p.geo.G, p.geo.P, p.geo.groups, p.geo.TH, p.geo.TW, static_cast<int64_t>(p.grid[0]),
             static_cast<int64_t>(p.shared_bytes)};
   });
