@@ -39,6 +39,12 @@
 #include "gspn_attention_kernels.h"
 #include "gspn_lanes_kernels.h"
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GSPN_NO_UNROLL _Pragma("unroll 1")
+#else
+#define GSPN_NO_UNROLL
+#endif
+
 namespace gspn {
 namespace tile_cuda {
 
@@ -175,9 +181,11 @@ __device__ void load_shared_rows(acc_t* rows, const TileGeometry& geo, const Til
 }
 
 // kS = 8 or 16: the projection rows in registers (LaneRows); kS = 0: in shared memory (proxies of more
-// than kMaxLaneS channels, read from global memory in the projection loop).
+// than kMaxLaneS channels, read from global memory in the projection loop).  Launch bounds: 2 CTAs
+// of 256 threads per SM (128 registers) with the rows in registers; with them in shared memory ptxas
+// capped itself at 80 registers and spilled (sm_80, float) unless told 1.
 template <typename scalar_t, typename acc_t, int kS>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kS > 0 ? 2 : 1)
     tile_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ proxy,
                     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
                     const scalar_t* __restrict__ merge, scalar_t* __restrict__ y, const TileGeometry geo) {
@@ -208,6 +216,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         const scalar_t* p = proxy + pt.q * geo.S;
         GSPN_UNROLL
         for (int f = 0; f < kGateFields; ++f) g[f] = rows.bias[f];
+        GSPN_NO_UNROLL  // unrolled: ~150 registers instead of ~110
         for (int64_t s2 = 0; s2 < geo.S; ++s2) {
           const acc_t ps = static_cast<acc_t>(p[s2]);
           GSPN_UNROLL
