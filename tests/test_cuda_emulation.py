@@ -705,6 +705,13 @@ def test_tile_kernel_large_proxies_rows_in_shared_memory(emu, shape, S, chunk, d
     check_tile(emu, shape, S, DIRECTIONS, chunk, dtype=dtype)
 
 
+def test_tile_kernel_empty_maps(emu):
+    for shape in ((1, 5, 0, 7), (1, 5, 7, 0), (0, 5, 7, 7), (1, 0, 7, 7)):
+        ins, _ = proj_inputs(shape, 3, 4)
+        y = emu.propagate_proj_fwd(*ins, list(DIRECTIONS), 2, GPU_CTAS, AUTO)
+        assert y.shape == shape
+
+
 def test_tile_kernel_large_tiles_and_chunk_8(emu):
     """Chunk 8 (tiles of 32 x 32 positions, a halo of 7) and chunk 6 on a map cut into several tiles
     with a partial last one, in float64 (where the side shrinks until a tile fits)."""

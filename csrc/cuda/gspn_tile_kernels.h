@@ -346,8 +346,8 @@ inline TilePlan plan_tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
   int64_t side = (std::max(kMinSide, 4 * chunk) + chunk - 1) / chunk * chunk;
   auto extent = [&](int64_t n, int64_t sd) { return n <= sd ? n : sd; };
   while (side > chunk && per_lane(extent(H, side), extent(W, side)) * 8 > kMaxShared) side -= chunk;
-  geo.TH = extent(H, side);
-  geo.TW = extent(W, side);
+  geo.TH = std::max<int64_t>(1, extent(H, side));  // (an empty map: no launch, but a plan)
+  geo.TW = std::max<int64_t>(1, extent(W, side));
   const int64_t lane_bytes = per_lane(geo.TH, geo.TW);
   const int64_t tiles_h = (H + geo.TH - 1) / geo.TH;
   geo.tiles_w = (W + geo.TW - 1) / geo.TW;
