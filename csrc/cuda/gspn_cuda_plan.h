@@ -286,9 +286,10 @@ at::Tensor tile_forward(const ProjArgs& pa, const tile_cuda::TilePlan& p, Launch
   return y;
 }
 
-// The whole propagate_proj_fwd op around `launch` (the lane kernels) or, for S > kMaxLaneS,
-// `propagate_fwd` (materialised logits).  `target_ctas`: the plan's CTA target (the CUDA launcher
-// keeps the default; the emulated op lets the tests vary it).
+// The whole propagate_proj_fwd op around `launch`: the tile kernel where use_tile says so (chunked
+// layers), else the lane kernels or, for S > kMaxLaneS, `propagate_fwd` (materialised logits).
+// `target_ctas`: the plans' CTA target (the CUDA launcher keeps the default; the emulated op lets the
+// tests vary it); `kernel`: the dispatch rule or a forced kernel (GSPN_CUDA_FORWARD, the tests).
 template <typename Launch, typename PropagateFwd>
 at::Tensor lanes_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& merge, const std::vector<std::string>& directions,
