@@ -9,7 +9,8 @@
 # issue 24's acceptance table (each row measured pass / FAIL, or not measured).  The older sections
 # (tests: the op/layer/model tests with their CUDA cases; scan: the scan against the copy roofline;
 # baseline: a per-line Triton kernel; train, gen: training steps; sdxl: an SD-XL UNet step, needs
-# diffusers; train_profile: the top kernels of two training steps) run when named in
+# diffusers; train_profile: the top kernels of two training steps; tile: the local tile kernels of
+# chunked layers against the lane kernels, forward) run when named in
 # GPU_CHECK_SECTIONS.  Each section runs in its own process under its own time limit, so a slow or
 # failing section cannot eat the others; a failure never stops the later sections, except a failed
 # build (each later section would rebuild in its own time), after which only the report runs.  Every
@@ -29,7 +30,7 @@
 # GSPN_EXTENSIONS_DIR (build cache; default ./.gspn_cache on the GPU machine), GPU_CHECK_SCALE
 # (multiplies every time limit; default 1), GPU_CHECK_SECTIONS (the sections to run, space-separated;
 # default: env build correct profile mixer directions; the others: tests scan baseline train gen sdxl
-# train_profile), GPU_CHECK_TESTS (the tests section's files and selection, word-split, in place of the
+# train_profile tile), GPU_CHECK_TESTS (the tests section's files and selection, word-split, in place of the
 # default list).  To compare two trees, run the check in each into its own GPU_CHECK_OUT, then
 # `python -m benchmarks.gpu_check compare --out DIR --trees a=DIR_A b=DIR_B`.
 set -uo pipefail
@@ -64,7 +65,7 @@ fi
 export PYTHONDONTWRITEBYTECODE=1
 SCALE="${GPU_CHECK_SCALE:-1}"
 DEFAULT_SECTIONS="env build correct profile mixer directions"
-ALL_SECTIONS="$DEFAULT_SECTIONS tests scan baseline train gen sdxl train_profile"
+ALL_SECTIONS="$DEFAULT_SECTIONS tests scan baseline train gen sdxl train_profile tile"
 SECTIONS_WANTED="${GPU_CHECK_SECTIONS:-$DEFAULT_SECTIONS}"
 for s in $SECTIONS_WANTED; do
   case " $ALL_SECTIONS " in
@@ -78,7 +79,7 @@ wanted() { case " $SECTIONS_WANTED " in *" $1 "*) return 0 ;; *) return 1 ;; esa
 if [ "$REHEARSAL" = 1 ]; then
   FLAG=--rehearsal
   B_ENV=20; B_BUILD=240; B_CORRECT=40; B_PROFILE=40; B_MIXER=40; B_DIRS=40
-  B_TESTS=120; B_SCAN=40; B_BASE=60; B_TRAIN=40; B_GEN=40; B_SDXL=60; B_TPROF=60
+  B_TESTS=120; B_SCAN=40; B_BASE=60; B_TRAIN=40; B_GEN=40; B_SDXL=60; B_TPROF=60; B_TILE=40
   TEST_ARGS=(tests/test_nn.py -k "mixer_shapes")
   # shellcheck disable=SC2206  # the build section builds; tests marked `build` would build again
   [ -n "${GPU_CHECK_TESTS:-}" ] && TEST_ARGS=($GPU_CHECK_TESTS -m "not build")
@@ -91,6 +92,7 @@ else
   # timed its mixer in 14 s).  The older sections, when named, add their own budgets.
   B_ENV=10; B_BUILD=120; B_CORRECT=75; B_PROFILE=45; B_MIXER=60; B_DIRS=45
   B_TESTS=100; B_SCAN=45; B_BASE=20; B_TRAIN=35; B_GEN=50; B_SDXL=90; B_TPROF=40  # sdxl: 4 UNets x 5 sizes
+  B_TILE=45
   TEST_ARGS=(tests/test_ops.py tests/test_propagate.py tests/test_propagate_proj.py tests/test_nn.py
              tests/test_models.py tests/test_diffusion_models.py -m "not build")
   # shellcheck disable=SC2206  # word-split on purpose: files and options
@@ -178,6 +180,7 @@ py_section train "$B_TRAIN"
 py_section gen "$B_GEN"
 py_section sdxl "$B_SDXL"
 py_section train_profile "$B_TPROF"
+py_section tile "$B_TILE"
 
 echo "== report"
 REPORT_TESTS=()

@@ -298,8 +298,8 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
-    # every launch ran (the attention kernels print once per case)
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3, run.stdout
+    # every launch ran (the attention and tile kernels print once per case)
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3 + 2, run.stdout
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -316,6 +316,10 @@ def test_the_cuda_build_hashes_every_kernel_file():
 # groups (G = 32 for C > 16) and one run per direction, a huge one G = 8 and a run per chunk
 GPU_CTAS = 264
 WIDE, NARROW = 1, 1 << 40
+# the forward kernel an emulated op runs (gspn_cuda_plan.h ForwardKernel): the dispatch rule, the lane
+# kernels (these tests' default, so that the lane kernels' forward stays covered where the rule would
+# pick the tile kernel), the local tile kernel (gspn_tile_kernels.h)
+AUTO, LANES, TILE = 0, 1, 2
 PROJ_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 PROJ_NAMES = ("y", "x", "proxy", "weight", "bias", "merge")
 
@@ -341,7 +345,7 @@ def proj_reference(ins, grad_y, directions, chunk):
 
 
 def lanes_run(emu, ins, grad_y, directions, chunk, ctas=GPU_CTAS):
-    y = emu.propagate_proj_fwd(*ins, list(directions), chunk or 0, ctas)
+    y = emu.propagate_proj_fwd(*ins, list(directions), chunk or 0, ctas, LANES)
     grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas)
     return [y, *grads]
 
@@ -517,7 +521,7 @@ def attention_inputs(shape, S, K, dtype=torch.float64, seed=0):
 def attention_runs(emu, ins, grad_out, directions, chunk, ctas=GPU_CTAS):
     """(emulated CUDA kernels, CPU kernel, float64 reference via autograd): out and the 8 gradients."""
     d, c = list(directions), chunk or 0
-    got = [emu.attention_fwd(*ins, d, c, ctas), *emu.attention_bwd(grad_out, *ins, d, c, ctas)]
+    got = [emu.attention_fwd(*ins, d, c, ctas, LANES), *emu.attention_bwd(grad_out, *ins, d, c, ctas)]
     assert _build.load_cpu(), _build.build_error("cpu")
     ops = torch.ops.gspn_lightning
     cpu = [ops.attention_fwd(*ins, d, c), *ops.attention_bwd(grad_out, *ins, d, c)]
@@ -614,3 +618,172 @@ def test_attention_bfloat16_error_bound(emu):
         err_r = (r.double() - e).abs().max().item()
         assert err_k <= 2 * err_r + 1e-3 * scale, f"{name}: kernel {err_k:.3g} vs PyTorch bf16 {err_r:.3g}"
         assert_rel(g, c, 2e-2, f"{name} vs the CPU kernel")
+
+
+# ---- the local tile kernels of chunked layers (csrc/cuda/gspn_tile_kernels.h), forward ----
+
+# odd maps both ways round, a single row and column, squares; C = 5 (one partial group of 8 lanes)
+TILE_SHAPES = [(1, 5, 17, 23), (1, 5, 23, 17), (1, 5, 1, 37), (1, 5, 37, 1), (2, 5, 8, 8), (1, 5, 16, 16)]
+TILE_CHUNKS = [1, 2, 3, 4, 5]
+
+
+def check_tile(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
+    """The tile kernel's y against the float64 reference, the CPU kernel and the lane kernels; the
+    dispatch rule runs it (chunks of at most 8 lines)."""
+    ins, _ = proj_inputs(shape, S, len(directions), dtype)
+    d = list(directions)
+    y = emu.propagate_proj_fwd(*ins, d, chunk, ctas, TILE)
+    with torch.no_grad():
+        ref = propagate_proj_reference(*[t.double() for t in ins], directions, chunk)
+    assert _build.load_cpu(), _build.build_error("cpu")
+    cpu = torch.ops.gspn_lightning.propagate_proj_fwd(*ins, d, chunk)
+    lanes = emu.propagate_proj_fwd(*ins, d, chunk, ctas, LANES)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_rel(y, ref.to(dtype), PROJ_TOL[dtype], "y vs the float64 reference")
+    assert_rel(y, cpu, PROJ_TOL[dtype], "y vs the CPU kernel")
+    assert_rel(y, lanes, PROJ_TOL[dtype], "y vs the lane kernels")
+    assert torch.equal(emu.propagate_proj_fwd(*ins, d, chunk, ctas, AUTO), y), (
+        "the dispatch rule picks the tile"
+    )
+    return y
+
+
+@pytest.mark.parametrize("chunk", TILE_CHUNKS)
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=_id)
+def test_tile_kernel_matches_reference(emu, shape, chunk):
+    check_tile(emu, shape, 3 if shape[2] > shape[3] else 8, DIRECTIONS, chunk)
+
+
+@pytest.mark.parametrize(
+    "directions", [("r2l",), ("t2b",), ("l2r", "t2b"), ("b2t", "l2r", "r2l")], ids="-".join
+)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_tile_kernel_direction_subsets(emu, directions, chunk):
+    check_tile(emu, (1, 5, 17, 23), 8, directions, chunk)
+
+
+def test_tile_kernel_float32_and_bfloat16(emu):
+    """float32 within PROJ_TOL; bfloat16 (float inside) errs at most twice as much as PyTorch's
+    bfloat16 reference and agrees with the lane kernels' bfloat16 result (which round each direction's
+    term to bfloat16 before the merge: the tile adds them in float)."""
+    check_tile(emu, (1, 5, 23, 17), 16, DIRECTIONS, 4, dtype=torch.float32)
+    check_tile(emu, (1, 19, 16, 16), 8, DIRECTIONS, 2, dtype=torch.float32)
+    ins, _ = proj_inputs((1, 19, 9, 13), 8, 4)
+    low = [t.to(torch.bfloat16) for t in ins]
+    d = list(DIRECTIONS)
+    y = emu.propagate_proj_fwd(*low, d, 3, GPU_CTAS, TILE)
+    exact = propagate_proj_reference(*ins, DIRECTIONS, 3)
+    torch_bf16 = propagate_proj_reference(*low, DIRECTIONS, 3)
+    err_k = (y.double() - exact).abs().max().item()
+    err_r = (torch_bf16.double() - exact).abs().max().item()
+    assert y.dtype == torch.bfloat16
+    assert err_k <= 2 * err_r + 1e-3 * exact.abs().max().item(), (err_k, err_r)
+    assert_rel(y, emu.propagate_proj_fwd(*low, d, 3, GPU_CTAS, LANES), 2e-2, "y vs the lane kernels")
+
+
+@pytest.mark.parametrize(
+    "shape,ctas,chunk,G",
+    [((1, 19, 9, 11), WIDE, 2, 32), ((1, 12, 9, 11), WIDE, 3, 16), ((2, 19, 9, 11), NARROW, 5, 8)],
+    ids=["G32", "G16", "G8"],
+)
+def test_tile_kernel_channel_groups(emu, shape, ctas, chunk, G):
+    """Groups of 32 and 16 lanes with masked lanes, 8-lane groups over several channel groups."""
+    check_tile(emu, shape, 16, DIRECTIONS, chunk, ctas=ctas)
+    plan = emu.tile_plan(torch.zeros(shape, dtype=torch.float64), 16, list(DIRECTIONS), chunk, 1, ctas)
+    assert plan[1] == G and plan[3] == -(-shape[1] // G), plan
+
+
+@pytest.mark.parametrize(
+    "shape,S,chunk,dtype",
+    [((1, 5, 17, 23), 24, 3, torch.float64), ((2, 19, 16, 16), 72, 2, torch.float32)],
+    ids=["S24", "S72-float32"],
+)
+def test_tile_kernel_large_proxies_rows_in_shared_memory(emu, shape, S, chunk, dtype):
+    """Proxies of more than 16 channels (GSPN-DiT's d_state = D / 16: 72 at XL's 1152): the projection
+    rows in shared memory, the proxy read in the projection loop; the lane kernels' path for them is
+    the materialised logits (emulated per-plane kernels)."""
+    check_tile(emu, shape, S, DIRECTIONS, chunk, dtype=dtype)
+
+
+def test_tile_kernel_empty_maps(emu):
+    for shape in ((1, 5, 0, 7), (1, 5, 7, 0), (0, 5, 7, 7), (1, 0, 7, 7)):
+        ins, _ = proj_inputs(shape, 3, 4)
+        y = emu.propagate_proj_fwd(*ins, list(DIRECTIONS), 2, GPU_CTAS, AUTO)
+        assert y.shape == shape
+
+
+def test_tile_kernel_large_tiles_and_chunk_8(emu):
+    """Chunk 8 (tiles of 32 x 32 positions, a halo of 7) and chunk 6 on a map cut into several tiles
+    with a partial last one, in float64 (where the side shrinks until a tile fits)."""
+    check_tile(emu, (1, 3, 37, 35), 3, DIRECTIONS, 8)
+    check_tile(emu, (1, 3, 29, 31), 3, ("b2t", "r2l"), 6)
+
+
+def test_tile_dispatch_rule_and_cases_reach_every_launch_path(emu):
+    """The rule: chunked layers with chunks of 1 to 8 lines and proxies of at most 128 channels
+    (attention: 16) take the tile kernel, global layers, longer chunks and larger proxies not.  And the cases above reach
+    one and several tiles both ways, halos clipped at the map's edges and whole, a partial last tile,
+    several item slots per step and steps of more items than slots."""
+    x = torch.zeros(1, 5, 17, 23, dtype=torch.float64)
+    d = list(DIRECTIONS)
+    assert [emu.tile_plan(x, 8, d, c, 1, GPU_CTAS)[0] for c in (0, 1, 4, 8, 9)] == [0, 1, 1, 1, 0]
+    assert emu.tile_plan(x, 72, d, 2, 1, GPU_CTAS)[0] == 1  # the rows in shared memory
+    assert emu.tile_plan(x, 129, d, 2, 1, GPU_CTAS)[0] == 0
+    assert emu.tile_plan(x, 8, d, 2, 2, GPU_CTAS)[0] == 1  # attention: two states, rows in registers
+    assert emu.tile_plan(x, 17, d, 2, 2, GPU_CTAS)[0] == 0
+    with pytest.raises(RuntimeError, match="chunk sizes 1 to 8"):
+        ins, _ = proj_inputs((1, 5, 17, 23), 8, 4)
+        emu.propagate_proj_fwd(*ins, d, 0, GPU_CTAS, TILE)
+    # (tile, G, P, groups, TH, TW, tiles, shared bytes)
+    plans = [
+        emu.tile_plan(torch.zeros(s, dtype=torch.float64), 8, d, c, 1, GPU_CTAS)
+        for s in TILE_SHAPES
+        for c in TILE_CHUNKS
+    ]
+    plans.append(emu.tile_plan(torch.zeros(1, 3, 37, 35, dtype=torch.float64), 3, d, 8, 1, GPU_CTAS))
+    assert all(p[0] == 1 for p in plans)
+    assert any(p[6] == 1 for p in plans) and any(p[6] >= 4 for p in plans), "one and several tiles"
+    assert any(p[4] == 16 and p[5] == 16 and p[6] == 4 for p in plans), "a 17 x 23 map: partial tiles"
+    assert max(p[4] for p in plans) == 24, "chunk 8 in float64: the side shrunk from 32 to fit"
+    f32 = emu.tile_plan(torch.zeros(1, 3, 37, 35), 3, d, 8, 1, GPU_CTAS)
+    assert f32[4] == f32[5] == 32 and f32[7] <= 96 * 1024, f32
+    assert any(p[1] * p[2] == 256 for p in plans), "full CTAs of 256 threads (steps of more items)"
+
+
+# (shape (B, H, W, E), S, chunk): the attention tile kernel, out against the reference and CPU kernel
+ATTN_TILE_CASES = [
+    ((1, 17, 23, 5), 8, 1, DIRECTIONS),
+    ((1, 23, 17, 5), 3, 4, DIRECTIONS),
+    ((1, 1, 37, 5), 8, 2, DIRECTIONS),
+    ((1, 37, 1, 5), 16, 3, DIRECTIONS),
+    ((2, 8, 8, 19), 8, 5, DIRECTIONS),
+    ((1, 16, 16, 5), 3, 2, ("r2l",)),
+    ((1, 9, 13, 12), 3, 3, ("l2r", "t2b")),
+]
+
+
+@pytest.mark.parametrize("shape,S,chunk,directions", ATTN_TILE_CASES, ids=[str(i) for i in range(7)])
+def test_attention_tile_kernel_matches_reference(emu, shape, S, chunk, directions):
+    ins, _ = attention_inputs(shape, S, len(directions))
+    d = list(directions)
+    out = emu.attention_fwd(*ins, d, chunk, GPU_CTAS, TILE)
+    with torch.no_grad():
+        ref = attention_reference(*ins, directions, chunk)
+    assert _build.load_cpu(), _build.build_error("cpu")
+    cpu = torch.ops.gspn_lightning.attention_fwd(*ins, d, chunk)
+    lanes = emu.attention_fwd(*ins, d, chunk, GPU_CTAS, LANES)
+    for want, what in ((ref, "the float64 reference"), (cpu, "the CPU kernel"), (lanes, "the lane kernels")):
+        err = (out - want).abs().max().item()
+        assert err <= PROJ_TOL[torch.float64] * max(want.abs().max().item(), 1.0), f"out vs {what}: {err:.3g}"
+    assert torch.equal(emu.attention_fwd(*ins, d, chunk, GPU_CTAS, AUTO), out), (
+        "the dispatch rule picks the tile"
+    )
+
+
+def test_attention_tile_kernel_float32(emu):
+    ins, _ = attention_inputs((1, 17, 23, 19), 8, 4, torch.float32)
+    out = emu.attention_fwd(*ins, list(DIRECTIONS), 4, WIDE, TILE)
+    with torch.no_grad():
+        ref = attention_reference(*[t.double() for t in ins], DIRECTIONS, 4)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= PROJ_TOL[torch.float32] * max(ref.abs().max().item(), 1.0), err

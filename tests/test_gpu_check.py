@@ -217,7 +217,7 @@ def test_cpu_rehearsal_of_the_default_check(tmp_path):
 def test_cpu_rehearsal_of_the_older_sections(tmp_path):
     """The sections outside the default run when named: the tests (pytest), the scan against the
     reference and the copy roofline, the Triton per-line baseline (in Triton's interpreter), the
-    training steps, the SD-XL step and the training-step profile."""
+    training steps, the SD-XL step, the training-step profile and the tile kernels against the lanes."""
     import tarfile
 
     names = ("env", "build", *OTHER_SECTIONS)
@@ -255,6 +255,16 @@ def test_cpu_rehearsal_of_the_older_sections(tmp_path):
         r["device_ms"] > 0 and r["launches"] > 0 and r["top"] and r["top"][0]["ms"] > 0 for r in profiled
     )
     assert "**Profile** of one training step" in text
+    tile = sections["tile"]["results"]
+    correct = [r for r in tile if r["kind"] == "correct"]
+    assert {(r["op"], r["dtype"], r["kernel"]) for r in correct} == {
+        (o, d, k) for o in ("proj", "attention") for d in ("float32", "bfloat16") for k in ("tile", "lanes")
+    }
+    assert all(r["ok"] for r in correct)
+    assert {(r["op"], r["kernel"]) for r in tile if r["kind"] == "time"} == {
+        (o, k) for o in ("proj", "attention") for k in ("tile", "lanes")
+    }
+    assert "**Tile kernels**" in text
     for name in DEFAULT_SECTIONS[2:]:
         assert sections[name]["status"] == "not requested"
     with tarfile.open(tmp_path / "back" / "gpu_check.tgz") as tar:

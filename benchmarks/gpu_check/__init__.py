@@ -14,7 +14,8 @@ op per scan direction, old and new).  The older sections run when named in ``GPU
 ``tests`` (pytest, run by the script), ``scan`` (the scan against the copy roofline), ``baseline`` (the
 per-line release kernel as the paper describes it, in Triton), ``train`` (a gspn_t training step),
 ``gen`` (GSPN-DiT-XL/2 and DiT-XL/2 training steps), ``sdxl`` (an SD-XL UNet step with GSPN against
-SDPA self-attention) and ``train_profile`` (the top kernels of two training steps).  Each has
+SDPA self-attention), ``train_profile`` (the top kernels of two training steps) and ``tile`` (the
+local tile kernels of chunked layers against the lane kernels, forward: errors, then time).  Each has
 ``run(args, rec)``, which measures into the section's record, and (but ``env``) ``table(data)``, its
 lines of the report.  ``harness`` holds what the sections share (the record, timing, memory, budgeted
 case loops, the profiler table); ``report`` makes ``gpu_check.{json,md}`` of the sections' files with
@@ -30,6 +31,6 @@ on the CPU (rehearsal) wall-clock time.  The figures mean nothing in a rehearsal
 #: issue 24's check, what ``scripts/gpu_check.sh`` runs by default, in its order
 DEFAULT_SECTIONS = ("env", "build", "correct", "profile", "mixer", "directions")
 #: the older sections, run when named (``tests``, pytest, is run by the script itself, after build)
-OTHER_SECTIONS = ("scan", "baseline", "train", "gen", "sdxl", "train_profile")
+OTHER_SECTIONS = ("scan", "baseline", "train", "gen", "sdxl", "train_profile", "tile")
 #: every Python section, in the report's order
 SECTIONS = DEFAULT_SECTIONS + OTHER_SECTIONS

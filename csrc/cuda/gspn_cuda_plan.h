@@ -25,6 +25,7 @@
 #include "gspn_lanes_kernels.h"
 #include "gspn_propagate_kernels.h"
 #include "gspn_scan_kernels.h"
+#include "gspn_tile_kernels.h"
 
 namespace gspn {
 
@@ -213,20 +214,105 @@ ProjGrads proj_bwd_materialised(const ProjArgs& pa, const at::Tensor& grad_y, co
           dg.sum({0, 2}), dmerge};
 }
 
-// The whole propagate_proj_fwd op around `launch` (the lane kernels) or, for S > kMaxLaneS,
-// `propagate_fwd` (materialised logits).  `target_ctas`: the plan's CTA target (the CUDA launcher
-// keeps the default; the emulated op lets the tests vary it).
+// ---- the local tile kernels of chunked layers (gspn_tile_kernels.h), forward ----
+
+// Which kernel a forward runs: kAuto the dispatch rule (tile_cuda::tile_pays and a tile that fits in
+// shared memory), kLanes / kTile one of them (the tests; kTile fails where no tile applies).
+enum class ForwardKernel : int64_t { kAuto = 0, kLanes = 1, kTile = 2 };
+
+inline ForwardKernel forward_kernel(int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= 2, "gspn: forward kernel 0 (auto), 1 (lanes) or 2 (tile), got ", v);
+  return static_cast<ForwardKernel>(v);
+}
+
+// The tile kernels' launch over (B, C, H, W) maps with the directions `dirs` (`states`: 1 for
+// propagate_proj, 2 for attention).
+template <typename acc_t>
+tile_cuda::TilePlan plan_tile_launch(int64_t B, int64_t C, int64_t H, int64_t W, const std::vector<Direction>& dirs,
+                                     int64_t chunk, int64_t S, int states, int64_t target_ctas) {
+  bool transpose[4] = {}, reverse[4] = {};
+  const int64_t K = static_cast<int64_t>(dirs.size());
+  for (int64_t k = 0; k < K; ++k) {
+    transpose[k] = dirs[k].transpose;
+    reverse[k] = dirs[k].reverse;
+  }
+  const int64_t ck = chunk >= 1 && chunk <= tile_cuda::kMaxChunk ? chunk : 1;  // planned only where it applies
+  tile_cuda::TilePlan p =
+      tile_cuda::plan_tile<acc_t>(B, C, H, W, K, ck, S, transpose, reverse, states, target_ctas);
+  p.fits = p.fits && p.geo.groups <= 65535 && B <= 65535;  // grid.y, grid.z
+  return p;
+}
+
+// Whether the forward runs the tile kernel (`plan` from plan_tile_launch for `chunk`, S and `states`).
+inline bool use_tile(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S, int states,
+                     const char* op) {
+  if (kernel == ForwardKernel::kLanes) return false;
+  const int64_t max_s = states == 1 ? tile_cuda::kMaxTileS : lanes_cuda::kMaxLaneS;
+  const bool applies = tile_cuda::tile_pays(chunk, S, max_s) && plan.fits;
+  TORCH_CHECK(kernel == ForwardKernel::kAuto || applies, op, ": the tile kernel takes chunk sizes 1 to ",
+              tile_cuda::kMaxChunk, " and proxies of at most ", max_s, " channels, got chunk ", chunk, " and ",
+              S);
+  return applies;
+}
+
+// Calls f(std::integral_constant<int, kS>) with the tile kernel's capacity for S proxy channels (0:
+// the rows in shared memory).
+template <typename F>
+void with_tile_capacity(int64_t S, F&& f) {
+  switch (tile_cuda::tile_capacity(S)) {
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    default:
+      f(std::integral_constant<int, 0>{});
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Launch>
+at::Tensor tile_forward(const ProjArgs& pa, const tile_cuda::TilePlan& p, Launch&& launch) {
+  const PropagateArgs& a = pa.p;
+  at::Tensor y = empty_channels_last(a.x, a.x.sizes());
+  if (y.numel() == 0) return y;
+  with_tile_capacity(pa.S, [&](auto cap) {
+    launch(tile_cuda::tile_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+           dim3(p.block[0], p.block[1]), p.shared_bytes, a.x.const_data_ptr<scalar_t>(),
+           pa.proxy.const_data_ptr<scalar_t>(), pa.weight.const_data_ptr<scalar_t>(),
+           pa.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+           p.geo);
+  });
+  return y;
+}
+
+// The whole propagate_proj_fwd op around `launch`: the tile kernel where use_tile says so (chunked
+// layers), else the lane kernels or, for S > kMaxLaneS, `propagate_fwd` (materialised logits).
+// `target_ctas`: the plans' CTA target (the CUDA launcher keeps the default; the emulated op lets the
+// tests vary it); `kernel`: the dispatch rule or a forced kernel (GSPN_CUDA_FORWARD, the tests).
 template <typename Launch, typename PropagateFwd>
 at::Tensor lanes_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& merge, const std::vector<std::string>& directions,
                           int64_t chunk_size, Launch&& launch, PropagateFwd&& propagate_fwd,
-                          int64_t target_ctas = lanes_cuda::kTargetCtas) {
-  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_fwd");
-  if (pa.S > lanes_cuda::kMaxLaneS) return proj_fwd_materialised(pa, directions, chunk_size, propagate_fwd);
+                          int64_t target_ctas = lanes_cuda::kTargetCtas,
+                          ForwardKernel kernel = ForwardKernel::kAuto) {
+  const char* op = "gspn propagate_proj_fwd";
+  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, op);
+  const PropagateArgs& a = pa.p;
   at::Tensor y;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_fwd_lanes", [&] {
-    y = lanes_forward<scalar_t, at::opmath_type<scalar_t>>(pa, launch, target_ctas);
+    using acc_t = at::opmath_type<scalar_t>;
+    const tile_cuda::TilePlan tp = plan_tile_launch<acc_t>(a.B, a.C, a.H, a.W, a.dirs, a.chunk, pa.S, 1, target_ctas);
+    if (use_tile(kernel, tp, a.chunk, pa.S, 1, op)) {
+      y = tile_forward<scalar_t, acc_t>(pa, tp, launch);
+      done = true;
+    } else if (pa.S <= lanes_cuda::kMaxLaneS) {
+      y = lanes_forward<scalar_t, acc_t>(pa, launch, target_ctas);
+      done = true;
+    }
   });
+  if (!done) y = proj_fwd_materialised(pa, directions, chunk_size, propagate_fwd);
   return y;
 }
 
@@ -295,14 +381,28 @@ template <typename Launch>
 at::Tensor attention_cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,
                               const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
                               const at::Tensor& u_bias, const std::vector<std::string>& directions,
-                              int64_t chunk_size, Launch&& launch, int64_t target_ctas = lanes_cuda::kTargetCtas) {
-  const AttentionArgs a =
-      attention_args(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, "gspn attention_fwd");
+                              int64_t chunk_size, Launch&& launch, int64_t target_ctas = lanes_cuda::kTargetCtas,
+                              ForwardKernel kernel = ForwardKernel::kAuto) {
+  const char* op = "gspn attention_fwd";
+  const AttentionArgs a = attention_args(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, op);
   at::Tensor out = at::empty_like(a.v);
   const int64_t n = out.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "gspn_attention_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const tile_cuda::TilePlan tp = plan_tile_launch<acc_t>(a.B, a.E, a.H, a.W, a.dirs, a.chunk, a.S, 2, target_ctas);
+    if (use_tile(kernel, tp, a.chunk, a.S, 2, op)) {
+      with_lane_capacity(a.S, [&](auto cap) {
+        launch(tile_cuda::tile_attn_fwd_kernel<scalar_t, acc_t, decltype(cap)::value>,
+               dim3(tp.grid[0], tp.grid[1], tp.grid[2]), dim3(tp.block[0], tp.block[1]), tp.shared_bytes,
+               a.q.const_data_ptr<scalar_t>(), a.k.const_data_ptr<scalar_t>(), a.v.const_data_ptr<scalar_t>(),
+               a.proxy.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+               a.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(),
+               a.u_bias.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+               attention_tiny<acc_t>(v.scalar_type()), tp.geo);
+      });
+      return;
+    }
     at::Tensor hn, hd;
     std::tie(hn, hd) = attention_states<scalar_t, acc_t>(a, launch, target_ctas);
     launch(attn_cuda::attn_merge_kernel<scalar_t, acc_t>, dim3(lanes_cuda::merge_blocks(n)),

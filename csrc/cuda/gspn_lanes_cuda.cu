@@ -1,6 +1,7 @@
 // Launcher and CUDA registration of the channels-last propagate_proj kernels (gspn_lanes_kernels.h)
 // and of the attention kernels of the SD-XL swap (gspn_attention_kernels.h, the whole op in
-// gspn_cuda_plan.h's attention_cuda_fwd / _bwd).
+// gspn_cuda_plan.h's attention_cuda_fwd / _bwd), with the local tile kernels of chunked layers
+// (gspn_tile_kernels.h) in their forwards.
 // The op itself — channels-last arguments, plan, workspaces, partial buffers, the kernel sequence and
 // the final sums — is gspn_cuda_plan.h's lanes_proj_fwd / lanes_proj_bwd, which the test suite's
 // host emulation runs too; this file gives it the CUDA launch (<<<...>>> on the current stream) and,
@@ -12,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -37,13 +39,23 @@ struct CudaLaunch {
   }
 };
 
+// GSPN_CUDA_FORWARD=lanes / tile picks the forward kernel of chunked layers (gspn_cuda_plan.h
+// ForwardKernel; unset or anything else: the dispatch rule), read at every call: for side-by-side
+// benchmarks in one process (benchmarks/gpu_check/tile.py).
+ForwardKernel forward_kernel_from_env() {
+  const char* v = std::getenv("GSPN_CUDA_FORWARD");
+  const std::string s = v == nullptr ? "" : v;
+  return s == "lanes" ? ForwardKernel::kLanes : (s == "tile" ? ForwardKernel::kTile : ForwardKernel::kAuto);
+}
+
 at::Tensor propagate_proj_fwd_cuda(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                                    const at::Tensor& bias, const at::Tensor& merge,
                                    std::vector<std::string> directions, int64_t chunk_size) {
   const c10::cuda::CUDAGuard guard(x.device());
   return lanes_proj_fwd(x, proxy, weight, bias, merge, directions, chunk_size, CudaLaunch{},
                         [](const at::Tensor& x_, const at::Tensor& gates, const at::Tensor& m,
-                           const std::vector<std::string>& d, int64_t c) { return propagate_fwd_cuda(x_, gates, m, d, c); });
+                           const std::vector<std::string>& d, int64_t c) { return propagate_fwd_cuda(x_, gates, m, d, c); },
+                        lanes_cuda::kTargetCtas, forward_kernel_from_env());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd_cuda(
@@ -60,7 +72,8 @@ at::Tensor attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
                               const at::Tensor& u_bias, std::vector<std::string> directions, int64_t chunk_size) {
   const c10::cuda::CUDAGuard guard(v.device());
-  return attention_cuda_fwd(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, CudaLaunch{});
+  return attention_cuda_fwd(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, CudaLaunch{},
+                            lanes_cuda::kTargetCtas, forward_kernel_from_env());
 }
 
 AttentionGradsTuple attention_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

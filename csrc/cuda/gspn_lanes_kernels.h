@@ -136,16 +136,22 @@ struct LaneRows {
   template <typename scalar_t>
   __device__ void load(const LanesGeometry& geo, const LaneTask& t, const scalar_t* weight, const scalar_t* b,
                        const scalar_t* merge) {
+    load_at(t.k, t.c, t.live, geo.C, geo.S, weight, b, merge);
+  }
+  // The rows of direction k and channel c (`live`: c < C) of C channels and S proxy channels.
+  template <typename scalar_t>
+  __device__ void load_at(int64_t k, int64_t c, bool live, int64_t C, int64_t S, const scalar_t* weight,
+                          const scalar_t* b, const scalar_t* merge) {
     GSPN_UNROLL
     for (int f = 0; f < kFields; ++f) {
-      const int64_t r = (t.k * kFields + f) * geo.C + t.c;
-      bias[f] = t.live ? static_cast<acc_t>(b[r]) : acc_t(0);
+      const int64_t r = (k * kFields + f) * C + c;
+      bias[f] = live ? static_cast<acc_t>(b[r]) : acc_t(0);
       GSPN_UNROLL
       for (int s = 0; s < kS; ++s) {
-        w[s * kFields + f] = t.live && s < geo.S ? static_cast<acc_t>(weight[r * geo.S + s]) : acc_t(0);
+        w[s * kFields + f] = live && s < S ? static_cast<acc_t>(weight[r * S + s]) : acc_t(0);
       }
     }
-    m = t.live ? static_cast<acc_t>(merge[t.k * geo.C + t.c]) : acc_t(0);
+    m = live ? static_cast<acc_t>(merge[k * C + c]) : acc_t(0);
   }
 };
 

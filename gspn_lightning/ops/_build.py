@@ -110,6 +110,7 @@ _CUDA_HEADERS = [
     "cuda/gspn_propagate_kernels.h",
     "cuda/gspn_lanes_kernels.h",
     "cuda/gspn_attention_kernels.h",
+    "cuda/gspn_tile_kernels.h",
     "cuda/gspn_cuda_plan.h",
 ]
 

@@ -27,6 +27,7 @@
 #include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
+#include "cuda/gspn_tile_kernels.h"
 #undef __CUDA_ARCH__
 
 #include "cuda/gspn_cuda_plan.h"
@@ -233,11 +234,11 @@ struct EmuLaunch {
 // layout with it.
 at::Tensor propagate_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                               const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions,
-                              int64_t chunk_size, int64_t target_ctas) {
+                              int64_t chunk_size, int64_t target_ctas, int64_t forward_kernel) {
   return gspn::lanes_proj_fwd(x, proxy, weight, bias, merge, directions, chunk_size, EmuLaunch{},
                               [](const at::Tensor& x_, const at::Tensor& g, const at::Tensor& m,
                                  const std::vector<std::string>& d, int64_t c) { return propagate_fwd(x_, g, m, d, c, true); },
-                              target_ctas);
+                              target_ctas, gspn::forward_kernel(forward_kernel));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd(
@@ -279,9 +280,9 @@ namespace gspn_emu {
 at::Tensor attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,
                          const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
                          const at::Tensor& u_bias, std::vector<std::string> directions, int64_t chunk_size,
-                         int64_t target_ctas) {
+                         int64_t target_ctas, int64_t forward_kernel) {
   return gspn::attention_cuda_fwd(q, k, v, proxy, weight, bias, merge, u_bias, directions, chunk_size, EmuLaunch{},
-                                  target_ctas);
+                                  target_ctas, gspn::forward_kernel(forward_kernel));
 }
 
 gspn::AttentionGradsTuple attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -312,9 +313,29 @@ std::vector<int64_t> attention_plan_info(const at::Tensor& v, int64_t S, std::ve
   return info;
 }
 
+// (uses the tile kernel by the dispatch rule, G, P, channel groups, TH, TW, tiles, shared bytes) of
+// the tile kernels' forward launch over (B, C, H, W) maps with an S-channel proxy (`states` 1:
+// propagate_proj, 2: attention), for the tests.
+std::vector<int64_t> tile_plan_info(const at::Tensor& x, int64_t S, std::vector<std::string> directions,
+                                    int64_t chunk_size, int64_t states, int64_t target_ctas) {
+  std::vector<gspn::Direction> dirs;
+  for (const auto& d : directions) dirs.push_back(gspn::parse_direction(d));
+  const int64_t chunk = chunk_size <= 0 ? 0 : chunk_size;
+  std::vector<int64_t> info;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_tile_plan", [&] {
+    const auto p = gspn::plan_tile_launch<at::opmath_type<scalar_t>>(x.size(0), x.size(1), x.size(2), x.size(3), dirs,
+                                                                      chunk, S, static_cast<int>(states), target_ctas);
+    const bool tile = gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "gspn tile plan");
+    info = {tile ? 1 : 0, p.geo.G, p.geo.P, p.geo.groups, p.geo.TH, p.geo.TW, static_cast<int64_t>(p.grid[0]),
+            static_cast<int64_t>(p.shared_bytes)};
+  });
+  return info;
+}
+
 }  // namespace gspn_emu
 
 TORCH_LIBRARY(gspn_cuda_emu, m) {
+  m.def("tile_plan", &gspn_emu::tile_plan_info);
   m.def("scan_fwd", &gspn_emu::scan_fwd);
   m.def("scan_bwd", &gspn_emu::scan_bwd);
   m.def("scan_plan", &gspn_emu::scan_plan_info);

@@ -17,6 +17,7 @@
 #include "cuda/gspn_lanes_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
+#include "cuda/gspn_tile_kernels.h"
 #undef __CUDA_ARCH__
 
 namespace {
@@ -163,6 +164,32 @@ void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_
   }
 }
 
+// The local tile kernels' forward (all four directions; S proxy channels; `states` 1: propagate_proj,
+// 2: attention), with the plan's CTA target `ctas`.
+void tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S, int states, int64_t ctas,
+          std::mt19937& rng) {
+  using namespace gspn::tile_cuda;
+  const int64_t K = 4, n = B * C * H * W, R = K * (states == 1 ? 6 : 3) * C;
+  const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
+  Buffer x(n, rng), q(n, rng), k(n, rng), proxy(B * S * H * W, rng), weight(R * S, rng), bias(R, rng);
+  Buffer merge(K * C, rng, 0.1f, 1.0f), ub(C, rng), y(n, rng);
+  const TilePlan p = plan_tile<float>(B, C, H, W, K, chunk, S, transpose, reverse, states, ctas);
+  const dim3 grid(p.grid[0], p.grid[1], p.grid[2]), block(p.block[0], p.block[1]);
+  if (states == 1) {
+    auto kernel = S <= 8 ? tile_fwd_kernel<float, float, 8> : tile_fwd_kernel<float, float, 16>;
+    cuda_emu::launch(kernel, grid, block, p.shared_bytes, x.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(), merge.ptr(),
+                     y.ptr(), p.geo);
+  } else {
+    auto kernel = S <= 8 ? tile_attn_fwd_kernel<float, float, 8> : tile_attn_fwd_kernel<float, float, 16>;
+    cuda_emu::launch(kernel, grid, block, p.shared_bytes, q.ptr(), k.ptr(), x.ptr(), proxy.ptr(), weight.ptr(),
+                     bias.ptr(), merge.ptr(), ub.ptr(), y.ptr(), 1.17549435e-38f, p.geo);
+  }
+  std::printf("tile %lldx%lldx%lldx%lld S=%lld chunk=%lld states=%d: G=%d P=%d, %u tiles of %lldx%lld\n",
+              static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+              static_cast<long long>(W), static_cast<long long>(S), static_cast<long long>(chunk), states, p.geo.G,
+              p.geo.P, p.grid[0], static_cast<long long>(p.geo.TH), static_cast<long long>(p.geo.TW));
+}
+
 }  // namespace
 
 int main() {
@@ -176,11 +203,13 @@ int main() {
   propagate(2, 3, 4, 4, 0, true, rng);    // several planes per block, 16-byte copies
   propagate(2, 5, 5, 33, 3, true, rng);   // several staged blocks, the last one partial
   propagate(1, 1, 2, 1600, 0, true, rng, true);  // in place, the global workspace in the backward
-  lanes(1, 19, 9, 11, 0, 16, 1, rng);   // 32 lanes, masked ones, checkpoints every 8 lines
+  lanes(1, 19, 9, 5, 0, 16, 1, rng);    // 32 lanes, masked ones, checkpoints every 8 lines
   lanes(2, 5, 7, 10, 3, 3, 264, rng);   // 8 lanes, runs of chunks
   lanes(1, 3, 2, 600, 0, 8, 264, rng, true);  // the line buffers in the global workspace (backward)
-  attention(1, 19, 9, 11, 0, 16, 1, rng);  // 32 lanes, masked ones
+  attention(1, 19, 9, 5, 0, 16, 1, rng);   // 32 lanes, masked ones
   attention(2, 5, 7, 10, 3, 3, 264, rng);  // 8 lanes, runs of chunks
   attention(1, 5, 2, 300, 0, 8, 264, rng);  // the line buffers in the global workspace (backward)
+  tile(1, 19, 17, 18, 2, 8, 1, 1, rng);    // 2 x 2 tiles (halos inside the map), 32 lanes, masked ones
+  tile(2, 5, 9, 7, 3, 3, 2, 264, rng);     // attention: one tile, 8 lanes, a short last chunk
   return 0;
 }
