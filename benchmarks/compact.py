@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         "|---|---|---:|---:|---:|---|---|---|---|",
     ]
     widths = [None, *args.d_prop]
+    cross: list[str] = []
     for case in args.cases:
         B, S, chunk = CASES[case]
         g = torch.Generator().manual_seed(0)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
                 torch.manual_seed(0)
                 layers[name] = m = build(block, w, chunk)
 
-                def step(m=m):
+                def step(m=m, x=x, go=go):
                     for _ in range(args.reps):
                         xi = x.detach().requires_grad_()
                         out = m(xi)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
                     if not torch.isfinite(xi.grad).all():
                         raise RuntimeError("non-finite gradient")
 
-                def fwd(m=m):
+                def fwd(m=m, x=x):
                     with torch.no_grad():
                         for _ in range(args.reps):
                             m(x)
@@ -137,8 +138,25 @@ def main(argv=None) -> int:
                 f"{r['params']:,} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['fwd_bwd_vs_full'])} | {fmt(r['fwd_ms'])} | "
                 f"{fmt(r['fwd_vs_full'])} |"
             )
-        result["cases"][case] = {"batch": B, "grid": S, "chunk": chunk, "variants": rows}
+        # the two blocks against each other at the same width, per round
+        blocks = {
+            str(w or "full"): {
+                "fwd_bwd": ratios(t_train[f"release/{w or 'full'}"], t_train[f"compact/{w or 'full'}"]),
+                "fwd": ratios(t_infer[f"release/{w or 'full'}"], t_infer[f"compact/{w or 'full'}"]),
+            }
+            for w in widths
+        }
+        result["cases"][case] = {
+            "batch": B,
+            "grid": S,
+            "chunk": chunk,
+            "variants": rows,
+            "release_vs_compact": blocks,
+        }
+        cross.extend(f"| {case} | {w} | {fmt(r['fwd_bwd'])} | {fmt(r['fwd'])} |" for w, r in blocks.items())
         print("\n".join(md[-len(rows) :]), flush=True)
+    md += ["", "Release block / compact block at the same d_prop (per round):", "",
+           "| case | d_prop | fwd+bwd | fwd |", "|---|---:|---|---|", *cross]  # fmt: skip
     print("\n".join(md))
     write_results(new_result_path(args.out, f"compact_{info['name']}", args.replace), result, md)
     return 0
