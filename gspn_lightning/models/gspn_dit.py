@@ -82,7 +82,7 @@ from ..nn.embeddings import (
 )
 from .registry import check_patch_grid, register_model
 
-__all__ = ["BLOCKS", "GSPN_DIT_SIZES", "GSPNDiT", "GSPNDiTBlock", "ReleaseMixer"]
+__all__ = ["BLOCKS", "GSPN_DIT_SIZES", "GSPNDiT", "GSPNDiTBlock", "ReleaseMixer", "weights_block"]
 
 #: the GSPN-DiT block kinds: the release's (the default) and this project's first, compact one
 BLOCKS = ("release", "compact")
@@ -185,6 +185,16 @@ class GSPNDiTBlock(nn.Module):
             raise ValueError("this block is adaLN-conditioned: pass the condition c (B, D)")
         shift, scale, gate = self.ada(c)[:, :, None, None].chunk(3, dim=1)  # (B, D, 1, 1) each
         return x + self.drop_path(gate * self.mixer(modulate(self.norm(x), shift, scale)))  # (B, D, h, w)
+
+
+def weights_block(keys: Iterable[str]) -> str | None:
+    """The :data:`BLOCKS` kind of GSPN-DiT weights told by their state-dict keys (under any prefix, e.g.
+    a task's ``model.`` or its EMA's), ``None`` when they are not a GSPN-DiT's."""
+    for key in keys:
+        for block, marker in _BLOCK_MARKERS.items():
+            if key.endswith("mid_block." + marker):
+                return block
+    return None
 
 
 def check_block(block: str) -> str:
