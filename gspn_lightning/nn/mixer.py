@@ -16,6 +16,9 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
                                                          fused op, gspn_propagate_proj, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
 
+With GSPN-2's compact propagation (``d_prop = E' < E``) the propagation runs on ``prop_down(x)``
+(1x1, ``E -> E'``) with ``K*6*E'`` gate maps, and ``y = prop_up(...)`` (1x1, ``E' -> E``) lifts it back.
+
 Every step keeps the input's memory format, and the layer is written for channels-last maps (what the
 token layout ``(B, N, C)`` is, and what the models feed it): the convolutions keep it, LayerNorm
 normalises a ``(B, H, W, C)`` view, GRN reduces and scales in place of copies, and no float32 map is
