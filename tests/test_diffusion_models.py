@@ -258,6 +258,21 @@ def test_the_two_blocks():
         tiny("gspn_dit", block="mamba")
 
 
+def test_release_block_starts_with_a_visible_update():
+    """The quadratic gate z * relu(z) squares small features: initialised as the release does (Xavier
+    projections, PyTorch's depthwise convs), an untrained block's update is a few % of its input, not the
+    ~1e-5 that the mixer's N(0, 0.02) everywhere would give."""
+    torch.manual_seed(0)
+    m = tiny("gspn_dit")
+    h = torch.randn(4, 32, 8, 8)
+    ratio = (m.mid_block(h) - h).std() / h.std()
+    assert 0.005 < ratio < 0.5
+    for mod in m.mid_block.mixer.modules():  # the mixer's own small init everywhere: the update vanishes
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.trunc_normal_(mod.weight, std=0.02)
+    assert (m.mid_block(h) - h).std() / h.std() < ratio / 20
+
+
 @pytest.mark.parametrize("adaln", [False, True])
 def test_release_block_trains_every_parameter(adaln):
     """Every parameter of the release-block model gets a finite gradient, with the paper's additive

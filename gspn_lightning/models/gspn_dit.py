@@ -96,11 +96,11 @@ class ReleaseMixer(GSPNMixer):
     then ``out_proj(z * relu(z))`` with ``z = out_dconv(out_conv(y))`` (a 1x1 conv back to ``dim`` and
     a 3x3 depthwise conv, both without bias) in place of the LayerNorm + GRN.
 
-    Initialisation: the in-projection, the 1x1 output conv and the out-projection Xavier-uniform and the
-    depthwise convs PyTorch's default, as the release (its convolutions keep PyTorch's init, its
-    linears Xavier's), so that the quadratic gate does not start from vanishing features; the proxy,
-    gates and merge as :class:`~gspn_lightning.nn.GSPNMixer` (uniform taps, ``lam = u = 0.5``,
-    skip ``d = 1``).
+    Initialisation: the in- and out-projections Xavier-uniform (the release's, which are linears), the
+    1x1 output conv Xavier-uniform too (as this project's other 1x1s; the release leaves it at PyTorch's
+    default), the two depthwise convs PyTorch's default (the release's), so that the quadratic gate does
+    not start from vanishing features; the proxy, gates and merge as
+    :class:`~gspn_lightning.nn.GSPNMixer` (uniform taps, ``lam = u = 0.5``, skip ``d = 1``).
     """
 
     def __init__(self, dim: int, options: MixerOptions | Mapping | None = None, **overrides) -> None:
