@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from benchmarks import strided_reads
+from benchmarks import compact, strided_reads
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -21,6 +21,18 @@ def test_strided_reads_reads_every_element_and_writes_results(tmp_path):
     assert [r["width"] for r in first["reads"]] == [16, 24, 40, 16, 24, 40]
     assert all(r["GBps"]["median"] > 0 for r in first["reads"])
     assert len(list(tmp_path.glob("*.md"))) == 2
+
+
+def test_compact_times_every_width_of_both_blocks(tmp_path):
+    """benchmarks/compact.py: every block at full width and each d_prop, fewer gate maps and ratios to
+    full width, written to both result files."""
+    assert compact.main(["--rounds", "1", "--reps", "1", "--cases", "digits", "--d-prop", "32", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    rows = json.loads(path.read_text())["cases"]["digits"]["variants"]
+    assert set(rows) == {"release/full", "release/32", "compact/full", "compact/32"}
+    assert rows["release/32"]["gate_maps_per_pixel"] * 4 == rows["release/full"]["gate_maps_per_pixel"] == 3072
+    assert rows["compact/full"]["fwd_bwd_vs_full"]["median"] == 1.0 and rows["compact/32"]["fwd_ms"]["median"] > 0
+    assert len(list(tmp_path.glob("*.md"))) == 1
 
 
 @pytest.mark.slow

@@ -332,3 +332,34 @@ def test_cli_checkpoints_by_path_distillation(tiny_sdxl_dir, tmp_path):
     assert "CheckpointMismatchError" in outs[2] and "mixer.d_state: checkpoint 4, this run 2" in outs[2]
     assert "CheckpointMismatchError" in outs[3] and str(other) in outs[3] and "tiny-sdxl" in outs[3]
     assert "written by DistillationTask" in outs[4] and "not by ClassificationTask" in outs[4]
+
+
+def _dit_task(**model_kwargs) -> DiffusionTask:
+    kwargs = {"hidden_size": 16, "depth": 2, "mixer": {"backend": "reference"}, **model_kwargs}
+    return DiffusionTask(model="gspn_dit_s_2", model_kwargs=kwargs, num_classes=3, in_chans=1, image_size=16)
+
+
+def test_a_gspn_dit_checkpoint_from_before_the_block_option_loads_as_compact(tmp_path):
+    """Checkpoints written before ``block`` existed record no block and hold the compact block's weights:
+    ``load_from_checkpoint`` (gspn sample, export) builds that block, a run that names it resumes, and a
+    run of the default block is refused naming the block, before any weight is read."""
+    src = _dit_task(block="compact")
+    path = _saved_task_ckpt(tmp_path, src)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["hyper_parameters"]["model_kwargs"]["block"]  # as written before the option
+    torch.save(ckpt, path)
+    loaded = DiffusionTask.load_from_checkpoint(path)
+    assert loaded.model.block == "compact"
+    torch.testing.assert_close(loaded.model.state_dict(), src.model.state_dict())
+    trainer(tmp_path).validate(_dit_task(block="compact"), loader(n=4), ckpt_path=str(path))
+    with pytest.raises(CheckpointMismatchError, match=r"model_kwargs.block: checkpoint 'compact', this run '<unset>'"):
+        trainer(tmp_path).validate(_dit_task(), loader(n=4), ckpt_path=str(path))
+    # a release-block checkpoint without a recorded block (the default) resumes with or without one
+    new = tmp_path / "new"
+    new.mkdir()
+    path = _saved_task_ckpt(new, _dit_task())
+    trainer(new).validate(_dit_task(block="release"), loader(n=4), ckpt_path=str(path))
+    trainer(new).validate(_dit_task(), loader(n=4), ckpt_path=str(path))
+    assert DiffusionTask.load_from_checkpoint(path).model.block == "release"
+    with pytest.raises(CheckpointMismatchError, match=r"model_kwargs.block: checkpoint 'release', this run 'compact'"):
+        trainer(new).validate(_dit_task(block="compact"), loader(n=4), ckpt_path=str(path))

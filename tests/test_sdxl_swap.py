@@ -193,6 +193,8 @@ def test_local_by_default_global_one_option_away(teacher):
         GSPNSelfAttention(attn).chunk_size == 4
         and GSPNSelfAttention(attn, chunk_size=None).chunk_size is None
     )
+    with pytest.raises(ValueError, match="d_prop"):  # the compact propagation would add untrained layers
+        GSPNSelfAttention(attn, d_prop=8)
     with torch.no_grad():
         out = {k: run(m, 16, 24) for k, m in [("default", default), ("explicit", explicit), ("global", glob),
                                               ("legacy", legacy)]}  # fmt: skip

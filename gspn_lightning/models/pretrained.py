@@ -114,7 +114,10 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: Any) -> None:
     """Copy ``state`` into ``model``: every key of the model present with its shape, and nothing
-    else, or a ``ValueError`` naming the missing, unexpected and shape-mismatched keys."""
+    else, or a ``ValueError`` naming the missing, unexpected and shape-mismatched keys (or the model's
+    own ``check_state_dict(state)`` error first, where it has one: e.g. GSPN-DiT naming the block)."""
+    if hasattr(model, "check_state_dict"):
+        model.check_state_dict(state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

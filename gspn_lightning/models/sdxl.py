@@ -100,7 +100,8 @@ class GSPNSelfAttention(nn.Module):
             taken as it is), ``directions``,
             ``backend`` and ``fused`` (one :func:`gspn_propagate` call, or ``normalize_gates`` +
             ``gspn_scan`` per direction: the same function).  ``dw_kernel`` and ``fuse_gates`` do not
-            apply (the module has no depthwise conv and projects its gates itself).
+            apply (the module has no depthwise conv and projects its gates itself); ``d_prop`` (the
+            compact propagation) is refused (it would add layers the pretrained weights do not have).
         u_bias_init: initial bias of the output gate logits.
     """
 
@@ -114,6 +115,8 @@ class GSPNSelfAttention(nn.Module):
         super().__init__()
         _check_attention(attn)
         opts = MixerOptions.build(MixerOptions.for_model(options, chunk_size=DEFAULT_CHUNK_SIZE), **overrides)
+        if opts.d_prop is not None:
+            raise ValueError("d_prop (compact propagation) does not apply to the SD-XL swap")
         d_state = opts.d_state if opts.d_state is not None else 8
         chunk_size, directions, backend, fused = opts.chunk_size, opts.directions, opts.backend, opts.fused
         self.to_q = copy.deepcopy(attn.to_q)

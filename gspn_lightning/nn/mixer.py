@@ -16,6 +16,9 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
                                                          fused op, gspn_propagate_proj, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
 
+With GSPN-2's compact propagation (``d_prop = E' < E``) the propagation runs on ``prop_down(x)``
+(1x1, ``E -> E'``) with ``K*6*E'`` gate maps, and ``y = prop_up(...)`` (1x1, ``E' -> E``) lifts it back.
+
 Every step keeps the input's memory format, and the layer is written for channels-last maps (what the
 token layout ``(B, N, C)`` is, and what the models feed it): the convolutions keep it, LayerNorm
 normalises a ``(B, H, W, C)`` view, GRN reduces and scales in place of copies, and no float32 map is
@@ -106,6 +109,10 @@ class MixerOptions:
             default until the new kernel is shown correct on a GPU), ``"kernel"`` its own op.
         fused: steps 2-4 (gate normalisation, the scans, the merge) as one op (see :class:`GSPNMixer`).
         fuse_gates: with ``fused``, the gate projection fused into the op too (see :class:`GSPNMixer`).
+        d_prop: GSPN-2's compact propagation (arXiv 2512.07884): ``None`` propagates all ``d_inner``
+            channels; ``d_prop = E' < d_inner`` projects the features into ``E'`` proxy channels (a
+            1x1 ``prop_down``), propagates those (``K * 6 * E'`` gate maps per pixel instead of
+            ``K * 6 * d_inner``) and lifts the result back to ``d_inner`` (a 1x1 ``prop_up``).
     """
 
     d_state: int | None = None
@@ -115,6 +122,7 @@ class MixerOptions:
     backend: str | None = None
     fused: bool = True
     fuse_gates: bool = True
+    d_prop: int | None = None
 
     def __post_init__(self) -> None:
         directions, chunk_size = check_scan_options(self.directions, self.chunk_size)
@@ -124,6 +132,10 @@ class MixerOptions:
             if isinstance(self.d_state, bool) or int(self.d_state) < 1:
                 raise ValueError(f"d_state must be >= 1 or None, got {self.d_state!r}")
             object.__setattr__(self, "d_state", int(self.d_state))
+        if self.d_prop is not None:
+            if isinstance(self.d_prop, bool) or int(self.d_prop) < 1:
+                raise ValueError(f"d_prop must be >= 1 or None, got {self.d_prop!r}")
+            object.__setattr__(self, "d_prop", int(self.d_prop))
         if isinstance(self.dw_kernel, bool) or int(self.dw_kernel) < 1 or int(self.dw_kernel) % 2 == 0:
             raise ValueError(f"dw_kernel must be a positive odd integer, got {self.dw_kernel}")
         object.__setattr__(self, "dw_kernel", int(self.dw_kernel))
@@ -199,6 +211,9 @@ class GSPNMixer(nn.Module):
             state dict either way (the op reads ``gates.weight`` through a view).  On CUDA the
             channels-last kernel that projects them in registers runs with ``backend="kernel"``; the
             default there is still ``"planes"`` (logits materialised) until a GPU run proves it.
+        d_prop: GSPN-2's compact propagation: ``x`` is projected to ``d_prop`` channels by the 1x1
+            ``prop_down`` before the propagation and its result lifted back to ``d_inner`` by the 1x1
+            ``prop_up`` (``None``: no projection, every channel propagated; must be ``< d_inner``).
     """
 
     def __init__(
@@ -222,13 +237,22 @@ class GSPNMixer(nn.Module):
         self.fused = opts.fused
         self.fuse_gates = opts.fuse_gates
         dw_kernel = opts.dw_kernel
+        if opts.d_prop is not None and opts.d_prop >= d_inner:
+            raise ValueError(
+                f"d_prop must be below d_inner={d_inner} (None: no compact space), got {opts.d_prop}"
+            )
+        #: the channels propagated: ``d_inner``, or GSPN-2's compact ``d_prop``
+        self.d_prop = d_prop = opts.d_prop or d_inner
 
         self.in_proj = nn.Conv2d(dim, d_inner, 1)
         self.dwconv = DepthwiseConv2d(d_inner, dw_kernel)
         self.act = nn.SiLU()
         self.proxy = nn.Conv2d(d_inner, d_state, 1)
-        self.gates = nn.Conv2d(d_state, len(directions) * len(GATE_FIELDS) * d_inner, 1)
-        self.merge_logits = nn.Parameter(torch.zeros(len(directions), d_inner))
+        # GSPN-2's compact channel space (None: the layer propagates its d_inner channels themselves)
+        self.prop_down = nn.Conv2d(d_inner, d_prop, 1) if d_prop < d_inner else None
+        self.prop_up = nn.Conv2d(d_prop, d_inner, 1) if d_prop < d_inner else None
+        self.gates = nn.Conv2d(d_state, len(directions) * len(GATE_FIELDS) * d_prop, 1)
+        self.merge_logits = nn.Parameter(torch.zeros(len(directions), d_prop))
         self.norm = LayerNorm2d(d_inner)
         self.grn = GRN(d_inner)
         self.out_proj = nn.Conv2d(d_inner, dim, 1)
@@ -236,28 +260,48 @@ class GSPNMixer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Weights ~ truncated N(0, 0.02), biases 0, except the skip ``d`` whose bias is 1."""
-        for conv in (self.in_proj, self.dwconv, self.proxy, self.gates, self.out_proj):
-            nn.init.trunc_normal_(conv.weight, std=0.02)
-            nn.init.zeros_(conv.bias)
-        with torch.no_grad():
-            bias = self.gates.bias.view(len(self.directions), len(GATE_FIELDS), self.d_inner)
-            bias[:, GATE_FIELDS.index("d")] = 1.0
-        nn.init.zeros_(self.merge_logits)
+        self.reset_propagation_parameters()
+        nn.init.trunc_normal_(self.out_proj.weight, std=0.02)
+        nn.init.zeros_(self.out_proj.bias)
         self.norm.reset_parameters()
         nn.init.zeros_(self.grn.gamma)
         nn.init.zeros_(self.grn.beta)
+
+    def reset_propagation_parameters(self) -> None:
+        """The layers up to the merge (what :meth:`propagate` uses): weights ~ truncated N(0, 0.02),
+        biases 0, except the skip ``d`` whose bias is 1; the compact space's projections (``d_prop``)
+        Xavier-uniform, so that the lift starts near an isometry."""
+        for conv in (self.in_proj, self.dwconv, self.proxy, self.gates):
+            nn.init.trunc_normal_(conv.weight, std=0.02)
+            nn.init.zeros_(conv.bias)
+        for conv in (self.prop_down, self.prop_up):
+            if conv is not None:
+                nn.init.xavier_uniform_(conv.weight.view(conv.out_channels, -1))
+                nn.init.zeros_(conv.bias)
+        with torch.no_grad():
+            bias = self.gates.bias.view(len(self.directions), len(GATE_FIELDS), self.d_prop)
+            bias[:, GATE_FIELDS.index("d")] = 1.0
+        nn.init.zeros_(self.merge_logits)
 
     def extra_repr(self) -> str:
         return (
             f"chunk_size={self.chunk_size}, directions={self.directions}, fused={self.fused}, "
             f"fuse_gates={self.fuse_gates}"
+            + (f", d_prop={self.d_prop}" if self.prop_down is not None else "")
         )
 
     def propagate(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the norm: ``(B, dim, H, W) -> (B, d_inner, H, W)``, the merged ``y``."""
-        B, _, H, W = x.shape
         x = self.act(self.dwconv(self.in_proj(x)))
         p = self.proxy(x)
+        if self.prop_down is None:
+            return self._propagate(x, p)
+        return self.prop_up(self._propagate(self.prop_down(x), p))  # GSPN-2's compact channel space
+
+    def _propagate(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The gates from the proxy ``p (B, S, H, W)``, the scans of ``x (B, d_prop, H, W)`` and their
+        merge ``-> (B, d_prop, H, W)``."""
+        B, _, H, W = x.shape
         weights = torch.softmax(self.merge_logits.float(), dim=0).to(x.dtype)
         if self.fused and self.fuse_gates:
             # (K*6*E, S, 1, 1) viewed as (K*6*E, S): no copy.  The casts are no-ops unless autocast made
@@ -267,7 +311,7 @@ class GSPNMixer(nn.Module):
             return gspn_propagate_proj(
                 x, p, w, bias, weights, self.directions, self.chunk_size, backend=self.backend
             )
-        g = self.gates(p).view(B, len(self.directions), len(GATE_FIELDS), self.d_inner, H, W)
+        g = self.gates(p).view(B, len(self.directions), len(GATE_FIELDS), self.d_prop, H, W)
         if self.fused:
             return gspn_propagate(x, g, weights, self.directions, self.chunk_size, backend=self.backend)
 

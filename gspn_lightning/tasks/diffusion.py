@@ -27,6 +27,8 @@ pipeline could not decode, and such rows are dropped and counted (``*/corrupt``)
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterable, Mapping
 
 import torch
 from torchmetrics import MeanMetric
@@ -34,8 +36,31 @@ from torchmetrics import MeanMetric
 from gspn_lightning.data.protocol import LatentData, provides
 from gspn_lightning.diffusion import GaussianDiffusion, sample
 from gspn_lightning.diffusion.sampling import initial_noise
+from gspn_lightning.models.gspn_dit import weights_block
 
-from .base import DIFFUSION_OPTIM, OptimSettings, TrainingTask, build_model
+from .base import DIFFUSION_OPTIM, OptimSettings, TrainingTask, build_model, upgrade_hparams
+from .checkpointing import load_checkpoint_file
+
+
+def saved_block_upgrade(
+    hparams: Mapping, state_keys: Iterable[str], current: Mapping | None = None
+) -> dict | None:
+    """The ``model_kwargs`` a GSPN-DiT checkpoint that records no ``block`` was trained with, read
+    from its weights (``state_keys``): ``block: compact`` for one written before the option existed
+    (its mixers have a GRN), and ``block: release`` only where the run it is compared with
+    (``current``, that run's ``model_kwargs``) names a block; ``None`` when nothing is to change (not
+    a GSPN-DiT, a block recorded, or the release block that a missing ``block`` means anyway)."""
+    model = hparams.get("model")
+    kwargs = upgrade_hparams(dict(hparams)).get("model_kwargs", hparams.get("model_kwargs")) or {}
+    if not (isinstance(model, str) and model.startswith("gspn_dit")) or not isinstance(kwargs, Mapping):
+        return None
+    if "block" in kwargs:
+        return None
+    compact = weights_block(state_keys) == "compact"
+    if compact or (isinstance(current, Mapping) and "block" in current):
+        return {**kwargs, "block": "compact" if compact else "release"}
+    return None
+
 
 QUARTERS = 4
 
@@ -114,10 +139,36 @@ class DiffusionTask(TrainingTask):
         self.init_weights_from(init_from, init_strict, init_weights)
         self.init_optim(optim, DIFFUSION_OPTIM)
         self.init_eval_weights(eval_weights)
-        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma, snr_gamma=snr_gamma, prediction=prediction)
-        self.eval_loss = torch.nn.ModuleDict({k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")})
+        self.diffusion = GaussianDiffusion(
+            learn_sigma=learn_sigma, snr_gamma=snr_gamma, prediction=prediction
+        )
+        self.eval_loss = torch.nn.ModuleDict(
+            {k: MeanMetric() for k in ("val", "val_ema", "test", "test_ema")}
+        )
         self.init_sample_counts()
         self._vae = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """:meth:`TrainingTask.load_from_checkpoint`, with a GSPN-DiT checkpoint's block as it was trained:
+        one from before the ``block`` option builds the compact block (see :func:`saved_block_upgrade`)."""
+        if "model_kwargs" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
+            state = load_checkpoint_file(checkpoint_path, mmap=True)
+            upgraded = saved_block_upgrade(state.get("hyper_parameters") or {}, state.get("state_dict") or {})
+            del state
+            if upgraded is not None:
+                kwargs["model_kwargs"] = upgraded
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a GSPN-DiT checkpoint from before the block option: its block (compact) compared as such
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            current = self.hparams.get("model_kwargs")
+            upgraded = saved_block_upgrade(hparams, checkpoint.get("state_dict") or {}, current)
+            if upgraded is not None:
+                hparams["model_kwargs"] = upgraded
+        super().on_load_checkpoint(checkpoint)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, y)
@@ -149,7 +200,9 @@ class DiffusionTask(TrainingTask):
         for q in range(QUARTERS):
             sel = quarter == q
             if sel.any():
-                self.log(f"train/loss_q{q}", losses["loss"][sel].mean().detach(), on_step=True, on_epoch=False)
+                self.log(
+                    f"train/loss_q{q}", losses["loss"][sel].mean().detach(), on_step=True, on_epoch=False
+                )
         self.log_lr()
         return loss
 
