@@ -16,13 +16,10 @@
 #   DEMO_SEEDS=0 DEMO_SAMPLES=20 DEMO_EVERY=2 bash scripts/demo_dit.sh --trainer.max_steps 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source scripts/digits_lib.sh
 SEEDS=${DEMO_SEEDS:-0 1}
 EVERY=${DEMO_EVERY:-250}
-if [ ! -f runs/demo_mnist/checkpoints/last.ckpt ]; then
-  echo "== training the classification demo (its GSPN scores the samples)"
-  "$PY" -m gspn_lightning.cli fit --config configs/classification/demo_mnist.yaml
-fi
+need_classifier
 export OMP_NUM_THREADS=1
 
 EXTRA=("$@")  # more fit arguments, for both models
@@ -39,17 +36,6 @@ train() {  # train model NAME of $seed into its run folder
   echo "$(( $(date +%s) - start ))" > "$root/train_wall_s.txt"
 }
 
-score() {  # sample checkpoint CKPT and score the samples into folder OUT
-  local ckpt=$1 out=$2
-  mkdir -p "$out"
-  { "$PY" -m gspn_lightning.cli sample --ckpt "$ckpt" --out "$out/samples" \
-      --num-samples "${DEMO_SAMPLES:-1000}" --sampler ddim --steps 25 --guidance-scale 4.0 --batch-size 100 --no-progress
-    "$PY" -m gspn_lightning.cli evaluate --samples "$out/samples/samples.npz" \
-      --real data/demo_mnist/val --classifier runs/demo_mnist/checkpoints/last.ckpt \
-      --grid "$out/grid.png" --out "$out/report.json" --no-progress
-  } > "$out/eval.log" 2>&1
-}
-
 score_time() {  # NAME at equal time: its last checkpoint
   score "runs/digits/seed$seed/$1/checkpoints/last.ckpt" "runs/digits/seed$seed/$1/time"
 }
@@ -59,10 +45,6 @@ score_steps() {  # NAME at equal steps: its checkpoint at step $equal
   ck=$(ls "runs/digits/seed$seed/$1/checkpoints/"*"-step=$equal.ckpt" 2>/dev/null | head -1)
   [ -n "$ck" ] || { echo "no checkpoint at step $equal in runs/digits/seed$seed/$1" >&2; return 1; }
   score "$ck" "runs/digits/seed$seed/$1/steps"
-}
-
-step_of() {  # the global step of a checkpoint
-  "$PY" -c "import sys, torch; print(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['global_step'])" "$1"
 }
 
 run_pair() {  # FUNC gspn_dit and FUNC dit at once, one core each; fails if either fails

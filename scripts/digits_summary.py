@@ -38,33 +38,34 @@ def _checkpoint_facts(path: Path) -> dict:
 
 
 def collect(root: Path) -> list[dict]:
-    """One record per (seed, model, comparison) that has a report."""
+    """One record per (seed, model, comparison) that has a report; a model is a folder of a seed
+    folder, its scorings ``time/`` and ``steps/`` (the checkpoint scored is read from the samples'
+    ``protocol.json``; the training's wall time from ``train_wall_s.txt`` where the run has one)."""
     records = []
     for seed_dir in sorted(root.glob("seed*")):
         seed = seed_dir.name[len("seed") :]
-        for name, _ in MODELS:
-            run = seed_dir / name
+        for run in sorted(p for p in seed_dir.iterdir() if p.is_dir()):
+            wall_file = run / "train_wall_s.txt"
             last = run / "checkpoints" / "last.ckpt"
-            if not last.is_file():
-                continue
-            facts = _checkpoint_facts(last)
-            wall = float((run / "train_wall_s.txt").read_text())
+            trained = _checkpoint_facts(last) if last.is_file() else None
             for key, _ in COMPARISONS:
                 report_path = run / key / "report.json"
                 if not report_path.is_file():
                     continue
                 report = json.loads(report_path.read_text())
                 protocol = json.loads((run / key / "samples" / "protocol.json").read_text())
+                facts = _checkpoint_facts(Path(protocol["checkpoint"]))
+                wall = float(wall_file.read_text()) if wall_file.is_file() and trained else None
                 records.append(
                     {
                         "seed": seed,
-                        "model": name,
+                        "model": run.name,
                         "comparison": key,
                         "params": facts["params"],
-                        "train_steps": facts["step"],
+                        "train_steps": trained["step"] if trained else None,
                         "train_wall_s": wall,
-                        "s_per_step": wall / max(facts["step"], 1),
-                        "step": int(protocol["global_step"]),
+                        "s_per_step": wall / max(trained["step"], 1) if wall is not None else None,
+                        "step": facts["step"],
                         **{m: report.get(m) for m, *_ in METRICS},
                     }
                 )
@@ -85,13 +86,16 @@ def table(records: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in records})
     lines = [
         f"Median [min-max] over seeds {', '.join(seeds)}; s/step = wall time of the 12-minute training "
-        "(with start-up, validation and sample grids) / its steps.",
+        "(with start-up, validation and sample grids) / its steps (- where not timed).",
         "",
         "| comparison | model | params | steps | s/step | " + " | ".join(m[1] for m in METRICS) + " |",
         "|---|---|---:|---:|---:|" + "---:|" * len(METRICS),
     ]
+    names = [n for n, _ in MODELS] + sorted({r["model"] for r in records} - {n for n, _ in MODELS})
+    labels = dict(MODELS)
     for key, comp in COMPARISONS:
-        for name, label in MODELS:
+        for name in names:
+            label = labels.get(name, name)
             rows = [r for r in records if r["model"] == name and r["comparison"] == key]
             if not rows:
                 continue

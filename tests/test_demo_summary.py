@@ -27,10 +27,12 @@ def _fake_run(root: Path, seed: int, name: str, steps: int, equal: int, fid_time
     n = 10 if name == "dit" else 7
     sd = {"model.w": torch.zeros(n), "ema.w": torch.zeros(n)}
     torch.save({"global_step": steps, "state_dict": sd}, run / "checkpoints" / "last.ckpt")
+    torch.save({"global_step": equal, "state_dict": sd}, run / "checkpoints" / f"step={equal}.ckpt")
     (run / "train_wall_s.txt").write_text("720\n")
-    for key, fid, step in (("time", fid_time, steps), ("steps", fid_steps, equal)):
+    ckpts = {"time": run / "checkpoints" / "last.ckpt", "steps": run / "checkpoints" / f"step={equal}.ckpt"}
+    for key, fid in (("time", fid_time), ("steps", fid_steps)):
         (run / key / "samples").mkdir(parents=True)
-        (run / key / "samples" / "protocol.json").write_text(json.dumps({"global_step": step}))
+        (run / key / "samples" / "protocol.json").write_text(json.dumps({"checkpoint": str(ckpts[key])}))
         report = {"fid": fid, "kid_mean": fid / 1000, "class_accuracy": 0.9, "precision": 0.5, "recall": 0.4}
         (run / key / "report.json").write_text(json.dumps(report))
 
