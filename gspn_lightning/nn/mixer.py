@@ -66,7 +66,7 @@ from ..ops import (
     propagate_reference,
 )
 from .conv import DepthwiseConv2d
-from .norm import GRN, LayerNorm2d
+from .norm import GRN, LayerNorm2d, norm_grn
 
 __all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "MixerOptions", "check_scan_options"]
 
@@ -278,7 +278,7 @@ class GSPNMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, dim, H, W) -> (B, dim, H, W)``."""
-        return self.out_proj(self.grn(self.norm(self.propagate(x))))
+        return self.out_proj(norm_grn(self.norm, self.grn, self.propagate(x), backend=self.backend))
 
 
 class GSPNTokenMixer(GSPNMixer):

@@ -63,6 +63,7 @@ _CPU_SOURCES = [
     "cpu/gspn_propagate_cpu.cpp",
     "cpu/gspn_propagate_proj_cpu.cpp",
     "cpu/gspn_attention_cpu.cpp",
+    "cpu/gspn_norm_cpu.cpp",
 ]
 _CUDA_SOURCES = [
     "cuda/gspn_cuda.cpp",
@@ -73,6 +74,8 @@ _CUDA_SOURCES = [
 _HEADERS = [
     "gspn_step.h",
     "gspn_layout.h",
+    "gspn_norm.h",
+    "gspn_norm_args.h",
     "cpu/gspn_propagate_common.h",
     "cpu/gspn_transpose.h",
     "cuda/gspn_cuda.h",
