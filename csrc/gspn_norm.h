@@ -25,6 +25,21 @@
 namespace gspn {
 namespace norm {
 
+// The pixels of a batch element cut into `tiles` ranges of `tile` pixels (the last may be shorter):
+// each range is one task (CPU) or one CTA (CUDA) and writes one row of per-channel partial sums,
+// added in range order, so results do not depend on scheduling.  At most `max_tiles` ranges, of at
+// least `min_pixels` pixels (where there are that many).
+struct Tiles {
+  int64_t tiles, tile;
+};
+
+inline Tiles pixel_tiles(int64_t HW, int64_t max_tiles, int64_t min_pixels) {
+  const int64_t by_size = (HW + min_pixels - 1) / min_pixels;
+  const int64_t tiles = by_size < max_tiles ? (by_size > 1 ? by_size : 1) : (max_tiles > 1 ? max_tiles : 1);
+  const int64_t tile = HW > tiles ? (HW + tiles - 1) / tiles : 1;
+  return {(HW + tile - 1) / tile, tile};
+}
+
 template <typename acc_t>
 GSPN_HD acc_t nsqrt(acc_t v) {
 #if defined(__CUDA_ARCH__)

@@ -1,13 +1,14 @@
 // The ATen side of the fused LayerNorm + GRN op (layer_norm_grn_fwd / _bwd), shared by the CPU kernel
 // (cpu/gspn_norm_cpu.cpp), the CUDA op (cuda/gspn_norm_kernels.h's norm_cuda_fwd / _bwd) and the
 // test suite's host emulation: argument checks, the channels-last view of the map, the outputs, the
-// pixel tiling (which fixes the order of every sum, so results do not depend on scheduling) and the
 // parameter-dtype dispatch.  The math is gspn_norm.h's.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+
+#include "gspn_norm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -80,20 +81,6 @@ inline void check_saved(const NormArgs& a, const at::Tensor& grad, const at::Ten
               ": gnorm must be the forward's (B, C) norms");
 }
 
-// The pixels of a batch element cut into `tiles` ranges of `tile` pixels (the last may be shorter):
-// each range is one task (CPU) or one CTA (CUDA) and writes one row of per-channel partial sums, added
-// in range order.  At most `max_tiles` per batch element, at least `min_pixels` pixels per range.
-struct NormTiles {
-  int64_t tiles, tile;
-};
-
-inline NormTiles norm_tiles(int64_t HW, int64_t max_tiles, int64_t min_pixels) {
-  const int64_t by_size = std::max<int64_t>(1, (HW + min_pixels - 1) / min_pixels);
-  const int64_t tiles = std::max<int64_t>(1, std::min(max_tiles, by_size));
-  const int64_t tile = std::max<int64_t>(1, (HW + tiles - 1) / tiles);
-  return {(HW + tile - 1) / tile, tile};
-}
-
 // Calls f(scalar_t{}, param_t{}) for the map's dtype and the parameters' (the map's or its opmath type).
 template <typename F>
 void dispatch_norm(const NormArgs& a, F&& f) {
@@ -113,5 +100,11 @@ inline at::Tensor param_grad(const at::Tensor& partial, const NormArgs& a) {
 }
 
 using NormGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The gradients of an empty map: zeros.
+inline NormGrads empty_norm_grads(const NormArgs& a) {
+  const auto z = [&] { return at::zeros({a.C}, a.weight.options()); };
+  return {at::zeros_like(a.y), z(), z(), z(), z()};
+}
 
 }  // namespace gspn

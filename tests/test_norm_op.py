@@ -149,3 +149,98 @@ def test_empty_map():
     assert out.shape == y.shape
     out.sum().backward()
     assert y.grad.shape == y.shape
+
+
+# --- the CUDA kernels (csrc/cuda/gspn_norm_kernels.h) under the host emulation (tests/cuda_emu) -------
+
+# (shape, dtype, target CTAs): fewer channels than a warp's lanes, channels past a warp and not a multiple
+# of 32, one pixel per batch element, one column; many channels (float64: fewer warps per CTA, one in
+# the backward); a small CTA target (several pixels per warp, a partial last tile) and the GPU's.
+EMU_CASES = [
+    ((2, 5, 1, 37), torch.float64, 264),
+    ((1, 45, 17, 23), torch.float64, 3),
+    ((3, 8, 1, 1), torch.float64, 264),
+    ((2, 37, 9, 1), torch.float64, 2),
+    ((1, 3000, 1, 3), torch.float64, 264),
+    ((2, 45, 7, 5), torch.float32, 3),
+    ((2, 45, 7, 5), torch.bfloat16, 3),
+]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from . import cuda_emu
+
+    cuda_emu.load()
+    return torch.ops.gspn_cuda_emu
+
+
+def emu_inputs(shape, dtype, param_dtype=None, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    y = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.3).to(dtype)
+    ps = [torch.randn(C, generator=g, dtype=torch.float64).to(param_dtype or dtype) for _ in range(4)]
+    go = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return y.contiguous(memory_format=torch.channels_last), ps, go
+
+
+@pytest.mark.parametrize(("shape", "dtype", "ctas"), EMU_CASES, ids=lambda v: _id(v))
+def test_cuda_kernels_under_emulation(emu, shape, dtype, ctas):
+    """The CUDA op's forward and backward equal the CPU kernel's (float64: to rounding; float32 and
+    bfloat16: within their resolution) and the float64 composition."""
+    y, ps, go = emu_inputs(shape, dtype)
+    ops = torch.ops.gspn_lightning
+    fwd = emu.layer_norm_grn_fwd(y, *ps, 1e-6, 1e-6, ctas)
+    ref = ops.layer_norm_grn_fwd(y, *ps, 1e-6, 1e-6)
+    assert fwd[0].is_contiguous(memory_format=torch.channels_last) and fwd[0].dtype == dtype
+    bwd = emu.layer_norm_grn_bwd(go, y, *ps, *fwd[1:], 1e-6, ctas)
+    bwd_ref = ops.layer_norm_grn_bwd(go, y, *ps, *ref[1:], 1e-6)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b in zip(["out", "mean", "rstd", "gnorm", "dy", "dweight", "dbias", "dgamma", "dbeta"],
+                          [*fwd, *bwd], [*ref, *bwd_ref], strict=True):
+        scale = b.double().abs().max().clamp_min(1)
+        assert (a.double() - b.double()).abs().max() <= tol * scale, name
+    if dtype == torch.float64:  # and the composition of the modules, with autograd
+        ln, grn = LayerNorm2d(shape[1]).double(), GRN(shape[1]).double()
+        with torch.no_grad():
+            for p, v in zip(params(ln, grn), ps, strict=True):
+                p.copy_(v.view_as(p))
+        yr = y.clone().requires_grad_()
+        out = grn(ln(yr))
+        torch.testing.assert_close(fwd[0], out, rtol=1e-10, atol=1e-10)
+        expected = grads(out, [yr, *params(ln, grn)], go)
+        for a, b in zip(bwd, expected, strict=True):
+            torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-9, atol=1e-9)
+
+
+def test_cuda_kernels_float32_parameters_of_a_bfloat16_map(emu):
+    y, ps, go = emu_inputs((2, 40, 3, 5), torch.bfloat16, param_dtype=torch.float32)
+    fwd = emu.layer_norm_grn_fwd(y, *ps, 1e-6, 1e-6, 264)
+    ref = torch.ops.gspn_lightning.layer_norm_grn_fwd(y, *ps, 1e-6, 1e-6)
+    bwd = emu.layer_norm_grn_bwd(go, y, *ps, *fwd[1:], 1e-6, 264)
+    bwd_ref = torch.ops.gspn_lightning.layer_norm_grn_bwd(go, y, *ps, *ref[1:], 1e-6)
+    assert [g.dtype for g in bwd] == [torch.bfloat16] + [torch.float32] * 4
+    for a, b in zip([*fwd, *bwd], [*ref, *bwd_ref], strict=True):
+        assert (a.double() - b.double()).abs().max() <= 2e-2 * b.double().abs().max().clamp_min(1)
+
+
+def test_emulation_cases_reach_every_launch_path(emu):
+    """The cases above run CTAs of 8 warps and of fewer (1 in a backward), several tiles per batch
+    element, warps with several pixels, and a partial last tile."""
+    plans = []  # (tiles, pixels per tile, warps, shared bytes)
+    for shape, dtype, ctas in EMU_CASES:
+        y = torch.empty(shape, dtype=dtype)
+        plans += [(shape, emu.layer_norm_grn_plan(y, values, ctas)) for values in (1, 2)]
+    assert any(p[2] == 8 for _, p in plans) and any(p[2] == 1 for _, p in plans)
+    assert any(1 < p[2] < 8 for _, p in plans)
+    assert any(p[0] > 1 for _, p in plans), "several tiles per batch element"
+    assert any(p[1] > p[2] for _, p in plans), "warps with several pixels"
+    assert any(s[2] * s[3] % p[1] != 0 and p[0] > 1 for s, p in plans), "a partial last tile"
+
+
+def _id(value):
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)

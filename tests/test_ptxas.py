@@ -44,6 +44,16 @@ HOT_KERNELS: dict[str, tuple[str, ...]] = {
         r"attn_prep_kernel<(c10::BFloat16|c10::Half|float), float>",
         r"attn_bwd_merge_kernel<(c10::BFloat16|c10::Half|float), float>",
     ),
+    # the mixer's fused LayerNorm + GRN (every layer, both passes), parameters in the map's dtype or
+    # float32 (autocast)
+    "cuda/gspn_norm_cuda.cu": (
+        r"norm_stats_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grn_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"norm_apply_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grad_stats_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grn_grad_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"norm_grad_apply_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+    ),
 }
 
 #: Architectures compiled, one nvcc call each (the list CI builds the extension for, .ci/run).

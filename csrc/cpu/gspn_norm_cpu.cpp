@@ -2,7 +2,7 @@
 // gspn_norm.h, ATen side in gspn_norm_args.h).
 //
 // The map is read channels-last, [b][pixel][c], so a pixel's C channels are one contiguous row.  A
-// task is a range of pixels of one batch element (gspn_norm_args.h's norm_tiles); it writes per-pixel
+// task is a range of pixels of one batch element (gspn_norm.h's pixel_tiles); it writes per-pixel
 // values directly and its per-channel sums into its own partial row, and the rows are added in task
 // order afterwards, so results do not depend on the number of threads.  Forward: pass 1 (per pixel
 // mean and rstd; per channel the sum of z^2), the per-batch GRN step, pass 2 (out).  Backward: pass 1
@@ -42,7 +42,7 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
 
 // fn(task, b, p0, p1) for every task of the tiling, in parallel.
 template <typename Fn>
-void for_tiles(const NormArgs& a, const NormTiles& t, Fn&& fn) {
+void for_tiles(const NormArgs& a, const norm::Tiles& t, Fn&& fn) {
   at::parallel_for(0, a.B * t.tiles, parallel_grain(t.tile * a.C), [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / t.tiles, p0 = (task % t.tiles) * t.tile;
@@ -53,7 +53,7 @@ void for_tiles(const NormArgs& a, const NormTiles& t, Fn&& fn) {
 
 // Per-channel partial rows (tasks, C) summed in task order over the tiles of batch element b.
 template <typename acc_t>
-void sum_tiles(const acc_t* part, int64_t b, const NormTiles& t, int64_t C, acc_t* out) {
+void sum_tiles(const acc_t* part, int64_t b, const norm::Tiles& t, int64_t C, acc_t* out) {
   std::fill(out, out + C, acc_t(0));
   for (int64_t i = 0; i < t.tiles; ++i) {
     const acc_t* row = part + (b * t.tiles + i) * C;
@@ -65,7 +65,7 @@ template <typename scalar_t, typename param_t>
 void norm_forward_cpu(const NormArgs& a, NormOutputs& o) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = a.C;
-  const NormTiles t = norm_tiles(a.HW, kCpuMaxTiles, kCpuMinPixels);
+  const norm::Tiles t = norm::pixel_tiles(a.HW, kCpuMaxTiles, kCpuMinPixels);
   const auto w = to_acc<acc_t, param_t>(a.weight), bb = to_acc<acc_t, param_t>(a.bias),
              gamma = to_acc<acc_t, param_t>(a.gamma), beta = to_acc<acc_t, param_t>(a.beta);
   const scalar_t* y = a.y.const_data_ptr<scalar_t>();
@@ -125,7 +125,7 @@ NormGrads norm_backward_cpu(const NormArgs& a, const at::Tensor& grad, const at:
                             const at::Tensor& rstd_t, const at::Tensor& gnorm) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = a.C;
-  const NormTiles t = norm_tiles(a.HW, kCpuMaxTiles, kCpuMinPixels);
+  const norm::Tiles t = norm::pixel_tiles(a.HW, kCpuMaxTiles, kCpuMinPixels);
   const int64_t tasks = a.B * t.tiles;
   const auto w = to_acc<acc_t, param_t>(a.weight), bb = to_acc<acc_t, param_t>(a.bias),
              gamma = to_acc<acc_t, param_t>(a.gamma);
@@ -235,10 +235,7 @@ NormGrads layer_norm_grn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& y
                                  double grn_eps) {
   const NormArgs a = norm_args(y, weight, bias, gamma, beta, 0.0, grn_eps, "gspn layer_norm_grn_bwd");
   check_saved(a, grad_out, mean, rstd, gnorm, "gspn layer_norm_grn_bwd");
-  if (a.y.numel() == 0) {
-    const at::Tensor z = at::zeros({a.C}, a.weight.options());
-    return {at::zeros_like(a.y), z, z.clone(), z.clone(), z.clone()};
-  }
+  if (a.y.numel() == 0) return empty_norm_grads(a);
   NormGrads grads;
   dispatch_norm(a, [&](auto s, auto p) {
     grads = norm_backward_cpu<decltype(s), decltype(p)>(a, grad_out, mean, rstd, gnorm);

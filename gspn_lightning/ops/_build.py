@@ -70,6 +70,7 @@ _CUDA_SOURCES = [
     "cuda/gspn_cuda.cu",
     "cuda/gspn_propagate_cuda.cu",
     "cuda/gspn_lanes_cuda.cu",
+    "cuda/gspn_norm_cuda.cu",
 ]
 _HEADERS = [
     "gspn_step.h",
@@ -114,6 +115,9 @@ _CUDA_HEADERS = [
     "cuda/gspn_lanes_kernels.h",
     "cuda/gspn_attention_kernels.h",
     "cuda/gspn_cuda_plan.h",
+    "cuda/gspn_cuda_launch.h",
+    "cuda/gspn_norm_kernels.h",
+    "cuda/gspn_norm_plan.h",
 ]
 
 
