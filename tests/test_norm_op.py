@@ -131,6 +131,24 @@ def test_backends():
         g.sum().backward()
 
 
+def test_auto_resolves_per_device_type(monkeypatch):
+    """"auto" is the op on the CPU and, on CUDA, :data:`CUDA_NORM_DEFAULT` ("planes": the modules
+    composed, until a GPU run shows the CUDA kernels correct); flipping that constant flips it."""
+    from gspn_lightning.ops import _backend
+
+    monkeypatch.delenv("GSPN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "kernel_available", lambda device: True)  # as if a CUDA build loaded
+    monkeypatch.setattr(_backend, "_has_kernel", lambda op, key: True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _backend.CUDA_NORM_DEFAULT == "planes"
+    assert _backend.resolve_norm_backend(None, cpu) == _backend.resolve_norm_backend("auto", cpu) == "kernel"
+    assert _backend.resolve_norm_backend("auto", cuda) == "planes"
+    for backend in ("kernel", "planes", "reference"):
+        assert _backend.resolve_norm_backend(backend, cuda) == backend
+    monkeypatch.setattr(_backend, "CUDA_NORM_DEFAULT", "kernel")
+    assert _backend.resolve_norm_backend("auto", cuda) == "kernel"
+
+
 def test_compiles_with_fullgraph():
     ln, grn = modules(9)
     y = torch.randn(2, 9, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)

@@ -74,13 +74,17 @@ void norm_forward_cpu(const NormArgs& a, NormOutputs& o) {
   const acc_t eps = static_cast<acc_t>(a.eps);
   std::vector<acc_t> q_part(a.B * t.tiles * C, acc_t(0));
   for_tiles(a, t, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-    acc_t* q = q_part.data() + task * C;
+    acc_t* __restrict__ q = q_part.data() + task * C;
+    const acc_t* __restrict__ wc = w.data();
+    const acc_t* __restrict__ bc = bb.data();
     for (int64_t p = p0; p < p1; ++p) {
-      const scalar_t* yp = y + (b * a.HW + p) * C;
+      const scalar_t* __restrict__ yp = y + (b * a.HW + p) * C;
       acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < C; ++c) sum += static_cast<acc_t>(yp[c]);
       const acc_t mu = sum / static_cast<acc_t>(C);
       acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
       for (int64_t c = 0; c < C; ++c) {
         const acc_t d = static_cast<acc_t>(yp[c]) - mu;
         sq += d * d;
@@ -89,7 +93,7 @@ void norm_forward_cpu(const NormArgs& a, NormOutputs& o) {
       mean[b * a.HW + p] = mu;
       rstd[b * a.HW + p] = r;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t z = (static_cast<acc_t>(yp[c]) - mu) * r * w[c] + bb[c];
+        const acc_t z = (static_cast<acc_t>(yp[c]) - mu) * r * wc[c] + bc[c];
         q[c] += z * z;
       }
     }
@@ -107,14 +111,18 @@ void norm_forward_cpu(const NormArgs& a, NormOutputs& o) {
   }
   scalar_t* out = o.out.mutable_data_ptr<scalar_t>();
   for_tiles(a, t, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    const acc_t* sb = s.data() + b * C;
+    const acc_t* __restrict__ sb = s.data() + b * C;
+    const acc_t* __restrict__ wc = w.data();
+    const acc_t* __restrict__ bc = bb.data();
+    const acc_t* __restrict__ be = beta.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = b * a.HW + p;
-      const scalar_t* yp = y + i * C;
-      scalar_t* op = out + i * C;
+      const scalar_t* __restrict__ yp = y + i * C;
+      scalar_t* __restrict__ op = out + i * C;
+      const acc_t mu = mean[i], r = rstd[i];
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t z = (static_cast<acc_t>(yp[c]) - mean[i]) * rstd[i] * w[c] + bb[c];
-        op[c] = static_cast<scalar_t>(z * sb[c] + beta[c]);
+        const acc_t z = (static_cast<acc_t>(yp[c]) - mu) * r * wc[c] + bc[c];
+        op[c] = static_cast<scalar_t>(z * sb[c] + be[c]);
       }
     }
   });
@@ -140,14 +148,17 @@ NormGrads norm_backward_cpu(const NormArgs& a, const at::Tensor& grad, const at:
   at::Tensor part1 = at::zeros({tasks, 2, C}, acc_opts);
   acc_t* p1 = part1.mutable_data_ptr<acc_t>();
   for_tiles(a, t, [&](int64_t task, int64_t b, int64_t q0, int64_t q1) {
-    acc_t* ds = p1 + task * 2 * C;
-    acc_t* db = ds + C;
+    acc_t* __restrict__ ds = p1 + task * 2 * C;
+    acc_t* __restrict__ db = ds + C;
+    const acc_t* __restrict__ wc = w.data();
+    const acc_t* __restrict__ bc = bb.data();
     for (int64_t p = q0; p < q1; ++p) {
       const int64_t i = b * a.HW + p;
-      const scalar_t* yp = y + i * C;
-      const scalar_t* gp = go + i * C;
+      const scalar_t* __restrict__ yp = y + i * C;
+      const scalar_t* __restrict__ gp = go + i * C;
+      const acc_t mu = mean[i], r = rstd[i];
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t z = (static_cast<acc_t>(yp[c]) - mean[i]) * rstd[i] * w[c] + bb[c];
+        const acc_t z = (static_cast<acc_t>(yp[c]) - mu) * r * wc[c] + bc[c];
         const acc_t d = static_cast<acc_t>(gp[c]);
         ds[c] += d * z;
         db[c] += d;
@@ -183,20 +194,26 @@ NormGrads norm_backward_cpu(const NormArgs& a, const at::Tensor& grad, const at:
   at::Tensor part2 = at::zeros({tasks, 2, C}, acc_opts);
   acc_t* p2 = part2.mutable_data_ptr<acc_t>();
   for_tiles(a, t, [&](int64_t task, int64_t b, int64_t q0, int64_t q1) {
-    acc_t* dw = p2 + task * 2 * C;
-    acc_t* db = dw + C;
-    const acc_t* sb = st.data() + b * 2 * C;
-    const acc_t* tb = sb + C;
-    std::vector<acc_t> zhat(C), dzhat(C);
+    acc_t* __restrict__ dw = p2 + task * 2 * C;
+    acc_t* __restrict__ db = dw + C;
+    const acc_t* __restrict__ sb = st.data() + b * 2 * C;
+    const acc_t* __restrict__ tb = sb + C;
+    const acc_t* __restrict__ wc = w.data();
+    const acc_t* __restrict__ bc = bb.data();
+    std::vector<acc_t> zhat_v(C), dzhat_v(C);
+    acc_t* __restrict__ zhat = zhat_v.data();
+    acc_t* __restrict__ dzhat = dzhat_v.data();
     for (int64_t p = q0; p < q1; ++p) {
       const int64_t i = b * a.HW + p;
-      const scalar_t* yp = y + i * C;
-      const scalar_t* gp = go + i * C;
+      const scalar_t* __restrict__ yp = y + i * C;
+      const scalar_t* __restrict__ gp = go + i * C;
+      const acc_t mu = mean[i], r = rstd[i];
       acc_t m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t zh = (static_cast<acc_t>(yp[c]) - mean[i]) * rstd[i];
-        const acc_t dz = static_cast<acc_t>(gp[c]) * sb[c] + (zh * w[c] + bb[c]) * tb[c];
-        const acc_t dzh = dz * w[c];
+        const acc_t zh = (static_cast<acc_t>(yp[c]) - mu) * r;
+        const acc_t dz = static_cast<acc_t>(gp[c]) * sb[c] + (zh * wc[c] + bc[c]) * tb[c];
+        const acc_t dzh = dz * wc[c];
         dw[c] += dz * zh;
         db[c] += dz;
         m1 += dzh;
@@ -206,8 +223,8 @@ NormGrads norm_backward_cpu(const NormArgs& a, const at::Tensor& grad, const at:
       }
       m1 /= static_cast<acc_t>(C);
       m2 /= static_cast<acc_t>(C);
-      scalar_t* dp = dyp + i * C;
-      for (int64_t c = 0; c < C; ++c) dp[c] = static_cast<scalar_t>(ln_input_grad(dzhat[c], zhat[c], rstd[i], m1, m2));
+      scalar_t* __restrict__ dp = dyp + i * C;
+      for (int64_t c = 0; c < C; ++c) dp[c] = static_cast<scalar_t>(ln_input_grad(dzhat[c], zhat[c], r, m1, m2));
     }
   });
   return {dy, param_grad(part2.select(1, 0), a), param_grad(part2.select(1, 1), a), param_grad(dgamma_part, a),
