@@ -149,6 +149,19 @@ def test_auto_resolves_per_device_type(monkeypatch):
     assert _backend.resolve_norm_backend("auto", cuda) == "kernel"
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_opcheck(channels_last):
+    """The registration (schema, fake implementation with the kernel's strides, autograd) passes
+    ``torch.library.opcheck``."""
+    ln, grn = modules(6, seed=6, dtype=torch.float32)
+    y = torch.randn(2, 6, 5, 3)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    ps = [p.detach().reshape(-1).clone().requires_grad_() for p in params(ln, grn)]
+    op = torch.ops.gspn_lightning.layer_norm_grn_fwd.default
+    torch.library.opcheck(op, (y.requires_grad_(), *ps, 1e-6, 1e-6))
+
+
 def test_compiles_with_fullgraph():
     ln, grn = modules(9)
     y = torch.randn(2, 9, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
