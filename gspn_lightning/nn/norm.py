@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import layer_norm_grn
-from ..ops._backend import resolve_norm_backend
+from ..ops import layer_norm_grn, layer_norm_grn_selected
 
 __all__ = ["GRN", "LayerNorm2d", "grn", "norm_grn"]
 
@@ -162,11 +161,11 @@ class GRN(nn.Module):
 def norm_grn(norm: LayerNorm2d, grn: GRN, y: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``grn(norm(y))`` for a ``(B, C, H, W)`` map, with the modules' parameters: the fused op
     (:func:`gspn_lightning.ops.layer_norm_grn`, channels-last output in ``y``'s dtype) where
-    :func:`~gspn_lightning.ops._backend.resolve_norm_backend` gives ``"kernel"`` (``backend=None``:
-    ``$GSPN_BACKEND``, default ``"auto"``: the kernel on the CPU, the composition on CUDA for now), else
+    :func:`~gspn_lightning.ops.layer_norm_grn_selected` says so (``backend=None``: ``$GSPN_BACKEND``,
+    default ``"auto"``: the kernel on the CPU, the composition on CUDA for now), else
     the two modules composed.  Same value and gradients either way (to rounding: the op also keeps the
     normalised map in float32 between the two, where the composition rounds it to a 16-bit ``y``'s
     dtype)."""
-    if norm.weight is None or resolve_norm_backend(backend, y.device) != "kernel":
+    if norm.weight is None or not layer_norm_grn_selected(backend, y.device):
         return grn(norm(y))
     return layer_norm_grn(y, norm.weight, norm.bias, grn.gamma, grn.beta, norm.eps, grn.eps)

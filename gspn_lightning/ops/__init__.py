@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ._backend import kernel_available
 from .attention import attention_planes, attention_reference, gspn_attention
-from .norm import layer_norm_grn
+from .norm import layer_norm_grn, layer_norm_grn_selected
 from .propagate import (
     GATE_FIELDS,
     gspn_propagate,
@@ -48,6 +48,7 @@ __all__ = [
     "gspn_scan",
     "kernel_available",
     "layer_norm_grn",
+    "layer_norm_grn_selected",
     "normalize_gates",
     "project_gates",
     "propagate_proj_reference",

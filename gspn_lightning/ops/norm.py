@@ -27,11 +27,20 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import kernel_available
+from ._backend import kernel_available, resolve_norm_backend
 
-__all__ = ["layer_norm_grn"]
+__all__ = ["layer_norm_grn", "layer_norm_grn_selected"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def layer_norm_grn_selected(backend: str | None, device: torch.device) -> bool:
+    """Whether ``backend`` (``None``: ``$GSPN_BACKEND``, default ``"auto"``) runs the mixer's LayerNorm
+    + GRN as this op on ``device`` (:func:`~gspn_lightning.ops._backend.resolve_norm_backend`:
+    ``"kernel"``, or ``"auto"`` on the CPU and, once :data:`~gspn_lightning.ops._backend.CUDA_NORM_DEFAULT` says so, on CUDA) rather
+    than as the two modules composed (``"planes"``, ``"reference"``); raises if ``"kernel"`` is asked for
+    and unavailable."""
+    return resolve_norm_backend(backend, device) == "kernel"
 
 
 def layer_norm_grn(
@@ -45,8 +54,7 @@ def layer_norm_grn(
 ) -> torch.Tensor:
     """LayerNorm over the channels, then GRN, of ``y`` ``(B, C, H, W)`` by the compiled op (see the
     module docstring); differentiable in ``y`` and the four parameters.  Raises if the kernel for
-    ``y``'s device is unavailable (callers choose it with
-    :func:`~gspn_lightning.ops._backend.resolve_norm_backend`)."""
+    ``y``'s device is unavailable (callers choose it with :func:`layer_norm_grn_selected`)."""
     if y.dim() != 4:
         raise ValueError(f"y must be (B, C, H, W), got shape {tuple(y.shape)}")
     if not kernel_available(y.device):
