@@ -33,4 +33,14 @@ TORCH_LIBRARY(gspn_lightning, m) {
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor proxy, Tensor weight, Tensor bias, "
         "Tensor merge, Tensor u_bias, str[] directions, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");
+  // LayerNorm over the channels of each pixel, then GRN, of the mixer's merged map y (B, C, H, W) (gspn_norm.h):
+  //   out = z (1 + gamma g / (mean_c g + grn_eps)) + beta,   z = layer_norm(y; weight, bias, eps),
+  //   g = ||z||_2 over the pixels per (batch, channel).
+  // Also returns what the backward needs: per-pixel mean and rstd (B, H, W), g (B, C), in float32 for
+  // 16-bit maps.  The parameters (C,) have y's dtype or its accumulation dtype; out is channels-last.
+  m.def("layer_norm_grn_fwd(Tensor y, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, float eps, "
+        "float grn_eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of y, weight, bias, gamma and beta given dL/dout (recomputes the normalised map).
+  m.def("layer_norm_grn_bwd(Tensor grad_out, Tensor y, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
+        "Tensor mean, Tensor rstd, Tensor gnorm, float grn_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

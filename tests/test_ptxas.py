@@ -48,6 +48,16 @@ HOT_KERNELS: dict[str, tuple[str, ...]] = {
         r"tile_fwd_kernel<(c10::BFloat16|c10::Half|float), float, (8|0)>",
         r"tile_attn_fwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
     ),
+    # the mixer's fused LayerNorm + GRN (every layer, both passes), parameters in the map's dtype or
+    # float32 (autocast)
+    "cuda/gspn_norm_cuda.cu": (
+        r"norm_stats_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grn_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"norm_apply_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grad_stats_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+        r"norm_grn_grad_kernel<(c10::BFloat16|c10::Half|float), float>",
+        r"norm_grad_apply_kernel<(c10::BFloat16|c10::Half|float), (c10::BFloat16|c10::Half|float), float>",
+    ),
 }
 
 #: Architectures compiled, one nvcc call each (the list CI builds the extension for, .ci/run).

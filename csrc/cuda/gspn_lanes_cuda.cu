@@ -8,36 +8,20 @@
 // for proxies of more than kMaxLaneS (16) channels, the per-plane propagate kernels
 // (gspn_propagate_cuda.cu) on materialised logits.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "gspn_cuda.h"
+#include "gspn_cuda_launch.h"
 #include "gspn_cuda_plan.h"
 
 namespace gspn {
 namespace {
-
-// kernel<<<grid, block, shared_bytes, current stream>>>(args...), opting into more than 48 KB of
-// dynamic shared memory where the plan asks for it.
-struct CudaLaunch {
-  template <typename... Params, typename... Args>
-  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) const {
-    if (shared_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    }
-    kernel<<<grid, block, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 // GSPN_CUDA_FORWARD=lanes / tile picks the forward kernel of chunked layers (gspn_cuda_plan.h
 // ForwardKernel; unset or anything else: the dispatch rule), read at every call: for side-by-side

@@ -15,14 +15,16 @@ Data flow for an input ``(B, dim, H, W)``, ``E = d_inner``, ``S = d_state``, ``K
                                                          (the projection g, the loop and the merge: one
                                                          fused op, gspn_propagate_proj, unless fused=False)
     out = out_proj(GRN(LayerNorm(y)))                    (B, dim, H, W)
+                                                         (LayerNorm + GRN: one fused op, layer_norm_grn,
+                                                         where the backend gives it; see nn/norm.py)
 
 With GSPN-2's compact propagation (``d_prop = E' < E``) the propagation runs on ``prop_down(x)``
 (1x1, ``E -> E'``) with ``K*6*E'`` gate maps, and ``y = prop_up(...)`` (1x1, ``E' -> E``) lifts it back.
 
 Every step keeps the input's memory format, and the layer is written for channels-last maps (what the
-token layout ``(B, N, C)`` is, and what the models feed it): the convolutions keep it, LayerNorm
-normalises a ``(B, H, W, C)`` view, GRN reduces and scales in place of copies, and no float32 map is
-made for a 16-bit input outside the propagation op (see :mod:`gspn_lightning.nn.norm`).  The forward
+token layout ``(B, N, C)`` is, and what the models feed it): the convolutions keep it, the fused
+LayerNorm + GRN op reads and writes channels-last (as do the two modules where they run instead), and
+no float32 map is made for a 16-bit input outside the ops (see :mod:`gspn_lightning.nn.norm`).  The forward
 has no host syncs and no value-dependent shapes, so it can be captured in a CUDA graph (docs/design.md,
 "The GSPN mixer").
 
@@ -69,7 +71,7 @@ from ..ops import (
     propagate_reference,
 )
 from .conv import DepthwiseConv2d
-from .norm import GRN, LayerNorm2d
+from .norm import GRN, LayerNorm2d, norm_grn
 
 __all__ = ["GATE_FIELDS", "GSPNMixer", "GSPNTokenMixer", "MixerOptions", "check_scan_options"]
 
@@ -322,7 +324,7 @@ class GSPNMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, dim, H, W) -> (B, dim, H, W)``."""
-        return self.out_proj(self.grn(self.norm(self.propagate(x))))
+        return self.out_proj(norm_grn(self.norm, self.grn, self.propagate(x), backend=self.backend))
 
 
 class GSPNTokenMixer(GSPNMixer):

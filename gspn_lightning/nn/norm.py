@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRN", "LayerNorm2d", "grn"]
+from ..ops import layer_norm_grn, layer_norm_grn_selected
+
+__all__ = ["GRN", "LayerNorm2d", "grn", "norm_grn"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -154,3 +156,16 @@ class GRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grn(x, self.gamma, self.beta, self.eps)
+
+
+def norm_grn(norm: LayerNorm2d, grn: GRN, y: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``grn(norm(y))`` for a ``(B, C, H, W)`` map, with the modules' parameters: the fused op
+    (:func:`gspn_lightning.ops.layer_norm_grn`, channels-last output in ``y``'s dtype) where
+    :func:`~gspn_lightning.ops.layer_norm_grn_selected` says so (``backend=None``: ``$GSPN_BACKEND``,
+    default ``"auto"``: the kernel on the CPU, the composition on CUDA for now), else
+    the two modules composed.  Same value and gradients either way (to rounding: the op also keeps the
+    normalised map in float32 between the two, where the composition rounds it to a 16-bit ``y``'s
+    dtype)."""
+    if norm.weight is None or not layer_norm_grn_selected(backend, y.device):
+        return grn(norm(y))
+    return layer_norm_grn(y, norm.weight, norm.bias, grn.gamma, grn.beta, norm.eps, grn.eps)

@@ -9,7 +9,8 @@ Backends: ``"kernel"`` (the JIT-built C++/CUDA kernels, registered with ``torch.
 ``"reference"`` (pure PyTorch, :func:`scan_reference`).  ``gspn_propagate`` (in :mod:`.propagate`) is the
 mixer's whole propagation, four directions with gate normalisation and merge, as one fused op;
 ``gspn_propagate_proj`` the same with the low-rank gate projection fused in as well;
-``gspn_attention`` (in :mod:`.attention`) the SD-XL swap's normalised GSPN attention, fused.  ``backend=None`` reads ``$GSPN_BACKEND``
+``gspn_attention`` (in :mod:`.attention`) the SD-XL swap's normalised GSPN attention, fused;
+``layer_norm_grn`` (in :mod:`.norm`) the mixer's LayerNorm + GRN after the merge, fused.  ``backend=None`` reads ``$GSPN_BACKEND``
 (default ``"auto"``: the kernel where it is available for the tensors' device, else the reference with
 one warning).  The package imports and works without a C++ compiler, only slower.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from ._backend import kernel_available
 from .attention import attention_planes, attention_reference, gspn_attention
+from .norm import layer_norm_grn, layer_norm_grn_selected
 from .propagate import (
     GATE_FIELDS,
     gspn_propagate,
@@ -45,6 +47,8 @@ __all__ = [
     "gspn_propagate_proj",
     "gspn_scan",
     "kernel_available",
+    "layer_norm_grn",
+    "layer_norm_grn_selected",
     "normalize_gates",
     "project_gates",
     "propagate_proj_reference",

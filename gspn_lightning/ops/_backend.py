@@ -6,7 +6,8 @@ available for the tensors' device, else the reference with one warning per devic
 ``"kernel"`` (its own op, ``propagate_proj_fwd``, which projects the gate logits on the fly) and
 ``"planes"`` (the logits materialised by one 1x1 convolution, then the per-plane fused
 ``propagate_fwd`` kernel: the CUDA path the new kernel replaces, kept selectable to compare against).
-On CUDA ``"auto"`` resolves to :data:`CUDA_PROJ_DEFAULT`.  The other ops have one compiled path each,
+On CUDA ``"auto"`` resolves to :data:`CUDA_PROJ_DEFAULT` (the mixer's LayerNorm + GRN likewise, by
+:func:`resolve_norm_backend`: the fused op or the modules' composition).  The other ops have one compiled path each,
 the per-plane kernel, so for them ``"planes"`` means ``"kernel"`` (one ``$GSPN_BACKEND=planes``
 selects the per-plane kernels throughout a model)."""
 
@@ -31,6 +32,11 @@ CUDA_PROJ_DEFAULT = "planes"
 #: composition, :func:`~gspn_lightning.ops.attention.attention_planes`) until a GPU run has shown a CUDA
 #: kernel behind ``attention_fwd`` correct.
 CUDA_ATTENTION_DEFAULT = "planes"
+
+#: What ``backend="auto"`` (or ``None``) gives the mixer's LayerNorm + GRN on CUDA tensors: "planes"
+#: (the composition of the two modules, the former path) until a GPU run has shown the CUDA kernel
+#: behind ``layer_norm_grn_fwd`` correct.
+CUDA_NORM_DEFAULT = "planes"
 
 _warned_fallback: set[str] = set()
 
@@ -128,3 +134,11 @@ def resolve_attention_backend(backend: str | None, device: torch.device) -> str:
     :data:`CUDA_ATTENTION_DEFAULT` on CUDA and ``"kernel"`` elsewhere (the reference where nothing is
     compiled); raises if a compiled path was asked for and is unavailable."""
     return _resolve_two_paths(backend, device, "CUDA_ATTENTION_DEFAULT", "attention_fwd")
+
+
+def resolve_norm_backend(backend: str | None, device: torch.device) -> str:
+    """``"kernel"`` (the fused ``layer_norm_grn`` op), ``"planes"`` or ``"reference"`` (both: the
+    LayerNorm2d and GRN modules composed, the former path) for the mixer's LayerNorm + GRN on
+    ``device``: ``"auto"`` is :data:`CUDA_NORM_DEFAULT` on CUDA and ``"kernel"`` elsewhere; raises if
+    the kernel was asked for and is unavailable."""
+    return _resolve_two_paths(backend, device, "CUDA_NORM_DEFAULT", "layer_norm_grn_fwd")

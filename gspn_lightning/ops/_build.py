@@ -63,16 +63,20 @@ _CPU_SOURCES = [
     "cpu/gspn_propagate_cpu.cpp",
     "cpu/gspn_propagate_proj_cpu.cpp",
     "cpu/gspn_attention_cpu.cpp",
+    "cpu/gspn_norm_cpu.cpp",
 ]
 _CUDA_SOURCES = [
     "cuda/gspn_cuda.cpp",
     "cuda/gspn_cuda.cu",
     "cuda/gspn_propagate_cuda.cu",
     "cuda/gspn_lanes_cuda.cu",
+    "cuda/gspn_norm_cuda.cu",
 ]
 _HEADERS = [
     "gspn_step.h",
     "gspn_layout.h",
+    "gspn_norm.h",
+    "gspn_norm_args.h",
     "cpu/gspn_propagate_common.h",
     "cpu/gspn_transpose.h",
     "cuda/gspn_cuda.h",
@@ -112,6 +116,9 @@ _CUDA_HEADERS = [
     "cuda/gspn_attention_kernels.h",
     "cuda/gspn_tile_kernels.h",
     "cuda/gspn_cuda_plan.h",
+    "cuda/gspn_cuda_launch.h",
+    "cuda/gspn_norm_kernels.h",
+    "cuda/gspn_norm_plan.h",
 ]
 
 

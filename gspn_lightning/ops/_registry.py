@@ -3,7 +3,8 @@
 The schemas and the CPU/CUDA kernels come from the C++ extensions (``csrc/gspn_ops.cpp`` and the
 kernel files under ``csrc/cpu`` and ``csrc/cuda``); this module adds what lets ``torch.compile`` trace
 the op (fake tensors) and what lets autograd differentiate it (the backward is another op,
-``scan_bwd``).
+``scan_bwd``).  ``layer_norm_grn_fwd`` (the mixer's LayerNorm + GRN) returns its output channels-last
+with its statistics, which it saves for its backward (outputs without gradients).
 The fake tensors have the kernels' strides: ``propagate_proj``'s CUDA kernels
 (``csrc/cuda/gspn_lanes_kernels.h``) return ``y``, ``dx`` and ``dproxy`` channels-last, every other
 output is contiguous.  Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
@@ -86,6 +87,44 @@ def _fused_backward(bwd_op: str):
     return backward
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fake_norm_fwd(y, weight, bias, gamma, beta, eps, grn_eps):
+    """``layer_norm_grn_fwd``: out channels-last, the statistics in the accumulation dtype."""
+    B, C, H, W = y.shape
+    acc = _acc_dtype(y.dtype)
+    return (
+        torch.empty_like(y, memory_format=torch.channels_last),
+        y.new_empty((B, H, W), dtype=acc),
+        y.new_empty((B, H, W), dtype=acc),
+        y.new_empty((B, C), dtype=acc),
+    )
+
+
+def _fake_norm_bwd(grad_out, y, weight, bias, gamma, beta, mean, rstd, gnorm, grn_eps):
+    return (
+        torch.empty_like(y, memory_format=torch.channels_last),
+        *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (weight, bias, gamma, beta)),
+    )
+
+
+def _setup_norm(ctx, inputs, output):
+    """The norm op saves its input and its small statistics (never the normalised map, which its
+    backward recomputes); the statistics are outputs without gradients."""
+    y, weight, bias, gamma, beta, _eps, grn_eps = inputs
+    _out, mean, rstd, gnorm = output
+    ctx.save_for_backward(y, weight, bias, gamma, beta, mean, rstd, gnorm)
+    ctx.grn_eps = grn_eps
+    ctx.mark_non_differentiable(mean, rstd, gnorm)
+
+
+def _norm_backward(ctx, grad_out, *_stats):
+    grads = torch.ops.gspn_lightning.layer_norm_grn_bwd(grad_out, *ctx.saved_tensors, ctx.grn_eps)
+    return (*grads, None, None)
+
+
 def _setup_bwd_context(ctx, inputs, output):
     pass
 
@@ -114,6 +153,7 @@ def register() -> None:
             _fused_backward("propagate_proj_bwd"),
         ),
         ("attention", _fake_fwd, _fake_fused_bwd, _setup_fused, _fused_backward("attention_bwd")),
+        ("layer_norm_grn", _fake_norm_fwd, _fake_norm_bwd, _setup_norm, _norm_backward),
     ):
         torch.library.register_fake(f"gspn_lightning::{op}_fwd")(fake_fwd)
         torch.library.register_fake(f"gspn_lightning::{op}_bwd")(fake_bwd)

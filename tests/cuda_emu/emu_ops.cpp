@@ -1,7 +1,8 @@
 // The CUDA kernels of csrc/cuda, executed on the CPU under the host emulation (cuda_host_emu.h), as
 // torch ops `torch.ops.gspn_cuda_emu.*` on CPU tensors: the scan and the per-plane fused propagation
 // in float32 and float64, the channels-last propagate_proj kernels in every dtype the CUDA op takes
-// (c10::BFloat16 and c10::Half are plain host types; the kernels use no 16-bit intrinsics).
+// (c10::BFloat16 and c10::Half are plain host types; the kernels use no 16-bit intrinsics), and the
+// fused LayerNorm + GRN likewise.
 //
 // Each op does what the CUDA binding and launcher do (gspn_cuda.cpp, gspn_cuda.cu,
 // gspn_propagate_cuda.cu, gspn_lanes_cuda.cu): the same layout code (gspn_layout.h), the same launch
@@ -25,12 +26,14 @@
 #define __CUDA_ARCH__ 900
 #include "cuda/gspn_attention_kernels.h"
 #include "cuda/gspn_lanes_kernels.h"
+#include "cuda/gspn_norm_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
 #include "cuda/gspn_tile_kernels.h"
 #undef __CUDA_ARCH__
 
 #include "cuda/gspn_cuda_plan.h"
+#include "cuda/gspn_norm_plan.h"
 
 #include "emu_selftest.h"
 
@@ -334,6 +337,38 @@ std::vector<int64_t> tile_plan_info(const at::Tensor& x, int64_t S, std::vector<
 
 }  // namespace gspn_emu
 
+namespace gspn_emu {
+
+// ---- the fused LayerNorm + GRN (gspn_norm_kernels.h, bound in gspn_norm_cuda.cu) ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_grn_fwd(
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps, double grn_eps, int64_t target_ctas) {
+  return gspn::norm_cuda_fwd(y, weight, bias, gamma, beta, eps, grn_eps, EmuLaunch{}, target_ctas);
+}
+
+gspn::NormGrads layer_norm_grn_bwd(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& weight,
+                                   const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
+                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gnorm,
+                                   double grn_eps, int64_t target_ctas) {
+  return gspn::norm_cuda_bwd(grad_out, y, weight, bias, gamma, beta, mean, rstd, gnorm, grn_eps, EmuLaunch{},
+                             target_ctas);
+}
+
+// (tiles, pixels per tile, warps, shared bytes) of the pixel kernels' launch for y, the forward's
+// (values = 1) or the backward's (values = 2), for the tests.
+std::vector<int64_t> layer_norm_grn_plan(const at::Tensor& y, int64_t values, int64_t target_ctas) {
+  std::vector<int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gspn_norm_plan", [&] {
+    const auto p = gspn::norm_cuda::plan_norm_launch<at::opmath_type<scalar_t>>(
+        y.size(0), y.size(1), y.size(2) * y.size(3), 1e-6, 1e-6, static_cast<int>(values), target_ctas);
+    out = {p.geo.tiles, p.geo.tile, p.warps, static_cast<int64_t>(p.shared_bytes)};
+  });
+  return out;
+}
+
+}  // namespace gspn_emu
+
 TORCH_LIBRARY(gspn_cuda_emu, m) {
   m.def("tile_plan", &gspn_emu::tile_plan_info);
   m.def("scan_fwd", &gspn_emu::scan_fwd);
@@ -348,5 +383,8 @@ TORCH_LIBRARY(gspn_cuda_emu, m) {
   m.def("attention_fwd", &gspn_emu::attention_fwd);
   m.def("attention_bwd", &gspn_emu::attention_bwd);
   m.def("attention_plan", &gspn_emu::attention_plan_info);
+  m.def("layer_norm_grn_fwd", &gspn_emu::layer_norm_grn_fwd);
+  m.def("layer_norm_grn_bwd", &gspn_emu::layer_norm_grn_bwd);
+  m.def("layer_norm_grn_plan", &gspn_emu::layer_norm_grn_plan);
   gspn_emu::register_selftests(m);
 }

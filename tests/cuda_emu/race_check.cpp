@@ -15,6 +15,7 @@
 #define __CUDA_ARCH__ 900
 #include "cuda/gspn_attention_kernels.h"
 #include "cuda/gspn_lanes_kernels.h"
+#include "cuda/gspn_norm_kernels.h"
 #include "cuda/gspn_propagate_kernels.h"
 #include "cuda/gspn_scan_kernels.h"
 #include "cuda/gspn_tile_kernels.h"
@@ -188,6 +189,34 @@ void tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S, 
               static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
               static_cast<long long>(W), static_cast<long long>(S), static_cast<long long>(chunk), states, p.geo.G,
               p.geo.P, p.grid[0], static_cast<long long>(p.geo.TH), static_cast<long long>(p.geo.TW));
+
+// The fused LayerNorm + GRN, forward and backward (float, parameters float), with its plan.
+void layer_norm_grn(int64_t B, int64_t C, int64_t H, int64_t W, int64_t ctas, std::mt19937& rng) {
+  using namespace gspn::norm_cuda;
+  const int64_t HW = H * W, n = B * HW * C;
+  Buffer y(n, rng), go(n, rng), w(C, rng), b(C, rng), gamma(C, rng), beta(C, rng), mean(B * HW, rng),
+      rstd(B * HW, rng), out(n, rng), dy(n, rng), gnorm(B * C, rng), scale(B * C, rng), st(B * 2 * C, rng),
+      gb(B * 2 * C, rng);
+  const NormPlan f = plan_norm_launch<float>(B, C, HW, 1e-6, 1e-6, 1, ctas);
+  const NormPlan g = plan_norm_launch<float>(B, C, HW, 1e-6, 1e-6, 2, ctas);
+  Buffer q(B * f.geo.tiles * C, rng), part1(B * g.geo.tiles * 2 * C, rng), part2(B * g.geo.tiles * 2 * C, rng);
+  const dim3 fg(f.geo.tiles, B), fb(kNormWarp, f.warps), gg(g.geo.tiles, B), gbk(kNormWarp, g.warps);
+  cuda_emu::launch(norm_stats_kernel<float, float, float>, fg, fb, f.shared_bytes, y.ptr(), w.ptr(), b.ptr(),
+                   mean.ptr(), rstd.ptr(), q.ptr(), f.geo);
+  cuda_emu::launch(norm_grn_kernel<float, float>, dim3(B), dim3(kNormFinalThreads), 0, q.ptr(), gamma.ptr(),
+                   gnorm.ptr(), scale.ptr(), f.geo);
+  cuda_emu::launch(norm_apply_kernel<float, float, float>, fg, fb, 0, y.ptr(), w.ptr(), b.ptr(), beta.ptr(),
+                   mean.ptr(), rstd.ptr(), scale.ptr(), out.ptr(), f.geo);
+  cuda_emu::launch(norm_grad_stats_kernel<float, float, float>, gg, gbk, g.shared_bytes, go.ptr(), y.ptr(), w.ptr(),
+                   b.ptr(), mean.ptr(), rstd.ptr(), part1.ptr(), g.geo);
+  cuda_emu::launch(norm_grn_grad_kernel<float, float>, dim3(B), dim3(kNormFinalThreads), 0, part1.ptr(), gnorm.ptr(),
+                   gamma.ptr(), st.ptr(), gb.ptr(), g.geo);
+  cuda_emu::launch(norm_grad_apply_kernel<float, float, float>, gg, gbk, g.shared_bytes, go.ptr(), y.ptr(), w.ptr(),
+                   b.ptr(), mean.ptr(), rstd.ptr(), st.ptr(), dy.ptr(), part2.ptr(), g.geo);
+  std::printf("layer_norm_grn %lldx%lldx%lldx%lld: %lld tiles of %lld pixels, %d / %d warps\n",
+              static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+              static_cast<long long>(W), static_cast<long long>(g.geo.tiles), static_cast<long long>(g.geo.tile),
+              f.warps, g.warps);
 }
 
 }  // namespace
@@ -211,5 +240,7 @@ int main() {
   attention(1, 5, 2, 300, 0, 8, 264, rng);  // the line buffers in the global workspace (backward)
   tile(1, 19, 17, 18, 2, 8, 1, 1, rng);    // 2 x 2 tiles (halos inside the map), 32 lanes, masked ones
   tile(2, 5, 9, 7, 3, 3, 2, 264, rng);     // attention: one tile, 8 lanes, a short last chunk
+  layer_norm_grn(2, 45, 7, 5, 3, rng);    // 8 warps, several pixels per warp, channels past a warp
+  layer_norm_grn(1, 3000, 1, 3, 264, rng);  // fewer warps per CTA
   return 0;
 }
