@@ -89,6 +89,16 @@ def test_tasks_sharing_a_batch_element(chunk, dtype, two_torch_threads):
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (1, 5, 40, 41)], ids=str)
+def test_proxy_gradient_on_both_sides_of_the_lane_sum_threshold(shape):
+    """The CPU backward keeps dL/dproxy per lane and pixel (summed over the lanes once per batch
+    element) while those sums fit kLaneProxyBytes, and sums over the lanes per pixel at once on larger
+    grids: a small grid takes the first path and a 40 x 41 one the second on every instruction set, with
+    a chunk (first lines whose tap logits are skipped) and every direction."""
+    ins = rand_proj_inputs(shape, 3, DIRECTIONS, seed=21)
+    check_against_reference(ins, DIRECTIONS, 2, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("directions", [("l2r",), ("r2l", "b2t")], ids="-".join)
 @pytest.mark.parametrize("shape", [(2, 10, 18, 35), (1, 9, 37, 17)], ids=str)
 def test_column_directions_on_planes_wider_than_a_transpose_block(shape, directions):
