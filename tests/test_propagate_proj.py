@@ -89,6 +89,16 @@ def test_tasks_sharing_a_batch_element(chunk, dtype, two_torch_threads):
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (1, 5, 40, 41)], ids=str)
+def test_proxy_gradient_on_both_sides_of_the_lane_sum_threshold(shape):
+    """The CPU backward keeps dL/dproxy per lane and pixel (summed over the lanes once per batch
+    element) while those sums fit kLaneProxyBytes, and sums over the lanes per pixel at once on larger
+    grids: a small grid takes the first path and a 40 x 41 one the second on every instruction set, with
+    a chunk (first lines whose tap logits are skipped) and every direction."""
+    ins = rand_proj_inputs(shape, 3, DIRECTIONS, seed=21)
+    check_against_reference(ins, DIRECTIONS, 2, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("directions", [("l2r",), ("r2l", "b2t")], ids="-".join)
 @pytest.mark.parametrize("shape", [(2, 10, 18, 35), (1, 9, 37, 17)], ids=str)
 def test_column_directions_on_planes_wider_than_a_transpose_block(shape, directions):
@@ -162,12 +172,18 @@ def test_torch_compile_fullgraph():
     def f(x, proxy, weight, bias, merge):
         return gspn_propagate_proj(x, proxy * 2, weight, bias, merge, DIRECTIONS, 2, backend="kernel").square()
 
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
     eager = f(*ins)
-    out = torch.compile(f, fullgraph=True)(*ins)
-    torch.testing.assert_close(out, eager)
-    go = torch.ones_like(out)
-    for name, a, b in zip(NAMES, grads(out, ins, go), grads(eager, ins, go)):
-        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad {n}: {m}")
+    # compiled afresh: inductor's on-disk caches key a graph without the op's fake implementation, so an
+    # entry written by a checkout whose fakes had other strides would be reused and fail its stride checks
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        out = torch.compile(f, fullgraph=True)(*ins)
+        torch.testing.assert_close(out, eager)
+        go = torch.ones_like(out)
+        for name, a, b in zip(NAMES, grads(out, ins, go), grads(eager, ins, go)):
+            torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_double_backward_is_refused():
@@ -191,22 +207,33 @@ def test_fake_outputs_have_the_kernels_strides():
     """torch.compile traces the op with fake tensors whose strides are the kernels': the CUDA kernels
     (csrc/cuda/gspn_lanes_kernels.h, executed on the CPU by tests/test_cuda_emulation.py, which also
     covers their fallback for proxies of more than 16 channels) return y, dL/dx and dL/dproxy
-    channels-last, the CPU kernel contiguous; the parameter gradients are contiguous on both."""
+    channels-last, and so does the CPU kernel (checked on real tensors too); the parameter gradients
+    are contiguous on both."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     assert _build.load_cpu(), _build.build_error("cpu")
     ops = torch.ops.gspn_lightning
     dirs = ["t2b", "l2r"]
     with FakeTensorMode():
-        for device, fmt in (("cuda", torch.channels_last), ("cpu", torch.contiguous_format)):
+        for device in ("cuda", "cpu"):
             x, proxy = torch.empty(2, 3, 4, 5, device=device), torch.empty(2, 4, 4, 5, device=device)
             weight, bias = torch.empty(36, 4, device=device), torch.empty(36, device=device)
             merge = torch.empty(2, 3, device=device)
             y = ops.propagate_proj_fwd(x, proxy, weight, bias, merge, dirs, 0)
             grads = ops.propagate_proj_bwd(x, x, proxy, weight, bias, merge, dirs, 0)
             for t in (y, grads[0], grads[1]):
-                assert t.is_contiguous(memory_format=fmt) and t.is_contiguous() == (device == "cpu"), device
+                assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous(), device
             assert all(t.is_contiguous() for t in grads[2:])
+    # the CPU kernel's real outputs have the fakes' strides, for contiguous and channels-last inputs
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 4, 5).contiguous(memory_format=fmt)
+        proxy = torch.randn(2, 4, 4, 5).contiguous(memory_format=fmt)
+        weight, bias, merge = torch.randn(36, 4), torch.randn(36), torch.rand(2, 3)
+        y = ops.propagate_proj_fwd(x, proxy, weight, bias, merge, dirs, 0)
+        grads = ops.propagate_proj_bwd(x, x, proxy, weight, bias, merge, dirs, 0)
+        for t in (y, grads[0], grads[1]):
+            assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous(), fmt
+        assert all(t.is_contiguous() for t in grads[2:])
 
 
 def test_definition_is_projection_then_propagate():

@@ -4,21 +4,26 @@
 // Vectorised across channels: a task takes a *unit*, a group of `lanes` channels of one batch
 // element, and runs every direction over it with one channel per vector lane, so every operation
 // works on whole vectors whatever the line length (along a line, a 14-pixel line was one vector and a
-// 4 + 2 remainder, ~40 % of the forward's time).  The unit's x (and dL/dy) are interleaved into
-// [pixel][lane] vectors once, and where a column direction runs, copied once more in the transposed
+// 4 + 2 remainder, ~40 % of the forward's time).  x, dL/dy, the proxy and the map outputs (y, dL/dx,
+// dL/dproxy) are channels-last, as the mixer's convolutions leave and take them, so a unit's pixel is
+// `lanes` contiguous channels: its x (and dL/dy) are loaded as [pixel][lane] vectors once (no copy of
+// the map to another layout), and where a column direction runs, copied once more in the transposed
 // pixel order (whole vectors, in cache-sized blocks), as is the proxy.  The six logits of a pixel are
 // projected on the fly from the proxy of batch element b (converted once per b that a thread meets,
-// [pixel][S], S zero-padded to a multiple of 4) with the unit's projection rows as vectors,
-// g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s], r_f = (k*6 + f)*C + c.  The lanes past C in a batch element's last unit are padding: zero x,
-// dL/dy, weights, bias and merge weight, so they stay finite and contribute nothing; their outputs
-// are dropped.  The math is gspn_step.h's, instantiated on the vector type.
+// [pixel][S], S zero-padded to a multiple of 4) with the unit's projection rows as vectors (laid out
+// once per call for every channel group, ProjRows), g_f = bias[r_f] + sum_s weight[r_f, s] proxy[b, s],
+// r_f = (k*6 + f)*C + c; on the first line of a group, which has no recurrence term, only lam, u and d
+// are projected.  The lanes past C in a batch element's last unit are padding: zero x, dL/dy, weights,
+// bias and merge weight, so they stay finite and contribute nothing; their outputs are dropped.  The
+// math is gspn_step.h's, instantiated on the vector type.
 //
 // The backward recomputes one group (chunk) of lines at a time, keeping per pixel h, the taps,
 // sigmoid(lam) and the u, d logits, walks the group backwards, then reduces the group's logit
-// gradients into dL/dweight, dL/dbias (per-lane sums) and dL/dproxy (summed over the lanes per pixel,
-// kept per batch element and added into place when the thread moves to another one).  Units are split
-// into one contiguous range per task (at most one task per thread), each with its own partial sums,
-// added in task order afterwards, so results do not depend on scheduling.
+// gradients into dL/dweight, dL/dbias (per-lane sums) and dL/dproxy (kept per lane and pixel while that
+// fits kLaneProxyBytes, else summed over the lanes per pixel at once; kept per batch element and added
+// into place when the thread moves to another one).  Units are split into one contiguous range per task
+// (at most one task per thread), each with its own partial sums, added in task order afterwards, so
+// results do not depend on scheduling.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -94,6 +99,53 @@ struct LaneData {
   const V *x, *dy;
   V* acc;
   acc_t* dps;
+  V* dpv;  // dL/dproxy per lane [pixel][Sp] (summed over the lanes later), or null: summed at once into dps
+};
+
+// Per-lane dL/dproxy accumulators (LaneData::dpv) while both layouts' take at most this many bytes: each
+// pixel's proxy gradient then stays a vector, summed over the lanes once per batch element instead of once
+// per pixel, direction and unit (at an 8x8 grid that per-pixel sum was a quarter of the backward).
+constexpr int64_t kLaneProxyBytes = int64_t{256} << 10;
+
+// The projection rows, biases and merge weights of every channel group, laid out once per call (they
+// depend on the group only, not on the batch element): group g's block holds the rows [K][Sp][6], then
+// the biases [K][6], then the merge weights [K], of channels [g * lanes, g * lanes + lanes), zero in the
+// lanes past C.
+template <typename acc_t>
+struct ProjRows {
+  using V = typename Vec<acc_t>::type;
+  static constexpr int64_t lanes = Vec<acc_t>::lanes;
+  int64_t bias_at = 0, merge_at = 0, stride = 0;
+  std::vector<V> data;
+
+  template <typename scalar_t>
+  ProjRows(const ProjInputs<scalar_t>& in, const PropagateArgs& a, int64_t S) {
+    const int64_t Sp = (S + 3) / 4 * 4, G = (a.C + lanes - 1) / lanes;
+    bias_at = a.K * Sp * kGateFields;
+    merge_at = bias_at + a.K * kGateFields;
+    stride = merge_at + a.K;
+    data.assign(G * stride, V{});
+    for (int64_t g = 0; g < G; ++g) {
+      V* w = data.data() + g * stride;
+      V* bias = w + bias_at;
+      V* merge = w + merge_at;
+      const int64_t c0 = g * lanes, nc = std::min(lanes, a.C - c0);
+      for (int64_t k = 0; k < a.K; ++k) {
+        for (int64_t l = 0; l < nc; ++l) {
+          const int64_t c = c0 + l;
+          merge[k][l] = static_cast<acc_t>(in.merge[k * a.C + c]);
+          for (int f = 0; f < kGateFields; ++f) {
+            const int64_t r = (k * kGateFields + f) * a.C + c;
+            bias[k * kGateFields + f][l] = static_cast<acc_t>(in.bias[r]);
+            for (int64_t s = 0; s < S; ++s) {
+              w[(k * Sp + s) * kGateFields + f][l] = static_cast<acc_t>(in.weight[r * S + s]);
+            }
+          }
+        }
+      }
+    }
+  }
+  const V* group(int64_t g) const { return data.data() + g * stride; }
 };
 
 // Thread-local buffers of the projection op.  The column directions work on transposed copies of the
@@ -104,24 +156,26 @@ template <typename acc_t>
 struct LaneWorkspace {
   using V = typename Vec<acc_t>::type;
   static constexpr int64_t lanes = Vec<acc_t>::lanes;
-  int64_t H = 0, W = 0, HW = 0, S = 0, Sp = 0, b = -1;
+  int64_t H = 0, W = 0, HW = 0, C = 0, S = 0, Sp = 0, b = -1;
   bool cols = false;                   // some direction is a column scan: the transposed copies exist
   std::vector<acc_t> p, pt;            // proxy of batch element b, [HW][Sp]
   std::vector<V> x, dy, acc;           // the unit's x, dL/dy and its y or dL/dx accumulator, [HW]
   std::vector<V> xt, dyt, acct;        // the transposed x, dL/dy and accumulator
   std::vector<acc_t> dpst;             // the transposed dL/dproxy sums
-  std::vector<V> w, bias, merge;       // projection rows [K][Sp][6], biases [K][6], merge weights [K]
+  const V *w = nullptr, *bias = nullptr, *merge = nullptr;  // the unit's rows (see ProjRows)
   std::vector<V> lines, h, zero;       // padded lines: two (forward h, backward adjoints), a group's h, zeros
   std::vector<LaneKept<V>> kept, zkept;  // a group's kept values (padded lines), a zero line
   std::vector<V> dg;                   // a group's logit gradients [pixel][6]
   std::vector<int64_t> qs;             // a group's pixels, in group order
   std::vector<acc_t> dps;              // dL/dproxy of b, summed over the lanes of its units so far [HW][Sp]
+  std::vector<V> dpv, dpvt;            // the same per lane (small grids, see kLaneProxyBytes), both layouts
   std::vector<V> dwb;                  // dL/dweight [Sp][6], dL/dbias [6] per lane
 
   void init(const PropagateArgs& a, int64_t S_, bool backward) {
     H = a.H;
     W = a.W;
     HW = a.H * a.W;
+    C = a.C;
     S = S_;
     Sp = (S + 3) / 4 * 4;
     cols = any_columns(a);
@@ -133,9 +187,6 @@ struct LaneWorkspace {
       xt.resize(HW);
       acct.resize(HW);
     }
-    w.resize(a.K * Sp * kGateFields);
-    bias.resize(a.K * kGateFields);
-    merge.resize(a.K);
     const int64_t side = std::max(a.H, a.W);
     lines.assign(2 * (side + 2), V{});
     if (!backward) return;
@@ -152,12 +203,17 @@ struct LaneWorkspace {
       dyt.resize(HW);
       dpst.assign(HW * Sp, acc_t(0));
     }
+    if (HW * Sp * static_cast<int64_t>(sizeof(V)) * (cols ? 2 : 1) <= kLaneProxyBytes) {
+      dpv.assign(HW * Sp, V{});
+      if (cols) dpvt.assign(HW * Sp, V{});
+    }
   }
 
   // The arrays of a row (image layout) or column (transposed) direction.
   LaneData<acc_t> data(bool columns) {
-    if (columns) return {pt.data(), xt.data(), dyt.data(), acct.data(), dpst.data()};
-    return {p.data(), x.data(), dy.data(), acc.data(), dps.data()};
+    const bool vec = !dpv.empty();
+    if (columns) return {pt.data(), xt.data(), dyt.data(), acct.data(), dpst.data(), vec ? dpvt.data() : nullptr};
+    return {p.data(), x.data(), dy.data(), acc.data(), dps.data(), vec ? dpv.data() : nullptr};
   }
 
   // A new unit: its x (and dL/dy) interleaved, transposed where needed, the accumulators zeroed.
@@ -179,8 +235,25 @@ struct LaneWorkspace {
     deinterleave(nc, dst);
   }
 
-  // The dL/dproxy sums of both layouts, in the image layout (the transposed part zeroed).
+  // The dL/dproxy sums of both layouts, in the image layout (the transposed and per-lane parts zeroed).
   void gather_dps() {
+    if (!dpv.empty()) {
+      // per lane -> summed over the lanes, the transposed layout's pixel (w, h) at w * H + h
+      for (int64_t q = 0; q < HW; ++q) {
+        for (int64_t s = 0; s < Sp; ++s) dps[q * Sp + s] += tree_sum<acc_t, kVecBytes>(&dpv[q * Sp + s]);
+      }
+      std::fill(dpv.begin(), dpv.end(), V{});
+      if (cols) {
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t h = 0; h < H; ++h) {
+            const V* src = &dpvt[(w * H + h) * Sp];
+            acc_t* dst = &dps[(h * W + w) * Sp];
+            for (int64_t s = 0; s < Sp; ++s) dst[s] += tree_sum<acc_t, kVecBytes>(&src[s]);
+          }
+        }
+        std::fill(dpvt.begin(), dpvt.end(), V{});
+      }
+    }
     if (!cols) return;
     transpose_records<true>(dpst.data(), dps.data(), W, H, Sp);
     std::fill(dpst.begin(), dpst.end(), acc_t(0));
@@ -191,51 +264,93 @@ struct LaneWorkspace {
   void load_proxy(const scalar_t* proxy, int64_t bb) {
     if (bb == b) return;
     b = bb;
-    const scalar_t* src = proxy + bb * S * HW;
-    for (int64_t s = 0; s < S; ++s) {
-      for (int64_t q = 0; q < HW; ++q) p[q * Sp + s] = static_cast<acc_t>(src[s * HW + q]);
+    const scalar_t* src = proxy + bb * HW * S;  // channels-last: [pixel][s]
+    for (int64_t q = 0; q < HW; ++q) {
+      for (int64_t s = 0; s < S; ++s) p[q * Sp + s] = static_cast<acc_t>(src[q * S + s]);
     }
     if (cols) transpose_records<false>(p.data(), pt.data(), H, W, Sp);
   }
 
-  // The projection rows, biases and merge weights of channels [c0, c0 + nc), zero in the lanes past nc.
-  template <typename scalar_t>
-  void load_rows(const ProjInputs<scalar_t>& in, const PropagateArgs& a, int64_t c0, int64_t nc) {
-    std::fill(w.begin(), w.end(), V{});
-    std::fill(bias.begin(), bias.end(), V{});
-    std::fill(merge.begin(), merge.end(), V{});
-    for (int64_t k = 0; k < a.K; ++k) {
-      for (int64_t l = 0; l < nc; ++l) {
-        const int64_t c = c0 + l;
-        merge[k][l] = static_cast<acc_t>(in.merge[k * a.C + c]);
-        for (int f = 0; f < kGateFields; ++f) {
-          const int64_t r = (k * kGateFields + f) * a.C + c;
-          bias[k * kGateFields + f][l] = static_cast<acc_t>(in.bias[r]);
-          for (int64_t s = 0; s < S; ++s) {
-            w[(k * Sp + s) * kGateFields + f][l] = static_cast<acc_t>(in.weight[r * S + s]);
-          }
-        }
-      }
-    }
+  // Point at the rows of the unit's channel group.
+  void use_rows(const ProjRows<acc_t>& rows, int64_t group) {
+    const V* r = rows.group(group);
+    w = r;
+    bias = r + rows.bias_at;
+    merge = r + rows.merge_at;
   }
 
-  // dst[q][l] = the plane of channel l at pixel q (`src`: nc planes of HW), zero in the lanes past nc.
+  // dst[q][l] = channel l of pixel q (`src`: the unit's first channel in a channels-last map of C
+  // channels), zero in the lanes past nc.
   template <typename scalar_t>
   void interleave(const scalar_t* src, int64_t nc, std::vector<V>& dst) const {
-    if (nc < lanes) std::fill(dst.begin(), dst.begin() + HW, V{});
-    for (int64_t l = 0; l < nc; ++l) {
-      for (int64_t q = 0; q < HW; ++q) dst[q][l] = static_cast<acc_t>(src[l * HW + q]);
+    for (int64_t q = 0; q < HW; ++q) {
+      const scalar_t* sq = src + q * C;
+      V v{};
+      for (int64_t l = 0; l < nc; ++l) v[l] = static_cast<acc_t>(sq[l]);
+      dst[q] = v;
     }
   }
 
-  // The accumulator's first nc lanes written out as nc planes.
+  // The accumulator's first nc lanes written out into the unit's channels of a channels-last map.
   template <typename scalar_t>
   void deinterleave(int64_t nc, scalar_t* dst) const {
-    for (int64_t l = 0; l < nc; ++l) {
-      for (int64_t q = 0; q < HW; ++q) dst[l * HW + q] = static_cast<scalar_t>(acc[q][l]);
+    for (int64_t q = 0; q < HW; ++q) {
+      scalar_t* dq = dst + q * C;
+      for (int64_t l = 0; l < nc; ++l) dq[l] = static_cast<scalar_t>(acc[q][l]);
     }
   }
 };
+
+// The six logits of a pixel (project_logits), or, on the first line of a group (`first`), only lam, u and
+// d: that line has no recurrence term, so its tap logits are never read (and their gradients are 0).
+// The fields computed are the same sums as project_logits's, in the same order.
+template <typename V, typename P>
+inline __attribute__((always_inline)) void project_unit_logits(const V* w, const V* b, const P* p, int64_t n,
+                                                               V (&g)[kGateFields], bool first) {
+  if (!first) {
+    project_logits(w, b, p, n, g);
+    return;
+  }
+  g[kGateNeg] = g[kGateMid] = g[kGatePos] = V{};
+  for (int f = kGateLam; f < kGateFields; ++f) g[f] = b[f];
+  for (int64_t s = 0; s < n; ++s) {
+    const V ps = V{} + p[s];
+    const V* ws = w + s * kGateFields;
+    for (int f = kGateLam; f < kGateFields; ++f) g[f] += ws[f] * ps;
+  }
+}
+
+// add_projection_grads (gspn_propagate_common.h) for a group of lines whose first line (its first M
+// pixels in group order) has tap-logit gradients of 0: the tap fields sum over the other lines only.
+template <typename V, typename acc_t>
+void add_group_projection_grads(V* __restrict__ dwv, const V* __restrict__ dg, const acc_t* __restrict__ P,
+                                const int64_t* __restrict__ qs, int64_t n, int64_t M, int64_t Sp) {
+  constexpr int64_t kSumBlock = 32;
+  for (int f = 0; f < kGateFields; ++f) {
+    const int64_t begin = f < kGateLam ? M : 0;
+    for (int64_t i0 = begin; i0 < n; i0 += kSumBlock) {
+      const int64_t i1 = std::min(n, i0 + kSumBlock);
+      V sb{};
+      for (int64_t i = i0; i < i1; ++i) sb += dg[i * kGateFields + f];
+      dwv[Sp * kGateFields + f] += sb;
+      for (int64_t s0 = 0; s0 < Sp; s0 += 4) {
+        V a0{}, a1{}, a2{}, a3{};
+        for (int64_t i = i0; i < i1; ++i) {
+          const V d = dg[i * kGateFields + f];
+          const acc_t* p = P + qs[i] * Sp + s0;
+          a0 += d * p[0];
+          a1 += d * p[1];
+          a2 += d * p[2];
+          a3 += d * p[3];
+        }
+        dwv[(s0 + 0) * kGateFields + f] += a0;
+        dwv[(s0 + 1) * kGateFields + f] += a1;
+        dwv[(s0 + 2) * kGateFields + f] += a2;
+        dwv[(s0 + 3) * kGateFields + f] += a3;
+      }
+    }
+  }
+}
 
 // Forward of direction k over the unit: m * (sigmoid(u) h + d x) added to ws.acc.
 template <typename acc_t>
@@ -244,7 +359,7 @@ void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
   const int64_t M = lg.g.M, Sp = ws.Sp;
   const V m = ws.merge[k];
   const LaneData<acc_t> d = ws.data(lg.g.columns);
-  const V *w = ws.w.data() + k * Sp * kGateFields, *bias = ws.bias.data() + k * kGateFields, *X = d.x;
+  const V *w = ws.w + k * Sp * kGateFields, *bias = ws.bias + k * kGateFields, *X = d.x;
   const acc_t* P = d.p;
   V* Y = d.acc;
   V* prev = ws.lines.data() + 1;
@@ -257,7 +372,7 @@ void lane_forward(const LaneGeometry& lg, int64_t k, LaneWorkspace<acc_t>& ws) {
       for_line(M, [&](auto neg, auto pos, int64_t j) {
         const int64_t q = lg.pixel(s, j);
         V g[kGateFields];
-        project_logits(w, bias, P + q * Sp, Sp, g);
+        project_unit_logits(w, bias, P + q * Sp, Sp, g, step == 0);
         const V xv = X[q];
         const V hv = fused_h<V>(xv, g[kGateNeg], g[kGateMid], g[kGatePos], g[kGateLam], prev[j - 1], prev[j],
                                 prev[j + 1], neg, pos, step == 0);
@@ -278,7 +393,7 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
   const int64_t M = lg.g.M, P2 = M + 2, Sp = ws.Sp;
   const V m = ws.merge[k];
   const LaneData<acc_t> ld = ws.data(lg.g.columns);
-  const V *w = ws.w.data() + k * Sp * kGateFields, *bias = ws.bias.data() + k * kGateFields, *X = ld.x,
+  const V *w = ws.w + k * Sp * kGateFields, *bias = ws.bias + k * kGateFields, *X = ld.x,
           *DY = ld.dy;
   const acc_t* P = ld.p;
   V* DX = ld.acc;
@@ -306,7 +421,7 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
         const int64_t q = lg.pixel(s, j);
         qs[step * M + j] = q;
         V g[kGateFields];
-        project_logits(w, bias, P + q * Sp, Sp, g);
+        project_unit_logits(w, bias, P + q * Sp, Sp, g, step == 0);
         LaneKept<V>& kp = kc[j];
         kp.lam = sigmoid_and_grad<V>(g[kGateLam]);
         kp.gu = g[kGateU];
@@ -345,20 +460,33 @@ typename Vec<acc_t>::type lane_backward(const LaneGeometry& lg, int64_t k, LaneW
       dm += dml;
       std::swap(an, ac);
     }
-    // the adjoint of the projection: dL/dproxy (summed over the lanes at once: a scalar per pixel and
-    // proxy channel to keep, not a vector), dL/dweight and dL/dbias (per lane)
+    // the adjoint of the projection: dL/dproxy (per lane, or summed over the lanes at once: see
+    // kLaneProxyBytes), dL/dweight and dL/dbias (per lane); the first line's tap fields are 0
     const int64_t n = len * M;
-    for (int64_t i = 0; i < n; ++i) {
+    // (a tree per value, not a chain of six dependent multiply-adds)
+    auto add_dproxy = [&](int64_t i, auto first) {
       const V* d = dg + i * kGateFields;
+      V* dv = ld.dpv != nullptr ? ld.dpv + qs[i] * Sp : nullptr;
       acc_t* dp = ld.dps + qs[i] * Sp;
       for (int64_t s = 0; s < Sp; ++s) {
         const V* ws_ = w + s * kGateFields;
-        // a tree, not a chain of six dependent multiply-adds
-        const V v = (ws_[0] * d[0] + ws_[1] * d[1]) + (ws_[2] * d[2] + ws_[3] * d[3]) + (ws_[4] * d[4] + ws_[5] * d[5]);
-        dp[s] += tree_sum<acc_t, kVecBytes>(&v);
+        const V tail = ws_[4] * d[4] + ws_[5] * d[5];
+        V v;
+        if constexpr (decltype(first)::value) {  // the group's first line: tap-logit gradients 0
+          v = ws_[3] * d[3] + tail;
+        } else {
+          v = (ws_[0] * d[0] + ws_[1] * d[1]) + (ws_[2] * d[2] + ws_[3] * d[3]) + tail;
+        }
+        if (dv != nullptr) {
+          dv[s] += v;
+        } else {
+          dp[s] += tree_sum<acc_t, kVecBytes>(&v);
+        }
       }
-    }
-    add_projection_grads<kGateFields>(ws.dwb.data(), dg, P, qs, n, Sp);
+    };
+    for (int64_t i = 0; i < std::min(n, M); ++i) add_dproxy(i, Bool<true>{});
+    for (int64_t i = M; i < n; ++i) add_dproxy(i, Bool<false>{});
+    add_group_projection_grads(ws.dwb.data(), dg, P, qs, n, M, Sp);
   }
   return dm;
 }
@@ -372,6 +500,7 @@ void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   const int64_t HW = a.H * a.W, S = pa.S, G = (a.C + NL - 1) / NL, U = a.B * G;
   const int64_t grain = parallel_grain(HW * a.K * NL * (1 + S / 4));
+  const ProjRows<acc_t> rows(in, a, S);
   at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     LaneWorkspace<acc_t> ws;
@@ -379,10 +508,10 @@ void propagate_proj_forward_cpu(const ProjArgs& pa, at::Tensor& y) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / G, c0 = (u % G) * NL, nc = std::min(NL, a.C - c0);
       ws.load_proxy(in.proxy, b);
-      ws.load_rows(in, a, c0, nc);
-      ws.load_unit(in.x + (b * a.C + c0) * HW, static_cast<const scalar_t*>(nullptr), nc);
+      ws.use_rows(rows, u % G);
+      ws.load_unit(in.x + b * HW * a.C + c0, static_cast<const scalar_t*>(nullptr), nc);
       for (int64_t k = 0; k < a.K; ++k) lane_forward(lane_geometry(a, k), k, ws);
-      ws.store_unit(nc, out + (b * a.C + c0) * HW);
+      ws.store_unit(nc, out + b * HW * a.C + c0);
     }
   });
 }
@@ -410,8 +539,9 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t u0 = task_begin(t), u1 = task_begin(t + 1);
     const int64_t nb = u1 > u0 ? (u1 - 1) / G - u0 / G + 1 : 0;
-    dprox[t] = at::zeros({nb, S, HW}, acc_opts);
+    dprox[t] = at::zeros({nb, HW, S}, acc_opts);
   }
+  const ProjRows<acc_t> rows(in, a, S);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const FlushDenormals ftz;
     LaneWorkspace<acc_t> ws;
@@ -426,9 +556,9 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
       auto flush = [&]() {
         if (ws.b < 0) return;
         ws.gather_dps();
-        acc_t* dst = dp + (ws.b - b0) * S * HW;
+        acc_t* dst = dp + (ws.b - b0) * HW * S;
         for (int64_t q = 0; q < HW; ++q) {
-          for (int64_t s = 0; s < S; ++s) dst[s * HW + q] += ws.dps[q * Sp + s];
+          for (int64_t s = 0; s < S; ++s) dst[q * S + s] += ws.dps[q * Sp + s];
         }
         std::fill(ws.dps.begin(), ws.dps.end(), acc_t(0));
       };
@@ -437,8 +567,8 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
         const int64_t b = u / G, c0 = (u % G) * NL, nc = std::min(NL, a.C - c0);
         if (b != ws.b) flush();
         ws.load_proxy(in.proxy, b);
-        ws.load_rows(in, a, c0, nc);
-        ws.load_unit(in.x + (b * a.C + c0) * HW, gy + (b * a.C + c0) * HW, nc);
+        ws.use_rows(rows, u % G);
+        ws.load_unit(in.x + b * HW * a.C + c0, gy + b * HW * a.C + c0, nc);
         for (int64_t k = 0; k < a.K; ++k) {
           const auto dm = lane_backward(lane_geometry(a, k), k, ws);
           for (int64_t l = 0; l < nc; ++l) {
@@ -451,7 +581,7 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
             }
           }
         }
-        ws.store_unit(nc, dxo + (b * a.C + c0) * HW);
+        ws.store_unit(nc, dxo + b * HW * a.C + c0);
       }
       flush();
     }
@@ -460,18 +590,19 @@ void propagate_proj_backward_cpu(const ProjArgs& pa, const at::Tensor& grad_y, a
   at::Tensor dwb_sum = dwb.sum(0);
   dweight.copy_(dwb_sum.narrow(0, 0, R * S).view({R, S}));
   dbias.copy_(dwb_sum.narrow(0, R * S, R));
-  at::Tensor dp_acc = at::zeros({a.B, S, HW}, acc_opts);
+  at::Tensor dp_acc = at::zeros({a.B, HW, S}, acc_opts);
   for (int64_t t = 0; t < tasks; ++t) {
     if (dprox[t].size(0) > 0) dp_acc.narrow(0, task_begin(t) / G, dprox[t].size(0)).add_(dprox[t]);
   }
-  dproxy.copy_(dp_acc.view(dproxy.sizes()));
+  dproxy.copy_(dp_acc.view({a.B, a.H, a.W, S}).permute({0, 3, 1, 2}));  // both channels-last
 }
 
 at::Tensor propagate_proj_fwd_cpu(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                                   const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions,
                                   int64_t chunk_size) {
-  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_fwd");
-  at::Tensor y = at::empty_like(pa.p.x);
+  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_fwd",
+                                at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty_like(pa.p.x, at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_fwd_cpu",
                                   [&] { propagate_proj_forward_cpu<scalar_t>(pa, y); });
@@ -481,12 +612,14 @@ at::Tensor propagate_proj_fwd_cpu(const at::Tensor& x, const at::Tensor& proxy, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions, int64_t chunk_size) {
-  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_bwd");
+  const ProjArgs pa = proj_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_bwd",
+                                at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
               "gspn propagate_proj_bwd: grad_y must have the shape and dtype of x");
   const PropagateArgs& a = pa.p;
-  const at::Tensor gy = grad_y.contiguous();
-  at::Tensor dx = at::empty_like(a.x), dproxy = at::zeros_like(pa.proxy), dweight = at::zeros_like(pa.weight),
+  constexpr auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor gy = grad_y.contiguous(cl);
+  at::Tensor dx = at::empty_like(a.x, cl), dproxy = at::zeros_like(pa.proxy, cl), dweight = at::zeros_like(pa.weight),
              dbias = at::zeros_like(pa.bias);
   at::Tensor dm_partial = at::zeros({a.B, a.C, a.K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (x.numel() > 0) {

@@ -368,7 +368,9 @@ class GSPNDiT(nn.Module):
         p = self.patch_size
         check_patch_input(x, self.in_channels, p)
         c = self.t_embed(t) + self.y_embed(y, force_drop, generator)  # (B, D)
-        h = self.patch_embed(x) + c[:, :, None, None]  # (B, D, H/p, W/p)
+        # channels-last from here on, the layout the mixers run in (else the residual adds, the long-skip
+        # concatenations and their 1x1 convs mix layouts or take the slow channels-first convolution path)
+        h = self.patch_embed(x).contiguous(memory_format=torch.channels_last) + c[:, :, None, None]  # (B, D, H/p, W/p)
         ckpt = self.grad_checkpointing
         skips = []
         for blk in self.in_blocks:

@@ -5,9 +5,8 @@ kernel files under ``csrc/cpu`` and ``csrc/cuda``); this module adds what lets `
 the op (fake tensors) and what lets autograd differentiate it (the backward is another op,
 ``scan_bwd``).  ``layer_norm_grn_fwd`` (the mixer's LayerNorm + GRN) returns its output channels-last
 with its statistics, which it saves for its backward (outputs without gradients).
-The fake tensors have the kernels' strides: ``propagate_proj``'s CUDA kernels
-(``csrc/cuda/gspn_lanes_kernels.h``) return ``y``, ``dx`` and ``dproxy`` channels-last, every other
-output is contiguous.  Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
+The fake tensors have the kernels' strides: ``propagate_proj``'s kernels (CPU and CUDA) return ``y``,
+``dx`` and ``dproxy`` channels-last, every other output is contiguous.  Double backward is not implemented by the kernel: differentiating ``scan_bwd`` raises a clear error
 (the reference backend supports it).
 """
 
@@ -23,18 +22,14 @@ def _fake_fwd(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _channels_last_on_cuda(t):
-    """The memory format of a ``propagate_proj`` map output for ``t``'s device: channels-last from the
-    CUDA kernels, contiguous from the CPU kernel."""
-    return torch.channels_last if t.device.type == "cuda" else torch.contiguous_format
-
-
 def _fake_proj_fwd(x, *args):
-    return torch.empty_like(x, memory_format=_channels_last_on_cuda(x))
+    """``propagate_proj``'s map outputs are channels-last on every device (the lane kernels read and
+    write a pixel's channels as one vector)."""
+    return torch.empty_like(x, memory_format=torch.channels_last)
 
 
 def _fake_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size):
-    fmt = _channels_last_on_cuda(x)
+    fmt = torch.channels_last
     return (
         torch.empty_like(x, memory_format=fmt),
         torch.empty_like(proxy, memory_format=fmt),
