@@ -146,6 +146,14 @@ def main(argv=None) -> int:
         help="wall: common.py's wall-clock rounds; cpu: this process's CPU time (with 1 thread, the time it"
         " ran, not the time other jobs of a shared machine held the core)",
     )
+    p.add_argument(
+        "--gspn-overlays",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="more GSPN-DiT variants, each configs/dit/overlays/digits_<NAME>.yaml over the demo's config"
+        " (e.g. d_prop block_compact), timed in the same rounds",
+    )
     p.add_argument("--label", default="", help="a note stored with the results (e.g. the commit)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replace", action="store_true")
@@ -155,6 +163,11 @@ def main(argv=None) -> int:
         "gspn_dit": Setup(load_config(CONFIG), args.batch),
         "dit": Setup(load_config(CONFIG, DIT_OVERLAY), args.batch),
     }
+    for name in args.gspn_overlays:
+        overlay = CONFIG.parent / "overlays" / f"digits_{name}.yaml"
+        if not overlay.is_file():
+            p.error(f"no overlay {overlay}")
+        setups[f"gspn_dit+{name}"] = Setup(load_config(CONFIG, overlay), args.batch)
 
     def run(s: Setup):
         def steps():
@@ -191,6 +204,7 @@ def main(argv=None) -> int:
         },
         "s_per_step": {k: summary(ts) for k, ts in per_step.items()},
         "ratio_gspn_dit_vs_dit": ratios(per_step["gspn_dit"], per_step["dit"]),
+        "ratios_vs_dit": {k: ratios(per_step[k], per_step["dit"]) for k in setups if k != "dit"},
     }
     md = [
         f"# Digits demo step: GSPN-DiT against DiT on {info['cpu']} ({result['date']}, {args.threads} thread(s))",
@@ -201,15 +215,18 @@ def main(argv=None) -> int:
         f" configs, batch {setups['dit'].batch}, {setups['dit'].grid}x{setups['dit'].grid} token grid;"
         f" median [range] over {args.rounds} interleaved rounds of {args.steps} steps, {args.clock} clock.",
         "",
-        "| model | params | s/step | / DiT (per round) |",
-        "|---|---|---|---|",
+        "| model | config | params | s/step | / DiT (per round) |",
+        "|---|---|---|---|---|",
     ]
     for k, s in setups.items():
-        r = fmt(result["ratio_gspn_dit_vs_dit"]) if k == "gspn_dit" else "1"
-        md.append(f"| {s.name} | {s.params / 1e6:.2f}M | {fmt(result['s_per_step'][k], 4)} | {r} |")
+        r = fmt(result["ratios_vs_dit"][k]) if k != "dit" else "1"
+        overlay = k.partition("+")[2] or ("digits_dit" if k == "dit" else "-")
+        md.append(f"| {s.name} | {overlay} | {s.params / 1e6:.2f}M | {fmt(result['s_per_step'][k], 4)} | {r} |")
     if args.profile_steps > 0:
         result["profile"] = {}
         for k, s in setups.items():
+            if "+" in k:  # the variants are timed, not profiled
+                continue
             table, total = profile_table(s, args.profile_steps, args.profile_rows)
             result["profile"][k] = {"total_self_ms_per_step": total, "top": table}
             md += [

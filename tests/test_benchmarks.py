@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from benchmarks import compact, strided_reads
+from benchmarks import compact, dit_vs_gspn_step, strided_reads
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -33,6 +33,21 @@ def test_compact_times_every_width_of_both_blocks(tmp_path):
     assert rows["release/32"]["gate_maps_per_pixel"] * 4 == rows["release/full"]["gate_maps_per_pixel"] == 3072
     assert rows["compact/full"]["fwd_bwd_vs_full"]["median"] == 1.0 and rows["compact/32"]["fwd_ms"]["median"] > 0
     assert len(list(tmp_path.glob("*.md"))) == 1
+
+
+def test_dit_vs_gspn_step_times_the_demo_models_and_overlays(tmp_path):
+    """benchmarks/dit_vs_gspn_step.py: the demo's GSPN-DiT, its DiT and an overlay variant built from
+    the configs, a ratio to DiT per GSPN variant, the profiles of the two demo models."""
+    args = ["--rounds", "1", "--steps", "1", "--batch", "2", "--profile-steps", "1", "--profile-rows", "3"]
+    assert dit_vs_gspn_step.main([*args, "--gspn-overlays", "d_prop", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert set(result["models"]) == {"gspn_dit", "dit", "gspn_dit+d_prop"}
+    assert result["models"]["gspn_dit+d_prop"]["params"] < result["models"]["gspn_dit"]["params"]
+    assert set(result["ratios_vs_dit"]) == {"gspn_dit", "gspn_dit+d_prop"}
+    assert set(result["profile"]) == {"gspn_dit", "dit"} and result["profile"]["dit"]["top"]
+    with pytest.raises(SystemExit):
+        dit_vs_gspn_step.main([*args, "--gspn-overlays", "nonesuch", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
