@@ -346,7 +346,7 @@ def proj_reference(ins, grad_y, directions, chunk):
 
 def lanes_run(emu, ins, grad_y, directions, chunk, ctas=GPU_CTAS):
     y = emu.propagate_proj_fwd(*ins, list(directions), chunk or 0, ctas, LANES)
-    grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas)
+    grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas, LANES)
     return [y, *grads]
 
 
