@@ -722,7 +722,9 @@ def test_tile_kernel_float32_and_bfloat16(emu):
         assert g.dtype == torch.bfloat16, name
         err_k = (g.double() - e).abs().max().item()
         err_r = (r.double() - e).abs().max().item()
-        assert err_k <= 2 * err_r + 1e-3 * e.abs().max().item(), f"d{name}: tile {err_k:.3g} vs bf16 {err_r:.3g}"
+        assert err_k <= 2 * err_r + 1e-3 * e.abs().max().item(), (
+            f"d{name}: tile {err_k:.3g} vs bf16 {err_r:.3g}"
+        )
         assert_rel(g, lane, 2e-2, f"d{name} vs the lane kernels")
 
 

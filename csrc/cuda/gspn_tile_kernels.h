@@ -3,8 +3,9 @@
 // mixer's fused propagation with its gate projection) and attention_fwd (tile_attn_fwd_kernel, the
 // SD-XL swap's numerator and denominator states); the math is gspn_step.h's, as in the lane kernels
 // (gspn_lanes_kernels.h, gspn_attention_kernels.h), whose lane layout, projection rows (LaneRows) and
-// proxy loads these reuse.  The ops' dispatch (gspn_cuda_plan.h) sends chunked layers with
-// 1 <= chunk_size <= kMaxChunk here (tile_pays); the backward keeps the lane kernels.
+// proxy loads these reuse; and propagate_proj's backward (tile_bwd_kernel, below, proxies of at most
+// kMaxLaneS channels).  The ops' dispatch (gspn_cuda_plan.h) sends chunked layers with
+// 1 <= chunk_size <= kMaxChunk here (tile_pays); attention's backward keeps the lane kernels.
 //
 // Why a tile: with chunk_size = k every direction restarts every k lines (absolute positions), so h
 // of a group of k lines depends only on the inputs of those lines within k - 1 positions sideways.
