@@ -620,7 +620,7 @@ def test_attention_bfloat16_error_bound(emu):
         assert_rel(g, c, 2e-2, f"{name} vs the CPU kernel")
 
 
-# ---- the local tile kernels of chunked layers (csrc/cuda/gspn_tile_kernels.h), forward ----
+# ---- the local tile kernels of chunked layers (csrc/cuda/gspn_tile_kernels.h), forward and propagate_proj's backward ----
 
 # odd maps both ways round, a single row and column, squares; C = 5 (one partial group of 8 lanes)
 TILE_SHAPES = [(1, 5, 17, 23), (1, 5, 23, 17), (1, 5, 1, 37), (1, 5, 37, 1), (2, 5, 8, 8), (1, 5, 16, 16)]

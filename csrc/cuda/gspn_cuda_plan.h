@@ -214,7 +214,7 @@ ProjGrads proj_bwd_materialised(const ProjArgs& pa, const at::Tensor& grad_y, co
           dg.sum({0, 2}), dmerge};
 }
 
-// ---- the local tile kernels of chunked layers (gspn_tile_kernels.h), forward ----
+// ---- the local tile kernels of chunked layers (gspn_tile_kernels.h), forward and propagate_proj's backward ----
 
 // Which kernel a forward runs: kAuto the dispatch rule (tile_cuda::tile_pays and a tile that fits in
 // shared memory), kLanes / kTile one of them (the tests; kTile fails where no tile applies).
@@ -366,6 +366,10 @@ ProjGrads tile_backward(const ProjArgs& pa, const at::Tensor& grad_y, const tile
   return {dx, dproxy, dweight, dbias, dmerge};
 }
 
+// The whole propagate_proj_bwd op around `launch`: the tile kernel where the rule takes the layer
+// (chunk 1 to kMaxChunk, S <= kMaxLaneS, a plan that fits), else the lane kernels or, for
+// S > kMaxLaneS, `propagate_bwd` on the materialised logits; `kernel`: the rule or a forced kernel
+// (GSPN_CUDA_BACKWARD, the tests).
 template <typename Launch, typename PropagateBwd>
 ProjGrads lanes_proj_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy,
                          const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,

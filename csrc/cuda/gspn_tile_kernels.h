@@ -647,7 +647,8 @@ inline TilePlan plan_tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
   plan.grid[2] = static_cast<unsigned int>(B);
   plan.block[0] = static_cast<unsigned int>(G);
   plan.block[1] = static_cast<unsigned int>(geo.P);
-  geo.red_elems = backward ? static_cast<int64_t>(lanes_cuda::reduce_values(tile_capacity(S) == 8 ? 8 : 16)) * geo.P * G : 0;
+  const int values = lanes_cuda::reduce_values(tile_capacity(S) == 8 ? 8 : 16);
+  geo.red_elems = backward ? static_cast<int64_t>(values) * geo.P * G : 0;
   plan.shared_bytes = static_cast<size_t>(lane_bytes * G + fixed_bytes);
   return plan;
 }

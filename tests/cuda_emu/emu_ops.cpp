@@ -328,8 +328,8 @@ std::vector<int64_t> tile_plan_info(const at::Tensor& x, int64_t S, std::vector<
         x.size(0), x.size(1), x.size(2), x.size(3), dirs, chunk, S, backward ? 1 : static_cast<int>(states),
         target_ctas, backward);
     const bool tile =
-        backward ? gspn::use_tile_upto(gspn::ForwardKernel::kAuto, p, chunk, S, gspn::lanes_cuda::kMaxLaneS, "gspn tile plan")
-                 : gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "gspn tile plan");
+        backward ? gspn::use_tile_upto(gspn::ForwardKernel::kAuto, p, chunk, S, gspn::lanes_cuda::kMaxLaneS, "plan")
+                 : gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "plan");
     info = {tile ? 1 : 0, p.geo.G, p.geo.P, p.geo.groups, p.geo.TH, p.geo.TW, static_cast<int64_t>(p.grid[0]),
             static_cast<int64_t>(p.shared_bytes)};
   });
