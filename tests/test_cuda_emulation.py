@@ -299,7 +299,7 @@ def test_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-3000:]
     # every launch ran (the attention, tile and layer-norm kernels print once per case)
-    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3 + 2 + 2, run.stdout
+    assert len(run.stdout.splitlines()) == 4 + 5 * 2 + 3 * 2 + 3 + 3 + 2, run.stdout
 
 
 def test_the_cuda_build_hashes_every_kernel_file():
@@ -346,7 +346,7 @@ def proj_reference(ins, grad_y, directions, chunk):
 
 def lanes_run(emu, ins, grad_y, directions, chunk, ctas=GPU_CTAS):
     y = emu.propagate_proj_fwd(*ins, list(directions), chunk or 0, ctas, LANES)
-    grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas)
+    grads = emu.propagate_proj_bwd(grad_y, *ins, list(directions), chunk or 0, ctas, LANES)
     return [y, *grads]
 
 
@@ -620,7 +620,7 @@ def test_attention_bfloat16_error_bound(emu):
         assert_rel(g, c, 2e-2, f"{name} vs the CPU kernel")
 
 
-# ---- the local tile kernels of chunked layers (csrc/cuda/gspn_tile_kernels.h), forward ----
+# ---- the local tile kernels of chunked layers (csrc/cuda/gspn_tile_kernels.h), forward and propagate_proj's backward ----
 
 # odd maps both ways round, a single row and column, squares; C = 5 (one partial group of 8 lanes)
 TILE_SHAPES = [(1, 5, 17, 23), (1, 5, 23, 17), (1, 5, 1, 37), (1, 5, 37, 1), (2, 5, 8, 8), (1, 5, 16, 16)]
@@ -629,7 +629,39 @@ TILE_CHUNKS = [1, 2, 3, 4, 5]
 
 def check_tile(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
     """The tile kernel's y against the float64 reference, the CPU kernel and the lane kernels; the
-    dispatch rule runs it (chunks of at most 8 lines)."""
+    dispatch rule runs it (chunks of at most 8 lines).  Then the backward (check_tile_backward)."""
+    y = check_tile_forward(emu, shape, S, directions, chunk, dtype, ctas)
+    check_tile_backward(emu, shape, S, directions, chunk, dtype, ctas)
+    return y
+
+
+def check_tile_backward(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
+    """The tile kernel's five gradients (S <= 16) against the float64 reference's and the lane
+    kernels'; the dispatch rule runs it, and a second run gives the same bits (no atomics).  S > 16:
+    the rule keeps the lane path (the materialised logits) and the forced tile refuses."""
+    ins, grad_y = proj_inputs(shape, S, len(directions), dtype)
+    d = list(directions)
+    auto = emu.propagate_proj_bwd(grad_y, *ins, d, chunk, ctas, AUTO)
+    lanes = emu.propagate_proj_bwd(grad_y, *ins, d, chunk, ctas, LANES)
+    if S > 16:
+        ref = proj_reference([t.double() for t in ins], grad_y.double(), directions, chunk)[1:]
+        for name, a, r in zip(PROJ_NAMES[1:], auto, ref):
+            assert_rel(a, r.to(dtype), PROJ_TOL[dtype], f"d{name} vs the float64 reference")
+        with pytest.raises(RuntimeError, match="proxies of at most 16"):
+            emu.propagate_proj_bwd(grad_y, *ins, d, chunk, ctas, TILE)
+        return None
+    got = emu.propagate_proj_bwd(grad_y, *ins, d, chunk, ctas, TILE)
+    ref = proj_reference([t.double() for t in ins], grad_y.double(), directions, chunk)[1:]
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    for name, g, r, lane, a in zip(PROJ_NAMES[1:], got, ref, lanes, auto):
+        assert_rel(g, r.to(dtype), PROJ_TOL[dtype], f"d{name} vs the float64 reference")
+        assert_rel(g, lane, PROJ_TOL[dtype], f"d{name} vs the lane kernels")
+        assert torch.equal(a, g), f"d{name}: the dispatch rule picks the tile, deterministically"
+    return got
+
+
+def check_tile_forward(emu, shape, S, directions, chunk, dtype=torch.float64, ctas=GPU_CTAS):
     ins, _ = proj_inputs(shape, S, len(directions), dtype)
     d = list(directions)
     y = emu.propagate_proj_fwd(*ins, d, chunk, ctas, TILE)
@@ -679,6 +711,21 @@ def test_tile_kernel_float32_and_bfloat16(emu):
     assert y.dtype == torch.bfloat16
     assert err_k <= 2 * err_r + 1e-3 * exact.abs().max().item(), (err_k, err_r)
     assert_rel(y, emu.propagate_proj_fwd(*low, d, 3, GPU_CTAS, LANES), 2e-2, "y vs the lane kernels")
+    # the backward likewise (its dx sums the directions in float before rounding, as the lanes' merge)
+    _, grad_y = proj_inputs((1, 19, 9, 13), 8, 4)
+    gy = grad_y.to(torch.bfloat16)
+    got = emu.propagate_proj_bwd(gy, *low, d, 3, GPU_CTAS, TILE)
+    exact = proj_reference(ins, grad_y, DIRECTIONS, 3)[1:]
+    torch_bf16 = proj_reference(low, gy, DIRECTIONS, 3)[1:]
+    lanes = emu.propagate_proj_bwd(gy, *low, d, 3, GPU_CTAS, LANES)
+    for name, g, r, e, lane in zip(PROJ_NAMES[1:], got, torch_bf16, exact, lanes):
+        assert g.dtype == torch.bfloat16, name
+        err_k = (g.double() - e).abs().max().item()
+        err_r = (r.double() - e).abs().max().item()
+        assert err_k <= 2 * err_r + 1e-3 * e.abs().max().item(), (
+            f"d{name}: tile {err_k:.3g} vs bf16 {err_r:.3g}"
+        )
+        assert_rel(g, lane, 2e-2, f"d{name} vs the lane kernels")
 
 
 @pytest.mark.parametrize(
@@ -748,6 +795,34 @@ def test_tile_dispatch_rule_and_cases_reach_every_launch_path(emu):
     f32 = emu.tile_plan(torch.zeros(1, 3, 37, 35), 3, d, 8, 1, GPU_CTAS)
     assert f32[4] == f32[5] == 32 and f32[7] <= 96 * 1024, f32
     assert any(p[1] * p[2] == 256 for p in plans), "full CTAs of 256 threads (steps of more items)"
+
+
+def test_tile_backward_dispatch_rule_and_plan(emu):
+    """The backward's rule: chunks of 1 to 8 lines and proxies of at most 16 channels (dL/dweight in
+    registers) take the tile kernel; its plan counts the tile's dL/dproxy accumulator (TH TW S values,
+    whatever G) in the shared memory and shrinks the side to fit it; GSPN's backward forced to the
+    tile refuses what it does not take."""
+    x = torch.zeros(1, 5, 17, 23, dtype=torch.float64)
+    d = list(DIRECTIONS)
+    assert [emu.tile_plan(x, 8, d, c, 0, GPU_CTAS)[0] for c in (0, 1, 4, 8, 9)] == [0, 1, 1, 1, 0]
+    assert emu.tile_plan(x, 16, d, 2, 0, GPU_CTAS)[0] == 1
+    assert emu.tile_plan(x, 17, d, 2, 0, GPU_CTAS)[0] == 0  # the forward's tile takes it, not the backward's
+    assert emu.tile_plan(x, 17, d, 2, 1, GPU_CTAS)[0] == 1
+    ins, grad_y = proj_inputs((1, 5, 17, 23), 8, 4)
+    with pytest.raises(RuntimeError, match="chunk sizes 1 to 8"):
+        emu.propagate_proj_bwd(grad_y, *ins, d, 0, GPU_CTAS, TILE)
+    # (tile, G, P, groups, TH, TW, tiles, shared bytes): S only adds TH TW S accumulators
+    small, large = (emu.tile_plan(x, S, d, 4, 0, GPU_CTAS) for S in (8, 16))
+    assert small[1:7] == large[1:7], (small, large)
+    assert large[7] - small[7] == small[4] * small[5] * 8 * 8, (small, large)
+    # per lane: the dx accumulator and four line buffers (h and three products), rows walk TH lines of
+    # TW + 2 x 3 halo + 2 pads; in float64 the side of 16 (8 lanes: 8 x 14336 + 16384 bytes) shrinks to 12
+    G, TH, TW = small[1], small[4], small[5]
+    assert (G, TH, TW) == (8, 12, 12), small
+    assert small[7] == G * (TH * TW + 4 * TH * (TW + 6 + 2)) * 8 + TH * TW * 8 * 8, small
+    assert emu.tile_plan(x.float(), 8, d, 4, 0, GPU_CTAS)[4:6] == [16, 16]  # float32: the full side
+    big = emu.tile_plan(torch.zeros(1, 32, 40, 40, dtype=torch.float64), 16, d, 8, 0, GPU_CTAS)
+    assert big[0] == 1 and big[4] < 32 and big[7] <= 96 * 1024, big
 
 
 # (shape (B, H, W, E), S, chunk): the attention tile kernel, out against the reference and CPU kernel

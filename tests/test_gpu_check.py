@@ -258,11 +258,14 @@ def test_cpu_rehearsal_of_the_older_sections(tmp_path):
     tile = sections["tile"]["results"]
     correct = [r for r in tile if r["kind"] == "correct"]
     assert {(r["op"], r["dtype"], r["kernel"]) for r in correct} == {
-        (o, d, k) for o in ("proj", "attention") for d in ("float32", "bfloat16") for k in ("tile", "lanes")
+        (o, d, k)
+        for o in ("proj", "proj-bwd", "attention")
+        for d in ("float32", "bfloat16")
+        for k in ("tile", "lanes")
     }
     assert all(r["ok"] for r in correct)
     assert {(r["op"], r["kernel"]) for r in tile if r["kind"] == "time"} == {
-        (o, k) for o in ("proj", "attention") for k in ("tile", "lanes")
+        (o, k) for o in ("proj", "proj fwd+bwd", "attention") for k in ("tile", "lanes")
     }
     assert "**Tile kernels**" in text
     for name in DEFAULT_SECTIONS[2:]:

@@ -30,7 +30,7 @@ from gspn_lightning.ops import _build
 #: instantiation a model runs by default: the 16-bit and float32 ones with a proxy of up to 8 channels
 #: (the mixer's and the SD-XL swap's d_state), and the merges; the SD-XL swap's attention kernels
 #: (gspn_attention_kernels.h, bound in gspn_lanes_cuda.cu) likewise, and the local tile kernels of
-#: chunked layers (gspn_tile_kernels.h, the forward of both ops; capacity 0 is propagate_proj's with
+#: chunked layers (gspn_tile_kernels.h, the forward of both ops and propagate_proj's backward; capacity 0 is the forward's with
 #: the projection rows in shared memory, GSPN-DiT's proxies of D / 16 channels).  Not hot, and not checked: float64 (tests
 #: and gradcheck only) and the S <= 16 capacity (proxies of 9-16 channels), whose backward spills a
 #: few bytes in 16 bits.
@@ -47,6 +47,7 @@ HOT_KERNELS: dict[str, tuple[str, ...]] = {
         r"attn_bwd_merge_kernel<(c10::BFloat16|c10::Half|float), float>",
         r"tile_fwd_kernel<(c10::BFloat16|c10::Half|float), float, (8|0)>",
         r"tile_attn_fwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
+        r"tile_bwd_kernel<(c10::BFloat16|c10::Half|float), float, 8>",
     ),
     # the mixer's fused LayerNorm + GRN (every layer, both passes), parameters in the map's dtype or
     # float32 (autocast)

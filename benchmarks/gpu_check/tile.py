@@ -1,9 +1,12 @@
 """tile: the local tile kernels of chunked layers (``csrc/cuda/gspn_tile_kernels.h``, issue 25 item 3)
-against the lane kernels they replace in the forward, switched per call with ``GSPN_CUDA_FORWARD=tile``
-/ ``lanes`` (``gspn_lanes_cuda.cu``).  Correctness first: ``gspn_propagate_proj`` and
-``gspn_attention`` forward, float32 and bfloat16, each kernel's max error against the float64 CPU
-reference (relative to the reference's largest value), at odd and square grids and chunks 2-5.  Then
-the forward's median time and peak memory, tile against lanes, bf16, all four directions: a
+against the lane kernels they replace, switched per call with ``GSPN_CUDA_FORWARD=tile`` / ``lanes``
+and, for ``gspn_propagate_proj``'s backward, ``GSPN_CUDA_BACKWARD`` (``gspn_lanes_cuda.cu``; its tile
+takes proxies of at most 16 channels, past that both sides run the lane path).  Correctness first:
+``gspn_propagate_proj`` and ``gspn_attention`` forward, and ``gspn_propagate_proj``'s five gradients
+("proj-bwd": the largest of their errors), float32 and bfloat16, each kernel's max error against the
+float64 CPU reference (relative to the reference's largest value), at odd and square grids and chunks
+2-5.  Then the median time and peak memory of the forward and of ``gspn_propagate_proj``'s forward +
+backward ("proj fwd+bwd"), tile against lanes, bf16, all four directions: a
 GSPN-DiT-XL/2-like layer on a 16 x 16 grid with chunk 2 (batch 32, 1152 channels) with a proxy of S =
 8 and of S = 72 (XL's d_state = D / 16: the tile keeps its projection rows in shared memory, the
 "lanes" side is then the materialised logits and the per-plane kernels) and a 64 x 64 grid with chunk
@@ -76,18 +79,38 @@ def _ops():
     }
 
 
+def _proj_grads(ins, chunk, grad_y):
+    return torch.ops.gspn_lightning.propagate_proj_bwd(grad_y, *ins, ALL, chunk)
+
+
+def _proj_fwd_bwd(ins, chunk, grad_y):
+    y = torch.ops.gspn_lightning.propagate_proj_fwd(*ins, ALL, chunk)
+    return y, _proj_grads(ins, chunk, grad_y)
+
+
+def _reference_grads(ins64, chunk, grad_y):
+    from gspn_lightning.ops import propagate_proj_reference
+
+    leaves = [t.detach().clone().requires_grad_() for t in ins64]
+    y = propagate_proj_reference(*leaves, ALL, chunk)
+    return torch.autograd.grad(y, leaves, grad_y)
+
+
 @contextlib.contextmanager
-def forward_kernel(kernel: str):
-    """GSPN_CUDA_FORWARD=kernel inside the block (the CUDA launcher reads it at every call)."""
-    old = os.environ.get("GSPN_CUDA_FORWARD")
-    os.environ["GSPN_CUDA_FORWARD"] = kernel
+def forward_kernel(kernel: str, S: int = 0):
+    """GSPN_CUDA_FORWARD=kernel inside the block (the CUDA launcher reads it at every call), and
+    GSPN_CUDA_BACKWARD likewise where propagate_proj's backward tile takes the proxy (S <= 16)."""
+    values = {"GSPN_CUDA_FORWARD": kernel, "GSPN_CUDA_BACKWARD": kernel if S <= 16 else "lanes"}
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["GSPN_CUDA_FORWARD"]
-        else:
-            os.environ["GSPN_CUDA_FORWARD"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def run(args, rec: Record) -> None:
@@ -111,39 +134,72 @@ def run(args, rec: Record) -> None:
                 ins64 = make(*shape, S, torch.float64, torch.device("cpu"))
                 with torch.no_grad():
                     ref = reference(*ins64, ALL, chunk)
+                if name == "proj":
+                    grad64 = torch.randn(
+                        shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+                    )
+                    ref_grads = _reference_grads(ins64, chunk, grad64)
                 for dtype in (torch.float32, torch.bfloat16):
                     ins = [t.to(device, dtype) for t in ins64]
+                    limit = FP32_MAX if dtype == torch.float32 else BF16_MAX
                     for kernel in KERNELS:
-                        with forward_kernel(kernel):
+                        with forward_kernel(kernel, S):
                             out = op(ins, chunk).to("cpu", torch.float64)
                         err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-                        limit = FP32_MAX if dtype == torch.float32 else BF16_MAX
                         rec.add(kind="correct", op=name, shape=list(shape), S=S, chunk=chunk, dtype=str(dtype)[6:],
                                 kernel=kernel, error=err, ok=err == err and err <= limit)  # fmt: skip
+                        if name != "proj":
+                            continue
+                        gy = grad64.to(device, dtype).contiguous(memory_format=torch.channels_last)
+                        with forward_kernel(kernel, S):
+                            grads = _proj_grads(ins, chunk, gy)
+                        err = max(
+                            float(
+                                (g.to("cpu", torch.float64) - r).abs().max() / r.abs().max().clamp_min(1e-30)
+                            )
+                            for g, r in zip(grads, ref_grads)
+                        )
+                        rec.add(kind="correct", op="proj-bwd", shape=list(shape), S=S, chunk=chunk,
+                                dtype=str(dtype)[6:], kernel=kernel, error=err, ok=err == err and err <= limit)  # fmt: skip
     reps = 2 if args.rehearsal else 20
-    for name, B, C, g, chunk, S in REHEARSAL_TIMINGS if args.rehearsal else TIMINGS:
-        op, _, make = ops[name]
-        shape = (B, C, g, g) if name == "proj" else (B, g, g, C)
+    timings = REHEARSAL_TIMINGS if args.rehearsal else TIMINGS
+    # propagate_proj's forward + backward at the same cases
+    timings = timings + [("proj fwd+bwd", *case[1:]) for case in timings if case[0] == "proj"]
+    for name, B, C, g, chunk, S in timings:
+        op, _, make = ops[name.split()[0]]
+        shape = (B, C, g, g) if name.startswith("proj") else (B, g, g, C)
         for kernel in KERNELS:
             label = f"time {name} {'x'.join(map(str, shape))} S={S} chunk={chunk} {kernel}"
             if rec.out_of_time(label, reserve=5.0):
                 continue
             with recorded(rec, label, device):
                 ins = make(*shape, S, torch.bfloat16, device)
+                if name == "proj fwd+bwd":
+                    gy = torch.randn_like(ins[0])
+
+                    def fn(ins=ins, chunk=chunk, gy=gy):
+                        return _proj_fwd_bwd(ins, chunk, gy)
+                else:
+
+                    def fn(ins=ins, op=op, chunk=chunk):
+                        return op(ins, chunk)
+
                 peak_reset(device)
-                with forward_kernel(kernel):
-                    t = time_ms(lambda ins=ins, op=op, chunk=chunk: op(ins, chunk), device, reps)
+                with forward_kernel(kernel, S):
+                    t = time_ms(fn, device, reps)
                 rec.add(kind="time", op=name, shape=list(shape), S=S, grid=g, chunk=chunk, kernel=kernel, **t,
                         peak_mib=peak_mib(device))  # fmt: skip
 
 
 def table(data: dict) -> list[str]:
     """The report's lines: each case's error per kernel and dtype (pass / FAIL), then the forward's
-    time per kernel and the tile's speed-up over the lanes (lanes ms / tile ms)."""
+    (and propagate_proj's forward + backward) time per kernel and the tile's speed-up over the lanes
+    (lanes ms / tile ms)."""
     rows = data.get("results", [])
     if not rows:
         return []
-    lines = ["", "**Tile kernels** (chunked forward): max error vs the float64 reference", "",
+    lines = ["", "**Tile kernels** (chunked layers; proj-bwd: the largest error of the five gradients): max error "
+             "vs the float64 reference", "",
              "| op | shape | S | chunk | dtype | tile | lanes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     correct = [r for r in rows if r.get("kind") == "correct"]
     keys = []
@@ -162,8 +218,8 @@ def table(data: dict) -> list[str]:
         )
     timed = [r for r in rows if r.get("kind") == "time"]
     if timed:
-        lines += ["", "Forward, bf16, four directions: ms / peak MiB; speed-up = lanes ms / tile ms (S > 16: "
-                  "lanes = materialised logits)", "",
+        lines += ["", "Forward (proj fwd+bwd: forward + backward), bf16, four directions: ms / peak MiB; speed-up = "
+                  "lanes ms / tile ms (S > 16: lanes = materialised logits; the backward's tile takes S <= 16)", "",
                   "| op | shape | S | chunk | tile | lanes | speed-up |", "|---|---|---|---|---|---|---:|"]  # fmt: skip
         seen = []
         for r in timed:

@@ -214,7 +214,7 @@ ProjGrads proj_bwd_materialised(const ProjArgs& pa, const at::Tensor& grad_y, co
           dg.sum({0, 2}), dmerge};
 }
 
-// ---- the local tile kernels of chunked layers (gspn_tile_kernels.h), forward ----
+// ---- the local tile kernels of chunked layers (gspn_tile_kernels.h), forward and propagate_proj's backward ----
 
 // Which kernel a forward runs: kAuto the dispatch rule (tile_cuda::tile_pays and a tile that fits in
 // shared memory), kLanes / kTile one of them (the tests; kTile fails where no tile applies).
@@ -229,7 +229,8 @@ inline ForwardKernel forward_kernel(int64_t v) {
 // propagate_proj, 2 for attention).
 template <typename acc_t>
 tile_cuda::TilePlan plan_tile_launch(int64_t B, int64_t C, int64_t H, int64_t W, const std::vector<Direction>& dirs,
-                                     int64_t chunk, int64_t S, int states, int64_t target_ctas) {
+                                     int64_t chunk, int64_t S, int states, int64_t target_ctas,
+                                     bool backward = false) {
   bool transpose[4] = {}, reverse[4] = {};
   const int64_t K = static_cast<int64_t>(dirs.size());
   for (int64_t k = 0; k < K; ++k) {
@@ -238,21 +239,26 @@ tile_cuda::TilePlan plan_tile_launch(int64_t B, int64_t C, int64_t H, int64_t W,
   }
   const int64_t ck = chunk >= 1 && chunk <= tile_cuda::kMaxChunk ? chunk : 1;  // planned only where it applies
   tile_cuda::TilePlan p =
-      tile_cuda::plan_tile<acc_t>(B, C, H, W, K, ck, S, transpose, reverse, states, target_ctas);
+      tile_cuda::plan_tile<acc_t>(B, C, H, W, K, ck, S, transpose, reverse, states, target_ctas, backward);
   p.fits = p.fits && p.geo.groups <= 65535 && B <= 65535;  // grid.y, grid.z
   return p;
 }
 
 // Whether the forward runs the tile kernel (`plan` from plan_tile_launch for `chunk`, S and `states`).
-inline bool use_tile(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S, int states,
-                     const char* op) {
+// `max_s`: the proxies the kernel takes.
+inline bool use_tile_upto(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S,
+                          int64_t max_s, const char* op) {
   if (kernel == ForwardKernel::kLanes) return false;
-  const int64_t max_s = states == 1 ? tile_cuda::kMaxTileS : lanes_cuda::kMaxLaneS;
   const bool applies = tile_cuda::tile_pays(chunk, S, max_s) && plan.fits;
   TORCH_CHECK(kernel == ForwardKernel::kAuto || applies, op, ": the tile kernel takes chunk sizes 1 to ",
               tile_cuda::kMaxChunk, " and proxies of at most ", max_s, " channels, got chunk ", chunk, " and ",
               S);
   return applies;
+}
+
+inline bool use_tile(ForwardKernel kernel, const tile_cuda::TilePlan& plan, int64_t chunk, int64_t S, int states,
+                     const char* op) {
+  return use_tile_upto(kernel, plan, chunk, S, states == 1 ? tile_cuda::kMaxTileS : lanes_cuda::kMaxLaneS, op);
 }
 
 // Calls f(std::integral_constant<int, kS>) with the tile kernel's capacity for S proxy channels (0:
@@ -316,19 +322,81 @@ at::Tensor lanes_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, const at
   return y;
 }
 
+// Which kernel the backward of propagate_proj runs (GSPN_CUDA_BACKWARD, the tests): the same choices,
+// the tile kernel where the rule takes a chunked layer and S <= kMaxLaneS (its dL/dweight sums are in
+// registers) and its plan fits.
+using BackwardKernel = ForwardKernel;
+
+inline BackwardKernel backward_kernel(int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= 2, "gspn: backward kernel 0 (auto), 1 (lanes) or 2 (tile), got ", v);
+  return static_cast<BackwardKernel>(v);
+}
+
+template <typename scalar_t, typename acc_t, typename Launch>
+ProjGrads tile_backward(const ProjArgs& pa, const at::Tensor& grad_y, const tile_cuda::TilePlan& p, Launch&& launch) {
+  const PropagateArgs& a = pa.p;
+  const int64_t S = pa.S, R = a.K * kGateFields * a.C, n = a.x.numel(), pixels = a.B * a.H * a.W;
+  const at::ScalarType dtype = a.x.scalar_type();
+  const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = empty_channels_last(a.x, a.x.sizes());
+  if (n == 0) {
+    return {dx, at::zeros_like(pa.proxy), at::zeros_like(pa.weight), at::zeros_like(pa.bias), at::zeros_like(a.merge)};
+  }
+  const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t ctas = static_cast<int64_t>(p.grid[0]) * p.grid[1] * p.grid[2], zb = a.B * p.grid[0];
+  at::Tensor ws = launch_workspace<acc_t>(p.geo.red_elems * ctas, a.x);
+  at::Tensor dproxy_part = at::empty({p.geo.groups, pixels * S}, acc);  // every pixel written once per group
+  at::Tensor dwb_part = at::empty({zb, R * (S + 1)}, acc);             // every row written by its CTA
+  at::Tensor dm_part = at::empty({zb, a.K * a.C}, acc);
+  with_lane_capacity(S, [&](auto cap) {
+    launch(tile_cuda::tile_bwd_kernel<scalar_t, acc_t, decltype(cap)::value>, dim3(p.grid[0], p.grid[1], p.grid[2]),
+           dim3(p.block[0], p.block[1]), p.shared_bytes, gy.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+           pa.proxy.const_data_ptr<scalar_t>(), pa.weight.const_data_ptr<scalar_t>(),
+           pa.bias.const_data_ptr<scalar_t>(), a.merge.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+           dproxy_part.mutable_data_ptr<acc_t>(), dwb_part.mutable_data_ptr<acc_t>(), dm_part.mutable_data_ptr<acc_t>(),
+           workspace_data<acc_t>(ws), p.geo);
+  });
+  // the partial sums added in a fixed order (deterministic), as lanes_backward's
+  const at::Tensor dproxy =
+      dproxy_part.sum(0).view({a.B, a.H, a.W, S}).permute({0, 3, 1, 2}).to(dtype);  // channels-last strides
+  const at::Tensor dwb = dwb_part.sum(0).view({R, S + 1});
+  const at::Tensor dweight = dwb.narrow(1, 0, S).to(dtype).contiguous();
+  const at::Tensor dbias = dwb.select(1, S).to(dtype).contiguous();
+  const at::Tensor dmerge = dm_part.sum(0).view({a.K, a.C}).to(dtype);
+  return {dx, dproxy, dweight, dbias, dmerge};
+}
+
+// The whole propagate_proj_bwd op around `launch`: the tile kernel where the rule takes the layer
+// (chunk 1 to kMaxChunk, S <= kMaxLaneS, a plan that fits), else the lane kernels or, for
+// S > kMaxLaneS, `propagate_bwd` on the materialised logits; `kernel`: the rule or a forced kernel
+// (GSPN_CUDA_BACKWARD, the tests).
 template <typename Launch, typename PropagateBwd>
 ProjGrads lanes_proj_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy,
                          const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& merge,
                          const std::vector<std::string>& directions, int64_t chunk_size, Launch&& launch,
-                         PropagateBwd&& propagate_bwd, int64_t target_ctas = lanes_cuda::kTargetCtas) {
-  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, "gspn propagate_proj_bwd");
+                         PropagateBwd&& propagate_bwd, int64_t target_ctas = lanes_cuda::kTargetCtas,
+                         BackwardKernel kernel = BackwardKernel::kAuto) {
+  const char* op = "gspn propagate_proj_bwd";
+  const ProjArgs pa = lanes_args(x, proxy, weight, bias, merge, directions, chunk_size, op);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               "gspn propagate_proj_bwd: grad_y must have the shape, dtype and device of x");
-  if (pa.S > lanes_cuda::kMaxLaneS) return proj_bwd_materialised(pa, grad_y, directions, chunk_size, propagate_bwd);
+  const PropagateArgs& a = pa.p;
   ProjGrads out;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_propagate_proj_bwd_lanes", [&] {
-    out = lanes_backward<scalar_t, at::opmath_type<scalar_t>>(pa, grad_y, launch, target_ctas);
+    using acc_t = at::opmath_type<scalar_t>;
+    const tile_cuda::TilePlan tp =
+        plan_tile_launch<acc_t>(a.B, a.C, a.H, a.W, a.dirs, a.chunk, pa.S, 1, target_ctas, /*backward=*/true);
+    // the tile's backward keeps dL/dweight in registers: proxies of at most kMaxLaneS channels
+    if (use_tile_upto(kernel, tp, a.chunk, pa.S, lanes_cuda::kMaxLaneS, op)) {
+      out = tile_backward<scalar_t, acc_t>(pa, grad_y, tp, launch);
+      done = true;
+    } else if (pa.S <= lanes_cuda::kMaxLaneS) {
+      out = lanes_backward<scalar_t, acc_t>(pa, grad_y, launch, target_ctas);
+      done = true;
+    }
   });
+  if (!done) out = proj_bwd_materialised(pa, grad_y, directions, chunk_size, propagate_bwd);
   return out;
 }
 

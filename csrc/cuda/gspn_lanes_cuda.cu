@@ -1,7 +1,7 @@
 // Launcher and CUDA registration of the channels-last propagate_proj kernels (gspn_lanes_kernels.h)
 // and of the attention kernels of the SD-XL swap (gspn_attention_kernels.h, the whole op in
 // gspn_cuda_plan.h's attention_cuda_fwd / _bwd), with the local tile kernels of chunked layers
-// (gspn_tile_kernels.h) in their forwards.
+// (gspn_tile_kernels.h) in their forwards and propagate_proj's backward.
 // The op itself — channels-last arguments, plan, workspaces, partial buffers, the kernel sequence and
 // the final sums — is gspn_cuda_plan.h's lanes_proj_fwd / lanes_proj_bwd, which the test suite's
 // host emulation runs too; this file gives it the CUDA launch (<<<...>>> on the current stream) and,
@@ -32,6 +32,13 @@ ForwardKernel forward_kernel_from_env() {
   return s == "lanes" ? ForwardKernel::kLanes : (s == "tile" ? ForwardKernel::kTile : ForwardKernel::kAuto);
 }
 
+// GSPN_CUDA_BACKWARD=lanes / tile likewise for propagate_proj's backward (BackwardKernel).
+BackwardKernel backward_kernel_from_env() {
+  const char* v = std::getenv("GSPN_CUDA_BACKWARD");
+  const std::string s = v == nullptr ? "" : v;
+  return s == "lanes" ? BackwardKernel::kLanes : (s == "tile" ? BackwardKernel::kTile : BackwardKernel::kAuto);
+}
+
 at::Tensor propagate_proj_fwd_cuda(const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
                                    const at::Tensor& bias, const at::Tensor& merge,
                                    std::vector<std::string> directions, int64_t chunk_size) {
@@ -49,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate
   return lanes_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size, CudaLaunch{},
                         [](const at::Tensor& gy, const at::Tensor& x_, const at::Tensor& gates, const at::Tensor& m,
                            const std::vector<std::string>& d,
-                           int64_t c) { return propagate_bwd_cuda(gy, x_, gates, m, d, c); });
+                           int64_t c) { return propagate_bwd_cuda(gy, x_, gates, m, d, c); },
+                        lanes_cuda::kTargetCtas, backward_kernel_from_env());
 }
 
 at::Tensor attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proxy,

@@ -247,12 +247,12 @@ at::Tensor propagate_proj_fwd(const at::Tensor& x, const at::Tensor& proxy, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_proj_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& proxy, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& merge, std::vector<std::string> directions, int64_t chunk_size,
-    int64_t target_ctas) {
+    int64_t target_ctas, int64_t backward_kernel) {
   return gspn::lanes_proj_bwd(grad_y, x, proxy, weight, bias, merge, directions, chunk_size, EmuLaunch{},
                               [](const at::Tensor& gy, const at::Tensor& x_, const at::Tensor& g, const at::Tensor& m,
                                  const std::vector<std::string>& d,
                                  int64_t c) { return propagate_bwd(gy, x_, g, m, d, c, true); },
-                              target_ctas);
+                              target_ctas, gspn::backward_kernel(backward_kernel));
 }
 
 // (G, P, channel groups, runs per batch element, chunks per run, shared bytes, global line buffers,
@@ -317,18 +317,22 @@ std::vector<int64_t> attention_plan_info(const at::Tensor& v, int64_t S, std::ve
 }
 
 // (uses the tile kernel by the dispatch rule, G, P, channel groups, TH, TW, tiles, shared bytes) of
-// the tile kernels' forward launch over (B, C, H, W) maps with an S-channel proxy (`states` 1:
-// propagate_proj, 2: attention), for the tests.
+// the tile kernels' launch over (B, C, H, W) maps with an S-channel proxy (`states` 1: propagate_proj's
+// forward, 2: attention's, 0: propagate_proj's backward, tile_bwd_kernel), for the tests.
 std::vector<int64_t> tile_plan_info(const at::Tensor& x, int64_t S, std::vector<std::string> directions,
                                     int64_t chunk_size, int64_t states, int64_t target_ctas) {
+  const bool backward = states == 0;
   std::vector<gspn::Direction> dirs;
   for (const auto& d : directions) dirs.push_back(gspn::parse_direction(d));
   const int64_t chunk = chunk_size <= 0 ? 0 : chunk_size;
   std::vector<int64_t> info;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_tile_plan", [&] {
-    const auto p = gspn::plan_tile_launch<at::opmath_type<scalar_t>>(x.size(0), x.size(1), x.size(2), x.size(3), dirs,
-                                                                      chunk, S, static_cast<int>(states), target_ctas);
-    const bool tile = gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "gspn tile plan");
+    const auto p = gspn::plan_tile_launch<at::opmath_type<scalar_t>>(
+        x.size(0), x.size(1), x.size(2), x.size(3), dirs, chunk, S, backward ? 1 : static_cast<int>(states),
+        target_ctas, backward);
+    const bool tile =
+        backward ? gspn::use_tile_upto(gspn::ForwardKernel::kAuto, p, chunk, S, gspn::lanes_cuda::kMaxLaneS, "plan")
+                 : gspn::use_tile(gspn::ForwardKernel::kAuto, p, chunk, S, static_cast<int>(states), "plan");
     info = {tile ? 1 : 0, p.geo.G, p.geo.P, p.geo.groups, p.geo.TH, p.geo.TW, static_cast<int64_t>(p.grid[0]),
             static_cast<int64_t>(p.shared_bytes)};
   });

@@ -166,17 +166,26 @@ void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_
 }
 
 // The local tile kernels' forward (all four directions; S proxy channels; `states` 1: propagate_proj,
-// 2: attention), with the plan's CTA target `ctas`.
+// 2: attention) or (`states` 0) propagate_proj's backward, with the plan's CTA target `ctas`.
 void tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S, int states, int64_t ctas,
           std::mt19937& rng) {
   using namespace gspn::tile_cuda;
-  const int64_t K = 4, n = B * C * H * W, R = K * (states == 1 ? 6 : 3) * C;
+  const int64_t K = 4, n = B * C * H * W, R = K * (states == 2 ? 3 : 6) * C;
   const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
   Buffer x(n, rng), q(n, rng), k(n, rng), proxy(B * S * H * W, rng), weight(R * S, rng), bias(R, rng);
   Buffer merge(K * C, rng, 0.1f, 1.0f), ub(C, rng), y(n, rng);
-  const TilePlan p = plan_tile<float>(B, C, H, W, K, chunk, S, transpose, reverse, states, ctas);
+  const TilePlan p = plan_tile<float>(B, C, H, W, K, chunk, S, transpose, reverse, states == 0 ? 1 : states, ctas,
+                                      states == 0);
   const dim3 grid(p.grid[0], p.grid[1], p.grid[2]), block(p.block[0], p.block[1]);
-  if (states == 1) {
+  if (states == 0) {
+    const int64_t ctas_launched = static_cast<int64_t>(p.grid[0]) * p.grid[1] * p.grid[2];
+    const int64_t groups = p.geo.groups, zb = B * p.grid[0];
+    Buffer dproxy(groups * B * H * W * S, rng), dwb(zb * R * (S + 1), rng), dm(zb * K * C, rng);
+    Buffer ws(p.geo.red_elems * ctas_launched, rng);
+    auto kernel = S <= 8 ? tile_bwd_kernel<float, float, 8> : tile_bwd_kernel<float, float, 16>;
+    cuda_emu::launch(kernel, grid, block, p.shared_bytes, q.ptr(), x.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(),
+                     merge.ptr(), y.ptr(), dproxy.ptr(), dwb.ptr(), dm.ptr(), ws.ptr(), p.geo);
+  } else if (states == 1) {
     auto kernel = S <= 8 ? tile_fwd_kernel<float, float, 8> : tile_fwd_kernel<float, float, 16>;
     cuda_emu::launch(kernel, grid, block, p.shared_bytes, x.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(), merge.ptr(),
                      y.ptr(), p.geo);
@@ -240,6 +249,7 @@ int main() {
   attention(1, 5, 2, 300, 0, 8, 264, rng);  // the line buffers in the global workspace (backward)
   tile(1, 19, 17, 18, 2, 8, 1, 1, rng);    // 2 x 2 tiles (halos inside the map), 32 lanes, masked ones
   tile(2, 5, 9, 7, 3, 3, 2, 264, rng);     // attention: one tile, 8 lanes, a short last chunk
+  tile(1, 5, 9, 7, 2, 3, 0, 264, rng);     // propagate_proj's backward: one tile, 8 lanes, a short chunk
   layer_norm_grn(2, 45, 7, 5, 3, rng);    // 8 warps, several pixels per warp, channels past a warp
   layer_norm_grn(1, 3000, 1, 3, 264, rng);  // fewer warps per CTA
   return 0;
