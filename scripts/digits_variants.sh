@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GSPN-DiT's options on the digits at equal steps (issue 27: the release block against the earlier
-# compact block, GSPN-2's compact propagation, the paper's additive conditioning). Each variant is
+# GSPN-DiT's options on the digits at equal steps (issue 27: the demo's GSPN-DiT (the release block with
+# GSPN-2's compact propagation) against every channel propagated, the earlier compact block and the
+# paper's additive conditioning). Each variant is
 # configs/dit/digits.yaml plus its overlay configs/dit/overlays/digits_<variant>.yaml ("release": no
 # overlay, the demo's GSPN-DiT), trained VARIANT_STEPS steps (default 500) with seed VARIANT_SEED
 # (default 0), one thread each, VARIANT_JOBS at a time (default 2), then scored as the demo scores
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/digits_lib.sh
-VARIANTS=${VARIANTS:-release block_compact d_prop additive}
+VARIANTS=${VARIANTS:-release full_width block_compact additive}
 STEPS=${VARIANT_STEPS:-500}
 SEED=${VARIANT_SEED:-0}
 JOBS=${VARIANT_JOBS:-2}

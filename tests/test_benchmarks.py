@@ -39,12 +39,12 @@ def test_dit_vs_gspn_step_times_the_demo_models_and_overlays(tmp_path):
     """benchmarks/dit_vs_gspn_step.py: the demo's GSPN-DiT, its DiT and an overlay variant built from
     the configs, a ratio to DiT per GSPN variant, the profiles of the two demo models."""
     args = ["--rounds", "1", "--steps", "1", "--batch", "2", "--profile-steps", "1", "--profile-rows", "3"]
-    assert dit_vs_gspn_step.main([*args, "--gspn-overlays", "d_prop", "--out", str(tmp_path)]) == 0
+    assert dit_vs_gspn_step.main([*args, "--gspn-overlays", "full_width", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
     result = json.loads(path.read_text())
-    assert set(result["models"]) == {"gspn_dit", "dit", "gspn_dit+d_prop"}
-    assert result["models"]["gspn_dit+d_prop"]["params"] < result["models"]["gspn_dit"]["params"]
-    assert set(result["ratios_vs_dit"]) == {"gspn_dit", "gspn_dit+d_prop"}
+    assert set(result["models"]) == {"gspn_dit", "dit", "gspn_dit+full_width"}
+    assert result["models"]["gspn_dit+full_width"]["params"] > result["models"]["gspn_dit"]["params"]
+    assert set(result["ratios_vs_dit"]) == {"gspn_dit", "gspn_dit+full_width"}
     assert set(result["profile"]) == {"gspn_dit", "dit"} and result["profile"]["dit"]["top"]
     with pytest.raises(SystemExit):
         dit_vs_gspn_step.main([*args, "--gspn-overlays", "nonesuch", "--out", str(tmp_path)])

@@ -133,7 +133,10 @@ def test_dit_configs_instantiate(configs, monkeypatch):
         assert sum(p.numel() for p in task.model.parameters()) / 1e6 == pytest.approx(674.83, abs=0.01)
     if type(task.model).__name__ == "GSPNDiT":  # the block each config names (the release's by default)
         assert task.model.block == ("compact" if configs[-1].stem == "digits_block_compact" else "release")
-        assert task.model.mixer_options.d_prop == (32 if configs[-1].stem == "digits_d_prop" else None)
+        compact_propagation = configs[0].stem == "digits" and configs[-1].stem not in (
+            "digits_full_width", "digits_block_compact", "digits_additive"
+        )
+        assert task.model.mixer_options.d_prop == (32 if compact_propagation else None)
     if configs[-1].stem == "imagenet":  # GSPN-DiT-XL/2 with the release block (docs/model_sizes.md)
         assert sum(p.numel() for p in task.model.parameters()) / 1e6 == pytest.approx(726.08, abs=0.01)
 
