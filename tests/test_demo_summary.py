@@ -74,3 +74,23 @@ def test_summary_cli_writes_files_and_refuses_empty(tmp_path):
         capture_output=True, text=True,
     )
     assert empty.returncode != 0 and "no scored runs" in empty.stderr
+
+
+def test_summary_of_variants_scored_from_another_run(tmp_path):
+    """A variant folder holding only a scoring (its checkpoint lives in the demo's run) is read from
+    the checkpoint its protocol names, labelled by its folder and shown untimed."""
+    mod = _load()
+    demo = tmp_path / "digits"
+    _fake_run(demo, 0, "gspn_dit", 900, 250, 50.0, 60.0)
+    variants = tmp_path / "variants"
+    scored = variants / "seed0" / "release" / "steps"
+    (scored / "samples").mkdir(parents=True)
+    ckpt = demo / "seed0" / "gspn_dit" / "checkpoints" / "step=250.ckpt"
+    (scored / "samples" / "protocol.json").write_text(json.dumps({"checkpoint": str(ckpt)}))
+    (scored / "report.json").write_text(json.dumps({"fid": 12.5, "kid_mean": 0.01, "class_accuracy": 0.5}))
+    _fake_run(variants, 0, "full_width", 250, 250, 20.0, 30.0)
+    (rec_release,) = [r for r in mod.collect(variants) if r["model"] == "release"]
+    assert rec_release["step"] == 250 and rec_release["s_per_step"] is None and rec_release["params"] == 7
+    text = mod.table(mod.collect(variants))
+    (row,) = [line for line in text.splitlines() if "| release |" in line]
+    assert "| 250 | - | 12.5 |" in row
