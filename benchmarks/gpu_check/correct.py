@@ -8,7 +8,12 @@ twice that of the same computation done by PyTorch in bfloat16 on the device (th
 bf16), per tensor, plus 1e-3 (the test suite's rule, tests/test_propagate.py: on small tensors
 PyTorch's own bf16 error can be near zero by chance); the worst plain ratio is recorded too.  The shapes cover odd maps, 1xN and Nx1, all four directions and subsets, global and
 chunked (4 and 3), a proxy of S = 8 (in registers) and S = 24 (the fallback), and channel counts that
-leave a partial lane group."""
+leave a partial lane group.
+
+Then the mixer's fused LayerNorm + GRN, ``layer_norm_grn`` (its CUDA kernels, which ``backend="auto"``
+does not pick on CUDA until this check passes: ``CUDA_NORM_DEFAULT``), by the same rules against the
+float64 composition of the two norms: its output and the gradients of the map and the four parameters,
+in the table's "kernel" column ("planes" empty: the composition is the reference)."""
 
 from __future__ import annotations
 
@@ -36,6 +41,10 @@ CASES = [
     ((2, 40, 17, 23), 24, ("r2l",), None),
     ((1, 72, 64, 64), 8, ("t2b", "l2r"), 3),
 ]
+# (B, C, H, W) of the LayerNorm + GRN cases: odd map, GSPN-DiT-like width, 1xN with a partial warp
+NORM_CASES = [(2, 40, 17, 23), (2, 384, 32, 32), (1, 33, 1, 37)]
+REHEARSAL_NORM_CASES = [(1, 5, 3, 7)]
+NORM_NAMES = ("out", "dy", "dweight", "dbias", "dgamma", "dbeta")
 REHEARSAL_CASES = [
     ((1, 5, 7, 9), 3, ALL, None),
     ((2, 5, 1, 6), 3, ("l2r", "b2t"), 3),
@@ -68,6 +77,57 @@ def _run(fn, ins, go) -> list[torch.Tensor]:
 def _op(fn, directions, chunk, **kw):
     """``fn`` with the five tensors as its only arguments."""
     return lambda *t: fn(*t, directions, chunk, **kw)
+
+
+def _norm_composed(y, weight, bias, gamma, beta, eps: float = 1e-6, grn_eps: float = 1e-6):
+    """LayerNorm over the channels then GRN, in PyTorch ops of ``y``'s dtype (the op's definition)."""
+    z = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), weight, bias, eps)  # (B, H, W, C)
+    g = z.norm(dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+    out = z * (1 + gamma * (g / (g.mean(dim=-1, keepdim=True) + grn_eps))) + beta
+    return out.permute(0, 3, 1, 2)
+
+
+def _norm_inputs(shape, seed: int) -> list[torch.Tensor]:
+    """y (channels-last), weight, bias, gamma, beta in float64 on the CPU."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(B, H, W, C, generator=g, dtype=torch.float64) * 2 + 0.5).permute(0, 3, 1, 2)
+    return [y] + [torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + (1.0 if i == 0 else 0.0) for i in range(4)]
+
+
+def _check(rec: Record, row: dict, errors: list[float], torch_errors: list[float] | None, names) -> None:
+    """``row`` with its errors and the pass rule (fp32 absolute, bf16 against PyTorch's bf16), recorded."""
+    finite = all(e == e and e != float("inf") for e in errors)
+    row.update(errors=dict(zip(names, errors)), max_error=max(errors), finite=finite)
+    if torch_errors is None:
+        row["ok"] = finite and max(errors) <= FP32_MAX
+    else:
+        ratios = [e / max(t, 1e-12) for e, t in zip(errors, torch_errors)]
+        within = all(e <= BF16_RATIO_MAX * t + BF16_SLACK for e, t in zip(errors, torch_errors))
+        row.update(torch_bf16_errors=dict(zip(names, torch_errors)), max_ratio=max(ratios), ok=finite and within)
+    rec.add(**row)
+
+
+def run_norm(device, cases, rec: Record) -> None:
+    """The LayerNorm + GRN op's cases (see the module docstring)."""
+    from gspn_lightning.ops import layer_norm_grn
+
+    for i, shape in enumerate(cases):
+        label = f"layer_norm_grn {'x'.join(map(str, shape))}"
+        if rec.out_of_time(label, reserve=2.0):
+            continue
+        with recorded(rec, label, device):
+            ins64 = _norm_inputs(shape, seed=200 + i)
+            go = torch.randn(shape, generator=torch.Generator().manual_seed(300 + i), dtype=torch.float64)
+            reference = _run(_norm_composed, ins64, go)
+            for dtype in (torch.float32, torch.bfloat16):
+                ins = [t.to(device, dtype) for t in ins64]
+                torch_errors = _errors(_run(_norm_composed, ins, go), reference) if dtype == torch.bfloat16 else None
+                case = f"{label} {str(dtype)[6:]} kernel"
+                with recorded(rec, case, device):
+                    errors = _errors(_run(layer_norm_grn, ins, go), reference)
+                    row = dict(case=label, shape=list(shape), dtype=str(dtype)[6:], backend="kernel")
+                    _check(rec, row, errors, torch_errors, NORM_NAMES)
 
 
 def _errors(results, reference) -> list[float]:
@@ -107,20 +167,12 @@ def run(args, rec: Record) -> None:
                     with recorded(rec, case, device):
                         fn = _op(gspn_propagate_proj, directions, chunk, backend=backend)
                         errors = _errors(_run(fn, ins, go), reference)
-                        finite = all(e == e and e != float("inf") for e in errors)
                         row = dict(case=label, shape=list(shape), S=S, directions=list(directions), chunk=chunk,
-                                   dtype=str(dtype)[6:], backend=backend, errors=dict(zip(NAMES, errors)),
-                                   max_error=max(errors), finite=finite)  # fmt: skip
-                        if torch_errors is None:
-                            row["ok"] = finite and max(errors) <= FP32_MAX
-                        else:
-                            ratios = [e / max(t, 1e-12) for e, t in zip(errors, torch_errors)]
-                            within = all(
-                                e <= BF16_RATIO_MAX * t + BF16_SLACK for e, t in zip(errors, torch_errors)
-                            )
-                            row.update(torch_bf16_errors=dict(zip(NAMES, torch_errors)), max_ratio=max(ratios),
-                                       ok=finite and within)  # fmt: skip
-                        rec.add(**row)
+                                   dtype=str(dtype)[6:], backend=backend)  # fmt: skip
+                        _check(rec, row, errors, torch_errors, NAMES)
+
+
+    run_norm(device, REHEARSAL_NORM_CASES if args.rehearsal else NORM_CASES, rec)
 
 
 def table(data: dict) -> list[str]:
@@ -129,8 +181,8 @@ def table(data: dict) -> list[str]:
     rows = data.get("results", [])
     if not rows:
         return []
-    lines = ["", "**Correctness** of `gspn_propagate_proj` against the float64 CPU reference (forward and "
-                 f"all five gradients; worst of max|err|/max|ref|; fp32 <= {data.get('fp32_max')}, bf16 <= "
+    lines = ["", "**Correctness** of `gspn_propagate_proj` (forward and all five gradients) and of "
+                 f"`layer_norm_grn` (output and five gradients) against the float64 CPU reference (worst of max|err|/max|ref|; fp32 <= {data.get('fp32_max')}, bf16 <= "
                  f"{data.get('bf16_ratio_max')}x PyTorch's own bf16 error + {data.get('bf16_slack')})", "",
              "| case | dtype | kernel (new) | planes (old) |", "|---|---|---|---|"]  # fmt: skip
     keys = []
