@@ -270,6 +270,27 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
+// One position's dL/d(the six gate logits) of a lane, from its fused backward step, into `dg`, and
+// added into the lane's sums: dL/dbias (db[f] += dg_f) and dL/dweight (dw[s][f] += dg_f proxy_s).
+template <int kS, typename acc_t>
+__device__ __forceinline__ void add_gate_grads(const FusedGrads<acc_t>& r, const acc_t (&pr)[kS],
+                                               acc_t (&dg)[kGateFields], acc_t (&db)[kGateFields],
+                                               acc_t (&dw)[kS * kGateFields]) {
+  dg[kGateNeg] = r.dgn;
+  dg[kGateMid] = r.dgm;
+  dg[kGatePos] = r.dgp;
+  dg[kGateLam] = r.dgl;
+  dg[kGateU] = r.dgu;
+  dg[kGateD] = r.dgd;
+  GSPN_UNROLL
+  for (int f = 0; f < kGateFields; ++f) db[f] += dg[f];
+  GSPN_UNROLL
+  for (int s2 = 0; s2 < kS; ++s2) {
+    GSPN_UNROLL
+    for (int f = 0; f < kGateFields; ++f) dw[s2 * kGateFields + f] += dg[f] * pr[s2];
+  }
+}
+
 // The end of a backward CTA: each lane's sums over the CTA's positions (dL/dweight [kS][kFields],
 // dL/dbias [kFields], dL/dmerge), added in position order through the reduction workspace `red`
 // ([value][position][lane]), into this (batch, run)'s partial rows: dwb_part [B*runs][K*kFields*C][S+1]
@@ -443,19 +464,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             ac[2 * P2 * G + j * G] = r.taps.wp * r.a;
             if (t.live) dxo[q * C + t.c] = static_cast<scalar_t>(r.dx);
             dm += r.dm;
-            dg[kGateNeg] = r.dgn;
-            dg[kGateMid] = r.dgm;
-            dg[kGatePos] = r.dgp;
-            dg[kGateLam] = r.dgl;
-            dg[kGateU] = r.dgu;
-            dg[kGateD] = r.dgd;
-            GSPN_UNROLL
-            for (int f = 0; f < kGateFields; ++f) db[f] += dg[f];
-            GSPN_UNROLL
-            for (int s2 = 0; s2 < kS; ++s2) {
-              GSPN_UNROLL
-              for (int f = 0; f < kGateFields; ++f) dw[s2 * kGateFields + f] += dg[f] * pr[s2];
-            }
+            add_gate_grads<kS>(r, pr, dg, db, dw);
           } else {
             GSPN_UNROLL
             for (int f = 0; f < kGateFields; ++f) dg[f] = acc_t(0);

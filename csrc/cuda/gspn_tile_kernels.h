@@ -507,19 +507,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (own) {
           dxacc[pt.out * G + t.lane] += r.dx;
           dm += r.dm;
-          dg[kGateNeg] = r.dgn;
-          dg[kGateMid] = r.dgm;
-          dg[kGatePos] = r.dgp;
-          dg[kGateLam] = r.dgl;
-          dg[kGateU] = r.dgu;
-          dg[kGateD] = r.dgd;
-          GSPN_UNROLL
-          for (int f = 0; f < kGateFields; ++f) db[f] += dg[f];
-          GSPN_UNROLL
-          for (int s2 = 0; s2 < kS; ++s2) {
-            GSPN_UNROLL
-            for (int f = 0; f < kGateFields; ++f) dw[s2 * kGateFields + f] += dg[f] * pr[s2];
-          }
+          lanes_cuda::add_gate_grads<kS>(r, pr, dg, db, dw);
         }
       }
       // dL/dproxy of an own pixel: this lane's share summed over the G lanes (whole warps call
