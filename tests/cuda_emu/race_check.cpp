@@ -198,6 +198,7 @@ void tile(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S, 
               static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
               static_cast<long long>(W), static_cast<long long>(S), static_cast<long long>(chunk), states, p.geo.G,
               p.geo.P, p.grid[0], static_cast<long long>(p.geo.TH), static_cast<long long>(p.geo.TW));
+}
 
 // The fused LayerNorm + GRN, forward and backward (float, parameters float), with its plan.
 void layer_norm_grn(int64_t B, int64_t C, int64_t H, int64_t W, int64_t ctas, std::mt19937& rng) {
