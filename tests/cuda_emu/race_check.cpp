@@ -120,11 +120,12 @@ void lanes(int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk, int64_t S,
   }
 }
 
-// The attention kernels of the SD-XL swap (all four directions; S proxy channels), forward with the
-// merge kernel and backward with the prep and merge kernels, with the plan's CTA target `ctas`.
-void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_t S, int64_t ctas, std::mt19937& rng) {
+// The attention kernels of the SD-XL swap (the first K of t2b, b2t, l2r, r2l; S proxy channels), forward
+// with the merge kernel and backward with the prep and merge kernels, with the plan's CTA target `ctas`.
+void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_t S, int64_t ctas, std::mt19937& rng,
+               int64_t K = 4) {
   using namespace gspn::attn_cuda;
-  const int64_t K = 4, n = B * E * H * W, R = K * 3 * E;
+  const int64_t n = B * E * H * W, R = K * 3 * E;
   const bool transpose[4] = {false, false, true, true}, reverse[4] = {false, true, false, true};
   Buffer q(n, rng), k(n, rng), v(n, rng), proxy(B * S * H * W, rng), weight(R * S, rng), bias(R, rng);
   Buffer merge(K * E, rng, 0.1f, 1.0f), ub(E, rng), gy(n, rng), hn(K * n, rng), hd(K * n, rng), out(n, rng);
@@ -136,11 +137,11 @@ void attention(int64_t B, int64_t E, int64_t H, int64_t W, int64_t chunk, int64_
     const auto pf = plan_lanes<float>(B, E, H, W, K, chunk, S, transpose, reverse, false, ctas, values);
     Buffer wsf(pf.ws_elems, rng);
     auto fwd = S <= 8 ? attn_fwd_kernel<float, float, 8> : attn_fwd_kernel<float, float, 16>;
-    cuda_emu::launch(fwd, dim3(pf.grid[0], pf.grid[1], pf.grid[2]), dim3(pf.block[0], pf.block[1]), pf.shared_bytes,
-                     k.ptr(), v.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(), merge.ptr(), hn.ptr(), hd.ptr(), wsf.ptr(),
-                     pf.geo);
     const dim3 mg(gspn::lanes_cuda::merge_blocks(n)), mb(kMergeThreads);
-    if (!backward) {
+    if (!backward) {  // the backward reads the states this forward left in hn, hd (no second forward)
+      cuda_emu::launch(fwd, dim3(pf.grid[0], pf.grid[1], pf.grid[2]), dim3(pf.block[0], pf.block[1]), pf.shared_bytes,
+                       k.ptr(), v.ptr(), proxy.ptr(), weight.ptr(), bias.ptr(), merge.ptr(), hn.ptr(), hd.ptr(),
+                       wsf.ptr(), pf.geo);
       cuda_emu::launch(attn_merge_kernel<float, float>, mg, mb, 0, hn.ptr(), hd.ptr(), q.ptr(), merge.ptr(), ub.ptr(),
                        out.ptr(), n, E, K, tiny);
     } else {
@@ -247,7 +248,9 @@ int main() {
   lanes(1, 3, 2, 600, 0, 8, 264, rng, true);  // the line buffers in the global workspace (backward)
   attention(1, 19, 9, 5, 0, 16, 1, rng);   // 32 lanes, masked ones
   attention(2, 5, 7, 10, 3, 3, 264, rng);  // 8 lanes, runs of chunks
-  attention(1, 5, 2, 300, 0, 8, 264, rng);  // the line buffers in the global workspace (backward)
+  // the line buffers in the global workspace (backward); t2b and b2t only: lines of 300, two steps (the
+  // sideways directions would take 300 steps of 256 threads, a minute under ThreadSanitizer)
+  attention(1, 5, 2, 300, 0, 8, 264, rng, 2);
   tile(1, 19, 17, 18, 2, 8, 1, 1, rng);    // 2 x 2 tiles (halos inside the map), 32 lanes, masked ones
   tile(2, 5, 9, 7, 3, 3, 2, 264, rng);     // attention: one tile, 8 lanes, a short last chunk
   tile(1, 5, 9, 7, 2, 3, 0, 264, rng);     // propagate_proj's backward: one tile, 8 lanes, a short chunk
