@@ -2,7 +2,7 @@
 where each step's time goes (issue 27: a GSPN-DiT step must cost at most 1.2x a DiT step).
 
 Both models are built from the demo's configs as the CLI builds them: ``configs/dit/digits.yaml``
-(GSPN-DiT: hidden 128, depth 8, patch 4, d_state 8, local chunk 2, adaLN blocks) and the same file
+(GSPN-DiT: hidden 128, depth 8, patch 4, d_state 8, 32 propagated channels, local chunk 2, adaLN blocks) and the same file
 with ``configs/dit/overlays/digits_dit.yaml`` over it (DiT: hidden 112, depth 4, 4 heads), with the
 data facts of the config (32x32 one-channel pixels, 10 classes: an 8x8 token grid) and its batch of
 32.  One step is what the demo's training step does: the loss of
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         default=[],
         metavar="NAME",
         help="more GSPN-DiT variants, each configs/dit/overlays/digits_<NAME>.yaml over the demo's config"
-        " (e.g. d_prop block_compact), timed in the same rounds",
+        " (e.g. full_width block_compact additive), timed in the same rounds",
     )
     p.add_argument("--label", default="", help="a note stored with the results (e.g. the commit)")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -36,7 +36,8 @@ four scans, merge):
 - ``"compact"``: this project's first mixer, :class:`~gspn_lightning.nn.GSPNMixer` as the classifiers
   use it (LayerNorm, GRN and a linear out-projection after the merge, ``1 D^2`` less per block).  Its
   state-dict keys are unchanged, so checkpoints written before ``block`` existed load with
-  ``block: compact``; loading one block's weights into the other is one error naming the block.
+  ``block: compact``; loading one block's weights into the other is one error naming the block.  Kept
+  for those checkpoints: on the digits demo it trails the release block (docs/generation.md).
 
 Parameters per block of width ``D`` (biases aside): in-projection ``D^2``, gate proxy ``D^2/16`` and
 the 24 gate maps from it ``1.5 D^2``, output ``D^2`` (compact) or ``2 D^2`` (release), and ``2 D^2``
