@@ -70,7 +70,7 @@ import dataclasses
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import lightning as L
@@ -359,10 +359,23 @@ class TrainingTask(L.LightningModule):
         if isinstance(checkpoint_path, (str, os.PathLike)):  # (a stream is read once, by Lightning)
             state = load_checkpoint_file(checkpoint_path, mmap=True)
             check_checkpoint_task(checkpoint_task(state), cls.__name__, checkpoint_path)
-            upgrade = upgrade_hparams(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
+            hparams = state.get("hyper_parameters") or {}
+            upgrade = upgrade_hparams(hparams, cls.RENAMED_ARGUMENTS)
+            upgrade.update(cls.saved_argument_upgrades(hparams, state.get("state_dict") or {}))
             del state
         kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, *args, **{**upgrade, **kwargs})
+
+    @classmethod
+    def saved_argument_upgrades(
+        cls, hparams: Mapping, state_keys: Iterable[str], current: Mapping | None = None
+    ) -> dict:
+        """The arguments a checkpoint (its ``hparams`` and weights' ``state_keys``) was trained with but
+        does not record, because their default changed since it was written: ``{name: value}``,
+        applied when it is loaded by path and, on a resume, before it is compared with this run's
+        arguments (``current``, that run's hyperparameters; ``None`` when loading by path).  None by
+        default; a task whose defaults changed overrides it."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TASK_KEY] = task_class_name(type(self))  # which task wrote it, for loading by path
@@ -848,6 +861,10 @@ class TrainingTask(L.LightningModule):
         """Refuse another task's checkpoint, or other model arguments than this run's (naming both);
         remember the optimiser settings the checkpoint was trained with, so that
         :meth:`apply_resumed_optim` can apply the ones this run was given instead."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            keys = checkpoint.get("state_dict") or {}
+            hparams.update(type(self).saved_argument_upgrades(hparams, keys, self.hparams))
         check_checkpoint_matches(self, checkpoint)
         if getattr(self, "_init_report", None) is not None:
             self._print("init_from: this run restores a checkpoint, whose weights replace those of init_from")

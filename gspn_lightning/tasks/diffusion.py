@@ -27,7 +27,6 @@ pipeline could not decode, and such rows are dropped and counted (``*/corrupt``)
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -39,7 +38,6 @@ from gspn_lightning.diffusion.sampling import initial_noise
 from gspn_lightning.models.gspn_dit import weights_block
 
 from .base import DIFFUSION_OPTIM, OptimSettings, TrainingTask, build_model, upgrade_hparams
-from .checkpointing import load_checkpoint_file
 
 
 def saved_block_upgrade(
@@ -149,26 +147,11 @@ class DiffusionTask(TrainingTask):
         self._vae = None
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """:meth:`TrainingTask.load_from_checkpoint`, with a GSPN-DiT checkpoint's block as it was trained:
-        one from before the ``block`` option builds the compact block (see :func:`saved_block_upgrade`)."""
-        if "model_kwargs" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
-            state = load_checkpoint_file(checkpoint_path, mmap=True)
-            upgraded = saved_block_upgrade(state.get("hyper_parameters") or {}, state.get("state_dict") or {})
-            del state
-            if upgraded is not None:
-                kwargs["model_kwargs"] = upgraded
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a GSPN-DiT checkpoint from before the block option: its block (compact) compared as such
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict):
-            current = self.hparams.get("model_kwargs")
-            upgraded = saved_block_upgrade(hparams, checkpoint.get("state_dict") or {}, current)
-            if upgraded is not None:
-                hparams["model_kwargs"] = upgraded
-        super().on_load_checkpoint(checkpoint)
+    def saved_argument_upgrades(cls, hparams, state_keys, current=None) -> dict:
+        """A GSPN-DiT checkpoint from before the ``block`` option builds, and is compared as, the
+        compact block it was trained with (see :func:`saved_block_upgrade`)."""
+        kwargs = saved_block_upgrade(hparams, state_keys, current.get("model_kwargs") if current else None)
+        return {} if kwargs is None else {"model_kwargs": kwargs}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, y)

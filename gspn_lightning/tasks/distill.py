@@ -76,7 +76,7 @@ from gspn_lightning.models.sdxl import (
 from gspn_lightning.models.sdxl_pipeline import added_cond_kwargs, encode_prompt, load_sdxl
 
 from .base import DISTILLATION_OPTIM, OptimSettings, TrainingTask, cli_values, upgrade_hparams
-from .checkpointing import CheckpointMismatchError, _plain, load_checkpoint_file
+from .checkpointing import CheckpointMismatchError, _plain
 
 #: the checkpoint key recording the SD-XL folder a run was trained on (path and fingerprint)
 PRETRAINED_KEY = "sdxl_pretrained"
@@ -579,24 +579,13 @@ class DistillationTask(TrainingTask):
         )
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """:meth:`TrainingTask.load_from_checkpoint`, with a checkpoint's ``mixer`` as it was trained: one
-        from before the local default (no ``chunk_size`` recorded) builds global layers."""
-        if "mixer" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
-            state = load_checkpoint_file(checkpoint_path, mmap=True)
-            mixer = saved_mixer_upgrade(state.get("hyper_parameters") or {}, cls.RENAMED_ARGUMENTS)
-            del state
-            if mixer is not None:
-                kwargs["mixer"] = mixer
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+    def saved_argument_upgrades(cls, hparams, state_keys, current=None) -> dict:
+        """A checkpoint from before the local default (no ``chunk_size`` recorded) builds, and is
+        compared as, the global layers it was trained with (see :func:`saved_mixer_upgrade`)."""
+        mixer = saved_mixer_upgrade(hparams, cls.RENAMED_ARGUMENTS)
+        return {} if mixer is None else {"mixer": mixer}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a checkpoint from before the local default: its mixer was global, compared as such
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict):
-            mixer = saved_mixer_upgrade(hparams, self.RENAMED_ARGUMENTS)
-            if mixer is not None:
-                hparams["mixer"] = mixer
         # the task, the mixer/trainable arguments and the optimiser settings it was trained with
         super().on_load_checkpoint(checkpoint)
         self.check_pretrained(checkpoint)
